@@ -1,0 +1,86 @@
+//! The callback service: consumes `jobs.completed.>` and `jobs.failed.>` through the shared
+//! durable consumer `callback`, delivers each as a signed webhook, retries on the configured
+//! schedule, and reports `jobs.delivered.<kind>` or `jobs.undeliverable.<kind>`.
+
+mod deliver;
+mod worker;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use jetcall::Config;
+use jetcall::connect::{ConnectError, connect, provision_with_retry};
+use jetcall::consume::consume;
+use jetcall::signing::Signer;
+
+pub use worker::{Step, Worker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackError {
+    #[error(
+        "invalid configuration: `callback.signing_secret` is required (a `whsec_<base64>` secret; several while rotating keys)"
+    )]
+    MissingSigningSecret,
+    #[error("invalid configuration: `callback.signing_secret` {0}")]
+    BadSigningSecret(#[from] jetcall::signing::SigningKeyError),
+    #[error("could not build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Topology(#[from] jetcall::topology::TopologyError),
+    #[error(transparent)]
+    Consume(#[from] jetcall::consume::ConsumeError),
+}
+
+/// Delivers until `shutdown` is cancelled. An attempt under way is finished (it is bounded by
+/// `callback.timeout`) and recorded before the service stops.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), CallbackError> {
+    let secrets = config
+        .callback
+        .signing_secret
+        .as_ref()
+        .ok_or(CallbackError::MissingSigningSecret)?;
+    let signer = Signer::from_secrets(secrets.to_vec().into_iter().map(|secret| secret.expose()))?;
+    let sender =
+        deliver::Sender::new(signer, config.callback.timeout, config.callback.concurrency)?;
+    let client = connect(&config, "jetcall-callback").await?;
+    let topology = match provision_with_retry(&client, &config, &shutdown).await {
+        Ok(topology) => topology,
+        Err(ConnectError::Cancelled) => return Ok(()),
+        Err(err) => return Err(err.into()),
+    };
+    let consumer = topology.callback_consumer().await?;
+    let concurrency = config.callback.concurrency;
+    let worker = Worker {
+        config: Arc::new(config),
+        topology,
+        sender,
+    };
+    tracing::info!(
+        concurrency,
+        "callback consuming jobs.completed.> and jobs.failed.>"
+    );
+    consume(
+        consumer,
+        concurrency,
+        shutdown,
+        move |message, _shutdown| {
+            let worker = worker.clone();
+            async move {
+                match worker.handle(&message).await {
+                    Ok(Step::Rejected(reason)) => {
+                        tracing::error!(%reason, subject = %message.subject, "completion dropped")
+                    }
+                    Ok(step) => tracing::debug!(?step, "completion handled"),
+                    Err(err) => tracing::warn!(error = %err, "completion left for redelivery"),
+                }
+            }
+        },
+    )
+    .await?;
+    let _ = client.flush().await;
+    tracing::info!("callback stopped");
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! The whole pipeline in one process: a real nats-server, the gateway on a loopback port, the
+//! generator and the callback service as tasks, each stoppable on its own.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::Serialized;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use jetcall::Config;
+use jetcall::signing::SigningKey;
+use jetcall::topology::Topology;
+use testkit::{NatsServer, wait_until};
+
+type Service = (CancellationToken, JoinHandle<Result<(), String>>);
+
+pub struct Pipeline {
+    /// Kept for its lifetime: dropping it kills the server.
+    _nats: NatsServer,
+    pub config: Config,
+    pub secret: String,
+    pub gateway_url: String,
+    pub http: reqwest::Client,
+    pub topology: Topology,
+    services: Vec<(&'static str, Service)>,
+}
+
+/// Configuration for a test: the given NATS server, a fresh signing secret, and `settings`
+/// (dotted keys, e.g. `("callback.retry_schedule", json!(["100ms"]))`) on top.
+pub fn test_config(nats: &NatsServer, secret: &str, settings: &[(&str, Value)]) -> Config {
+    let mut figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
+        .merge(Serialized::default("nats.url", nats.url()))
+        .merge(Serialized::default("callback.signing_secret", secret))
+        .merge(Serialized::default("generator.provider", "offline"));
+    for (key, value) in settings {
+        figment = figment.merge(Serialized::default(key, value));
+    }
+    Config::from_figment(figment).expect("valid test configuration")
+}
+
+impl Pipeline {
+    pub async fn start(settings: &[(&str, Value)]) -> Self {
+        testkit::init_logs();
+        let nats = NatsServer::start();
+        let secret = SigningKey::generate();
+        let config = test_config(&nats, &secret, settings);
+
+        let client = async_nats::connect(nats.url())
+            .await
+            .expect("connect to NATS");
+        let topology = jetcall::topology::provision(client, &config)
+            .await
+            .expect("provision");
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gateway");
+        let gateway_url = format!("http://{}", listener.local_addr().expect("addr"));
+        let mut pipeline = Self {
+            _nats: nats,
+            config: config.clone(),
+            secret,
+            gateway_url,
+            http: reqwest::Client::new(),
+            topology,
+            services: Vec::new(),
+        };
+        let token = CancellationToken::new();
+        let handle = tokio::spawn({
+            let (config, token) = (config.clone(), token.clone());
+            async move {
+                gateway::run(config, listener, token)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        pipeline.services.push(("gateway", (token, handle)));
+        pipeline.start_generator();
+        pipeline.start_callback();
+        pipeline.wait_ready().await;
+        pipeline
+    }
+
+    pub fn start_generator(&mut self) {
+        let token = CancellationToken::new();
+        let (config, stop) = (self.config.clone(), token.clone());
+        let handle = tokio::spawn(async move {
+            generator::run(config, stop)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        self.services.push(("generator", (token, handle)));
+    }
+
+    pub fn start_callback(&mut self) {
+        let token = CancellationToken::new();
+        let (config, stop) = (self.config.clone(), token.clone());
+        let handle =
+            tokio::spawn(
+                async move { callback::run(config, stop).await.map_err(|e| e.to_string()) },
+            );
+        self.services.push(("callback", (token, handle)));
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.gateway_url);
+        wait_until(
+            "the gateway to be ready",
+            Duration::from_secs(20),
+            || async {
+                let response = self.http.get(&url).send().await.ok()?;
+                (response.status() == StatusCode::OK).then_some(())
+            },
+        )
+        .await;
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.gateway_url))
+            .json(body)
+            .send()
+            .await
+            .expect("POST to the gateway");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn status(&self, job_id: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/jobs/{job_id}", self.gateway_url))
+            .send()
+            .await
+            .expect("GET from the gateway");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the job's status document says `status`, and returns the document.
+    pub async fn wait_for_status(&self, job_id: &str, status: &str, timeout: Duration) -> Value {
+        wait_until(&format!("job {job_id} to be {status}"), timeout, || async {
+            let (_, doc) = self.status(job_id).await;
+            (doc["status"] == status).then_some(doc)
+        })
+        .await
+    }
+
+    pub async fn count(&self, filter: &str) -> usize {
+        testkit::nats::count_messages(&self.topology.stream, filter).await
+    }
+
+    /// Stops every service gracefully and checks that each returned cleanly.
+    pub async fn stop(mut self) {
+        for (_, (token, _)) in &self.services {
+            token.cancel();
+        }
+        for (name, (_, handle)) in self.services.drain(..) {
+            let result = tokio::time::timeout(Duration::from_secs(20), handle)
+                .await
+                .unwrap_or_else(|_| panic!("{name} did not stop within 20 s"));
+            assert_eq!(
+                result.expect("service task panicked"),
+                Ok(()),
+                "{name} failed"
+            );
+        }
+    }
+}

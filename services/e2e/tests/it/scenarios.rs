@@ -1,0 +1,241 @@
+//! The article's job and its variations, through every service.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use testkit::fake_anthropic::{self, Scripted};
+use testkit::{FakeAnthropic, WebhookReceiver};
+
+use crate::pipeline::Pipeline;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn article_job(callback_url: &str) -> Value {
+    json!({
+        "job_id": "JOB-771",
+        "product_id": "PROD-AC15",
+        "product_name": "LG 1.5 Ton 5 Star Inverter Split AC",
+        "specs": {"capacity": "1.5 Ton", "energy_rating": "5 Star", "compressor": "Dual Inverter"},
+        "callback_url": callback_url
+    })
+}
+
+fn verifier(pipeline: &Pipeline) -> standardwebhooks::Webhook {
+    standardwebhooks::Webhook::new(&pipeline.secret).expect("valid secret")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_article_job_is_accepted_generated_and_delivered_signed() {
+    let receiver = WebhookReceiver::start().await;
+    let pipeline = Pipeline::start(&[]).await;
+
+    let (status, body) = pipeline
+        .post(
+            "/api/v1/generate-description",
+            &article_job(&receiver.url("/webhooks/description")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["job_id"], "JOB-771");
+    assert_eq!(body["status"], "accepted");
+    assert!(body["message"].is_string());
+
+    let deliveries = receiver.wait_for(1, WAIT).await;
+    let webhook = &deliveries[0];
+    verifier(&pipeline)
+        .verify(&webhook.body, &webhook.headers)
+        .expect("the signature verifies with an independent Standard Webhooks implementation");
+    assert_eq!(webhook.header("content-type"), "application/json");
+    assert_eq!(webhook.header("webhook-id"), "msg_JOB-771");
+    let payload = webhook.json();
+    assert_eq!(payload["type"], "job.completed");
+    assert_eq!(payload["job_id"], "JOB-771");
+    assert_eq!(payload["status"], "completed");
+    assert_eq!(payload["kind"], "product-description");
+    assert_eq!(payload["product_id"], "PROD-AC15");
+    let description = payload["description"].as_str().expect("description");
+    assert!(
+        description.contains("LG 1.5 Ton 5 Star Inverter Split AC"),
+        "{description}"
+    );
+    assert_eq!(payload["result"]["description"], payload["description"]);
+
+    let doc = pipeline.wait_for_status("JOB-771", "delivered", WAIT).await;
+    assert_eq!(doc["result"]["description"], description);
+    assert_eq!(doc["generation_attempts"], 1);
+    assert_eq!(doc["deliveries"].as_array().map(Vec::len), Some(1));
+    assert_eq!(doc["deliveries"][0]["status_code"], 204);
+    assert!(doc["delivered_at"].is_string());
+
+    assert_eq!(
+        pipeline.count("jobs.requested.product-description").await,
+        1
+    );
+    assert_eq!(
+        pipeline.count("jobs.completed.product-description").await,
+        1
+    );
+    assert_eq!(
+        pipeline.count("jobs.delivered.product-description").await,
+        1
+    );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_is_called_over_the_messages_api_when_a_key_is_set() {
+    let receiver = WebhookReceiver::start().await;
+    let claude = FakeAnthropic::start().await;
+    claude.set_reply("Beat the heat with the LG 1.5 Ton inverter AC.");
+    let pipeline = Pipeline::start(&[
+        ("generator.provider", json!("auto")),
+        ("anthropic.api_key", json!(fake_anthropic::API_KEY)),
+        ("anthropic.base_url", json!(claude.base_url())),
+        ("anthropic.model", json!("claude-test-model")),
+    ])
+    .await;
+
+    let (status, _) = pipeline
+        .post(
+            "/api/v1/generate-description",
+            &article_job(&receiver.url("/cb")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let payload = receiver.wait_for(1, WAIT).await[0].json();
+    assert_eq!(
+        payload["description"],
+        "Beat the heat with the LG 1.5 Ton inverter AC."
+    );
+    assert_eq!(payload["model"], "claude-test-model");
+    assert!(
+        payload["usage"]["output_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    );
+
+    let requests = claude.requests();
+    assert_eq!(requests.len(), 1);
+    let request = &requests[0].body;
+    assert_eq!(request["model"], "claude-test-model");
+    assert!(
+        request["system"]
+            .as_str()
+            .is_some_and(|s| s.contains("copywriter"))
+    );
+    let prompt = request["messages"][0]["content"]
+        .as_str()
+        .expect("user message");
+    assert!(
+        prompt.contains("LG 1.5 Ton 5 Star Inverter Split AC"),
+        "{prompt}"
+    );
+    assert!(prompt.contains("energy rating: 5 Star"), "{prompt}");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_is_retried_with_the_same_webhook_id() {
+    let receiver = WebhookReceiver::start().await;
+    receiver.fail_next(&[500, 503]);
+    let pipeline =
+        Pipeline::start(&[("callback.retry_schedule", json!(["200ms", "400ms", "1s"]))]).await;
+
+    let (status, _) = pipeline
+        .post(
+            "/api/v1/generate-description",
+            &article_job(&receiver.url("/cb")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let deliveries = receiver.wait_for(3, WAIT).await;
+    let ids: Vec<&str> = deliveries.iter().map(|d| d.header("webhook-id")).collect();
+    assert_eq!(ids, ["msg_JOB-771"; 3]);
+    for delivery in &deliveries {
+        verifier(&pipeline)
+            .verify(&delivery.body, &delivery.headers)
+            .expect("signed");
+    }
+    // Each retry waits its scheduled delay, less at most 20 % jitter.
+    assert!(deliveries[1].at - deliveries[0].at >= Duration::from_millis(160));
+    assert!(deliveries[2].at - deliveries[1].at >= Duration::from_millis(320));
+
+    let doc = pipeline.wait_for_status("JOB-771", "delivered", WAIT).await;
+    let codes: Vec<&Value> = doc["deliveries"]
+        .as_array()
+        .expect("attempt log")
+        .iter()
+        .map(|attempt| &attempt["status_code"])
+        .collect();
+    assert_eq!(codes, [&json!(500), &json!(503), &json!(204)]);
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_model_refuses_is_delivered_as_failed() {
+    let receiver = WebhookReceiver::start().await;
+    let claude = FakeAnthropic::start().await;
+    claude.push(Scripted::Error {
+        status: 400,
+        retry_after: None,
+    });
+    let pipeline = Pipeline::start(&[
+        ("generator.provider", json!("anthropic")),
+        ("anthropic.api_key", json!(fake_anthropic::API_KEY)),
+        ("anthropic.base_url", json!(claude.base_url())),
+    ])
+    .await;
+
+    pipeline
+        .post(
+            "/api/v1/generate-description",
+            &article_job(&receiver.url("/cb")),
+        )
+        .await;
+    let payload = receiver.wait_for(1, WAIT).await[0].json();
+    assert_eq!(payload["type"], "job.failed");
+    assert_eq!(payload["status"], "failed");
+    assert_eq!(payload["error"]["type"], "invalid_request_error");
+    assert_eq!(claude.calls(), 1, "a 400 is not retried");
+    pipeline.wait_for_status("JOB-771", "delivered", WAIT).await;
+    assert_eq!(pipeline.count("jobs.failed.product-description").await, 1);
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_model_is_retried_until_it_answers() {
+    let receiver = WebhookReceiver::start().await;
+    let claude = FakeAnthropic::start().await;
+    claude.push(Scripted::Error {
+        status: 529,
+        retry_after: None,
+    });
+    claude.push(Scripted::Error {
+        status: 429,
+        retry_after: Some(1),
+    });
+    let pipeline = Pipeline::start(&[
+        ("generator.provider", json!("anthropic")),
+        ("anthropic.api_key", json!(fake_anthropic::API_KEY)),
+        ("anthropic.base_url", json!(claude.base_url())),
+    ])
+    .await;
+
+    pipeline
+        .post(
+            "/api/v1/generate-description",
+            &article_job(&receiver.url("/cb")),
+        )
+        .await;
+    let payload = receiver.wait_for(1, WAIT).await[0].json();
+    assert_eq!(payload["type"], "job.completed");
+    let requests = claude.requests();
+    assert_eq!(requests.len(), 3);
+    // The third call honoured the 429's `retry-after: 1`.
+    assert!(requests[2].at - requests[1].at >= Duration::from_secs(1));
+    let doc = pipeline.wait_for_status("JOB-771", "delivered", WAIT).await;
+    assert_eq!(doc["generation_attempts"], 3);
+    pipeline.stop().await;
+}

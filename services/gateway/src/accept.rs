@@ -1,0 +1,90 @@
+//! Accepting a job: record it, publish it, and only then answer 202.
+
+use async_nats::jetstream::message::PublishMessage;
+use axum::http::StatusCode;
+use serde::Serialize;
+
+use jetcall::events::JobRequested;
+use jetcall::status::{JobStatus, Status};
+use jetcall::store::Created;
+use jetcall::subjects::Event;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::submission::ValidJob;
+
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub job_id: String,
+    pub status: Status,
+    pub message: String,
+}
+
+/// Records the job as `accepted` and publishes its request. A 202 means JetStream has stored
+/// the request; anything short of that is a 503 and the caller retries with the same id.
+///
+/// Resubmitting an existing id with the same content is safe: while the job is still
+/// `accepted` the request is published again (JetStream drops the duplicate by `Nats-Msg-Id`,
+/// and a request lost by a gateway that died between the two writes is repaired) and the answer
+/// is 202; once the job has moved on the answer is 200 with its status. Different content
+/// under an existing id is a 409.
+pub async fn accept(state: &AppState, job: ValidJob) -> Result<(StatusCode, Accepted), ApiError> {
+    let doc = JobStatus::accepted(&job.request, job.digest.clone());
+    let store = &state.topology.status;
+    match store
+        .create(&doc)
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+    {
+        Created::New(_) => {
+            publish(state, &job.request).await?;
+            Ok((StatusCode::ACCEPTED, accepted(&doc.job_id.to_string())))
+        }
+        Created::Exists(existing) if existing.request_digest != job.digest => {
+            Err(ApiError::Conflict {
+                job_id: existing.job_id.to_string(),
+            })
+        }
+        Created::Exists(existing) if existing.status == Status::Accepted => {
+            publish(state, &existing.request()).await?;
+            Ok((StatusCode::ACCEPTED, accepted(&existing.job_id.to_string())))
+        }
+        Created::Exists(existing) => Ok((
+            StatusCode::OK,
+            Accepted {
+                job_id: existing.job_id.to_string(),
+                status: existing.status,
+                message: format!(
+                    "job already exists and is {}; GET /api/v1/jobs/{} for its status",
+                    existing.status.as_str(),
+                    existing.job_id
+                ),
+            },
+        )),
+    }
+}
+
+fn accepted(job_id: &str) -> Accepted {
+    Accepted {
+        job_id: job_id.to_owned(),
+        status: Status::Accepted,
+        message: "Job accepted; the result will be POSTed to callback_url".into(),
+    }
+}
+
+async fn publish(state: &AppState, request: &JobRequested) -> Result<(), ApiError> {
+    let payload =
+        serde_json::to_vec(request).map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    let publish = PublishMessage::build()
+        .payload(payload.into())
+        .message_id(Event::Requested.msg_id(&request.job_id));
+    let ack = state
+        .topology
+        .jetstream
+        .send_publish(Event::Requested.subject(&request.kind), publish)
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    ack.await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! The gateway: the only door callers see. It validates a job, records it in the
+//! `job_status` bucket, publishes it on `jobs.requested.<kind>` and answers `202` once
+//! JetStream has stored it.
+
+mod accept;
+mod error;
+mod extract;
+mod routes;
+mod state;
+mod submission;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use jetcall::Config;
+use jetcall::allowlist::Allowlist;
+use jetcall::connect::{ConnectError, connect, provision_with_retry};
+
+pub use error::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("invalid configuration: `gateway.callback_allowlist`: {0}")]
+    Allowlist(#[from] jetcall::allowlist::AllowlistError),
+    #[error("HTTP server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then finishes in-flight
+/// requests and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let client = connect(&config, "jetcall-gateway").await?;
+    let topology = match provision_with_retry(&client, &config, &shutdown).await {
+        Ok(topology) => topology,
+        Err(ConnectError::Cancelled) => return Ok(()),
+        Err(err) => return Err(err.into()),
+    };
+    if config.gateway.api_keys.is_empty() {
+        tracing::warn!(
+            "gateway.api_keys is empty: the API accepts requests without authentication"
+        );
+    }
+    let state = state::AppState {
+        allowlist: Arc::new(Allowlist::parse(&config.gateway.callback_allowlist)?),
+        api_key_digests: Arc::new(routes::api_key_digests(&config.gateway.api_keys)),
+        config: Arc::new(config),
+        topology,
+    };
+    tracing::info!(address = %listener.local_addr()?, "gateway listening");
+    axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    // Make sure nothing we published is still sitting in the client's buffer.
+    let _ = client.flush().await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}

@@ -1,0 +1,17 @@
+use anyhow::Context as _;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = jetcall::Config::load()?;
+    jetcall::telemetry::init(&config.log);
+    let listener = tokio::net::TcpListener::bind(config.gateway.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (gateway.listen)",
+                config.gateway.listen
+            )
+        })?;
+    gateway::run(config, listener, jetcall::shutdown::on_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use jetcall::Config;
+use jetcall::allowlist::Allowlist;
+use jetcall::topology::Topology;
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub topology: Topology,
+    pub allowlist: Arc<Allowlist>,
+    /// SHA-256 digests of the configured API keys: compared instead of the keys themselves so
+    /// the comparison takes the same time whatever the caller sends.
+    pub api_key_digests: Arc<Vec<[u8; 32]>>,
+}

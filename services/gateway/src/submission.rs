@@ -1,0 +1,175 @@
+//! Request bodies, and turning one into a validated job.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use jetcall::events::JobRequested;
+use jetcall::kinds::KindSpec;
+use jetcall::{JobId, Kind};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Longest accepted text in a single input field, so one field cannot fill a status document.
+const MAX_FIELD_CHARS: usize = 32 * 1024;
+
+/// `POST /api/v1/generate-description`: the article's body, unchanged. Unknown fields are
+/// refused so that a misspelt field is an error rather than silently dropped.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateDescription {
+    pub job_id: Option<String>,
+    pub product_id: String,
+    pub product_name: String,
+    /// Free text, or an object of named specifications.
+    pub specs: Value,
+    pub callback_url: String,
+}
+
+/// `POST /api/v1/jobs`: any configured kind.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    pub job_id: Option<String>,
+    pub kind: String,
+    pub input: Map<String, Value>,
+    pub callback_url: String,
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+}
+
+impl From<GenerateDescription> for SubmitJob {
+    fn from(body: GenerateDescription) -> Self {
+        let mut input = Map::new();
+        input.insert("product_id".into(), Value::String(body.product_id));
+        input.insert("product_name".into(), Value::String(body.product_name));
+        input.insert("specs".into(), body.specs);
+        SubmitJob {
+            job_id: body.job_id,
+            kind: Kind::product_description().to_string(),
+            input,
+            callback_url: body.callback_url,
+            metadata: Map::new(),
+        }
+    }
+}
+
+/// A job that passed every check, ready to be recorded and published.
+#[derive(Debug)]
+pub struct ValidJob {
+    pub request: JobRequested,
+    /// Identifies the submission's content, to tell an idempotent retry from a conflict.
+    pub digest: String,
+}
+
+impl SubmitJob {
+    pub fn validate(self, state: &AppState) -> Result<ValidJob, ApiError> {
+        let job_id = match &self.job_id {
+            Some(id) => JobId::parse(id)
+                .map_err(|err| ApiError::invalid_field("job_id", format!("`job_id` {err}")))?,
+            None => JobId::generate(),
+        };
+        let kind = Kind::parse(&self.kind)
+            .ok()
+            .filter(|kind| state.config.kinds.contains_key(kind.as_str()))
+            .ok_or_else(|| ApiError::UnknownKind {
+                kind: self.kind.chars().take(64).collect(),
+                known: state
+                    .config
+                    .kinds
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let spec = &state.config.kinds[kind.as_str()];
+        check_input(spec, &self.input)?;
+        let callback_url = state
+            .allowlist
+            .check(&self.callback_url)
+            .map_err(|err| ApiError::InvalidCallbackUrl(err.to_string()))?;
+
+        let digest = digest(&kind, &self.input, callback_url.as_str(), &self.metadata);
+        Ok(ValidJob {
+            request: JobRequested {
+                job_id,
+                kind,
+                input: self.input,
+                callback_url: callback_url.to_string(),
+                metadata: self.metadata,
+                requested_at: OffsetDateTime::now_utc(),
+            },
+            digest,
+        })
+    }
+}
+
+fn check_input(spec: &KindSpec, input: &Map<String, Value>) -> Result<(), ApiError> {
+    if let Some(field) = spec.missing_fields(input).first() {
+        return Err(ApiError::invalid_field(
+            *field,
+            format!("`{field}` is required and must not be empty"),
+        ));
+    }
+    for (field, value) in input {
+        check_value(field, value)?;
+    }
+    Ok(())
+}
+
+/// Inputs are prompt material: text, numbers and flat collections of them, of bounded size,
+/// without control characters that have no place in a prompt.
+fn check_value(field: &str, value: &Value) -> Result<(), ApiError> {
+    match value {
+        Value::String(text) => {
+            if text.chars().count() > MAX_FIELD_CHARS {
+                return Err(ApiError::invalid_field(
+                    field,
+                    format!("`{field}` is longer than {MAX_FIELD_CHARS} characters"),
+                ));
+            }
+            if text
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+            {
+                return Err(ApiError::invalid_field(
+                    field,
+                    format!("`{field}` contains control characters"),
+                ));
+            }
+            Ok(())
+        }
+        Value::Number(_) | Value::Bool(_) | Value::Null => Ok(()),
+        Value::Array(items) => items.iter().try_for_each(|item| match item {
+            Value::Array(_) | Value::Object(_) => Err(ApiError::invalid_field(
+                field,
+                format!("`{field}` may hold only text, numbers and booleans"),
+            )),
+            scalar => check_value(field, scalar),
+        }),
+        Value::Object(map) => map.iter().try_for_each(|(key, item)| {
+            let path = format!("{field}.{key}");
+            match item {
+                Value::Object(_) | Value::Array(_) => Err(ApiError::invalid_field(
+                    &path,
+                    format!("`{path}` must be text, a number or a boolean"),
+                )),
+                scalar => check_value(&path, scalar),
+            }
+        }),
+    }
+}
+
+fn digest(
+    kind: &Kind,
+    input: &Map<String, Value>,
+    callback_url: &str,
+    metadata: &Map<String, Value>,
+) -> String {
+    // serde_json's map is ordered by key, so equal submissions serialise identically.
+    let canonical = serde_json::json!([kind, input, callback_url, metadata]).to_string();
+    let hash = Sha256::digest(canonical.as_bytes());
+    hash.iter().map(|byte| format!("{byte:02x}")).collect()
+}

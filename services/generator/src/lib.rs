@@ -1,0 +1,72 @@
+//! The generator: consumes `jobs.requested.>` through the shared durable consumer
+//! `generator`, calls the LLM, records the outcome and publishes `jobs.completed.<kind>` or
+//! `jobs.failed.<kind>`.
+
+mod output;
+pub mod provider;
+mod worker;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use jetcall::Config;
+use jetcall::connect::{ConnectError, connect, provision_with_retry};
+use jetcall::consume::consume;
+
+pub use provider::Provider;
+pub use worker::{Step, Worker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GeneratorError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Provider(#[from] provider::ProviderSetupError),
+    #[error(transparent)]
+    Topology(#[from] jetcall::topology::TopologyError),
+    #[error(transparent)]
+    Consume(#[from] jetcall::consume::ConsumeError),
+}
+
+/// Generates until `shutdown` is cancelled, then finishes or hands back in-flight jobs.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GeneratorError> {
+    let provider = Provider::from_config(&config)?;
+    match (&provider, config.generator.provider) {
+        (Provider::Offline(_), jetcall::config::ProviderChoice::Auto) => tracing::info!(
+            "no ANTHROPIC_API_KEY: using the offline template writer (generator.provider = auto)"
+        ),
+        _ => tracing::info!(provider = provider.name(), "LLM provider chosen"),
+    }
+    let client = connect(&config, "jetcall-generator").await?;
+    let topology = match provision_with_retry(&client, &config, &shutdown).await {
+        Ok(topology) => topology,
+        Err(ConnectError::Cancelled) => return Ok(()),
+        Err(err) => return Err(err.into()),
+    };
+    let consumer = topology.generator_consumer().await?;
+    let concurrency = config.generator.concurrency;
+    let worker = Worker {
+        config: Arc::new(config),
+        topology,
+        provider,
+    };
+    tracing::info!(concurrency, "generator consuming jobs.requested.>");
+    consume(consumer, concurrency, shutdown, move |message, shutdown| {
+        let worker = worker.clone();
+        async move {
+            match worker.handle(&message, &shutdown).await {
+                Ok(Step::Rejected(reason)) => {
+                    tracing::error!(%reason, subject = %message.subject, "request dropped")
+                }
+                Ok(step) => tracing::debug!(?step, "request handled"),
+                Err(err) => tracing::warn!(error = %err, "request left for redelivery"),
+            }
+        }
+    })
+    .await?;
+    // Acks are fire-and-forget publishes: send them before the connection goes.
+    let _ = client.flush().await;
+    tracing::info!("generator stopped");
+    Ok(())
+}

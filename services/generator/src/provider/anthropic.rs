@@ -1,0 +1,290 @@
+//! The Anthropic Messages API over reqwest: `POST {base_url}/v1/messages`.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+use jetcall::config::{AnthropicConfig, Secret};
+use jetcall::events::Usage;
+
+use super::{Disposition, Generation, GenerationRequest, LlmError};
+
+const API_VERSION: &str = "2023-06-01";
+
+#[derive(Debug, Serialize)]
+struct MessagesRequest<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    system: &'a str,
+    messages: [MessageParam<'a>; 1],
+}
+
+#[derive(Debug, Serialize)]
+struct MessageParam<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Debug, Deserialize)]
+struct MessagesResponse {
+    model: String,
+    content: Vec<ContentBlock>,
+    usage: ApiUsage,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ContentBlock {
+    Text {
+        text: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiUsage {
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorResponse {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: String,
+    message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Anthropic {
+    http: reqwest::Client,
+    url: String,
+    api_key: Secret,
+    default_model: String,
+}
+
+impl Anthropic {
+    pub fn new(
+        config: &AnthropicConfig,
+        api_key: Secret,
+        concurrency: usize,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .pool_max_idle_per_host(concurrency)
+            .build()?;
+        Ok(Self {
+            http,
+            url: format!("{}/v1/messages", config.base_url.trim_end_matches('/')),
+            api_key,
+            default_model: config.model.clone(),
+        })
+    }
+
+    pub async fn generate(&self, request: GenerationRequest<'_>) -> Result<Generation, LlmError> {
+        let user = request.spec.render(request.input);
+        let body = MessagesRequest {
+            model: request.spec.model.as_deref().unwrap_or(&self.default_model),
+            max_tokens: request.spec.max_tokens,
+            system: &request.spec.system,
+            messages: [MessageParam {
+                role: "user",
+                content: &user,
+            }],
+        };
+        let response = self
+            .http
+            .post(&self.url)
+            .header("x-api-key", self.api_key.expose())
+            .header("anthropic-version", API_VERSION)
+            .json(&body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(transport_error)?;
+        if !status.is_success() {
+            return Err(api_error(status, &headers, &bytes));
+        }
+        let reply: MessagesResponse = serde_json::from_slice(&bytes).map_err(|err| LlmError {
+            disposition: Disposition::Retry { retry_after: None },
+            error_type: "invalid_response".into(),
+            message: format!("the Messages API answered with an unexpected body: {err}"),
+        })?;
+        let text = reply
+            .content
+            .into_iter()
+            .filter_map(|block| match block {
+                ContentBlock::Text { text } => Some(text),
+                ContentBlock::Other => None,
+            })
+            .collect::<Vec<_>>()
+            .join("");
+        Ok(Generation {
+            text,
+            model: reply.model,
+            usage: Usage {
+                input_tokens: reply.usage.input_tokens,
+                output_tokens: reply.usage.output_tokens,
+            },
+        })
+    }
+}
+
+fn transport_error(err: reqwest::Error) -> LlmError {
+    let error_type = if err.is_timeout() {
+        "timeout"
+    } else {
+        "connection_error"
+    };
+    LlmError {
+        disposition: Disposition::Retry { retry_after: None },
+        error_type: error_type.into(),
+        message: err.to_string(),
+    }
+}
+
+/// Classifies an error answer the way the official SDKs do.
+fn api_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> LlmError {
+    let (error_type, message) = match serde_json::from_slice::<ErrorResponse>(body) {
+        Ok(parsed) => (parsed.error.kind, parsed.error.message),
+        Err(_) => (
+            format!("http_{}", status.as_u16()),
+            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        ),
+    };
+    let disposition = match status.as_u16() {
+        401 | 402 | 403 => Disposition::Configuration,
+        _ => match should_retry_header(headers) {
+            Some(true) => Disposition::Retry {
+                retry_after: retry_after(headers),
+            },
+            Some(false) => Disposition::Permanent,
+            None if matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error() => {
+                Disposition::Retry {
+                    retry_after: retry_after(headers),
+                }
+            }
+            None => Disposition::Permanent,
+        },
+    };
+    LlmError {
+        disposition,
+        error_type,
+        message: format!("{} (HTTP {})", message, status.as_u16()),
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+fn should_retry_header(headers: &HeaderMap) -> Option<bool> {
+    match header_str(headers, "x-should-retry")? {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// `retry-after-ms`, else `retry-after` in seconds; an HTTP-date is left to our own backoff.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) =
+        header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        return (ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+    }
+    header_str(headers, "retry-after")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|secs| *secs >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn error_body(kind: &str) -> Vec<u8> {
+        format!(r#"{{"type":"error","error":{{"type":"{kind}","message":"m"}}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn retryable_statuses_follow_the_sdks() {
+        for status in [408, 409, 429, 500, 502, 503, 504, 529] {
+            let err = api_error(
+                StatusCode::from_u16(status).expect("status"),
+                &HeaderMap::new(),
+                &error_body("x"),
+            );
+            assert_eq!(
+                err.disposition,
+                Disposition::Retry { retry_after: None },
+                "{status}"
+            );
+        }
+        for status in [400, 404, 413] {
+            let err = api_error(
+                StatusCode::from_u16(status).expect("status"),
+                &HeaderMap::new(),
+                &error_body("x"),
+            );
+            assert_eq!(err.disposition, Disposition::Permanent, "{status}");
+        }
+        for status in [401, 402, 403] {
+            let err = api_error(
+                StatusCode::from_u16(status).expect("status"),
+                &HeaderMap::new(),
+                &error_body("x"),
+            );
+            assert_eq!(err.disposition, Disposition::Configuration, "{status}");
+        }
+    }
+
+    #[test]
+    fn retry_after_headers_are_honoured() {
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", HeaderValue::from_static("2"));
+        let err = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers,
+            &error_body("rate_limit_error"),
+        );
+        assert_eq!(
+            err.disposition,
+            Disposition::Retry {
+                retry_after: Some(Duration::from_secs(2))
+            }
+        );
+        assert_eq!(err.error_type, "rate_limit_error");
+        headers.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn x_should_retry_overrides_the_status() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        let err = api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &headers,
+            &error_body("api_error"),
+        );
+        assert_eq!(err.disposition, Disposition::Permanent);
+        headers.insert("x-should-retry", HeaderValue::from_static("true"));
+        let err = api_error(
+            StatusCode::BAD_REQUEST,
+            &headers,
+            &error_body("invalid_request_error"),
+        );
+        assert_eq!(err.disposition, Disposition::Retry { retry_after: None });
+    }
+}

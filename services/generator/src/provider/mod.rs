@@ -1,0 +1,96 @@
+//! LLM providers: where a job's prompt goes and what comes back.
+
+mod anthropic;
+mod offline;
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use jetcall::config::{Config, ProviderChoice};
+use jetcall::events::Usage;
+use jetcall::kinds::KindSpec;
+
+pub use anthropic::Anthropic;
+pub use offline::Offline;
+
+/// One job's worth of generation work.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerationRequest<'a> {
+    pub spec: &'a KindSpec,
+    pub input: &'a Map<String, Value>,
+}
+
+/// What the model answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub text: String,
+    pub model: String,
+    pub usage: Usage,
+}
+
+/// How a failed call should be treated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Worth another try, after at least `retry_after` if the API said so.
+    Retry { retry_after: Option<Duration> },
+    /// Trying again will not help: the job fails.
+    Permanent,
+    /// The deployment is misconfigured (bad key, no credit, no permission): no job is at fault.
+    Configuration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error_type}: {message}")]
+pub struct LlmError {
+    pub disposition: Disposition,
+    /// The API's error type (`overloaded_error`, ...) or ours (`connection_error`, ...).
+    pub error_type: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderSetupError {
+    #[error(
+        "invalid configuration: `generator.provider` is `anthropic` but no API key is set (anthropic.api_key / ANTHROPIC_API_KEY)"
+    )]
+    MissingApiKey,
+    #[error("could not build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+#[derive(Debug, Clone)]
+pub enum Provider {
+    Anthropic(Anthropic),
+    Offline(Offline),
+}
+
+impl Provider {
+    /// The configured provider; `auto` picks Anthropic when a key is set.
+    pub fn from_config(config: &Config) -> Result<Self, ProviderSetupError> {
+        let key = config.anthropic.api_key.clone();
+        match (config.generator.provider, key) {
+            (ProviderChoice::Offline, _) | (ProviderChoice::Auto, None) => {
+                Ok(Self::Offline(Offline))
+            }
+            (ProviderChoice::Anthropic | ProviderChoice::Auto, Some(key)) => Ok(Self::Anthropic(
+                Anthropic::new(&config.anthropic, key, config.generator.concurrency)?,
+            )),
+            (ProviderChoice::Anthropic, None) => Err(ProviderSetupError::MissingApiKey),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Anthropic(_) => "anthropic",
+            Self::Offline(_) => "offline",
+        }
+    }
+
+    pub async fn generate(&self, request: GenerationRequest<'_>) -> Result<Generation, LlmError> {
+        match self {
+            Self::Anthropic(client) => client.generate(request).await,
+            Self::Offline(writer) => Ok(writer.generate(request)),
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Handling one `jobs.requested.<kind>` message, from status `generating` to the ack.
+//!
+//! Order of writes: the status document moves to `completed`/`failed` (holding the result)
+//! before the event is published, and the request is acked last. A crash anywhere leaves
+//! enough behind for the redelivered request to finish the job without a second LLM call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{AckKind, Message};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use jetcall::Config;
+use jetcall::events::{JobError, JobFinished, JobRequested, Outcome};
+use jetcall::retry::llm_backoff;
+use jetcall::status::{JobStatus, Status};
+use jetcall::store::Updated;
+use jetcall::topology::Topology;
+
+use crate::output::to_result;
+use crate::provider::{Disposition, GenerationRequest, LlmError, Provider};
+
+/// Wait before looking at a job again when the LLM account is misconfigured.
+const CONFIGURATION_FAULT_DELAY: Duration = Duration::from_secs(30);
+
+/// How handling one message ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Generated (or failed for good), recorded, published and acked.
+    Finished(Status),
+    /// Already generated earlier: its event was republished if needed, and acked.
+    AlreadyDone(Status),
+    /// Handed back to JetStream to be tried again after this delay.
+    Retry(Duration),
+    /// Not a job we can ever process; terminated so it is not redelivered.
+    Rejected(String),
+    /// Shutdown interrupted the call; handed back at once for another instance.
+    Interrupted,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("status store: {0}")]
+    Store(#[from] jetcall::store::StoreError),
+    #[error("publishing the outcome: {0}")]
+    Publish(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub config: Arc<Config>,
+    pub topology: Topology,
+    pub provider: Provider,
+}
+
+impl Worker {
+    /// Processes one message to a `Step`. On an error nothing is acked, so the request is
+    /// redelivered after `ack_wait`.
+    pub async fn handle(
+        &self,
+        message: &Message,
+        shutdown: &CancellationToken,
+    ) -> Result<Step, WorkerError> {
+        let request: JobRequested = match serde_json::from_slice(&message.payload) {
+            Ok(request) => request,
+            Err(err) => {
+                let reason = format!("not a job request: {err}");
+                let _ = message.ack_with(AckKind::Term).await;
+                return Ok(Step::Rejected(reason));
+            }
+        };
+        let Some(spec) = self.config.kinds.get(request.kind.as_str()) else {
+            let outcome = failure(
+                "unknown_kind",
+                format!("no kind `{}` is configured", request.kind),
+            );
+            return self.finish(message, &request, outcome).await;
+        };
+
+        let max_attempts = self.config.generator.max_attempts;
+        let mut attempt = 0;
+        let now = OffsetDateTime::now_utc();
+        let started = self
+            .topology
+            .status
+            .update(&request.job_id, |doc| {
+                if doc.status.is_generated() || !doc.advance(Status::Generating, now) {
+                    return false;
+                }
+                doc.generation_attempts += 1;
+                attempt = doc.generation_attempts;
+                true
+            })
+            .await?;
+        match started {
+            Updated::Written(_) => {}
+            Updated::Unchanged(doc) => return self.already_generated(message, &doc).await,
+            Updated::Missing => {
+                let _ = message.ack_with(AckKind::Term).await;
+                return Ok(Step::Rejected(format!(
+                    "job {} has no status document",
+                    request.job_id
+                )));
+            }
+        }
+        if attempt > max_attempts {
+            let outcome = failure(
+                "attempts_exhausted",
+                format!("gave up after {max_attempts} attempts"),
+            );
+            return self.finish(message, &request, outcome).await;
+        }
+
+        let call = self.provider.generate(GenerationRequest {
+            spec,
+            input: &request.input,
+        });
+        let Some(result) = self.with_progress_acks(message, call, shutdown).await else {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+            return Ok(Step::Interrupted);
+        };
+        let error = match result {
+            Ok(generation) => match to_result(&spec.output, &generation.text) {
+                Ok(value) => {
+                    let outcome = Outcome::Completed {
+                        result: value,
+                        model: generation.model,
+                        usage: generation.usage,
+                    };
+                    return self.finish(message, &request, outcome).await;
+                }
+                Err(err) => LlmError {
+                    disposition: Disposition::Retry { retry_after: None },
+                    error_type: "invalid_output".into(),
+                    message: err.to_string(),
+                },
+            },
+            Err(err) => err,
+        };
+        tracing::warn!(job_id = %request.job_id, attempt, error = %error, "generation failed");
+        match error.disposition {
+            Disposition::Retry { retry_after } if attempt < max_attempts => {
+                let delay = retry_after.unwrap_or_else(|| llm_backoff(attempt, rand::random()));
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                Ok(Step::Retry(delay))
+            }
+            Disposition::Configuration => {
+                tracing::error!(error = %error, "the LLM provider refused our credentials; fix the configuration");
+                // The job is not at fault: give back the attempt it did not really make.
+                self.topology
+                    .status
+                    .update(&request.job_id, |doc| {
+                        doc.generation_attempts = doc.generation_attempts.saturating_sub(1);
+                        true
+                    })
+                    .await?;
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(CONFIGURATION_FAULT_DELAY)))
+                    .await;
+                Ok(Step::Retry(CONFIGURATION_FAULT_DELAY))
+            }
+            Disposition::Retry { .. } | Disposition::Permanent => {
+                let outcome = failure(&error.error_type, error.message);
+                self.finish(message, &request, outcome).await
+            }
+        }
+    }
+
+    /// Runs `call`, telling JetStream every half `ack_wait` that the message is still being
+    /// worked on. `None` when shutdown came first.
+    async fn with_progress_acks<T>(
+        &self,
+        message: &Message,
+        call: impl std::future::Future<Output = T>,
+        shutdown: &CancellationToken,
+    ) -> Option<T> {
+        let period = self.config.generator.ack_wait / 2;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                result = &mut call => return Some(result),
+                _ = ticker.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+                _ = shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Records the outcome, publishes it and acks the request.
+    async fn finish(
+        &self,
+        message: &Message,
+        request: &JobRequested,
+        outcome: Outcome,
+    ) -> Result<Step, WorkerError> {
+        let finished_at = OffsetDateTime::now_utc();
+        let status = match &outcome {
+            Outcome::Completed { .. } => Status::Completed,
+            Outcome::Failed { .. } => Status::Failed,
+        };
+        let recorded = self
+            .topology
+            .status
+            .update(&request.job_id, |doc| {
+                if !doc.advance(status, finished_at) || doc.status.is_final() {
+                    return false;
+                }
+                match &outcome {
+                    Outcome::Completed {
+                        result,
+                        model,
+                        usage,
+                    } => {
+                        doc.result = Some(result.clone());
+                        doc.model = Some(model.clone());
+                        doc.usage = Some(*usage);
+                    }
+                    Outcome::Failed { error } => doc.error = Some(error.clone()),
+                }
+                doc.finished_at = Some(finished_at);
+                true
+            })
+            .await?;
+        match recorded {
+            Updated::Written(doc) => {
+                self.publish(&finished_event(&doc, outcome, finished_at))
+                    .await?;
+                tracing::info!(job_id = %request.job_id, status = status.as_str(), "job generated");
+                let _ = message.ack().await;
+                Ok(Step::Finished(status))
+            }
+            // Another instance got there first; its outcome stands.
+            Updated::Unchanged(doc) => self.already_generated(message, &doc).await,
+            Updated::Missing => {
+                let _ = message.ack_with(AckKind::Term).await;
+                Ok(Step::Rejected(format!(
+                    "job {} has no status document",
+                    request.job_id
+                )))
+            }
+        }
+    }
+
+    /// A redelivered request for a job that is already generated: never call the LLM again.
+    /// Until the job is delivered its event is published again, in case the first attempt
+    /// stopped between the status write and the publish; `Nats-Msg-Id` keeps it single.
+    async fn already_generated(
+        &self,
+        message: &Message,
+        doc: &JobStatus,
+    ) -> Result<Step, WorkerError> {
+        if matches!(doc.status, Status::Completed | Status::Failed) {
+            if let Some(event) = finished_event_from_doc(doc) {
+                self.publish(&event).await?;
+            }
+        }
+        let _ = message.ack().await;
+        Ok(Step::AlreadyDone(doc.status))
+    }
+
+    async fn publish(&self, event: &JobFinished) -> Result<(), WorkerError> {
+        let kind = event.event();
+        let payload =
+            serde_json::to_vec(event).map_err(|err| WorkerError::Publish(err.to_string()))?;
+        let publish = PublishMessage::build()
+            .payload(payload.into())
+            .message_id(kind.msg_id(&event.job_id));
+        self.topology
+            .jetstream
+            .send_publish(kind.subject(&event.kind), publish)
+            .await
+            .map_err(|err| WorkerError::Publish(err.to_string()))?
+            .await
+            .map_err(|err| WorkerError::Publish(err.to_string()))?;
+        Ok(())
+    }
+}
+
+fn failure(error_type: &str, message: String) -> Outcome {
+    Outcome::Failed {
+        error: JobError {
+            kind: error_type.to_owned(),
+            message,
+        },
+    }
+}
+
+fn finished_event(doc: &JobStatus, outcome: Outcome, finished_at: OffsetDateTime) -> JobFinished {
+    JobFinished {
+        job_id: doc.job_id.clone(),
+        kind: doc.kind.clone(),
+        outcome,
+        input: doc.input.clone(),
+        callback_url: doc.callback_url.clone(),
+        metadata: doc.metadata.clone(),
+        finished_at,
+    }
+}
+
+/// Rebuilds the finished event from a generated job's status document.
+fn finished_event_from_doc(doc: &JobStatus) -> Option<JobFinished> {
+    let outcome = match doc.status {
+        Status::Completed => Outcome::Completed {
+            result: doc.result.clone()?,
+            model: doc.model.clone().unwrap_or_default(),
+            usage: doc.usage.unwrap_or_default(),
+        },
+        Status::Failed => Outcome::Failed {
+            error: doc.error.clone()?,
+        },
+        _ => return None,
+    };
+    Some(finished_event(
+        doc,
+        outcome,
+        doc.finished_at.unwrap_or(doc.updated_at),
+    ))
+}

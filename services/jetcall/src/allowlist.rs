@@ -1,0 +1,200 @@
+//! Which callback URLs a caller may name: http(s) only, no userinfo, and a host on the
+//! allowlist of exact hosts, `*.domain` patterns and CIDRs.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use url::{Host, Url};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("allowlist entry `{entry}` is neither a host, a `*.domain` pattern nor a CIDR")]
+pub struct AllowlistError {
+    pub entry: String,
+}
+
+/// Why a callback URL was refused; the message names the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallbackUrlError {
+    #[error("is not a valid URL: {0}")]
+    Malformed(String),
+    #[error("must use http or https, not `{0}`")]
+    Scheme(String),
+    #[error("must not carry a user name or password")]
+    Userinfo,
+    #[error("has no host")]
+    NoHost,
+    #[error("host `{0}` is not on the callback allowlist")]
+    NotAllowed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Host(String),
+    Suffix(String),
+    Net(IpNet),
+    Ip(IpAddr),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Allowlist {
+    entries: Vec<Entry>,
+}
+
+impl Allowlist {
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, AllowlistError> {
+        let entries = entries
+            .iter()
+            .map(|entry| parse_entry(entry.as_ref()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { entries })
+    }
+
+    /// Checks a callback URL as a caller submitted it.
+    pub fn check(&self, text: &str) -> Result<Url, CallbackUrlError> {
+        let url = Url::parse(text).map_err(|err| CallbackUrlError::Malformed(err.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(CallbackUrlError::Scheme(url.scheme().to_owned()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(CallbackUrlError::Userinfo);
+        }
+        let allowed = match url.host().ok_or(CallbackUrlError::NoHost)? {
+            Host::Domain(domain) => self.allows_domain(domain),
+            Host::Ipv4(ip) => self.allows_ip(IpAddr::V4(ip)),
+            Host::Ipv6(ip) => self.allows_ip(IpAddr::V6(ip)),
+        };
+        if !allowed {
+            let host = url.host_str().unwrap_or_default().to_owned();
+            return Err(CallbackUrlError::NotAllowed(host));
+        }
+        Ok(url)
+    }
+
+    fn allows_domain(&self, domain: &str) -> bool {
+        self.entries.iter().any(|entry| match entry {
+            Entry::Host(host) => host == domain,
+            Entry::Suffix(suffix) => {
+                domain.len() > suffix.len() + 1
+                    && domain.ends_with(suffix.as_str())
+                    && domain.as_bytes()[domain.len() - suffix.len() - 1] == b'.'
+            }
+            Entry::Net(_) | Entry::Ip(_) => false,
+        })
+    }
+
+    pub fn allows_ip(&self, ip: IpAddr) -> bool {
+        self.entries.iter().any(|entry| match entry {
+            Entry::Ip(allowed) => *allowed == ip,
+            Entry::Net(net) => net.contains(&ip),
+            Entry::Host(_) | Entry::Suffix(_) => false,
+        })
+    }
+}
+
+fn parse_entry(entry: &str) -> Result<Entry, AllowlistError> {
+    let invalid = || AllowlistError {
+        entry: entry.to_owned(),
+    };
+    let entry_lower = entry.trim().to_ascii_lowercase();
+    if entry_lower.contains('/') {
+        return entry_lower.parse().map(Entry::Net).map_err(|_| invalid());
+    }
+    if let Ok(ip) = entry_lower.trim_matches(['[', ']']).parse::<IpAddr>() {
+        return Ok(Entry::Ip(ip));
+    }
+    let (is_pattern, host) = match entry_lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, entry_lower.as_str()),
+    };
+    let valid_host = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !valid_host {
+        return Err(invalid());
+    }
+    Ok(if is_pattern {
+        Entry::Suffix(host.to_owned())
+    } else {
+        Entry::Host(host.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list() -> Allowlist {
+        Allowlist::parse(&[
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "*.shop.example",
+            "10.1.0.0/16",
+        ])
+        .expect("valid allowlist")
+    }
+
+    #[test]
+    fn allowed_hosts_pass() {
+        for url in [
+            "http://localhost:9000/cb",
+            "https://127.0.0.1/cb",
+            "http://[::1]:8080/",
+            "https://hooks.shop.example/x",
+            "https://a.b.shop.example/x",
+            "http://10.1.200.3/cb",
+            "HTTP://LOCALHOST/cb",
+        ] {
+            assert!(list().check(url).is_ok(), "{url} refused");
+        }
+    }
+
+    #[test]
+    fn everything_else_is_refused_with_its_rule() {
+        let cases = [
+            ("ftp://localhost/x", CallbackUrlError::Scheme("ftp".into())),
+            (
+                "file:///etc/passwd",
+                CallbackUrlError::Scheme("file".into()),
+            ),
+            ("http://user@localhost/", CallbackUrlError::Userinfo),
+            ("http://a:b@localhost/", CallbackUrlError::Userinfo),
+            (
+                "http://shop.example/",
+                CallbackUrlError::NotAllowed("shop.example".into()),
+            ),
+            (
+                "http://evilshop.example/",
+                CallbackUrlError::NotAllowed("evilshop.example".into()),
+            ),
+            (
+                "http://10.2.0.1/",
+                CallbackUrlError::NotAllowed("10.2.0.1".into()),
+            ),
+            (
+                "http://localhost./",
+                CallbackUrlError::NotAllowed("localhost.".into()),
+            ),
+            // WHATWG parsing turns numeric hosts into addresses before the check.
+            (
+                "http://2130706434/",
+                CallbackUrlError::NotAllowed("127.0.0.2".into()),
+            ),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(list().check(url).err(), Some(expected), "{url}");
+        }
+        assert!(matches!(
+            list().check("not a url"),
+            Err(CallbackUrlError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn bad_entries_are_configuration_errors() {
+        for bad in ["", "*.", "a..b", "10.0.0.0/99", "http://x"] {
+            assert!(Allowlist::parse(&[bad]).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! Configuration shared by every service.
+//!
+//! Layers, later ones winning: built-in defaults → `jetcall.toml` (or the file named by
+//! `JETCALL_CONFIG`) → the ecosystem's own variables (`NATS_URL`, `ANTHROPIC_API_KEY`,
+//! `ANTHROPIC_BASE_URL`) → `JETCALL_<SECTION>__<KEY>`. Every service loads the whole file so
+//! one `jetcall.toml` serves a whole deployment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::kinds::{KindSpec, builtin_kinds};
+
+/// Why a configuration could not be used. The message always names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+    #[error("configuration file {path} does not exist (named by JETCALL_CONFIG)")]
+    MissingFile { path: PathBuf },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A string that must never reach a log line, such as an API key or a signing secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(\"***\")")
+    }
+}
+
+/// One value or several: `signing_secret = "whsec_a"` or `["whsec_new", "whsec_old"]` while
+/// rotating keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn to_vec(&self) -> Vec<&T> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many.iter().collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub log: LogConfig,
+    pub gateway: GatewayConfig,
+    pub generator: GeneratorConfig,
+    pub anthropic: AnthropicConfig,
+    pub callback: CallbackConfig,
+    /// Job kinds beyond the built-in `product-description` and `return-analysis`, or overrides
+    /// of them, keyed by kind name.
+    pub kinds: BTreeMap<String, KindSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated; `NATS_URL` sets it too.
+    pub url: String,
+    /// Replicas of the `JOBS` stream and the `job_status` bucket: 1 on a single server, 3 in a
+    /// cluster.
+    pub replicas: usize,
+    /// How long a JetStream request (publish ack, KV write) may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long events stay in the `JOBS` stream.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// The window in which a republished event with the same `Nats-Msg-Id` is stored once.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            replicas: 1,
+            request_timeout: Duration::from_secs(5),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `info,gateway=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// Bearer keys accepted by the API; empty means no authentication (the gateway warns).
+    pub api_keys: Vec<Secret>,
+    /// Hosts callers may name in `callback_url`: exact hosts, `*.domain` patterns and CIDRs.
+    pub callback_allowlist: Vec<String>,
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_keys: Vec::new(),
+            callback_allowlist: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderChoice {
+    /// `anthropic` when `ANTHROPIC_API_KEY` is set, otherwise `offline`.
+    Auto,
+    Anthropic,
+    Offline,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GeneratorConfig {
+    pub provider: ProviderChoice,
+    /// LLM calls in flight per generator instance.
+    pub concurrency: usize,
+    /// How long JetStream waits for an ack before redelivering a request; long calls send
+    /// progress acks every half of it.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Attempts at one job (across redeliveries) before it is failed.
+    pub max_attempts: u32,
+    /// Requests the `generator` consumer hands out unacknowledged across all instances.
+    pub max_ack_pending: i64,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        Self {
+            provider: ProviderChoice::Auto,
+            concurrency: 256,
+            ack_wait: Duration::from_secs(30),
+            max_attempts: 5,
+            max_ack_pending: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnthropicConfig {
+    /// `ANTHROPIC_BASE_URL` sets it too.
+    pub base_url: String,
+    /// `ANTHROPIC_API_KEY` sets it too.
+    pub api_key: Option<Secret>,
+    /// The model used by kinds that do not name one.
+    pub model: String,
+    /// Per-request timeout for one Messages API call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for AnthropicConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.anthropic.com".into(),
+            api_key: None,
+            model: "claude-sonnet-4-5".into(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallbackConfig {
+    /// `whsec_<base64>`; several during key rotation, each producing a signature.
+    pub signing_secret: Option<OneOrMany<Secret>>,
+    /// The wait before each retry of a failed delivery; its length is the number of retries.
+    #[serde(with = "crate::durations::list")]
+    pub retry_schedule: Vec<Duration>,
+    /// The limit on one delivery attempt, connect to last byte.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Webhook deliveries in flight per callback instance.
+    pub concurrency: usize,
+    /// Deliveries the `callback` consumer hands out unacknowledged, including those waiting
+    /// for a retry; large, so a backlog of retries never starves fresh completions.
+    pub max_ack_pending: i64,
+}
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        let schedule = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800];
+        Self {
+            signing_secret: None,
+            retry_schedule: schedule.into_iter().map(Duration::from_secs).collect(),
+            timeout: Duration::from_secs(15),
+            concurrency: 256,
+            max_ack_pending: 20_000,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the layered configuration from the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let file = match std::env::var_os("JETCALL_CONFIG") {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                if !path.exists() {
+                    return Err(ConfigError::MissingFile { path });
+                }
+                path
+            }
+            None => PathBuf::from("jetcall.toml"),
+        };
+        Self::from_figment(Self::figment(&file))
+    }
+
+    /// The layers without validation, so a test can add or replace one.
+    pub fn figment(file: &Path) -> Figment {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(file))
+            .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
+            .merge(
+                Env::raw()
+                    .only(&["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"])
+                    .map(|key| {
+                        let field = key.as_str().trim_start_matches("ANTHROPIC_");
+                        format!("anthropic.{}", field.to_ascii_lowercase()).into()
+                    }),
+            )
+            // Only `SECTION__KEY` variables: `JETCALL_CONFIG` and tool paths such as
+            // `JETCALL_NATS_SERVER` share the prefix but are not settings.
+            .merge(
+                Env::prefixed("JETCALL_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        config.merge_builtin_kinds();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn merge_builtin_kinds(&mut self) {
+        for (name, spec) in builtin_kinds() {
+            self.kinds.entry(name).or_insert(spec);
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.nats.replicas == 0 || self.nats.replicas > 5 {
+            return Err(ConfigError::invalid("nats.replicas", "must be 1 to 5"));
+        }
+        if self.nats.duplicate_window < Duration::from_secs(120) {
+            return Err(ConfigError::invalid(
+                "nats.duplicate_window",
+                "must be at least 2m so a retried publish is stored once",
+            ));
+        }
+        if self.generator.concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "generator.concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.generator.ack_wait < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "generator.ack_wait",
+                "must be at least 1s",
+            ));
+        }
+        if self.generator.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "generator.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if self.callback.concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "callback.concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.callback.timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "callback.timeout",
+                "must be above zero",
+            ));
+        }
+        if let Some(secrets) = &self.callback.signing_secret {
+            for secret in secrets.to_vec() {
+                crate::signing::SigningKey::parse(secret.expose()).map_err(|err| {
+                    ConfigError::invalid("callback.signing_secret", err.to_string())
+                })?;
+            }
+        }
+        crate::allowlist::Allowlist::parse(&self.gateway.callback_allowlist)
+            .map_err(|err| ConfigError::invalid("gateway.callback_allowlist", err.to_string()))?;
+        url::Url::parse(&self.anthropic.base_url)
+            .map_err(|err| ConfigError::invalid("anthropic.base_url", err.to_string()))?;
+        for (name, spec) in &self.kinds {
+            crate::job::Kind::parse(name)
+                .map_err(|err| ConfigError::invalid(format!("kinds.{name}"), err.to_string()))?;
+            spec.validate()
+                .map_err(|problem| ConfigError::invalid(format!("kinds.{name}"), problem))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,25 @@
+//! The Jetcall contract shared by every service: configuration, names, events, the job status
+//! document and its store, the JetStream topology, callback URL rules and webhook signing.
+//!
+//! Only this crate spells NATS subjects and payload shapes; services depend on it for both.
+
+pub mod allowlist;
+pub mod config;
+pub mod connect;
+pub mod consume;
+mod durations;
+pub mod events;
+pub mod job;
+pub mod kinds;
+pub mod retry;
+pub mod shutdown;
+pub mod signing;
+pub mod status;
+pub mod store;
+pub mod subjects;
+pub mod telemetry;
+pub mod topology;
+pub mod webhook;
+
+pub use config::Config;
+pub use job::{JobId, Kind};

@@ -1,0 +1,199 @@
+//! The job status document kept in the `job_status` bucket, and the rule that it never moves
+//! backwards.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::events::{JobError, JobRequested, Usage};
+use crate::job::{JobId, Kind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Accepted,
+    Generating,
+    Completed,
+    Failed,
+    Delivered,
+    Undeliverable,
+}
+
+impl Status {
+    fn rank(self) -> u8 {
+        match self {
+            Status::Accepted => 0,
+            Status::Generating => 1,
+            Status::Completed | Status::Failed => 2,
+            Status::Delivered | Status::Undeliverable => 3,
+        }
+    }
+
+    /// Whether a job in this state may be moved to `next`. Staying put is allowed (an attempt
+    /// log grows without a change of state); moving back, or sideways between two outcomes of
+    /// the same step, is not, so a late or redelivered event can never undo progress.
+    pub fn may_become(self, next: Status) -> bool {
+        self == next || next.rank() > self.rank()
+    }
+
+    /// Whether the job's generation has ended, one way or the other.
+    pub fn is_generated(self) -> bool {
+        self.rank() >= 2
+    }
+
+    /// Whether nothing more will happen to the job.
+    pub fn is_final(self) -> bool {
+        self.rank() == 3
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Accepted => "accepted",
+            Status::Generating => "generating",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Delivered => "delivered",
+            Status::Undeliverable => "undeliverable",
+        }
+    }
+}
+
+/// One try at delivering the webhook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryAttempt {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub duration_ms: u64,
+    /// The receiver's HTTP status, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    /// What went wrong, when the attempt did not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What `GET /api/v1/jobs/{id}` returns and `nats kv get job_status <id>` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: JobId,
+    pub kind: Kind,
+    pub status: Status,
+    pub input: Map<String, Value>,
+    pub callback_url: String,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub metadata: Map<String, Value>,
+    /// A digest of the submission, to tell an idempotent retry from a conflicting reuse of the id.
+    pub request_digest: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// LLM attempts so far, across redeliveries and generator instances.
+    #[serde(default)]
+    pub generation_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub finished_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deliveries: Vec<DeliveryAttempt>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub delivered_at: Option<OffsetDateTime>,
+}
+
+impl JobStatus {
+    pub fn accepted(request: &JobRequested, request_digest: String) -> Self {
+        Self {
+            job_id: request.job_id.clone(),
+            kind: request.kind.clone(),
+            status: Status::Accepted,
+            input: request.input.clone(),
+            callback_url: request.callback_url.clone(),
+            metadata: request.metadata.clone(),
+            request_digest,
+            created_at: request.requested_at,
+            updated_at: request.requested_at,
+            generation_attempts: 0,
+            result: None,
+            model: None,
+            usage: None,
+            error: None,
+            finished_at: None,
+            deliveries: Vec::new(),
+            delivered_at: None,
+        }
+    }
+
+    /// The request event that this job was accepted with, for a republish.
+    pub fn request(&self) -> JobRequested {
+        JobRequested {
+            job_id: self.job_id.clone(),
+            kind: self.kind.clone(),
+            input: self.input.clone(),
+            callback_url: self.callback_url.clone(),
+            metadata: self.metadata.clone(),
+            requested_at: self.created_at,
+        }
+    }
+
+    /// Moves to `next` if that is forward (or the same state), stamping the time. Returns
+    /// whether it did; callers skip their write when it did not.
+    pub fn advance(&mut self, next: Status, now: OffsetDateTime) -> bool {
+        if !self.status.may_become(next) {
+            return false;
+        }
+        self.status = next;
+        self.updated_at = now;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Status::*;
+
+    #[test]
+    fn status_only_moves_forward() {
+        let order = [Accepted, Generating, Completed, Delivered];
+        for (i, from) in order.iter().enumerate() {
+            for (j, to) in order.iter().enumerate() {
+                assert_eq!(from.may_become(*to), j >= i, "{from:?} -> {to:?}");
+            }
+        }
+        assert!(Generating.may_become(Failed));
+        assert!(Failed.may_become(Delivered));
+        assert!(Completed.may_become(Undeliverable));
+    }
+
+    #[test]
+    fn outcomes_of_the_same_step_do_not_replace_each_other() {
+        assert!(!Completed.may_become(Failed));
+        assert!(!Failed.may_become(Completed));
+        assert!(!Delivered.may_become(Undeliverable));
+        assert!(!Undeliverable.may_become(Delivered));
+    }
+
+    #[test]
+    fn status_serialises_as_the_documented_words() {
+        assert_eq!(
+            serde_json::to_value(Undeliverable).ok(),
+            Some("undeliverable".into())
+        );
+        assert_eq!(Generating.as_str(), "generating");
+    }
+}

@@ -1,0 +1,87 @@
+//! Every NATS name the services share: the stream, its subjects, the consumers and the bucket.
+//! Only this module spells them, so a rename happens in one place.
+
+use crate::job::{JobId, Kind};
+
+pub const STREAM: &str = "JOBS";
+pub const STREAM_SUBJECTS: &str = "jobs.>";
+pub const STATUS_BUCKET: &str = "job_status";
+pub const GENERATOR_CONSUMER: &str = "generator";
+pub const CALLBACK_CONSUMER: &str = "callback";
+
+/// The events of a job's life, each published on `jobs.<event>.<kind>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Event {
+    Requested,
+    Completed,
+    Failed,
+    Delivered,
+    Undeliverable,
+}
+
+impl Event {
+    pub const ALL: [Event; 5] = [
+        Event::Requested,
+        Event::Completed,
+        Event::Failed,
+        Event::Delivered,
+        Event::Undeliverable,
+    ];
+
+    pub fn token(self) -> &'static str {
+        match self {
+            Event::Requested => "requested",
+            Event::Completed => "completed",
+            Event::Failed => "failed",
+            Event::Delivered => "delivered",
+            Event::Undeliverable => "undeliverable",
+        }
+    }
+
+    /// `jobs.<event>.<kind>`.
+    pub fn subject(self, kind: &Kind) -> String {
+        format!("jobs.{}.{}", self.token(), kind)
+    }
+
+    /// `jobs.<event>.>`: every kind.
+    pub fn filter(self) -> String {
+        format!("jobs.{}.>", self.token())
+    }
+
+    /// `Nats-Msg-Id` of this event for one job, so a retried publish is stored once.
+    pub fn msg_id(self, job_id: &JobId) -> String {
+        format!("{job_id}.{}", self.token())
+    }
+
+    /// The event a subject carries, if it is one of ours.
+    pub fn of_subject(subject: &str) -> Option<Event> {
+        let mut tokens = subject.split('.');
+        if tokens.next() != Some("jobs") {
+            return None;
+        }
+        let event = tokens.next()?;
+        Event::ALL.into_iter().find(|e| e.token() == event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_and_msg_ids_follow_the_contract() {
+        let kind = Kind::product_description();
+        let job = JobId::parse("JOB-771").expect("valid id");
+        assert_eq!(
+            Event::Requested.subject(&kind),
+            "jobs.requested.product-description"
+        );
+        assert_eq!(Event::Completed.filter(), "jobs.completed.>");
+        assert_eq!(Event::Completed.msg_id(&job), "JOB-771.completed");
+        assert_eq!(
+            Event::of_subject("jobs.failed.return-analysis"),
+            Some(Event::Failed)
+        );
+        assert_eq!(Event::of_subject("other.failed.x"), None);
+    }
+}

@@ -1,0 +1,150 @@
+//! Creates or updates the JetStream topology every service relies on. Idempotent and safe to
+//! run from many processes at once: each service runs it at start-up.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+
+use crate::config::Config;
+use crate::store::StatusStore;
+use crate::subjects::{
+    CALLBACK_CONSUMER, Event, GENERATOR_CONSUMER, STATUS_BUCKET, STREAM, STREAM_SUBJECTS,
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("could not provision {what}: {message}")]
+pub struct TopologyError {
+    pub what: &'static str,
+    pub message: String,
+}
+
+fn failed(what: &'static str) -> impl FnOnce(String) -> TopologyError {
+    move |message| TopologyError { what, message }
+}
+
+/// Handles on what `provision` created.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub jetstream: jetstream::Context,
+    pub stream: stream::Stream,
+    pub status: StatusStore,
+}
+
+impl Topology {
+    pub async fn generator_consumer(&self) -> Result<consumer::PullConsumer, TopologyError> {
+        self.stream
+            .get_consumer(GENERATOR_CONSUMER)
+            .await
+            .map_err(|err| failed("consumer `generator`")(err.to_string()))
+    }
+
+    pub async fn callback_consumer(&self) -> Result<consumer::PullConsumer, TopologyError> {
+        self.stream
+            .get_consumer(CALLBACK_CONSUMER)
+            .await
+            .map_err(|err| failed("consumer `callback`")(err.to_string()))
+    }
+}
+
+pub fn stream_config(config: &Config) -> stream::Config {
+    stream::Config {
+        name: STREAM.into(),
+        description: Some(
+            "Jetcall job events: requested, completed, failed, delivered, undeliverable".into(),
+        ),
+        subjects: vec![STREAM_SUBJECTS.into()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: config.nats.max_age,
+        duplicate_window: config.nats.duplicate_window,
+        num_replicas: config.nats.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+pub fn status_bucket_config(config: &Config) -> kv::Config {
+    kv::Config {
+        bucket: STATUS_BUCKET.into(),
+        description: "Jetcall job status documents, keyed by job id".into(),
+        // Enough revisions for `nats kv history` to show every transition of a normal job.
+        history: 10,
+        max_age: config.nats.max_age,
+        storage: stream::StorageType::File,
+        num_replicas: config.nats.replicas,
+        ..Default::default()
+    }
+}
+
+pub fn generator_consumer_config(config: &Config) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(GENERATOR_CONSUMER.into()),
+        description: Some("Shared by every generator instance".into()),
+        filter_subject: Event::Requested.filter(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: config.generator.ack_wait,
+        // Attempts are counted and capped by the generator itself, which fails the job cleanly;
+        // a server-side cap would drop it silently.
+        max_deliver: -1,
+        max_ack_pending: config.generator.max_ack_pending,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    }
+}
+
+pub fn callback_consumer_config(config: &Config) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(CALLBACK_CONSUMER.into()),
+        description: Some("Shared by every callback instance".into()),
+        filter_subjects: vec![Event::Completed.filter(), Event::Failed.filter()],
+        ack_policy: consumer::AckPolicy::Explicit,
+        // One attempt's timeout plus room for the status writes around it; long attempts also
+        // send progress acks.
+        ack_wait: (config.callback.timeout * 2).max(Duration::from_secs(30)),
+        max_deliver: -1,
+        max_ack_pending: config.callback.max_ack_pending,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    }
+}
+
+/// Creates the stream, the bucket and both consumers, or brings existing ones to this
+/// configuration.
+pub async fn provision(
+    client: async_nats::Client,
+    config: &Config,
+) -> Result<Topology, TopologyError> {
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(config.nats.request_timeout)
+        .build(client);
+
+    jetstream
+        .create_or_update_stream(stream_config(config))
+        .await
+        .map_err(|err| failed("stream `JOBS`")(err.to_string()))?;
+    let stream = jetstream
+        .get_stream(STREAM)
+        .await
+        .map_err(|err| failed("stream `JOBS`")(err.to_string()))?;
+    let kv = jetstream
+        .create_or_update_key_value(status_bucket_config(config))
+        .await
+        .map_err(|err| failed("bucket `job_status`")(err.to_string()))?;
+
+    // `create_consumer` is create-or-update on the server, so a changed `ack_wait` or
+    // `max_ack_pending` in the configuration reaches an existing consumer.
+    stream
+        .create_consumer(generator_consumer_config(config))
+        .await
+        .map_err(|err| failed("consumer `generator`")(err.to_string()))?;
+    stream
+        .create_consumer(callback_consumer_config(config))
+        .await
+        .map_err(|err| failed("consumer `callback`")(err.to_string()))?;
+
+    Ok(Topology {
+        jetstream,
+        stream,
+        status: StatusStore::new(kv),
+    })
+}

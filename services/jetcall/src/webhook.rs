@@ -1,0 +1,116 @@
+//! The webhook body a caller receives, built from a finished job.
+//!
+//! Compatible with the article's receiver: `job_id`, `status` and, for product descriptions,
+//! `product_id` and `description` sit at the top level beside the generic `result`.
+
+use serde_json::{Map, Value, json};
+use time::format_description::well_known::Rfc3339;
+
+use crate::events::{JobFinished, Outcome};
+
+/// The stable `webhook-id` of a job's delivery: the same on every retry and after a restart
+/// of the callback service, so receivers can use it as their idempotency key.
+pub fn webhook_id(job: &JobFinished) -> String {
+    format!("msg_{}", job.job_id)
+}
+
+pub fn payload(job: &JobFinished) -> Value {
+    let finished_at = job.finished_at.format(&Rfc3339).unwrap_or_default();
+    let mut body = Map::new();
+    let (event_type, status) = match &job.outcome {
+        Outcome::Completed { .. } => ("job.completed", "completed"),
+        Outcome::Failed { .. } => ("job.failed", "failed"),
+    };
+    body.insert("type".into(), event_type.into());
+    body.insert("job_id".into(), json!(job.job_id));
+    body.insert("status".into(), status.into());
+    body.insert("kind".into(), json!(job.kind));
+    if let Some(product_id) = job.input.get("product_id") {
+        body.insert("product_id".into(), product_id.clone());
+    }
+    match &job.outcome {
+        Outcome::Completed {
+            result,
+            model,
+            usage,
+        } => {
+            if let Some(description) = result.get("description").filter(|d| d.is_string()) {
+                body.insert("description".into(), description.clone());
+            }
+            body.insert("result".into(), result.clone());
+            body.insert("model".into(), model.as_str().into());
+            body.insert("usage".into(), json!(usage));
+            body.insert("completed_at".into(), finished_at.into());
+        }
+        Outcome::Failed { error } => {
+            body.insert("error".into(), json!(error));
+            body.insert("failed_at".into(), finished_at.into());
+        }
+    }
+    if !job.metadata.is_empty() {
+        body.insert("metadata".into(), Value::Object(job.metadata.clone()));
+    }
+    Value::Object(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{JobError, Usage};
+    use crate::job::{JobId, Kind};
+    use time::macros::datetime;
+
+    fn finished(outcome: Outcome) -> JobFinished {
+        JobFinished {
+            job_id: JobId::parse("JOB-771").expect("valid"),
+            kind: Kind::product_description(),
+            outcome,
+            input: json!({"product_id": "PROD-AC15", "product_name": "AC"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            callback_url: "http://localhost/cb".into(),
+            metadata: Map::new(),
+            finished_at: datetime!(2026-11-29 10:00:00 UTC),
+        }
+    }
+
+    #[test]
+    fn completed_payload_keeps_the_article_fields_at_the_top() {
+        let body = payload(&finished(Outcome::Completed {
+            result: json!({"description": "Beat the heat"}),
+            model: "offline".into(),
+            usage: Usage {
+                input_tokens: 3,
+                output_tokens: 5,
+            },
+        }));
+        assert_eq!(
+            body,
+            json!({
+                "type": "job.completed", "job_id": "JOB-771", "status": "completed",
+                "kind": "product-description", "product_id": "PROD-AC15",
+                "description": "Beat the heat", "result": {"description": "Beat the heat"},
+                "model": "offline", "usage": {"input_tokens": 3, "output_tokens": 5},
+                "completed_at": "2026-11-29T10:00:00Z"
+            })
+        );
+    }
+
+    #[test]
+    fn failed_payload_carries_the_error() {
+        let body = payload(&finished(Outcome::Failed {
+            error: JobError {
+                kind: "llm_error".into(),
+                message: "boom".into(),
+            },
+        }));
+        assert_eq!(body["type"], "job.failed");
+        assert_eq!(body["status"], "failed");
+        assert_eq!(
+            body["error"],
+            json!({"type": "llm_error", "message": "boom"})
+        );
+        assert!(body.get("description").is_none());
+    }
+}

@@ -1,0 +1,113 @@
+//! A webhook receiver on loopback that records every delivery and answers as scripted.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use serde_json::Value;
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Delivery {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    deliveries: Vec<Delivery>,
+    /// Statuses to answer with, in order, before the default 204.
+    script: VecDeque<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookReceiver {
+    addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl WebhookReceiver {
+    pub async fn start() -> Self {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Router::new()
+            .route("/{*path}", post(receive))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind webhook receiver");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, inner }
+    }
+
+    /// A callback URL at this receiver.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/{}", self.addr, path.trim_start_matches('/'))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Answer the next requests with these statuses, then 204 again.
+    pub fn fail_next(&self, statuses: &[u16]) {
+        self.lock().script.extend(statuses);
+    }
+
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.lock().deliveries.clone()
+    }
+
+    /// Waits until at least `count` deliveries arrived, and returns them all.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Delivery> {
+        crate::wait_until(&format!("{count} webhook deliveries"), timeout, || async {
+            let deliveries = self.deliveries();
+            (deliveries.len() >= count).then_some(deliveries)
+        })
+        .await
+    }
+}
+
+async fn receive(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let mut inner = inner
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    inner.deliveries.push(Delivery {
+        headers,
+        body,
+        at: Instant::now(),
+    });
+    inner
+        .script
+        .pop_front()
+        .and_then(|status| StatusCode::from_u16(status).ok())
+        .unwrap_or(StatusCode::NO_CONTENT)
+}
