@@ -44,18 +44,26 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
 /// Parses `bytes`, telling malformed JSON (400) from well-formed JSON with a wrong field (422).
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Syntax first, so that `{} {}` is malformed JSON rather than a missing field.
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|err| malformed(&err))?;
+    // serde would take an array as a struct's fields by position; only objects are requests.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid_field(
+            ".",
+            "the request body must be a JSON object",
+        ));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         match inner.classify() {
             serde_json::error::Category::Data => {
-                let field = if path == "." {
-                    field_in_message(&inner)
+                if path == "." {
+                    ApiError::invalid_field(field_in_message(&inner), inner.to_string())
                 } else {
-                    path
-                };
-                ApiError::invalid_field(field, inner.to_string())
+                    ApiError::invalid_field(&path, format!("`{path}`: {inner}"))
+                }
             }
             _ => malformed(&inner),
         }
@@ -76,4 +84,20 @@ fn field_in_message(err: &serde_json::Error) -> String {
         .nth(1)
         .map(str::to_owned)
         .unwrap_or_else(|| ".".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::submission::GenerateDescription;
+
+    #[test]
+    fn wrong_types_name_their_field() {
+        let body = br#"{"callback_url":"http://127.0.0.1:9/webhooks/description","job_id":"JOB-1","product_id":15,"product_name":"LG","specs":"1.5 Ton"}"#;
+        let err = parse::<GenerateDescription>(body).expect_err("wrong type");
+        assert!(
+            matches!(&err, ApiError::InvalidField { field, .. } if field == "product_id"),
+            "{err:?}"
+        );
+    }
 }

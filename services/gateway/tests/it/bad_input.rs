@@ -1,0 +1,263 @@
+//! Every bad request gets a 4xx JSON error naming the problem, and nothing is recorded or
+//! published.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::{Gateway, article_job};
+
+const PATH: &str = "/api/v1/generate-description";
+
+fn with(field: &str, value: Value) -> Value {
+    let mut body = article_job("JOB-1");
+    body[field] = value;
+    body
+}
+
+fn without(field: &str) -> Value {
+    let mut body = article_job("JOB-1");
+    body.as_object_mut().map(|map| map.remove(field));
+    body
+}
+
+/// (what, body, expected status, expected `type`, text the message must contain)
+fn json_cases() -> Vec<(&'static str, Value, u16, &'static str, &'static str)> {
+    vec![
+        (
+            "missing product_name",
+            without("product_name"),
+            422,
+            "invalid_field",
+            "product_name",
+        ),
+        (
+            "missing callback_url",
+            without("callback_url"),
+            422,
+            "invalid_field",
+            "callback_url",
+        ),
+        (
+            "product_id a number",
+            with("product_id", json!(15)),
+            422,
+            "invalid_field",
+            "product_id",
+        ),
+        (
+            "specs empty",
+            with("specs", json!("")),
+            422,
+            "invalid_field",
+            "specs",
+        ),
+        (
+            "product_name blank",
+            with("product_name", json!("   ")),
+            422,
+            "invalid_field",
+            "product_name",
+        ),
+        (
+            "job id with a dot",
+            with("job_id", json!("JOB.771")),
+            422,
+            "invalid_field",
+            "job_id",
+        ),
+        (
+            "job id with a space",
+            with("job_id", json!("JOB 771")),
+            422,
+            "invalid_field",
+            "job_id",
+        ),
+        (
+            "job id with a wildcard",
+            with("job_id", json!("JOB>")),
+            422,
+            "invalid_field",
+            "job_id",
+        ),
+        (
+            "job id with NUL",
+            with("job_id", json!("JOB\u{0}1")),
+            422,
+            "invalid_field",
+            "job_id",
+        ),
+        (
+            "job id too long",
+            with("job_id", json!("J".repeat(129))),
+            422,
+            "invalid_field",
+            "job_id",
+        ),
+        (
+            "empty job id",
+            with("job_id", json!("")),
+            422,
+            "invalid_field",
+            "job_id",
+        ),
+        (
+            "control character in a field",
+            with("product_name", json!("AC\u{7}")),
+            422,
+            "invalid_field",
+            "product_name",
+        ),
+        (
+            "nested specs",
+            with("specs", json!({"a": {"b": 1}})),
+            422,
+            "invalid_field",
+            "specs.a",
+        ),
+        (
+            "unknown field",
+            with("colour", json!("white")),
+            422,
+            "invalid_field",
+            "colour",
+        ),
+        (
+            "ftp callback",
+            with("callback_url", json!("ftp://127.0.0.1/x")),
+            422,
+            "invalid_callback_url",
+            "http or https",
+        ),
+        (
+            "callback not allowlisted",
+            with("callback_url", json!("https://example.com/hook")),
+            422,
+            "invalid_callback_url",
+            "allowlist",
+        ),
+        (
+            "callback with userinfo",
+            with("callback_url", json!("http://user:pw@localhost/x")),
+            422,
+            "invalid_callback_url",
+            "user name",
+        ),
+        (
+            "callback not a URL",
+            with("callback_url", json!("not a url")),
+            422,
+            "invalid_callback_url",
+            "valid URL",
+        ),
+        (
+            "a JSON array",
+            json!(["JOB-1", "P", "N", "S", "http://localhost/"]),
+            422,
+            "invalid_field",
+            "JSON object",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_json_bodies_are_refused_with_the_field_named() {
+    let gateway = Gateway::start(&[]).await;
+    for (what, body, status, kind, needle) in json_cases() {
+        let (got, error) = gateway.post(PATH, &body).await;
+        assert_eq!(got.as_u16(), status, "{what}: {error}");
+        assert_eq!(error["type"], kind, "{what}: {error}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{what}: message {message:?} lacks {needle:?}: {error}"
+        );
+    }
+    assert_eq!(gateway.published().await, 0, "nothing may be published");
+    assert_eq!(gateway.recorded().await, 0, "nothing may be recorded");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_or_oversized_bodies_are_refused() {
+    let gateway = Gateway::start(&[("gateway.max_body_bytes", json!(4096))]).await;
+    let deep = format!(r#"{{"specs": {}{}}}"#, "[".repeat(200), "]".repeat(200));
+    let cases: Vec<(&str, &str, Vec<u8>, StatusCode, &str)> = vec![
+        (
+            "malformed JSON",
+            "application/json",
+            b"{\"job_id\": ".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "trailing garbage",
+            "application/json",
+            b"{} {}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "invalid UTF-8",
+            "application/json",
+            b"{\"job_id\": \"\xff\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "deeply nested",
+            "application/json",
+            deep.into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "empty body",
+            "application/json",
+            Vec::new(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "form body",
+            "application/x-www-form-urlencoded",
+            b"a=b".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "oversized",
+            "application/json",
+            vec![b' '; 10_000],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+    ];
+    for (what, content_type, body, status, kind) in cases {
+        let (got, error) = gateway.post_raw(PATH, content_type, body).await;
+        assert_eq!(got, status, "{what}: {error}");
+        assert_eq!(error["type"], kind, "{what}: {error}");
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {error}"
+        );
+    }
+    assert_eq!(gateway.published().await, 0);
+    assert_eq!(gateway.recorded().await, 0);
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_methods_and_jobs_are_json_errors() {
+    let gateway = Gateway::start(&[]).await;
+    for (path, status, kind) in [
+        ("/nope", 404, "not_found"),
+        ("/api/v1/jobs/JOB-404", 404, "not_found"),
+        ("/api/v1/jobs/JOB.1", 404, "not_found"),
+        ("/api/v1/generate-description", 405, "method_not_allowed"),
+    ] {
+        let (got, error) = gateway.get(path).await;
+        assert_eq!(got.as_u16(), status, "{path}: {error}");
+        assert_eq!(error["type"], kind, "{path}");
+    }
+    gateway.stop().await;
+}

@@ -1,0 +1,162 @@
+//! A gateway on a loopback port in front of a real nats-server, with nothing consuming, so a
+//! test can count exactly what the gateway published.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::Serialized;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use jetcall::Config;
+use jetcall::topology::Topology;
+use testkit::{NatsServer, wait_until};
+
+pub struct Gateway {
+    pub nats: NatsServer,
+    pub url: String,
+    pub http: reqwest::Client,
+    pub topology: Topology,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), String>>,
+}
+
+pub fn config(nats: &NatsServer, settings: &[(&str, Value)]) -> Config {
+    let mut figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
+        .merge(Serialized::default("nats.url", nats.url()))
+        // Fail fast when NATS is down: the 503 tests wait this long.
+        .merge(Serialized::default("nats.request_timeout", "1s"));
+    for (key, value) in settings {
+        figment = figment.merge(Serialized::default(key, value));
+    }
+    Config::from_figment(figment).expect("valid test configuration")
+}
+
+impl Gateway {
+    pub async fn start(settings: &[(&str, Value)]) -> Self {
+        testkit::init_logs();
+        let nats = NatsServer::start();
+        let config = config(&nats, settings);
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let topology = jetcall::topology::provision(client, &config)
+            .await
+            .expect("provision");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                gateway::run(config, listener, stop)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        let gateway = Self {
+            nats,
+            url,
+            http: reqwest::Client::new(),
+            topology,
+            stop,
+            task,
+        };
+        gateway.wait_ready().await;
+        gateway
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_until(
+            "the gateway to be ready",
+            Duration::from_secs(20),
+            || async {
+                let response = self
+                    .http
+                    .get(format!("{}/readyz", self.url))
+                    .send()
+                    .await
+                    .ok()?;
+                (response.status() == StatusCode::OK).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// POSTs raw bytes with the given content type.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.post_raw(path, "application/json", body.to_string())
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("GET");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Messages the gateway published on `jobs.requested.>`.
+    pub async fn published(&self) -> usize {
+        testkit::nats::count_messages(&self.topology.stream, "jobs.requested.>").await
+    }
+
+    /// Job status documents written.
+    pub async fn recorded(&self) -> usize {
+        use futures::StreamExt;
+        match self.topology.status.kv().keys().await {
+            Ok(keys) => keys.count().await,
+            Err(_) => 0,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("gateway stops within 10 s");
+        assert_eq!(result.expect("gateway task"), Ok(()));
+    }
+}
+
+pub fn article_job(job_id: &str) -> Value {
+    serde_json::json!({
+        "job_id": job_id,
+        "product_id": "PROD-AC15",
+        "product_name": "LG 1.5 Ton 5 Star Inverter Split AC",
+        "specs": "1.5 Ton, 5 Star, Dual Inverter",
+        "callback_url": "http://127.0.0.1:9/webhooks/description"
+    })
+}
