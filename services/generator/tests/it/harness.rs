@@ -1,0 +1,153 @@
+//! A real nats-server with the topology, a fake Claude, and jobs submitted the way the
+//! gateway does it (status document first, then the request event).
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use figment::providers::Serialized;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use jetcall::Config;
+use jetcall::events::JobRequested;
+use jetcall::status::JobStatus;
+use jetcall::subjects::Event;
+use jetcall::topology::Topology;
+use jetcall::{JobId, Kind};
+use testkit::fake_anthropic::API_KEY;
+use testkit::{FakeAnthropic, NatsServer, wait_until};
+
+pub struct Harness {
+    pub nats: NatsServer,
+    pub claude: FakeAnthropic,
+    pub config: Config,
+    pub topology: Topology,
+}
+
+impl Harness {
+    pub async fn start(settings: &[(&str, Value)]) -> Self {
+        testkit::init_logs();
+        let nats = NatsServer::start();
+        let claude = FakeAnthropic::start().await;
+        let mut figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
+            .merge(Serialized::default("nats.url", nats.url()))
+            .merge(Serialized::default("generator.provider", "anthropic"))
+            .merge(Serialized::default("anthropic.api_key", API_KEY))
+            .merge(Serialized::default("anthropic.base_url", claude.base_url()));
+        for (key, value) in settings {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+        let config = Config::from_figment(figment).expect("valid configuration");
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let topology = jetcall::topology::provision(client, &config)
+            .await
+            .expect("provision");
+        Self {
+            nats,
+            claude,
+            config,
+            topology,
+        }
+    }
+
+    /// Environment for a generator child process with this harness's configuration.
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("NATS_URL", self.nats.url()),
+            ("JETCALL_CONFIG", "/dev/null".into()),
+            ("JETCALL_GENERATOR__PROVIDER", "anthropic".into()),
+            ("ANTHROPIC_API_KEY", API_KEY.into()),
+            ("ANTHROPIC_BASE_URL", self.claude.base_url()),
+            (
+                "JETCALL_GENERATOR__ACK_WAIT",
+                humantime(self.config.generator.ack_wait),
+            ),
+        ]
+    }
+
+    /// Submits a product-description job as the gateway would.
+    pub async fn submit(&self, job_id: &str) {
+        let request = JobRequested {
+            job_id: JobId::parse(job_id).expect("valid id"),
+            kind: Kind::product_description(),
+            input: json!({"product_id": "P-1", "product_name": "Fan", "specs": "3 blades"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            callback_url: "http://127.0.0.1:9/cb".into(),
+            metadata: Default::default(),
+            requested_at: OffsetDateTime::now_utc(),
+        };
+        self.topology
+            .status
+            .create(&JobStatus::accepted(&request, "digest".into()))
+            .await
+            .expect("status document");
+        self.publish_request(&request, &Event::Requested.msg_id(&request.job_id))
+            .await;
+    }
+
+    /// Publishes a request event with a chosen `Nats-Msg-Id`: a fresh one makes a second
+    /// delivery of the same job, as a replay by an operator or a duplicate-window miss would.
+    pub async fn publish_request(&self, request: &JobRequested, msg_id: &str) {
+        let payload = serde_json::to_vec(request).expect("JSON");
+        self.topology
+            .jetstream
+            .send_publish(
+                Event::Requested.subject(&request.kind),
+                PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(msg_id),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+
+    pub async fn status(&self, job_id: &str) -> Option<JobStatus> {
+        let id = JobId::parse(job_id).expect("valid id");
+        self.topology
+            .status
+            .get(&id)
+            .await
+            .expect("status store")
+            .map(|(doc, _)| doc)
+    }
+
+    pub async fn wait_for_status(&self, job_id: &str, status: &str) -> JobStatus {
+        wait_until(
+            &format!("job {job_id} to be {status}"),
+            Duration::from_secs(30),
+            || async {
+                self.status(job_id)
+                    .await
+                    .filter(|doc| doc.status.as_str() == status)
+            },
+        )
+        .await
+    }
+
+    /// Waits until the `generator` consumer has nothing pending or unacknowledged.
+    pub async fn wait_until_consumer_idle(&self) {
+        wait_until(
+            "the generator consumer to be idle",
+            Duration::from_secs(30),
+            || async {
+                let mut consumer = self.topology.generator_consumer().await.ok()?;
+                let info = consumer.info().await.ok()?;
+                (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+            },
+        )
+        .await
+    }
+
+    pub async fn count(&self, filter: &str) -> usize {
+        testkit::nats::count_messages(&self.topology.stream, filter).await
+    }
+}
+
+fn humantime(duration: Duration) -> String {
+    format!("{}ms", duration.as_millis())
+}

@@ -1,0 +1,189 @@
+//! Each configuration layer, and that a bad value names its key.
+
+use std::time::Duration;
+
+use figment::Jail;
+use jetcall::Config;
+use jetcall::config::{ConfigError, LogFormat, ProviderChoice};
+
+fn load_err(jail_setup: impl FnOnce(&mut Jail) -> figment::error::Result<()>) -> String {
+    let mut message = String::new();
+    Jail::expect_with(|jail| {
+        jail_setup(jail)?;
+        message = Config::load()
+            .expect_err("configuration must be refused")
+            .to_string();
+        Ok(())
+    });
+    message
+}
+
+#[test]
+fn defaults_are_the_documented_ones() {
+    Jail::expect_with(|_jail| {
+        let config = Config::load().expect("defaults load");
+        assert_eq!(config.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(config.nats.replicas, 1);
+        assert_eq!(config.gateway.listen.to_string(), "127.0.0.1:8080");
+        assert!(config.gateway.api_keys.is_empty());
+        assert_eq!(
+            config.gateway.callback_allowlist,
+            ["localhost", "127.0.0.1", "::1"]
+        );
+        assert_eq!(config.generator.provider, ProviderChoice::Auto);
+        assert_eq!(config.generator.concurrency, 256);
+        assert_eq!(config.anthropic.base_url, "https://api.anthropic.com");
+        assert_eq!(config.callback.timeout, Duration::from_secs(15));
+        let day: Duration = config.callback.retry_schedule.iter().sum();
+        assert!(
+            day > Duration::from_secs(20 * 3600) && day < Duration::from_secs(30 * 3600),
+            "{day:?}"
+        );
+        assert!(config.callback.signing_secret.is_none());
+        assert!(config.kinds.contains_key("product-description"));
+        assert!(config.kinds.contains_key("return-analysis"));
+        Ok(())
+    });
+}
+
+#[test]
+fn file_then_ecosystem_variables_then_jetcall_variables() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "jetcall.toml",
+            r#"
+            [nats]
+            url = "nats://from-file:4222"
+            [gateway]
+            listen = "127.0.0.1:9000"
+            callback_allowlist = ["*.shop.example", "10.0.0.0/8"]
+            [log]
+            format = "json"
+            "#,
+        )?;
+        let config = Config::load().expect("file loads");
+        assert_eq!(config.nats.url, "nats://from-file:4222");
+        assert_eq!(config.gateway.listen.port(), 9000);
+        assert_eq!(config.log.format, LogFormat::Json);
+
+        jail.set_env("NATS_URL", "nats://from-nats-url:4222");
+        jail.set_env("ANTHROPIC_API_KEY", "sk-ant-xyz");
+        jail.set_env("ANTHROPIC_BASE_URL", "http://127.0.0.1:1234");
+        let config = Config::load().expect("ecosystem variables load");
+        assert_eq!(config.nats.url, "nats://from-nats-url:4222");
+        assert_eq!(
+            config.anthropic.api_key.as_ref().map(|k| k.expose()),
+            Some("sk-ant-xyz")
+        );
+        assert_eq!(config.anthropic.base_url, "http://127.0.0.1:1234");
+
+        jail.set_env("JETCALL_NATS__URL", "nats://from-jetcall:4222");
+        jail.set_env("JETCALL_GATEWAY__LISTEN", "127.0.0.1:9001");
+        jail.set_env("JETCALL_CALLBACK__RETRY_SCHEDULE", r#"["1s","5s","30s"]"#);
+        jail.set_env("JETCALL_GENERATOR__ACK_WAIT", "1500ms");
+        // Tool paths share the prefix but are not settings.
+        jail.set_env("JETCALL_NATS_SERVER", "/usr/bin/nats-server");
+        let config = Config::load().expect("JETCALL_ variables load");
+        assert_eq!(config.nats.url, "nats://from-jetcall:4222");
+        assert_eq!(config.gateway.listen.port(), 9001);
+        assert_eq!(
+            config.callback.retry_schedule,
+            [
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30)
+            ]
+        );
+        assert_eq!(config.generator.ack_wait, Duration::from_millis(1500));
+        Ok(())
+    });
+}
+
+#[test]
+fn jetcall_config_names_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file("other.toml", "[generator]\nconcurrency = 7\n")?;
+        jail.set_env("JETCALL_CONFIG", "other.toml");
+        assert_eq!(Config::load().expect("loads").generator.concurrency, 7);
+        jail.set_env("JETCALL_CONFIG", "missing.toml");
+        assert!(matches!(
+            Config::load(),
+            Err(ConfigError::MissingFile { .. })
+        ));
+        Ok(())
+    });
+}
+
+#[test]
+fn secrets_are_not_printed() {
+    Jail::expect_with(|jail| {
+        jail.set_env("ANTHROPIC_API_KEY", "sk-ant-very-secret");
+        let config = Config::load().expect("loads");
+        assert!(!format!("{config:?}").contains("very-secret"));
+        Ok(())
+    });
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let cases: Vec<(&str, &str, &str)> = vec![
+        ("JETCALL_CALLBACK__TIMEOUT", "soon", "callback.timeout"),
+        ("JETCALL_NATS__REPLICAS", "0", "nats.replicas"),
+        (
+            "JETCALL_GENERATOR__CONCURRENCY",
+            "0",
+            "generator.concurrency",
+        ),
+        ("JETCALL_GENERATOR__PROVIDER", "gpt", "generator.provider"),
+        (
+            "JETCALL_CALLBACK__SIGNING_SECRET",
+            "whsec_!!",
+            "callback.signing_secret",
+        ),
+        (
+            "JETCALL_GATEWAY__CALLBACK_ALLOWLIST",
+            r#"["http://x"]"#,
+            "gateway.callback_allowlist",
+        ),
+        (
+            "JETCALL_CALLBACK__RETRY_SCHEDULE",
+            r#"["1s","often"]"#,
+            "callback.retry_schedule",
+        ),
+        ("JETCALL_GATEWAY__LISTN", "127.0.0.1:1", "listn"),
+    ];
+    for (variable, value, key) in cases {
+        let message = load_err(|jail| {
+            jail.set_env(variable, value);
+            Ok(())
+        });
+        assert!(
+            message.to_lowercase().contains(key),
+            "{variable}={value}: {message}"
+        );
+    }
+}
+
+#[test]
+fn a_kind_added_in_the_file_needs_no_code() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "jetcall.toml",
+            r#"
+            [kinds.seo-title]
+            system = "You write SEO titles."
+            template = "Title for {{product_name}}"
+            required_fields = ["product_name"]
+            max_tokens = 64
+            output = { type = "text", field = "title" }
+            "#,
+        )?;
+        let config = Config::load().expect("loads");
+        assert!(config.kinds.contains_key("seo-title"));
+        assert!(
+            config.kinds.contains_key("product-description"),
+            "built-ins stay"
+        );
+        Ok(())
+    });
+}
