@@ -253,10 +253,8 @@ impl Worker {
         message: &Message,
         doc: &JobStatus,
     ) -> Result<Step, WorkerError> {
-        if matches!(doc.status, Status::Completed | Status::Failed) {
-            if let Some(event) = finished_event_from_doc(doc) {
-                self.publish(&event).await?;
-            }
+        if let Some(event) = finished_event_from_doc(doc) {
+            self.publish(&event).await?;
         }
         let _ = message.ack().await;
         Ok(Step::AlreadyDone(doc.status))

@@ -144,11 +144,17 @@ fn error_for(status: u16, retry_after: Option<u64>) -> Response {
 }
 
 /// The checks the real API makes before it will answer, as far as a client can get wrong.
-fn validate(headers: &HeaderMap, body: &Value) -> Result<(), Response> {
+fn validate(headers: &HeaderMap, body: &Value) -> Result<(), Box<Response>> {
     if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(API_KEY) {
-        return Err(error_for(401, None));
+        return Err(Box::new(error_for(401, None)));
     }
-    let bad = |message: &str| error(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+    let bad = |message: &str| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            message,
+        ))
+    };
     if headers
         .get("anthropic-version")
         .and_then(|v| v.to_str().ok())
@@ -159,7 +165,7 @@ fn validate(headers: &HeaderMap, body: &Value) -> Result<(), Response> {
     if !body["model"].is_string() {
         return Err(bad("model: Field required"));
     }
-    if !body["max_tokens"].as_u64().is_some_and(|n| n > 0) {
+    if body["max_tokens"].as_u64().is_none_or(|n| n == 0) {
         return Err(bad("max_tokens: Field required"));
     }
     let messages = body["messages"]
@@ -257,7 +263,7 @@ async fn messages(
         (inner.script.pop_front(), inner.delay, inner.reply.clone())
     };
     if let Err(response) = validate(&headers, &body) {
-        return response;
+        return *response;
     }
     let text = reply.unwrap_or_else(|| format!("Fake Claude reply to: {}", first_user_line(&body)));
     match scripted {

@@ -113,10 +113,10 @@ fn spawn(store: &Path, port: Option<u16>) -> (Child, u16) {
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(port) = read_ports_file(&ports_dir) {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return (child, port);
-            }
+        if let Some(port) = read_ports_file(&ports_dir)
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        {
+            return (child, port);
         }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("nats-server exited at start-up with {status}");

@@ -162,7 +162,7 @@ fn api_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> LlmError {
         ),
     };
     let disposition = match status.as_u16() {
-        401 | 402 | 403 => Disposition::Configuration,
+        401..=403 => Disposition::Configuration,
         _ => match should_retry_header(headers) {
             Some(true) => Disposition::Retry {
                 retry_after: retry_after(headers),

@@ -1,5 +1,8 @@
 //! Each configuration layer, and that a bad value names its key.
 
+// figment::Jail fixes the closure's error type to figment::Error, which is large.
+#![allow(clippy::result_large_err)]
+
 use std::time::Duration;
 
 use figment::Jail;
