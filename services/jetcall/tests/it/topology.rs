@@ -88,3 +88,21 @@ async fn a_changed_setting_updates_the_existing_consumer() {
         .expect("generator");
     assert_eq!(generator.config.ack_wait, Duration::from_secs(45));
 }
+
+#[test]
+fn the_shipped_server_config_is_valid() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/nats-server.conf");
+    let output = std::process::Command::new(testkit::nats::nats_server_binary())
+        .arg("-t")
+        .arg("-c")
+        .arg(&config)
+        .output()
+        .expect("run nats-server -t");
+    assert!(
+        output.status.success(),
+        "{}: {}{}",
+        config.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
