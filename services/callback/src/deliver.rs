@@ -1,47 +1,95 @@
-//! One webhook delivery attempt over HTTP.
+//! One webhook delivery attempt over HTTP, with the delivery-time SSRF checks.
 
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use time::OffsetDateTime;
+use url::{Host, Url};
 
+use jetcall::allowlist::Allowlist;
+use jetcall::config::CallbackConfig;
+use jetcall::retry::parse_retry_after;
 use jetcall::signing::Signer;
+use jetcall::ssrf::{ForbiddenAddress, check_address};
 use jetcall::status::DeliveryAttempt;
 
 /// How much of a receiver's answer is kept in the attempt log.
 const EXCERPT_BYTES: usize = 256;
 
-/// How an attempt ended, as far as retrying is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an attempt ended, as far as what happens next is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Delivered,
-    /// Try again later.
-    Retry,
-    /// The receiver said never again (`410 Gone`).
-    Stop,
+    /// Try again later; no sooner than `retry_after` if the receiver said so.
+    Retry { retry_after: Option<Duration> },
+    /// Never try again: the receiver answered `410 Gone`, or the URL is not allowed.
+    Stop(String),
+}
+
+/// Resolves callback hosts and refuses the name outright if any address it resolves to is
+/// forbidden. reqwest connects only to addresses this returns, so the address checked is the
+/// address used: a second, rebinding lookup cannot happen.
+#[derive(Debug)]
+struct CheckedResolver {
+    allowlist: Arc<Allowlist>,
+}
+
+impl Resolve for CheckedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let allowlist = self.allowlist.clone();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            for addr in &addrs {
+                check_address(addr.ip(), &allowlist)?;
+            }
+            let addrs: Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Sender {
     http: reqwest::Client,
-    signer: Signer,
+    allowlist: Arc<Allowlist>,
 }
 
 impl Sender {
-    pub fn new(
-        signer: Signer,
-        timeout: Duration,
-        concurrency: usize,
-    ) -> Result<Self, reqwest::Error> {
+    pub fn new(config: &CallbackConfig, allowlist: Allowlist) -> Result<Self, reqwest::Error> {
+        let allowlist = Arc::new(allowlist);
         let http = reqwest::Client::builder()
-            .timeout(timeout)
-            // A redirect could lead to an address the allowlist never approved.
+            .timeout(config.timeout)
+            // A redirect could lead anywhere, including to an address we would refuse.
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .pool_max_idle_per_host(concurrency)
+            .dns_resolver(Arc::new(CheckedResolver {
+                allowlist: allowlist.clone(),
+            }))
+            .pool_max_idle_per_host(config.per_host_concurrency)
             .user_agent(concat!("jetcall-callback/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { http, signer })
+        Ok(Self { http, allowlist })
+    }
+
+    /// Checks `url` as it would be at submission, and an address written into it directly,
+    /// which reqwest connects to without asking the resolver.
+    fn check_url(&self, url: &str) -> Result<Url, String> {
+        let url = self
+            .allowlist
+            .check(url)
+            .map_err(|err| format!("callback_url {err}"))?;
+        let literal = match url.host() {
+            Some(Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+            Some(Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+            _ => None,
+        };
+        if let Some(ip) = literal {
+            check_address(ip, &self.allowlist).map_err(|err| err.to_string())?;
+        }
+        Ok(url)
     }
 
     /// POSTs `body` to `url`, signed for `webhook_id`, and reports the attempt.
@@ -50,66 +98,120 @@ impl Sender {
         url: &str,
         webhook_id: &str,
         body: &[u8],
+        signer: &Signer,
+        round: u32,
     ) -> (Verdict, DeliveryAttempt) {
         let at = OffsetDateTime::now_utc();
-        let timestamp = at.unix_timestamp();
         let started = Instant::now();
+        let mut attempt = DeliveryAttempt {
+            at,
+            duration_ms: 0,
+            status_code: None,
+            error_kind: None,
+            error: None,
+            response_excerpt: None,
+            round,
+        };
+        let verdict = match self.check_url(url) {
+            Err(reason) => {
+                attempt.error_kind = Some("refused".into());
+                attempt.error = Some(reason.clone());
+                Verdict::Stop(reason)
+            }
+            Ok(url) => self.post(url, webhook_id, body, signer, at, &mut attempt).await,
+        };
+        attempt.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        (verdict, attempt)
+    }
+
+    async fn post(
+        &self,
+        url: Url,
+        webhook_id: &str,
+        body: &[u8],
+        signer: &Signer,
+        at: OffsetDateTime,
+        attempt: &mut DeliveryAttempt,
+    ) -> Verdict {
+        let timestamp = at.unix_timestamp();
         let result = self
             .http
             .post(url)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header("webhook-id", webhook_id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header(
-                "webhook-signature",
-                self.signer.signature(webhook_id, timestamp, body),
-            )
+            .header("webhook-signature", signer.signature(webhook_id, timestamp, body))
             .body(body.to_vec())
             .send()
             .await;
-        let (verdict, status_code, error) = match result {
-            Ok(mut response) => {
-                let status = response.status();
-                let excerpt = match response.chunk().await {
-                    Ok(Some(chunk)) => excerpt(&chunk),
-                    _ => String::new(),
-                };
-                let verdict = if status.is_success() {
-                    Verdict::Delivered
-                } else if status == reqwest::StatusCode::GONE {
-                    Verdict::Stop
-                } else {
-                    Verdict::Retry
-                };
-                let error = (!status.is_success()).then(|| {
-                    let mut text = format!("HTTP {}", status.as_u16());
-                    if !excerpt.is_empty() {
-                        text.push_str(": ");
-                        text.push_str(&excerpt);
-                    }
-                    text
-                });
-                (verdict, Some(status.as_u16()), error)
-            }
+        let mut response = match result {
+            Ok(response) => response,
             Err(err) => {
+                if let Some(forbidden) = forbidden_address(&err) {
+                    let reason = forbidden.to_string();
+                    attempt.error_kind = Some("refused".into());
+                    attempt.error = Some(reason.clone());
+                    return Verdict::Stop(reason);
+                }
                 let kind = if err.is_timeout() {
                     "timeout"
                 } else if err.is_connect() {
-                    "connection refused or unreachable"
+                    "connect"
                 } else {
-                    "request failed"
+                    "request"
                 };
-                (Verdict::Retry, None, Some(format!("{kind}: {err}")))
+                attempt.error_kind = Some(kind.into());
+                attempt.error = Some(error_chain(&err));
+                return Verdict::Retry { retry_after: None };
             }
         };
-        let attempt = DeliveryAttempt {
-            at,
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            status_code,
-            error,
-        };
-        (verdict, attempt)
+        let status = response.status();
+        attempt.status_code = Some(status.as_u16());
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| parse_retry_after(value, SystemTime::now()));
+        // Only the first chunk is read: a receiver cannot make us buffer a large answer.
+        if let Ok(Some(chunk)) = response.chunk().await {
+            let excerpt = excerpt(&chunk);
+            attempt.response_excerpt = (!excerpt.is_empty()).then_some(excerpt);
+        }
+        if status.is_success() {
+            return Verdict::Delivered;
+        }
+        attempt.error_kind = Some("http_status".into());
+        attempt.error = Some(format!("HTTP {status}"));
+        if status == reqwest::StatusCode::GONE {
+            Verdict::Stop("the receiver answered 410 Gone".into())
+        } else {
+            Verdict::Retry { retry_after }
+        }
     }
+}
+
+/// The refusal our resolver raised, if that is why the request failed.
+fn forbidden_address(err: &reqwest::Error) -> Option<ForbiddenAddress> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = source {
+        if let Some(forbidden) = current.downcast_ref::<ForbiddenAddress>() {
+            return Some(*forbidden);
+        }
+        source = current.source();
+    }
+    None
+}
+
+/// reqwest's own message is often just "error sending request"; the cause is further down.
+fn error_chain(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The start of a receiver's answer on one line, for the attempt log.

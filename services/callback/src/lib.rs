@@ -2,7 +2,8 @@
 //! durable consumer `callback`, delivers each as a signed webhook, retries on the configured
 //! schedule, and reports `jobs.delivered.<kind>` or `jobs.undeliverable.<kind>`.
 
-mod deliver;
+pub mod deliver;
+mod hosts;
 mod worker;
 
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
+use jetcall::allowlist::Allowlist;
 use jetcall::connect::{ConnectError, connect, provision_with_retry};
 use jetcall::consume::consume;
 use jetcall::signing::Signer;
@@ -24,6 +26,8 @@ pub enum CallbackError {
     MissingSigningSecret,
     #[error("invalid configuration: `callback.signing_secret` {0}")]
     BadSigningSecret(#[from] jetcall::signing::SigningKeyError),
+    #[error("invalid configuration: `gateway.callback_allowlist`: {0}")]
+    Allowlist(#[from] jetcall::allowlist::AllowlistError),
     #[error("could not build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error(transparent)]
@@ -43,8 +47,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Call
         .as_ref()
         .ok_or(CallbackError::MissingSigningSecret)?;
     let signer = Signer::from_secrets(secrets.to_vec().into_iter().map(|secret| secret.expose()))?;
-    let sender =
-        deliver::Sender::new(signer, config.callback.timeout, config.callback.concurrency)?;
+    let allowlist = Allowlist::parse(&config.gateway.callback_allowlist)?;
+    let sender = deliver::Sender::new(&config.callback, allowlist)?;
     let client = connect(&config, "jetcall-callback").await?;
     let topology = match provision_with_retry(&client, &config, &shutdown).await {
         Ok(topology) => topology,
@@ -54,9 +58,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Call
     let consumer = topology.callback_consumer().await?;
     let concurrency = config.callback.concurrency;
     let worker = Worker {
+        hosts: Arc::new(hosts::HostLimits::new(config.callback.per_host_concurrency)),
         config: Arc::new(config),
         topology,
         sender,
+        signer,
     };
     tracing::info!(
         concurrency,

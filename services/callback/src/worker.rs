@@ -8,20 +8,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{AckKind, Message};
 use time::OffsetDateTime;
 
 use jetcall::Config;
+use jetcall::config::CallbackConfig;
 use jetcall::events::{DeliveryReport, JobFinished};
+use jetcall::publish::publish_event;
 use jetcall::retry::delivery_delay;
-use jetcall::status::{DeliveryAttempt, Status};
+use jetcall::signing::Signer;
+use jetcall::status::{DeliveryAttempt, JobStatus, Status};
 use jetcall::store::Updated;
 use jetcall::subjects::Event;
 use jetcall::topology::Topology;
 use jetcall::webhook;
 
 use crate::deliver::{Sender, Verdict};
+use crate::hosts::HostLimits;
+
+/// How long a delivery waits in JetStream when its host already has all the deliveries in
+/// flight it may have; jitter spreads the returns.
+const PARKED_DELAY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
@@ -29,6 +36,8 @@ pub enum Step {
     /// Another try is scheduled after this delay.
     Retry(Duration),
     Undeliverable(String),
+    /// The host is busy with other deliveries; handed back without an attempt.
+    Parked(Duration),
     /// Delivered or given up earlier; acked without another request.
     AlreadyDone(Status),
     Rejected(String),
@@ -38,8 +47,8 @@ pub enum Step {
 pub enum WorkerError {
     #[error("status store: {0}")]
     Store(#[from] jetcall::store::StoreError),
-    #[error("publishing the delivery report: {0}")]
-    Publish(String),
+    #[error(transparent)]
+    Publish(#[from] jetcall::publish::PublishError),
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +56,18 @@ pub struct Worker {
     pub config: Arc<Config>,
     pub topology: Topology,
     pub sender: Sender,
+    pub signer: Signer,
+    pub hosts: Arc<HostLimits>,
+}
+
+/// What follows an attempt: a final state, or a retry after a delay.
+#[derive(Debug, Clone, PartialEq)]
+struct Decision {
+    /// The job's new state; `None` while retries remain (it stays completed or failed).
+    status: Option<Status>,
+    delay: Option<Duration>,
+    /// Why delivery stops, when it stops without success.
+    reason: Option<String>,
 }
 
 impl Worker {
@@ -58,31 +79,37 @@ impl Worker {
                 return Ok(Step::Rejected(format!("not a finished job: {err}")));
             }
         };
-        match self.topology.status.get(&job.job_id).await? {
+        let doc = match self.topology.status.get(&job.job_id).await? {
             Some((doc, _)) if doc.status.is_final() => {
                 let _ = message.ack().await;
                 return Ok(Step::AlreadyDone(doc.status));
             }
-            Some(_) => {}
+            Some((doc, _)) => doc,
             None => {
                 let _ = message.ack_with(AckKind::Term).await;
-                return Ok(Step::Rejected(format!(
-                    "job {} has no status document",
-                    job.job_id
-                )));
+                return Ok(Step::Rejected(format!("job {} has no status document", job.job_id)));
             }
-        }
+        };
+        let destination = url::Url::parse(&job.callback_url)
+            .ok()
+            .and_then(|url| Some(format!("{}:{}", url.host_str()?, url.port_or_known_default()?)))
+            .unwrap_or_default();
+        let Some(_slot) = self.hosts.try_acquire(&destination) else {
+            let delay = PARKED_DELAY.mul_f64(1.0 + rand::random::<f64>());
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            return Ok(Step::Parked(delay));
+        };
 
         let webhook_id = webhook::webhook_id(&job);
         let payload = webhook::payload(&job);
         let body = serde_json::to_vec(&payload).unwrap_or_default();
+        let signer = self.signer_for(&doc);
         let (verdict, attempt) = self
             .sender
-            .send(&job.callback_url, &webhook_id, &body)
+            .send(&job.callback_url, &webhook_id, &body, &signer, doc.delivery_round)
             .await;
 
-        let schedule = &self.config.callback.retry_schedule;
-        let mut decision = Decision::retry_later(Duration::ZERO);
+        let mut decision = None;
         let mut attempts = Vec::new();
         let now = OffsetDateTime::now_utc();
         let recorded = self
@@ -93,41 +120,40 @@ impl Worker {
                     return false;
                 }
                 doc.deliveries.push(attempt.clone());
-                decision = decide(verdict, doc.deliveries.len(), schedule, &attempt);
-                if let Some(status) = decision.status {
-                    doc.advance(status, now);
-                    if status == Status::Delivered {
-                        doc.delivered_at = Some(now);
+                let next = decide(&self.config.callback, &verdict, doc.attempts_this_round(), &attempt);
+                match next.status {
+                    Some(status) => {
+                        doc.advance(status, now);
+                        if status == Status::Delivered {
+                            doc.delivered_at = Some(now);
+                        }
                     }
-                } else {
-                    doc.updated_at = now;
+                    None => doc.updated_at = now,
                 }
                 attempts = doc.deliveries.clone();
+                decision = Some(next);
                 true
             })
             .await?;
-        match recorded {
-            Updated::Written(_) => {}
-            Updated::Unchanged(doc) => {
+        let decision = match (recorded, decision) {
+            (Updated::Written(_), Some(decision)) => decision,
+            (Updated::Missing, _) => {
+                let _ = message.ack_with(AckKind::Term).await;
+                return Ok(Step::Rejected(format!("job {} has no status document", job.job_id)));
+            }
+            // Another instance finished the job meanwhile; its outcome stands.
+            (Updated::Unchanged(doc), _) | (Updated::Written(doc), None) => {
                 let _ = message.ack().await;
                 return Ok(Step::AlreadyDone(doc.status));
             }
-            Updated::Missing => {
-                let _ = message.ack_with(AckKind::Term).await;
-                return Ok(Step::Rejected(format!(
-                    "job {} has no status document",
-                    job.job_id
-                )));
-            }
-        }
+        };
 
         match (decision.status, decision.delay) {
             (Some(Status::Delivered), _) => {
-                let attempt_count = attempts.len();
-                self.report(Event::Delivered, &job, webhook_id, attempts, None, payload)
-                    .await?;
+                let count = attempts.len();
+                self.report(Event::Delivered, &job, webhook_id, attempts, None, payload).await?;
                 let _ = message.ack().await;
-                tracing::info!(job_id = %job.job_id, attempts = attempt_count, "webhook delivered");
+                tracing::info!(job_id = %job.job_id, attempts = count, "webhook delivered");
                 Ok(Step::Delivered)
             }
             (None, Some(delay)) => {
@@ -136,23 +162,22 @@ impl Worker {
                 Ok(Step::Retry(delay))
             }
             _ => {
-                let reason = decision
-                    .reason
-                    .unwrap_or_else(|| "attempts exhausted".into());
-                self.report(
-                    Event::Undeliverable,
-                    &job,
-                    webhook_id,
-                    attempts,
-                    Some(reason.clone()),
-                    payload,
-                )
-                .await?;
+                let reason = decision.reason.unwrap_or_else(|| "attempts exhausted".into());
+                self.report(Event::Undeliverable, &job, webhook_id, attempts, Some(reason.clone()), payload)
+                    .await?;
                 let _ = message.ack().await;
                 tracing::warn!(job_id = %job.job_id, %reason, "webhook undeliverable");
                 Ok(Step::Undeliverable(reason))
             }
         }
+    }
+
+    /// The caller's own secret when it gave one at submission, else the service's.
+    fn signer_for(&self, doc: &JobStatus) -> Signer {
+        doc.signing_secret
+            .as_ref()
+            .and_then(|secret| Signer::from_secrets([secret.expose()]).ok())
+            .unwrap_or_else(|| self.signer.clone())
     }
 
     async fn report(
@@ -174,73 +199,52 @@ impl Worker {
             payload,
             at: OffsetDateTime::now_utc(),
         };
-        let bytes =
-            serde_json::to_vec(&report).map_err(|err| WorkerError::Publish(err.to_string()))?;
-        let publish = PublishMessage::build()
-            .payload(bytes.into())
-            .message_id(event.msg_id(&job.job_id));
-        self.topology
-            .jetstream
-            .send_publish(event.subject(&job.kind), publish)
-            .await
-            .map_err(|err| WorkerError::Publish(err.to_string()))?
-            .await
-            .map_err(|err| WorkerError::Publish(err.to_string()))?;
+        // A redelivered job reports again: its msg id carries the round so it is not dropped
+        // as a duplicate of the first report.
+        let round = report.attempts.last().map_or(0, |attempt| attempt.round);
+        let msg_id = match round {
+            0 => event.msg_id(&job.job_id),
+            n => format!("{}.{n}", event.msg_id(&job.job_id)),
+        };
+        publish_event(&self.topology.jetstream, event.subject(&job.kind), &msg_id, &report).await?;
         Ok(())
     }
 }
 
-/// What follows an attempt: a final state, or a retry after a delay.
-#[derive(Debug, Clone, PartialEq)]
-struct Decision {
-    /// The job's new state; `None` while retries remain (it stays completed or failed).
-    status: Option<Status>,
-    delay: Option<Duration>,
-    /// Why delivery stops, when it stops without success.
-    reason: Option<String>,
-}
-
-impl Decision {
-    fn finished(status: Status, reason: Option<String>) -> Self {
-        Self {
-            status: Some(status),
-            delay: None,
-            reason,
-        }
-    }
-
-    fn retry_later(delay: Duration) -> Self {
-        Self {
-            status: None,
-            delay: Some(delay),
-            reason: None,
-        }
-    }
-}
-
-/// What follows an attempt, given how many have been made so far (this one included).
+/// What follows an attempt, given how many this round has made (this one included).
 fn decide(
-    verdict: Verdict,
+    config: &CallbackConfig,
+    verdict: &Verdict,
     attempts_made: usize,
-    schedule: &[Duration],
     attempt: &DeliveryAttempt,
 ) -> Decision {
+    let finished = |status, reason| Decision {
+        status: Some(status),
+        delay: None,
+        reason,
+    };
     match verdict {
-        Verdict::Delivered => Decision::finished(Status::Delivered, None),
-        Verdict::Stop => Decision::finished(
-            Status::Undeliverable,
-            Some("the receiver answered 410 Gone".into()),
-        ),
-        Verdict::Retry => match delivery_delay(schedule, attempts_made, rand::random()) {
-            Some(delay) => Decision::retry_later(delay),
-            None => Decision::finished(
-                Status::Undeliverable,
-                Some(format!(
-                    "gave up after {attempts_made} attempts; last: {}",
-                    attempt.error.as_deref().unwrap_or("unknown error")
-                )),
-            ),
-        },
+        Verdict::Delivered => finished(Status::Delivered, None),
+        Verdict::Stop(reason) => finished(Status::Undeliverable, Some(reason.clone())),
+        Verdict::Retry { retry_after } => {
+            match delivery_delay(&config.retry_schedule, attempts_made, rand::random()) {
+                Some(scheduled) => Decision {
+                    status: None,
+                    // The receiver may ask for more patience than the schedule, not less.
+                    delay: Some(retry_after.map_or(scheduled, |asked| {
+                        scheduled.max(asked.min(config.max_retry_after))
+                    })),
+                    reason: None,
+                },
+                None => finished(
+                    Status::Undeliverable,
+                    Some(format!(
+                        "gave up after {attempts_made} attempts; last: {}",
+                        attempt.error.as_deref().unwrap_or("unknown error")
+                    )),
+                ),
+            }
+        }
     }
 }
 
@@ -253,38 +257,45 @@ mod tests {
             at: OffsetDateTime::UNIX_EPOCH,
             duration_ms: 1,
             status_code: Some(500),
+            error_kind: Some("http_status".into()),
             error: Some("HTTP 500".into()),
+            response_excerpt: None,
+            round: 0,
         }
+    }
+
+    fn decide_with(verdict: Verdict, attempts_made: usize, schedule: &[u64], max_retry_after: u64) -> Decision {
+        let config = CallbackConfig {
+            retry_schedule: schedule.iter().map(|s| Duration::from_secs(*s)).collect(),
+            max_retry_after: Duration::from_secs(max_retry_after),
+            ..CallbackConfig::default()
+        };
+        decide(&config, &verdict, attempts_made, &failed_attempt())
     }
 
     #[test]
     fn failures_retry_along_the_schedule_then_give_up() {
-        let schedule = [Duration::from_secs(1), Duration::from_secs(2)];
-        let first = decide(Verdict::Retry, 1, &schedule, &failed_attempt());
+        let first = decide_with(Verdict::Retry { retry_after: None }, 1, &[1, 2], 3600);
         assert_eq!(first.status, None);
-        assert!(
-            first
-                .delay
-                .is_some_and(|d| d <= Duration::from_secs(1) && d >= Duration::from_millis(800))
-        );
-        let last = decide(Verdict::Retry, 3, &schedule, &failed_attempt());
+        assert!(first.delay.is_some_and(|d| d <= Duration::from_secs(1) && d >= Duration::from_millis(800)));
+        let last = decide_with(Verdict::Retry { retry_after: None }, 3, &[1, 2], 3600);
         assert_eq!(last.status, Some(Status::Undeliverable));
-        assert!(
-            last.reason
-                .is_some_and(|r| r.contains("gave up after 3 attempts; last: HTTP 500"))
-        );
+        assert!(last.reason.is_some_and(|r| r.contains("gave up after 3 attempts; last: HTTP 500")));
     }
 
     #[test]
-    fn gone_stops_at_once_and_success_is_final() {
-        let schedule = [Duration::from_secs(1)];
-        assert_eq!(
-            decide(Verdict::Stop, 1, &schedule, &failed_attempt()).status,
-            Some(Status::Undeliverable)
-        );
-        assert_eq!(
-            decide(Verdict::Delivered, 1, &schedule, &failed_attempt()).status,
-            Some(Status::Delivered)
-        );
+    fn retry_after_lengthens_the_wait_up_to_the_cap() {
+        let asked = |secs| Verdict::Retry { retry_after: Some(Duration::from_secs(secs)) };
+        assert_eq!(decide_with(asked(2), 1, &[1], 3600).delay, Some(Duration::from_secs(2)));
+        assert_eq!(decide_with(asked(7200), 1, &[1], 60).delay, Some(Duration::from_secs(60)));
+        let shorter = decide_with(asked(0), 1, &[10], 3600).delay.expect("a delay");
+        assert!(shorter >= Duration::from_secs(8), "Retry-After never shortens the schedule");
+    }
+
+    #[test]
+    fn gone_and_refusals_stop_at_once_and_success_is_final() {
+        let gone = decide_with(Verdict::Stop("the receiver answered 410 Gone".into()), 1, &[1], 3600);
+        assert_eq!(gone.status, Some(Status::Undeliverable));
+        assert_eq!(decide_with(Verdict::Delivered, 1, &[1], 3600).status, Some(Status::Delivered));
     }
 }

@@ -1,10 +1,10 @@
 //! Accepting a job: record it, publish it, and only then answer 202.
 
-use async_nats::jetstream::message::PublishMessage;
 use axum::http::StatusCode;
 use serde::Serialize;
 
 use jetcall::events::JobRequested;
+use jetcall::publish::publish_event;
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Created;
 use jetcall::subjects::Event;
@@ -29,7 +29,8 @@ pub struct Accepted {
 /// is 202; once the job has moved on the answer is 200 with its status. Different content
 /// under an existing id is a 409.
 pub async fn accept(state: &AppState, job: ValidJob) -> Result<(StatusCode, Accepted), ApiError> {
-    let doc = JobStatus::accepted(&job.request, job.digest.clone());
+    let mut doc = JobStatus::accepted(&job.request, job.digest.clone());
+    doc.signing_secret = job.signing_secret;
     let store = &state.topology.status;
     match store
         .create(&doc)
@@ -73,18 +74,12 @@ fn accepted(job_id: &str) -> Accepted {
 }
 
 async fn publish(state: &AppState, request: &JobRequested) -> Result<(), ApiError> {
-    let payload =
-        serde_json::to_vec(request).map_err(|err| ApiError::Unavailable(err.to_string()))?;
-    let publish = PublishMessage::build()
-        .payload(payload.into())
-        .message_id(Event::Requested.msg_id(&request.job_id));
-    let ack = state
-        .topology
-        .jetstream
-        .send_publish(Event::Requested.subject(&request.kind), publish)
-        .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
-    ack.await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
-    Ok(())
+    publish_event(
+        &state.topology.jetstream,
+        Event::Requested.subject(&request.kind),
+        &Event::Requested.msg_id(&request.job_id),
+        request,
+    )
+    .await
+    .map_err(|err| ApiError::Unavailable(err.to_string()))
 }

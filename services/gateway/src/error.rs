@@ -25,6 +25,8 @@ pub enum ApiError {
     Conflict { job_id: String },
     #[error("{0}")]
     NotFound(String),
+    #[error("job {job_id} is {status}; only undeliverable jobs can be redelivered")]
+    NotRedeliverable { job_id: String, status: &'static str },
     #[error("missing or invalid API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
     #[error("method not allowed")]
@@ -51,7 +53,7 @@ impl ApiError {
             Self::InvalidField { .. } | Self::InvalidCallbackUrl(_) | Self::UnknownKind { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Conflict { .. } | Self::NotRedeliverable { .. } => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -70,6 +72,7 @@ impl ApiError {
             Self::UnknownKind { .. } => "unknown_kind",
             Self::Conflict { .. } => "job_conflict",
             Self::NotFound(_) => "not_found",
+            Self::NotRedeliverable { .. } => "not_undeliverable",
             Self::Unauthorized => "unauthorized",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable(_) => "unavailable",

@@ -5,6 +5,7 @@
 mod accept;
 mod error;
 mod extract;
+mod redeliver;
 mod routes;
 mod state;
 mod submission;

@@ -2,8 +2,8 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,7 @@ use jetcall::status::JobStatus;
 use crate::accept::{Accepted, accept};
 use crate::error::ApiError;
 use crate::extract::JsonBody;
+use crate::redeliver;
 use crate::state::AppState;
 use crate::submission::{GenerateDescription, SubmitJob};
 
@@ -25,6 +26,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/generate-description", post(generate_description))
         .route("/api/v1/jobs", post(submit_job))
         .route("/api/v1/jobs/{job_id}", get(job_status))
+        .route("/api/v1/jobs/{job_id}/redeliver", post(redeliver_job))
+        .route("/api/v1/deliveries/redeliver", post(redeliver_window))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -63,19 +66,46 @@ async fn job_status(
     State(state): State<AppState>,
     job_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobStatus>, ApiError> {
-    let Path(job_id) = job_id.map_err(|err| ApiError::NotFound(err.body_text()))?;
-    let not_found = || {
-        ApiError::NotFound(format!(
-            "no job with id `{}`",
-            job_id.chars().take(128).collect::<String>()
-        ))
-    };
-    let id = JobId::parse(&job_id).map_err(|_| not_found())?;
+    let id = parse_path_id(job_id)?;
     match state.topology.status.get(&id).await {
-        Ok(Some((doc, _))) => Ok(Json(doc)),
-        Ok(None) => Err(not_found()),
+        Ok(Some((mut doc, _))) => {
+            doc.signing_secret = None;
+            Ok(Json(doc))
+        }
+        Ok(None) => Err(ApiError::NotFound(format!("no job with id `{id}`"))),
         Err(err) => Err(ApiError::Unavailable(err.to_string())),
     }
+}
+
+/// A job id from the path; one that cannot be an id cannot name a job either.
+fn parse_path_id(job_id: Result<Path<String>, PathRejection>) -> Result<JobId, ApiError> {
+    let Path(job_id) = job_id.map_err(|err| ApiError::NotFound(err.body_text()))?;
+    JobId::parse(&job_id).map_err(|_| {
+        let shown: String = job_id.chars().take(JobId::MAX_LEN).collect();
+        ApiError::NotFound(format!("no job with id `{shown}`"))
+    })
+}
+
+async fn redeliver_job(
+    State(state): State<AppState>,
+    job_id: Result<Path<String>, PathRejection>,
+) -> Result<(StatusCode, Json<redeliver::Requeued>), ApiError> {
+    let id = parse_path_id(job_id)?;
+    let requeued = redeliver::redeliver(&state, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(requeued)))
+}
+
+async fn redeliver_window(
+    State(state): State<AppState>,
+    window: Result<Query<redeliver::Window>, QueryRejection>,
+) -> Result<Json<redeliver::WindowResult>, ApiError> {
+    let Query(window) = window.map_err(|err| {
+        ApiError::invalid_field(
+            "since",
+            format!("give `since` (and optionally `until`) as RFC 3339 times: {}", err.body_text()),
+        )
+    })?;
+    Ok(Json(redeliver::redeliver_window(&state, window).await?))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

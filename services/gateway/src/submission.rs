@@ -6,7 +6,9 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use jetcall::events::JobRequested;
+use jetcall::config::Secret;
 use jetcall::kinds::KindSpec;
+use jetcall::signing::SigningKey;
 use jetcall::{JobId, Kind};
 
 use crate::error::ApiError;
@@ -38,6 +40,9 @@ pub struct SubmitJob {
     pub callback_url: String,
     #[serde(default)]
     pub metadata: Map<String, Value>,
+    /// A `whsec_` secret to sign this job's webhook with instead of the service's.
+    #[serde(default)]
+    pub signing_secret: Option<String>,
 }
 
 impl From<GenerateDescription> for SubmitJob {
@@ -52,6 +57,7 @@ impl From<GenerateDescription> for SubmitJob {
             input,
             callback_url: body.callback_url,
             metadata: Map::new(),
+            signing_secret: None,
         }
     }
 }
@@ -62,6 +68,7 @@ pub struct ValidJob {
     pub request: JobRequested,
     /// Identifies the submission's content, to tell an idempotent retry from a conflict.
     pub digest: String,
+    pub signing_secret: Option<Secret>,
 }
 
 impl SubmitJob {
@@ -91,7 +98,18 @@ impl SubmitJob {
             .check(&self.callback_url)
             .map_err(|err| ApiError::InvalidCallbackUrl(err.to_string()))?;
 
-        let digest = digest(&kind, &self.input, callback_url.as_str(), &self.metadata);
+        if let Some(secret) = &self.signing_secret {
+            SigningKey::parse(secret).map_err(|err| {
+                ApiError::invalid_field("signing_secret", format!("`signing_secret` {err}"))
+            })?;
+        }
+        let digest = digest(
+            &kind,
+            &self.input,
+            callback_url.as_str(),
+            &self.metadata,
+            self.signing_secret.as_deref(),
+        );
         Ok(ValidJob {
             request: JobRequested {
                 job_id,
@@ -102,6 +120,7 @@ impl SubmitJob {
                 requested_at: OffsetDateTime::now_utc(),
             },
             digest,
+            signing_secret: self.signing_secret.map(Secret::new),
         })
     }
 }
@@ -167,9 +186,12 @@ fn digest(
     input: &Map<String, Value>,
     callback_url: &str,
     metadata: &Map<String, Value>,
+    signing_secret: Option<&str>,
 ) -> String {
-    // serde_json's map is ordered by key, so equal submissions serialise identically.
-    let canonical = serde_json::json!([kind, input, callback_url, metadata]).to_string();
+    // serde_json's map is ordered by key, so equal submissions serialise identically. Only a
+    // digest of the whole is kept, so the secret is not readable from it.
+    let canonical =
+        serde_json::json!([kind, input, callback_url, metadata, signing_secret]).to_string();
     let hash = Sha256::digest(canonical.as_bytes());
     hash.iter().map(|byte| format!("{byte:02x}")).collect()
 }

@@ -7,13 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{AckKind, Message};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
 use jetcall::events::{JobError, JobFinished, JobRequested, Outcome};
+use jetcall::publish::publish_event;
 use jetcall::retry::llm_backoff;
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Updated;
@@ -44,8 +44,8 @@ pub enum Step {
 pub enum WorkerError {
     #[error("status store: {0}")]
     Store(#[from] jetcall::store::StoreError),
-    #[error("publishing the outcome: {0}")]
-    Publish(String),
+    #[error(transparent)]
+    Publish(#[from] jetcall::publish::PublishError),
 }
 
 #[derive(Debug, Clone)]
@@ -227,8 +227,9 @@ impl Worker {
             .await?;
         match recorded {
             Updated::Written(doc) => {
-                self.publish(&finished_event(&doc, outcome, finished_at))
-                    .await?;
+                if let Some(event) = doc.finished_event() {
+                    self.publish(&event).await?;
+                }
                 tracing::info!(job_id = %request.job_id, status = status.as_str(), "job generated");
                 let _ = message.ack().await;
                 Ok(Step::Finished(status))
@@ -253,7 +254,8 @@ impl Worker {
         message: &Message,
         doc: &JobStatus,
     ) -> Result<Step, WorkerError> {
-        if let Some(event) = finished_event_from_doc(doc) {
+        let undelivered = matches!(doc.status, Status::Completed | Status::Failed);
+        if let Some(event) = doc.finished_event().filter(|_| undelivered) {
             self.publish(&event).await?;
         }
         let _ = message.ack().await;
@@ -262,18 +264,13 @@ impl Worker {
 
     async fn publish(&self, event: &JobFinished) -> Result<(), WorkerError> {
         let kind = event.event();
-        let payload =
-            serde_json::to_vec(event).map_err(|err| WorkerError::Publish(err.to_string()))?;
-        let publish = PublishMessage::build()
-            .payload(payload.into())
-            .message_id(kind.msg_id(&event.job_id));
-        self.topology
-            .jetstream
-            .send_publish(kind.subject(&event.kind), publish)
-            .await
-            .map_err(|err| WorkerError::Publish(err.to_string()))?
-            .await
-            .map_err(|err| WorkerError::Publish(err.to_string()))?;
+        publish_event(
+            &self.topology.jetstream,
+            kind.subject(&event.kind),
+            &kind.msg_id(&event.job_id),
+            event,
+        )
+        .await?;
         Ok(())
     }
 }
@@ -285,36 +282,4 @@ fn failure(error_type: &str, message: String) -> Outcome {
             message,
         },
     }
-}
-
-fn finished_event(doc: &JobStatus, outcome: Outcome, finished_at: OffsetDateTime) -> JobFinished {
-    JobFinished {
-        job_id: doc.job_id.clone(),
-        kind: doc.kind.clone(),
-        outcome,
-        input: doc.input.clone(),
-        callback_url: doc.callback_url.clone(),
-        metadata: doc.metadata.clone(),
-        finished_at,
-    }
-}
-
-/// Rebuilds the finished event from a generated job's status document.
-fn finished_event_from_doc(doc: &JobStatus) -> Option<JobFinished> {
-    let outcome = match doc.status {
-        Status::Completed => Outcome::Completed {
-            result: doc.result.clone()?,
-            model: doc.model.clone().unwrap_or_default(),
-            usage: doc.usage.unwrap_or_default(),
-        },
-        Status::Failed => Outcome::Failed {
-            error: doc.error.clone()?,
-        },
-        _ => return None,
-    };
-    Some(finished_event(
-        doc,
-        outcome,
-        doc.finished_at.unwrap_or(doc.updated_at),
-    ))
 }

@@ -243,6 +243,12 @@ pub struct CallbackConfig {
     pub timeout: Duration,
     /// Webhook deliveries in flight per callback instance.
     pub concurrency: usize,
+    /// Deliveries in flight to one host per instance, so a slow or dead receiver can hold at
+    /// most this many of the `concurrency` slots; the rest of its jobs wait in JetStream.
+    pub per_host_concurrency: usize,
+    /// The longest wait a receiver's `Retry-After` can impose on the next attempt.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
     /// Deliveries the `callback` consumer hands out unacknowledged, including those waiting
     /// for a retry; large, so a backlog of retries never starves fresh completions.
     pub max_ack_pending: i64,
@@ -256,6 +262,8 @@ impl Default for CallbackConfig {
             retry_schedule: schedule.into_iter().map(Duration::from_secs).collect(),
             timeout: Duration::from_secs(15),
             concurrency: 256,
+            per_host_concurrency: 32,
+            max_retry_after: Duration::from_secs(3600),
             max_ack_pending: 20_000,
         }
     }
@@ -343,6 +351,12 @@ impl Config {
         if self.callback.concurrency == 0 {
             return Err(ConfigError::invalid(
                 "callback.concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.callback.per_host_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "callback.per_host_concurrency",
                 "must be at least 1",
             ));
         }

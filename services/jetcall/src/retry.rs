@@ -1,6 +1,6 @@
 //! Backoff policies as pure functions: the caller supplies the randomness, tests pin it.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// The fraction of a scheduled delay that jitter may take off, so that deliveries failed by
 /// one outage do not all come back at the same instant.
@@ -21,6 +21,17 @@ pub fn llm_backoff(retry: u32, unit: f64) -> Duration {
     Duration::from_secs_f64(seconds * (1.0 - 0.25 * unit.clamp(0.0, 1.0)))
 }
 
+/// A `Retry-After` header's wait: delay-seconds or an HTTP-date (RFC 9110 §10.2.3). A date in
+/// the past means no wait; anything unreadable is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +49,20 @@ mod tests {
         );
         assert_eq!(delivery_delay(&schedule, 3, 0.0), None);
         assert_eq!(delivery_delay(&schedule, 0, 0.0), None);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let now = httpdate::parse_http_date("Sun, 29 Nov 2026 10:00:00 GMT").expect("date");
+        assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Sun, 29 Nov 2026 10:01:30 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(parse_retry_after("Sun, 29 Nov 2026 09:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
     }
 
     #[test]

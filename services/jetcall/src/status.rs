@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use crate::events::{JobError, JobRequested, Usage};
+use crate::config::Secret;
+use crate::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
 use crate::job::{JobId, Kind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -67,9 +68,19 @@ pub struct DeliveryAttempt {
     /// The receiver's HTTP status, when it answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_code: Option<u16>,
-    /// What went wrong, when the attempt did not succeed.
+    /// What kind of failure, when the attempt did not succeed: `http_status`, `timeout`,
+    /// `connect`, `request` or `refused` (the URL or its address is not allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+    /// What went wrong, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The start of the receiver's answer, on one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_excerpt: Option<String>,
+    /// Which delivery round the attempt belongs to: 0, then one more per redelivery.
+    #[serde(default)]
+    pub round: u32,
 }
 
 /// What `GET /api/v1/jobs/{id}` returns and `nats kv get job_status <id>` shows.
@@ -113,6 +124,13 @@ pub struct JobStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub delivered_at: Option<OffsetDateTime>,
+    /// Incremented by each redelivery an operator asks for; each round has a fresh schedule.
+    #[serde(default)]
+    pub delivery_round: u32,
+    /// The caller's own webhook secret, given at submission. Kept out of every event; the
+    /// gateway removes it from what it shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<Secret>,
 }
 
 impl JobStatus {
@@ -135,7 +153,60 @@ impl JobStatus {
             finished_at: None,
             deliveries: Vec::new(),
             delivered_at: None,
+            delivery_round: 0,
+            signing_secret: None,
         }
+    }
+
+    /// The finished event of a generated job, rebuilt from its document: for a republish
+    /// after a crash, and for a redelivery.
+    pub fn finished_event(&self) -> Option<JobFinished> {
+        if !self.status.is_generated() {
+            return None;
+        }
+        let outcome = match (&self.result, &self.error) {
+            (Some(result), _) => Outcome::Completed {
+                result: result.clone(),
+                model: self.model.clone().unwrap_or_default(),
+                usage: self.usage.unwrap_or_default(),
+            },
+            (None, Some(error)) => Outcome::Failed { error: error.clone() },
+            (None, None) => return None,
+        };
+        Some(JobFinished {
+            job_id: self.job_id.clone(),
+            kind: self.kind.clone(),
+            outcome,
+            input: self.input.clone(),
+            callback_url: self.callback_url.clone(),
+            metadata: self.metadata.clone(),
+            finished_at: self.finished_at.unwrap_or(self.updated_at),
+        })
+    }
+
+    /// Delivery attempts in the current round, which decide the next retry's wait.
+    pub fn attempts_this_round(&self) -> usize {
+        self.deliveries
+            .iter()
+            .filter(|attempt| attempt.round == self.delivery_round)
+            .count()
+    }
+
+    /// Puts an undeliverable job back to be delivered, with a fresh retry schedule: the one
+    /// transition that goes backwards, and only at an operator's request.
+    pub fn reopen_delivery(&mut self, now: OffsetDateTime) -> bool {
+        if self.status != Status::Undeliverable {
+            return false;
+        }
+        self.status = if self.result.is_some() {
+            Status::Completed
+        } else {
+            Status::Failed
+        };
+        self.delivery_round += 1;
+        self.delivered_at = None;
+        self.updated_at = now;
+        true
     }
 
     /// The request event that this job was accepted with, for a republish.

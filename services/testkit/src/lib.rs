@@ -2,12 +2,14 @@
 //! mocks of our own components. The remote LLM is the one thing faked, as an HTTP server that
 //! speaks the real Anthropic Messages API wire format.
 
+pub mod blackhole;
 pub mod fake_anthropic;
 pub mod nats;
 pub mod procs;
 pub mod receiver;
 pub mod wait;
 
+pub use blackhole::Blackhole;
 pub use fake_anthropic::FakeAnthropic;
 pub use nats::NatsServer;
 pub use receiver::WebhookReceiver;

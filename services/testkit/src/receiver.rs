@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::Value;
 
@@ -33,11 +34,32 @@ impl Delivery {
     }
 }
 
+/// One scripted answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     deliveries: Vec<Delivery>,
-    /// Statuses to answer with, in order, before the default 204.
-    script: VecDeque<u16>,
+    /// Answers to give, in order, before the default 204.
+    script: VecDeque<Reply>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,7 +97,12 @@ impl WebhookReceiver {
 
     /// Answer the next requests with these statuses, then 204 again.
     pub fn fail_next(&self, statuses: &[u16]) {
-        self.lock().script.extend(statuses);
+        self.lock().script.extend(statuses.iter().map(|status| Reply::status(*status)));
+    }
+
+    /// Answer the next request with `reply`, after any already scripted.
+    pub fn reply_next(&self, reply: Reply) {
+        self.lock().script.push_back(reply);
     }
 
     pub fn deliveries(&self) -> Vec<Delivery> {
@@ -96,7 +123,7 @@ async fn receive(
     State(inner): State<Arc<Mutex<Inner>>>,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> Response {
     let mut inner = inner
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -105,9 +132,15 @@ async fn receive(
         body,
         at: Instant::now(),
     });
-    inner
-        .script
-        .pop_front()
-        .and_then(|status| StatusCode::from_u16(status).ok())
-        .unwrap_or(StatusCode::NO_CONTENT)
+    let Some(reply) = inner.script.pop_front() else {
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, format!("scripted {}", reply.status)).into_response();
+    for (name, value) in reply.headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
 }

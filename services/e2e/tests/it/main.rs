@@ -1,2 +1,3 @@
 mod pipeline;
+mod delivery;
 mod scenarios;

@@ -1,0 +1,136 @@
+//! Operators' second chance for dead letters: put undeliverable jobs back to be delivered.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use jetcall::JobId;
+use jetcall::events::DeliveryReport;
+use jetcall::publish::publish_event;
+use jetcall::status::Status;
+use jetcall::store::Updated;
+use jetcall::subjects::Event;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The most jobs one window request re-queues, so one call stays a bounded amount of work.
+const MAX_WINDOW_JOBS: usize = 10_000;
+
+#[derive(Debug, Serialize)]
+pub struct Requeued {
+    pub job_id: String,
+    pub status: Status,
+    pub delivery_round: u32,
+}
+
+/// Reopens one undeliverable job and publishes its outcome again for the callback service.
+pub async fn redeliver(state: &AppState, job_id: &JobId) -> Result<Requeued, ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let store = &state.topology.status;
+    let updated = store
+        .update(job_id, |doc| doc.reopen_delivery(now))
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    let doc = match updated {
+        Updated::Written(doc) => doc,
+        Updated::Unchanged(doc) => {
+            return Err(ApiError::NotRedeliverable {
+                job_id: job_id.to_string(),
+                status: doc.status.as_str(),
+            });
+        }
+        Updated::Missing => return Err(ApiError::NotFound(format!("no job with id `{job_id}`"))),
+    };
+    let event = doc
+        .finished_event()
+        .ok_or_else(|| ApiError::Unavailable(format!("job {job_id} has no outcome to deliver")))?;
+    let kind = event.event();
+    // A fresh msg id per round: the first publish of this event is long past, and would
+    // otherwise make JetStream drop this one as a duplicate.
+    let msg_id = format!("{}.redeliver.{}", kind.msg_id(job_id), doc.delivery_round);
+    publish_event(&state.topology.jetstream, kind.subject(&event.kind), &msg_id, &event)
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    tracing::info!(%job_id, round = doc.delivery_round, "job re-queued for delivery");
+    Ok(Requeued {
+        job_id: job_id.to_string(),
+        status: doc.status,
+        delivery_round: doc.delivery_round,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub until: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct WindowResult {
+    pub requeued: Vec<Requeued>,
+    /// Jobs that became undeliverable in the window but are not any more (already redelivered).
+    pub skipped: Vec<String>,
+}
+
+/// Re-queues every job that became undeliverable in `[since, until]`, found through the
+/// `jobs.undeliverable.>` events in the stream.
+pub async fn redeliver_window(state: &AppState, window: Window) -> Result<WindowResult, ApiError> {
+    let until = window.until.unwrap_or_else(OffsetDateTime::now_utc);
+    if until < window.since {
+        return Err(ApiError::invalid_field("until", "`until` is before `since`"));
+    }
+    let unavailable = |err: String| ApiError::Unavailable(err);
+    let reader = state
+        .topology
+        .stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: Event::Undeliverable.filter(),
+            deliver_policy: DeliverPolicy::ByStartTime {
+                start_time: window.since,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|err| unavailable(err.to_string()))?;
+    let mut messages = reader
+        .messages()
+        .await
+        .map_err(|err| unavailable(err.to_string()))?;
+
+    let mut result = WindowResult::default();
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
+        let message = match next {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(err))) => return Err(unavailable(err.to_string())),
+            // No message within a second: the end of the stream.
+            Ok(None) | Err(_) => break,
+        };
+        let info = message.info().map_err(|err| unavailable(err.to_string()))?;
+        if info.published > until {
+            break;
+        }
+        let pending = info.pending;
+        if let Ok(report) = serde_json::from_slice::<DeliveryReport>(&message.payload)
+            && seen.insert(report.job_id.clone())
+        {
+            match redeliver(state, &report.job_id).await {
+                Ok(requeued) => result.requeued.push(requeued),
+                Err(ApiError::NotRedeliverable { job_id, .. }) => result.skipped.push(job_id),
+                Err(err) => return Err(err),
+            }
+        }
+        if pending == 0 || seen.len() >= MAX_WINDOW_JOBS {
+            break;
+        }
+    }
+    Ok(result)
+}
