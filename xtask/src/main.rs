@@ -1,0 +1,84 @@
+//! Project automation, run as `cargo xtask <command>` (see `.cargo/config.toml`).
+
+mod demo;
+mod poll;
+mod procs;
+mod receiver;
+mod stack;
+mod test;
+mod tools;
+mod workspace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::procs::Failed;
+use crate::workspace::Workspace;
+
+#[derive(Debug, Parser)]
+#[command(bin_name = "cargo xtask", about = "Jetcall project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start nats-server and the three services, submit the article's example job and
+    /// show the signed webhook it produces.
+    Demo {
+        /// Stop everything once the job is delivered instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Build the workspace, run every test against a real nats-server, then run the demo
+    /// once as a smoke test.
+    Test {
+        /// Extra arguments for `cargo test --workspace`, after `--`.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Load benchmark (not written yet).
+    Bench,
+}
+
+// One thread on purpose: PR_SET_PDEATHSIG fires when the *thread* that spawned a child
+// exits, and a multi-threaded runtime may retire that thread while the child should live on.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo { once } => run_demo(once).await,
+        Command::Test { cargo_test_args } => run_test(&cargo_test_args).await,
+        Command::Bench => {
+            eprintln!("the benchmark is not written yet (see the open issue)");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            // A failing child's own exit code is more useful to a caller (and CI) than 1.
+            let code = error.downcast_ref::<Failed>().map_or(1, Failed::exit_code);
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run_demo(once: bool) -> anyhow::Result<()> {
+    let ws = Workspace::locate()?;
+    let nats_server = tools::nats_server(&ws).await?;
+    let mode = if once {
+        demo::Mode::Once
+    } else {
+        demo::Mode::UntilCtrlC
+    };
+    demo::run(&ws, &nats_server, mode).await
+}
+
+async fn run_test(cargo_test_args: &[String]) -> anyhow::Result<()> {
+    let ws = Workspace::locate()?;
+    test::run(&ws, cargo_test_args).await
+}

@@ -1,0 +1,217 @@
+//! A throwaway Jetcall installation: nats-server with a fresh JetStream store, and the
+//! gateway, generator and callback services, all in one temporary directory.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Deserialize;
+use tokio::process::Command;
+
+use crate::poll;
+use crate::procs::Proc;
+use crate::workspace::Workspace;
+
+/// Started in this order, stopped before nats-server.
+pub const SERVICES: [&str; 3] = ["gateway", "generator", "callback"];
+/// How long a process may take to exit after SIGTERM before it is killed.
+const GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub struct Stack {
+    nats: Proc,
+    services: Vec<Proc>,
+    nats_url: String,
+    gateway: Option<SocketAddr>,
+    // Last, so that on an error path it is deleted only after the processes writing to
+    // it have been killed.
+    dir: tempfile::TempDir,
+}
+
+/// What nats-server writes to `--ports_file_dir` once it listens.
+#[derive(Deserialize)]
+struct Ports {
+    nats: Vec<String>,
+}
+
+impl Stack {
+    /// Starts nats-server on a free port and waits until it listens.
+    pub async fn start(nats_server: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("jetcall-demo-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        std::fs::create_dir(dir.path().join("logs")).context("creating the logs directory")?;
+        let mut cmd = Command::new(nats_server);
+        // nats-server keeps its store in a `jetstream` directory under `-sd`.
+        cmd.arg("-js")
+            .arg("-sd")
+            .arg(dir.path())
+            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1"])
+            .arg("--ports_file_dir")
+            .arg(dir.path());
+        let mut nats = Proc::spawn("nats-server", cmd, dir.path().join("logs/nats-server.log"))?;
+        let pid = nats.pid().context("nats-server exited at once")?;
+        let ports_file = dir.path().join(format!("nats-server_{pid}.ports"));
+        let nats_url = poll::until(
+            "nats-server to write its ports file",
+            Duration::from_secs(10),
+            async || {
+                nats.check_running()?;
+                Ok(read_nats_url(&ports_file))
+            },
+        )
+        .await
+        // The temporary directory goes with this error, so the log is quoted, not named.
+        .with_context(|| format!("nats-server did not start:\n{}", nats.log_tail(20)))?;
+        Ok(Self {
+            nats,
+            services: Vec::new(),
+            nats_url,
+            gateway: None,
+            dir,
+        })
+    }
+
+    pub fn nats_url(&self) -> &str {
+        &self.nats_url
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    /// The gateway's base URL, once the services are started.
+    pub fn gateway_url(&self) -> anyhow::Result<String> {
+        let addr = self.gateway.context("the gateway has not been started")?;
+        Ok(format!("http://{addr}"))
+    }
+
+    /// Starts the three services built by cargo: the gateway listening on `gateway`, the
+    /// callback signing webhooks with `signing_secret`.
+    pub fn start_services(
+        &mut self,
+        ws: &Workspace,
+        gateway: SocketAddr,
+        signing_secret: &str,
+    ) -> anyhow::Result<()> {
+        for name in SERVICES {
+            let mut cmd = Command::new(ws.debug_bin(name));
+            // The services read `jetcall.toml` from their working directory; the demo
+            // must not pick up whatever one lies where the user happens to be.
+            cmd.current_dir(self.dir.path())
+                .env("NATS_URL", &self.nats_url)
+                .env("JETCALL_LOG__FORMAT", "text");
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "info");
+            }
+            match name {
+                "gateway" => cmd.env("JETCALL_GATEWAY__LISTEN", gateway.to_string()),
+                "callback" => cmd.env("JETCALL_CALLBACK__SIGNING_SECRET", signing_secret),
+                // The generator inherits ANTHROPIC_API_KEY, if any, like every variable.
+                _ => &mut cmd,
+            };
+            let log = self.logs_dir().join(format!("{name}.log"));
+            self.services.push(Proc::spawn(name, cmd, log)?);
+        }
+        self.gateway = Some(gateway);
+        Ok(())
+    }
+
+    /// Waits for the gateway's `/readyz`, failing early if any process exits.
+    pub async fn wait_ready(&mut self, client: &reqwest::Client) -> anyhow::Result<()> {
+        let url = format!("{}/readyz", self.gateway_url()?);
+        poll::until(
+            "the gateway's /readyz",
+            Duration::from_secs(30),
+            async || {
+                self.check_running()?;
+                let ready = client
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|response| response.status() == reqwest::StatusCode::OK);
+                Ok(ready.then_some(()))
+            },
+        )
+        .await
+    }
+
+    /// Fails if any process has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        self.nats.check_running()?;
+        self.services.iter_mut().try_for_each(Proc::check_running)
+    }
+
+    /// Resolves, with the reason, once any process has exited.
+    pub async fn watch(&mut self) -> anyhow::Error {
+        loop {
+            if let Err(error) = self.check_running() {
+                return error;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Prints the end of each service's log, and of nats-server's if it has stopped
+    /// (while it runs its log is a start-up banner), for a failure report.
+    pub fn print_log_tails(&mut self) {
+        let nats_stopped = self.nats.check_running().is_err();
+        let nats = nats_stopped.then_some(&self.nats);
+        for proc in self.services.iter().chain(nats) {
+            eprintln!(
+                "---- last lines of {} ({}) ----\n{}",
+                proc.name(),
+                proc.log().display(),
+                proc.log_tail(20)
+            );
+        }
+    }
+
+    /// Stops the services, then nats-server (which they need while shutting down), and
+    /// deletes the temporary directory. Reports every process that did not exit cleanly.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        for service in &mut self.services {
+            if let Err(error) = service.terminate() {
+                problems.push(format!("{error:#}"));
+            }
+        }
+        for service in &mut self.services {
+            if let Err(error) = service.finish(GRACE).await {
+                problems.push(format!("{error:#}"));
+            }
+        }
+        let nats = self.nats.terminate();
+        if let Err(error) = nats.and(self.nats.finish(GRACE).await) {
+            problems.push(format!("{error:#}"));
+        }
+        let dir = self.dir.path().display().to_string();
+        if let Err(error) = self.dir.close() {
+            problems.push(format!("removing {dir}: {error}"));
+        }
+        anyhow::ensure!(
+            problems.is_empty(),
+            "shutdown was not clean:\n  {}",
+            problems.join("\n  ")
+        );
+        Ok(())
+    }
+}
+
+/// The client URL from nats-server's ports file, once the file is complete.
+fn read_nats_url(ports_file: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(ports_file).ok()?;
+    let ports: Ports = serde_json::from_str(&text).ok()?;
+    ports.nats.into_iter().next()
+}
+
+/// A loopback address that is free now: `preferred` if it is, else one the kernel picks.
+pub fn free_addr(preferred: Option<u16>) -> anyhow::Result<SocketAddr> {
+    let listener = preferred
+        .and_then(|port| TcpListener::bind(("127.0.0.1", port)).ok())
+        .map_or_else(|| TcpListener::bind("127.0.0.1:0"), Ok)
+        .context("finding a free port")?;
+    listener.local_addr().context("reading a port number")
+}

@@ -1,0 +1,220 @@
+//! Finding, or installing with `go install`, the NATS tools the demo and tests need.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use tokio::process::Command;
+
+use crate::procs;
+use crate::workspace::Workspace;
+
+const NATS_SERVER_MODULE: &str = "github.com/nats-io/nats-server/v2@v2.15.2";
+const NATS_CLI_MODULE: &str = "github.com/nats-io/natscli/nats@v0.5.0";
+
+/// The callback consumer needs `filter_subjects`; older servers (Debian ships 2.9)
+/// accept the consumer and silently ignore the filters.
+const MIN_NATS_SERVER: Version = Version(2, 11, 0);
+
+/// nats-server ≥ 2.11: `JETCALL_NATS_SERVER`, else the one `go install` put under the
+/// target directory, else `PATH`, else installs the pinned version.
+pub async fn nats_server(ws: &Workspace) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("JETCALL_NATS_SERVER") {
+        let path = std::path::absolute(&path).context("resolving JETCALL_NATS_SERVER")?;
+        let version = server_version(&path)
+            .await
+            .with_context(|| format!("JETCALL_NATS_SERVER={}", path.display()))?;
+        ensure!(
+            version >= MIN_NATS_SERVER,
+            "JETCALL_NATS_SERVER={} is nats-server v{version}; v{MIN_NATS_SERVER} or newer is needed",
+            path.display()
+        );
+        announce("nats-server", &path, &format!("v{version}"));
+        return Ok(path);
+    }
+    let candidates = [
+        Some(ws.tools_bin().join("nats-server")),
+        on_path("nats-server"),
+    ];
+    for path in candidates.into_iter().flatten().filter(|p| p.is_file()) {
+        match server_version(&path).await {
+            Ok(version) if version >= MIN_NATS_SERVER => {
+                announce("nats-server", &path, &format!("v{version}"));
+                return Ok(path);
+            }
+            Ok(version) => println!(
+                "==> {} is nats-server v{version}, older than v{MIN_NATS_SERVER} (it would \
+                 ignore the callback consumer's filter_subjects): not using it",
+                path.display()
+            ),
+            Err(error) => println!("==> not using {}: {error:#}", path.display()),
+        }
+    }
+    let path = go_install(ws, NATS_SERVER_MODULE, "nats-server", "nats-server ≥ 2.11").await?;
+    let version = server_version(&path).await?;
+    ensure!(
+        version >= MIN_NATS_SERVER,
+        "`go install {NATS_SERVER_MODULE}` produced nats-server v{version}"
+    );
+    announce("nats-server", &path, &format!("v{version}"));
+    Ok(path)
+}
+
+/// The `nats` CLI, any version: `JETCALL_NATS_CLI`, the target directory, `PATH`, else
+/// installs the pinned version.
+pub async fn nats_cli(ws: &Workspace) -> anyhow::Result<PathBuf> {
+    let installed = ws.tools_bin().join("nats");
+    let path = if let Some(path) = std::env::var_os("JETCALL_NATS_CLI") {
+        let path = std::path::absolute(&path).context("resolving JETCALL_NATS_CLI")?;
+        ensure!(
+            path.is_file(),
+            "JETCALL_NATS_CLI={} does not exist",
+            path.display()
+        );
+        path
+    } else if installed.is_file() {
+        installed
+    } else if let Some(path) = on_path("nats") {
+        path
+    } else {
+        go_install(ws, NATS_CLI_MODULE, "nats", "the nats CLI").await?
+    };
+    let version = version_output(&path).await?;
+    announce("nats CLI", &path, &version);
+    Ok(path)
+}
+
+fn announce(tool: &str, path: &Path, version: &str) {
+    println!("==> {tool} {version}: {}", path.display());
+}
+
+async fn go_install(
+    ws: &Workspace,
+    module: &str,
+    binary: &str,
+    wanted: &str,
+) -> anyhow::Result<PathBuf> {
+    let Some(go) = on_path("go") else {
+        let releases = match binary {
+            "nats-server" => "https://github.com/nats-io/nats-server/releases",
+            _ => "https://github.com/nats-io/natscli/releases",
+        };
+        bail!(
+            "{wanted} not found and Go is not installed: install Go (https://go.dev/dl) or \
+             put {wanted} on PATH ({releases})"
+        );
+    };
+    let bin = ws.tools_bin();
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    println!(
+        "==> installing {module} into {} (go install: about a minute the first time)",
+        bin.display()
+    );
+    let mut cmd = Command::new(go);
+    cmd.args(["install", module])
+        .env("GOBIN", &bin)
+        // A static binary needs no C compiler and runs on any Linux.
+        .env("CGO_ENABLED", "0");
+    procs::run(&mut cmd, &format!("go install {module}")).await?;
+    let path = bin.join(binary);
+    ensure!(
+        path.is_file(),
+        "`go install {module}` succeeded but {} is missing",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The first executable file called `name` in `PATH`.
+fn on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|file| {
+            file.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+async fn server_version(path: &Path) -> anyhow::Result<Version> {
+    let output = version_output(path).await?;
+    Version::parse(&output).ok_or_else(|| anyhow!("no version in `{output}`"))
+}
+
+/// The trimmed output of `<path> --version`.
+async fn version_output(path: &Path) -> anyhow::Result<String> {
+    let output = Command::new(path)
+        .arg("--version")
+        .output()
+        .await
+        .with_context(|| format!("running {} --version", path.display()))?;
+    ensure!(
+        output.status.success(),
+        "{} --version failed ({})",
+        path.display(),
+        output.status
+    );
+    // The nats CLI has printed its version to stderr in some releases.
+    let text = if output.stdout.is_empty() {
+        output.stderr
+    } else {
+        output.stdout
+    };
+    Ok(String::from_utf8_lossy(&text).trim().to_owned())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Version(u32, u32, u32);
+
+impl Version {
+    /// Reads the first `vX.Y.Z` (or `X.Y.Z`) in `nats-server --version` output such as
+    /// `nats-server: v2.15.2`; a suffix like `-beta.1` is ignored.
+    fn parse(text: &str) -> Option<Self> {
+        let word = text
+            .split_whitespace()
+            .map(|w| w.strip_prefix('v').unwrap_or(w))
+            .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
+        let mut parts = word.split('.').map(|part| {
+            let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u32>().ok()
+        });
+        let major = parts.next()??;
+        let minor = parts.next().flatten().unwrap_or(0);
+        let patch = parts.next().flatten().unwrap_or(0);
+        Some(Self(major, minor, patch))
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MIN_NATS_SERVER, Version};
+
+    #[test]
+    fn parses_nats_server_version_output() {
+        assert_eq!(
+            Version::parse("nats-server: v2.15.2"),
+            Some(Version(2, 15, 2))
+        );
+        assert_eq!(
+            Version::parse("nats-server: v2.12.0-beta.3"),
+            Some(Version(2, 12, 0))
+        );
+        assert_eq!(Version::parse("2.10.1"), Some(Version(2, 10, 1)));
+        assert_eq!(Version::parse("nats-server: unknown"), None);
+    }
+
+    #[test]
+    fn minimum_version_rejects_debians_server() {
+        assert!(Version(2, 9, 25) < MIN_NATS_SERVER);
+        assert!(Version(2, 10, 29) < MIN_NATS_SERVER);
+        assert!(Version(2, 11, 0) >= MIN_NATS_SERVER);
+        assert!(Version(2, 15, 2) >= MIN_NATS_SERVER);
+    }
+}
