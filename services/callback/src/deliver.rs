@@ -24,7 +24,9 @@ const EXCERPT_BYTES: usize = 256;
 pub enum Verdict {
     Delivered,
     /// Try again later; no sooner than `retry_after` if the receiver said so.
-    Retry { retry_after: Option<Duration> },
+    Retry {
+        retry_after: Option<Duration>,
+    },
     /// Never try again: the receiver answered `410 Gone`, or the URL is not allowed.
     Stop(String),
 }
@@ -41,7 +43,8 @@ impl Resolve for CheckedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let allowlist = self.allowlist.clone();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
             for addr in &addrs {
                 check_address(addr.ip(), &allowlist)?;
             }
@@ -118,7 +121,10 @@ impl Sender {
                 attempt.error = Some(reason.clone());
                 Verdict::Stop(reason)
             }
-            Ok(url) => self.post(url, webhook_id, body, signer, at, &mut attempt).await,
+            Ok(url) => {
+                self.post(url, webhook_id, body, signer, at, &mut attempt)
+                    .await
+            }
         };
         attempt.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         (verdict, attempt)
@@ -140,7 +146,10 @@ impl Sender {
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header("webhook-id", webhook_id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signer.signature(webhook_id, timestamp, body))
+            .header(
+                "webhook-signature",
+                signer.signature(webhook_id, timestamp, body),
+            )
             .body(body.to_vec())
             .send()
             .await;

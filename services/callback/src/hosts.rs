@@ -28,7 +28,10 @@ impl HostLimits {
     /// already under way.
     pub fn try_acquire(&self, host: &str) -> Option<OwnedSemaphorePermit> {
         let semaphore = {
-            let mut hosts = self.hosts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut hosts = self
+                .hosts
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             if hosts.len() >= MAX_TRACKED_HOSTS && !hosts.contains_key(host) {
                 let per_host = self.per_host;
                 hosts.retain(|_, semaphore| semaphore.available_permits() < per_host);
@@ -52,9 +55,18 @@ mod tests {
         let a1 = limits.try_acquire("a.example");
         let a2 = limits.try_acquire("a.example");
         assert!(a1.is_some() && a2.is_some());
-        assert!(limits.try_acquire("a.example").is_none(), "a third slot for one host");
-        assert!(limits.try_acquire("b.example").is_some(), "another host is unaffected");
+        assert!(
+            limits.try_acquire("a.example").is_none(),
+            "a third slot for one host"
+        );
+        assert!(
+            limits.try_acquire("b.example").is_some(),
+            "another host is unaffected"
+        );
         drop(a1);
-        assert!(limits.try_acquire("a.example").is_some(), "a freed slot is reused");
+        assert!(
+            limits.try_acquire("a.example").is_some(),
+            "a freed slot is reused"
+        );
     }
 }

@@ -87,12 +87,21 @@ impl Worker {
             Some((doc, _)) => doc,
             None => {
                 let _ = message.ack_with(AckKind::Term).await;
-                return Ok(Step::Rejected(format!("job {} has no status document", job.job_id)));
+                return Ok(Step::Rejected(format!(
+                    "job {} has no status document",
+                    job.job_id
+                )));
             }
         };
         let destination = url::Url::parse(&job.callback_url)
             .ok()
-            .and_then(|url| Some(format!("{}:{}", url.host_str()?, url.port_or_known_default()?)))
+            .and_then(|url| {
+                Some(format!(
+                    "{}:{}",
+                    url.host_str()?,
+                    url.port_or_known_default()?
+                ))
+            })
             .unwrap_or_default();
         let Some(_slot) = self.hosts.try_acquire(&destination) else {
             let delay = PARKED_DELAY.mul_f64(1.0 + rand::random::<f64>());
@@ -106,7 +115,13 @@ impl Worker {
         let signer = self.signer_for(&doc);
         let (verdict, attempt) = self
             .sender
-            .send(&job.callback_url, &webhook_id, &body, &signer, doc.delivery_round)
+            .send(
+                &job.callback_url,
+                &webhook_id,
+                &body,
+                &signer,
+                doc.delivery_round,
+            )
             .await;
 
         let mut decision = None;
@@ -120,7 +135,12 @@ impl Worker {
                     return false;
                 }
                 doc.deliveries.push(attempt.clone());
-                let next = decide(&self.config.callback, &verdict, doc.attempts_this_round(), &attempt);
+                let next = decide(
+                    &self.config.callback,
+                    &verdict,
+                    doc.attempts_this_round(),
+                    &attempt,
+                );
                 match next.status {
                     Some(status) => {
                         doc.advance(status, now);
@@ -139,7 +159,10 @@ impl Worker {
             (Updated::Written(_), Some(decision)) => decision,
             (Updated::Missing, _) => {
                 let _ = message.ack_with(AckKind::Term).await;
-                return Ok(Step::Rejected(format!("job {} has no status document", job.job_id)));
+                return Ok(Step::Rejected(format!(
+                    "job {} has no status document",
+                    job.job_id
+                )));
             }
             // Another instance finished the job meanwhile; its outcome stands.
             (Updated::Unchanged(doc), _) | (Updated::Written(doc), None) => {
@@ -151,7 +174,8 @@ impl Worker {
         match (decision.status, decision.delay) {
             (Some(Status::Delivered), _) => {
                 let count = attempts.len();
-                self.report(Event::Delivered, &job, webhook_id, attempts, None, payload).await?;
+                self.report(Event::Delivered, &job, webhook_id, attempts, None, payload)
+                    .await?;
                 let _ = message.ack().await;
                 tracing::info!(job_id = %job.job_id, attempts = count, "webhook delivered");
                 Ok(Step::Delivered)
@@ -162,9 +186,18 @@ impl Worker {
                 Ok(Step::Retry(delay))
             }
             _ => {
-                let reason = decision.reason.unwrap_or_else(|| "attempts exhausted".into());
-                self.report(Event::Undeliverable, &job, webhook_id, attempts, Some(reason.clone()), payload)
-                    .await?;
+                let reason = decision
+                    .reason
+                    .unwrap_or_else(|| "attempts exhausted".into());
+                self.report(
+                    Event::Undeliverable,
+                    &job,
+                    webhook_id,
+                    attempts,
+                    Some(reason.clone()),
+                    payload,
+                )
+                .await?;
                 let _ = message.ack().await;
                 tracing::warn!(job_id = %job.job_id, %reason, "webhook undeliverable");
                 Ok(Step::Undeliverable(reason))
@@ -206,7 +239,13 @@ impl Worker {
             0 => event.msg_id(&job.job_id),
             n => format!("{}.{n}", event.msg_id(&job.job_id)),
         };
-        publish_event(&self.topology.jetstream, event.subject(&job.kind), &msg_id, &report).await?;
+        publish_event(
+            &self.topology.jetstream,
+            event.subject(&job.kind),
+            &msg_id,
+            &report,
+        )
+        .await?;
         Ok(())
     }
 }
@@ -264,7 +303,12 @@ mod tests {
         }
     }
 
-    fn decide_with(verdict: Verdict, attempts_made: usize, schedule: &[u64], max_retry_after: u64) -> Decision {
+    fn decide_with(
+        verdict: Verdict,
+        attempts_made: usize,
+        schedule: &[u64],
+        max_retry_after: u64,
+    ) -> Decision {
         let config = CallbackConfig {
             retry_schedule: schedule.iter().map(|s| Duration::from_secs(*s)).collect(),
             max_retry_after: Duration::from_secs(max_retry_after),
@@ -277,25 +321,53 @@ mod tests {
     fn failures_retry_along_the_schedule_then_give_up() {
         let first = decide_with(Verdict::Retry { retry_after: None }, 1, &[1, 2], 3600);
         assert_eq!(first.status, None);
-        assert!(first.delay.is_some_and(|d| d <= Duration::from_secs(1) && d >= Duration::from_millis(800)));
+        assert!(
+            first
+                .delay
+                .is_some_and(|d| d <= Duration::from_secs(1) && d >= Duration::from_millis(800))
+        );
         let last = decide_with(Verdict::Retry { retry_after: None }, 3, &[1, 2], 3600);
         assert_eq!(last.status, Some(Status::Undeliverable));
-        assert!(last.reason.is_some_and(|r| r.contains("gave up after 3 attempts; last: HTTP 500")));
+        assert!(
+            last.reason
+                .is_some_and(|r| r.contains("gave up after 3 attempts; last: HTTP 500"))
+        );
     }
 
     #[test]
     fn retry_after_lengthens_the_wait_up_to_the_cap() {
-        let asked = |secs| Verdict::Retry { retry_after: Some(Duration::from_secs(secs)) };
-        assert_eq!(decide_with(asked(2), 1, &[1], 3600).delay, Some(Duration::from_secs(2)));
-        assert_eq!(decide_with(asked(7200), 1, &[1], 60).delay, Some(Duration::from_secs(60)));
-        let shorter = decide_with(asked(0), 1, &[10], 3600).delay.expect("a delay");
-        assert!(shorter >= Duration::from_secs(8), "Retry-After never shortens the schedule");
+        let asked = |secs| Verdict::Retry {
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        assert_eq!(
+            decide_with(asked(2), 1, &[1], 3600).delay,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            decide_with(asked(7200), 1, &[1], 60).delay,
+            Some(Duration::from_secs(60))
+        );
+        let shorter = decide_with(asked(0), 1, &[10], 3600)
+            .delay
+            .expect("a delay");
+        assert!(
+            shorter >= Duration::from_secs(8),
+            "Retry-After never shortens the schedule"
+        );
     }
 
     #[test]
     fn gone_and_refusals_stop_at_once_and_success_is_final() {
-        let gone = decide_with(Verdict::Stop("the receiver answered 410 Gone".into()), 1, &[1], 3600);
+        let gone = decide_with(
+            Verdict::Stop("the receiver answered 410 Gone".into()),
+            1,
+            &[1],
+            3600,
+        );
         assert_eq!(gone.status, Some(Status::Undeliverable));
-        assert_eq!(decide_with(Verdict::Delivered, 1, &[1], 3600).status, Some(Status::Delivered));
+        assert_eq!(
+            decide_with(Verdict::Delivered, 1, &[1], 3600).status,
+            Some(Status::Delivered)
+        );
     }
 }

@@ -26,7 +26,10 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("job {job_id} is {status}; only undeliverable jobs can be redelivered")]
-    NotRedeliverable { job_id: String, status: &'static str },
+    NotRedeliverable {
+        job_id: String,
+        status: &'static str,
+    },
     #[error("missing or invalid API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
     #[error("method not allowed")]

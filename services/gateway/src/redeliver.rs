@@ -52,9 +52,14 @@ pub async fn redeliver(state: &AppState, job_id: &JobId) -> Result<Requeued, Api
     // A fresh msg id per round: the first publish of this event is long past, and would
     // otherwise make JetStream drop this one as a duplicate.
     let msg_id = format!("{}.redeliver.{}", kind.msg_id(job_id), doc.delivery_round);
-    publish_event(&state.topology.jetstream, kind.subject(&event.kind), &msg_id, &event)
-        .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    publish_event(
+        &state.topology.jetstream,
+        kind.subject(&event.kind),
+        &msg_id,
+        &event,
+    )
+    .await
+    .map_err(|err| ApiError::Unavailable(err.to_string()))?;
     tracing::info!(%job_id, round = doc.delivery_round, "job re-queued for delivery");
     Ok(Requeued {
         job_id: job_id.to_string(),
@@ -84,7 +89,10 @@ pub struct WindowResult {
 pub async fn redeliver_window(state: &AppState, window: Window) -> Result<WindowResult, ApiError> {
     let until = window.until.unwrap_or_else(OffsetDateTime::now_utc);
     if until < window.since {
-        return Err(ApiError::invalid_field("until", "`until` is before `since`"));
+        return Err(ApiError::invalid_field(
+            "until",
+            "`until` is before `since`",
+        ));
     }
     let unavailable = |err: String| ApiError::Unavailable(err);
     let reader = state

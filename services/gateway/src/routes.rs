@@ -102,7 +102,10 @@ async fn redeliver_window(
     let Query(window) = window.map_err(|err| {
         ApiError::invalid_field(
             "since",
-            format!("give `since` (and optionally `until`) as RFC 3339 times: {}", err.body_text()),
+            format!(
+                "give `since` (and optionally `until`) as RFC 3339 times: {}",
+                err.body_text()
+            ),
         )
     })?;
     Ok(Json(redeliver::redeliver_window(&state, window).await?))

@@ -5,8 +5,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use jetcall::events::JobRequested;
 use jetcall::config::Secret;
+use jetcall::events::JobRequested;
 use jetcall::kinds::KindSpec;
 use jetcall::signing::SigningKey;
 use jetcall::{JobId, Kind};

@@ -309,6 +309,12 @@ impl Config {
 
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
         let mut config: Config = figment.extract().map_err(Box::new)?;
+        // `ANTHROPIC_API_KEY=` (set but empty) means no key, as it does to the official SDKs'
+        // users who blank it to switch Claude off.
+        config.anthropic.api_key = config
+            .anthropic
+            .api_key
+            .filter(|key| !key.expose().trim().is_empty());
         config.merge_builtin_kinds();
         config.validate()?;
         Ok(config)

@@ -150,7 +150,13 @@ mod tests {
 
     #[test]
     fn public_addresses_pass() {
-        for address in ["1.1.1.1", "93.184.216.34", "172.32.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for address in [
+            "1.1.1.1",
+            "93.184.216.34",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             assert_eq!(refused(address), None, "{address}");
         }
     }

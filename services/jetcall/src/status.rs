@@ -170,7 +170,9 @@ impl JobStatus {
                 model: self.model.clone().unwrap_or_default(),
                 usage: self.usage.unwrap_or_default(),
             },
-            (None, Some(error)) => Outcome::Failed { error: error.clone() },
+            (None, Some(error)) => Outcome::Failed {
+                error: error.clone(),
+            },
             (None, None) => return None,
         };
         Some(JobFinished {

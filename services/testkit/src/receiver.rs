@@ -97,7 +97,9 @@ impl WebhookReceiver {
 
     /// Answer the next requests with these statuses, then 204 again.
     pub fn fail_next(&self, statuses: &[u16]) {
-        self.lock().script.extend(statuses.iter().map(|status| Reply::status(*status)));
+        self.lock()
+            .script
+            .extend(statuses.iter().map(|status| Reply::status(*status)));
     }
 
     /// Answer the next request with `reply`, after any already scripted.

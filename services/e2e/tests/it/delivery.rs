@@ -37,11 +37,18 @@ async fn gone_stops_at_once() {
     let pipeline = Pipeline::start(&[("callback.retry_schedule", json!(["50ms", "50ms"]))]).await;
     submit(&pipeline, "JOB-410", &receiver.url("/cb")).await;
 
-    let doc = pipeline.wait_for_status("JOB-410", "undeliverable", WAIT).await;
+    let doc = pipeline
+        .wait_for_status("JOB-410", "undeliverable", WAIT)
+        .await;
     assert_eq!(receiver.deliveries().len(), 1, "no attempt after 410 Gone");
     assert_eq!(doc["deliveries"][0]["status_code"], 410);
     assert_eq!(doc["deliveries"][0]["error_kind"], "http_status");
-    assert_eq!(pipeline.count("jobs.undeliverable.product-description").await, 1);
+    assert_eq!(
+        pipeline
+            .count("jobs.undeliverable.product-description")
+            .await,
+        1
+    );
     pipeline.stop().await;
 }
 
@@ -54,7 +61,10 @@ async fn retry_after_is_honoured() {
 
     let deliveries = receiver.wait_for(2, WAIT).await;
     let gap = deliveries[1].at - deliveries[0].at;
-    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}, before Retry-After: 2");
+    assert!(
+        gap >= Duration::from_secs(2),
+        "retried after {gap:?}, before Retry-After: 2"
+    );
     let doc = pipeline.wait_for_status("JOB-429", "delivered", WAIT).await;
     assert_eq!(doc["deliveries"][0]["status_code"], 429);
     assert_eq!(doc["deliveries"][0]["response_excerpt"], "scripted 429");
@@ -67,10 +77,18 @@ async fn dead_letters_are_reported_and_can_be_redelivered() {
     receiver.fail_next(&[500; 6]);
     let pipeline = Pipeline::start(&[("callback.retry_schedule", json!(["50ms", "50ms"]))]).await;
     submit(&pipeline, "JOB-A", &receiver.url("/cb")).await;
-    let doc = pipeline.wait_for_status("JOB-A", "undeliverable", WAIT).await;
+    let doc = pipeline
+        .wait_for_status("JOB-A", "undeliverable", WAIT)
+        .await;
     submit(&pipeline, "JOB-B", &receiver.url("/cb")).await;
-    pipeline.wait_for_status("JOB-B", "undeliverable", WAIT).await;
-    assert_eq!(doc["deliveries"].as_array().map(Vec::len), Some(3), "first try and two retries");
+    pipeline
+        .wait_for_status("JOB-B", "undeliverable", WAIT)
+        .await;
+    assert_eq!(
+        doc["deliveries"].as_array().map(Vec::len),
+        Some(3),
+        "first try and two retries"
+    );
 
     // The dead letter carries the payload and the attempt log.
     let letter = pipeline
@@ -83,21 +101,32 @@ async fn dead_letters_are_reported_and_can_be_redelivered() {
     assert_eq!(letter["job_id"], "JOB-B");
     assert_eq!(letter["payload"]["job_id"], "JOB-B");
     assert_eq!(letter["attempts"].as_array().map(Vec::len), Some(3));
-    assert!(letter["reason"].as_str().is_some_and(|r| r.contains("gave up after 3 attempts")));
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("gave up after 3 attempts"))
+    );
 
     // One job by id; the receiver works again now.
-    let (status, body) = pipeline.post("/api/v1/jobs/JOB-A/redeliver", &json!({})).await;
+    let (status, body) = pipeline
+        .post("/api/v1/jobs/JOB-A/redeliver", &json!({}))
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["delivery_round"], 1);
     let doc = pipeline.wait_for_status("JOB-A", "delivered", WAIT).await;
     assert_eq!(doc["deliveries"].as_array().map(Vec::len), Some(4));
-    let (status, body) = pipeline.post("/api/v1/jobs/JOB-A/redeliver", &json!({})).await;
+    let (status, body) = pipeline
+        .post("/api/v1/jobs/JOB-A/redeliver", &json!({}))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["type"], "not_undeliverable");
 
     // Every dead letter of a window: JOB-B is re-queued, JOB-A is no longer undeliverable.
     let (status, body) = pipeline
-        .post("/api/v1/deliveries/redeliver?since=2020-01-01T00:00:00Z", &json!({}))
+        .post(
+            "/api/v1/deliveries/redeliver?since=2020-01-01T00:00:00Z",
+            &json!({}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["requeued"].as_array().map(Vec::len), Some(1), "{body}");
@@ -105,7 +134,9 @@ async fn dead_letters_are_reported_and_can_be_redelivered() {
     assert_eq!(body["skipped"], json!(["JOB-A"]));
     pipeline.wait_for_status("JOB-B", "delivered", WAIT).await;
 
-    let (status, body) = pipeline.post("/api/v1/deliveries/redeliver?since=yesterday", &json!({})).await;
+    let (status, body) = pipeline
+        .post("/api/v1/deliveries/redeliver?since=yesterday", &json!({}))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     pipeline.stop().await;
 }
@@ -118,9 +149,18 @@ async fn a_name_that_resolves_to_a_forbidden_address_is_refused_at_delivery() {
     let url = receiver.url("/cb").replace("127.0.0.1", "localhost");
     submit(&pipeline, "JOB-SSRF", &url).await;
 
-    let doc = pipeline.wait_for_status("JOB-SSRF", "undeliverable", WAIT).await;
-    assert!(receiver.deliveries().is_empty(), "nothing may reach the address");
-    assert_eq!(doc["deliveries"].as_array().map(Vec::len), Some(1), "refusals are not retried");
+    let doc = pipeline
+        .wait_for_status("JOB-SSRF", "undeliverable", WAIT)
+        .await;
+    assert!(
+        receiver.deliveries().is_empty(),
+        "nothing may reach the address"
+    );
+    assert_eq!(
+        doc["deliveries"].as_array().map(Vec::len),
+        Some(1),
+        "refusals are not retried"
+    );
     assert_eq!(doc["deliveries"][0]["error_kind"], "refused");
     let error = doc["deliveries"][0]["error"].as_str().unwrap_or_default();
     assert!(error.contains("loopback"), "{error}");
@@ -130,13 +170,21 @@ async fn a_name_that_resolves_to_a_forbidden_address_is_refused_at_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_is_not_followed() {
     let receiver = WebhookReceiver::start().await;
-    receiver.reply_next(Reply::status(302).header("location", "http://169.254.169.254/latest/meta-data/"));
+    receiver.reply_next(
+        Reply::status(302).header("location", "http://169.254.169.254/latest/meta-data/"),
+    );
     let pipeline = Pipeline::start(&[("callback.retry_schedule", json!(["50ms"]))]).await;
     submit(&pipeline, "JOB-302", &receiver.url("/cb")).await;
 
     let doc = pipeline.wait_for_status("JOB-302", "delivered", WAIT).await;
-    assert_eq!(doc["deliveries"][0]["status_code"], 302, "a 3xx is a failed attempt");
-    assert_eq!(doc["deliveries"][1]["status_code"], 204, "retried at the same URL");
+    assert_eq!(
+        doc["deliveries"][0]["status_code"], 302,
+        "a 3xx is a failed attempt"
+    );
+    assert_eq!(
+        doc["deliveries"][1]["status_code"], 204,
+        "retried at the same URL"
+    );
     assert_eq!(receiver.deliveries().len(), 2);
     pipeline.stop().await;
 }
@@ -163,9 +211,14 @@ async fn a_dead_receiver_does_not_hold_up_healthy_ones() {
     // Had the dead receiver been allowed every slot, each of its jobs would have been tried
     // (and timed out) before the healthy ones got a turn.
     let tried = dead.accepted();
-    assert!(tried < DEAD_JOBS / 2, "{tried} attempts at the dead receiver went first");
+    assert!(
+        tried < DEAD_JOBS / 2,
+        "{tried} attempts at the dead receiver went first"
+    );
     for n in 0..10 {
-        pipeline.wait_for_status(&format!("LIVE-{n}"), "delivered", WAIT).await;
+        pipeline
+            .wait_for_status(&format!("LIVE-{n}"), "delivered", WAIT)
+            .await;
     }
     pipeline.stop().await;
 }
@@ -201,6 +254,9 @@ async fn a_job_can_bring_its_own_signing_secret() {
         "not with the service's"
     );
     let (_, doc) = pipeline.status("JOB-OWN").await;
-    assert!(doc.get("signing_secret").is_none(), "the secret is never shown");
+    assert!(
+        doc.get("signing_secret").is_none(),
+        "the secret is never shown"
+    );
     pipeline.stop().await;
 }

@@ -1,3 +1,3 @@
-mod pipeline;
 mod delivery;
+mod pipeline;
 mod scenarios;

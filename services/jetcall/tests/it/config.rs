@@ -118,6 +118,15 @@ fn jetcall_config_names_the_file() {
 }
 
 #[test]
+fn an_empty_api_key_is_no_key() {
+    Jail::expect_with(|jail| {
+        jail.set_env("ANTHROPIC_API_KEY", "");
+        assert!(Config::load().expect("loads").anthropic.api_key.is_none());
+        Ok(())
+    });
+}
+
+#[test]
 fn secrets_are_not_printed() {
     Jail::expect_with(|jail| {
         jail.set_env("ANTHROPIC_API_KEY", "sk-ant-very-secret");
