@@ -84,6 +84,10 @@ impl WebhookReceiver {
         Self { addr, inner }
     }
 
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// A callback URL at this receiver.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}/{}", self.addr, path.trim_start_matches('/'))

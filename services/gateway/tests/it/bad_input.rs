@@ -261,3 +261,69 @@ async fn unknown_routes_methods_and_jobs_are_json_errors() {
     }
     gateway.stop().await;
 }
+
+/// Callback URLs that try to reach what they should not, each refused at submission with a
+/// 422 that names the rule. Only names are allowlisted here, so every address form fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssrf_vectors_are_refused_at_submission() {
+    let gateway = Gateway::start(&[(
+        "gateway.callback_allowlist",
+        json!(["localhost", "*.shop.example"]),
+    )])
+    .await;
+    let vectors = [
+        ("http://127.0.0.1/cb", "allowlist"),
+        ("http://2130706433/cb", "allowlist"), // decimal 127.0.0.1
+        ("http://0177.0.0.1/cb", "allowlist"), // octal
+        ("http://0x7f000001/cb", "allowlist"), // hex
+        ("http://0x7f.0x0.0x0.0x1/cb", "allowlist"), // dotted hex
+        ("http://127.1/cb", "allowlist"),      // short form
+        ("http://[::1]/cb", "allowlist"),
+        ("http://[::ffff:127.0.0.1]/cb", "allowlist"),
+        ("http://[::ffff:7f00:1]/cb", "allowlist"),
+        ("http://0.0.0.0/cb", "allowlist"),
+        ("http://0/cb", "allowlist"),
+        ("http://localhost./cb", "allowlist"), // trailing dot
+        ("http://169.254.169.254/latest/meta-data/", "allowlist"),
+        ("http://[fd00:ec2::254]/", "allowlist"),
+        ("http://metadata.google.internal/", "allowlist"),
+        ("http://shop.example/cb", "allowlist"), // a pattern does not cover its apex
+        ("http://evilshop.example/cb", "allowlist"),
+        ("http://hooks.shop.example.attacker.test/cb", "allowlist"),
+        ("http://10.0.0.1/cb", "allowlist"),
+        ("http://allowed@127.0.0.1/cb", "user name"),
+        ("http://localhost@169.254.169.254/", "user name"),
+        ("http://localhost:80@10.0.0.1/", "user name"),
+        ("file:///etc/passwd", "http or https"),
+        ("gopher://localhost:25/", "http or https"),
+        ("ftp://localhost/", "http or https"),
+        ("javascript:alert(1)", "http or https"),
+        ("//localhost/cb", "valid URL"),
+    ];
+    for (url, rule) in vectors {
+        let (status, error) = gateway.post(PATH, &with("callback_url", json!(url))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {error}");
+        assert_eq!(error["type"], "invalid_callback_url", "{url}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(rule),
+            "{url}: {message:?} does not name {rule:?}"
+        );
+    }
+    // The allowlisted forms pass.
+    for (n, url) in ["http://localhost:9/cb", "https://hooks.shop.example/cb"]
+        .iter()
+        .enumerate()
+    {
+        let mut body = with("callback_url", json!(url));
+        body["job_id"] = json!(format!("JOB-OK-{n}"));
+        let (status, answer) = gateway.post(PATH, &body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{url}: {answer}");
+    }
+    assert_eq!(
+        gateway.published().await,
+        2,
+        "only the allowed URLs were published"
+    );
+    gateway.stop().await;
+}

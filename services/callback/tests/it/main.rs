@@ -1,0 +1,2 @@
+mod restart;
+mod ssrf;
