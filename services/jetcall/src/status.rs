@@ -86,9 +86,10 @@ pub struct DeliveryAttempt {
 /// What `GET /api/v1/jobs/{id}` returns and `nats kv get job_status <id>` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
+    /// First, so the start of the value (all that `nats kv history` shows) tells the state.
+    pub status: Status,
     pub job_id: JobId,
     pub kind: Kind,
-    pub status: Status,
     pub input: Map<String, Value>,
     pub callback_url: String,
     #[serde(default, skip_serializing_if = "Map::is_empty")]

@@ -18,8 +18,7 @@ use testkit::{NatsServer, wait_until};
 type Service = (CancellationToken, JoinHandle<Result<(), String>>);
 
 pub struct Pipeline {
-    /// Kept for its lifetime: dropping it kills the server.
-    _nats: NatsServer,
+    nats: NatsServer,
     pub config: Config,
     pub secret: String,
     pub gateway_url: String,
@@ -60,7 +59,7 @@ impl Pipeline {
             .expect("bind gateway");
         let gateway_url = format!("http://{}", listener.local_addr().expect("addr"));
         let mut pipeline = Self {
-            _nats: nats,
+            nats,
             config: config.clone(),
             secret,
             gateway_url,
@@ -116,6 +115,10 @@ impl Pipeline {
             },
         )
         .await;
+    }
+
+    pub fn nats_url(&self) -> String {
+        self.nats.url()
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {

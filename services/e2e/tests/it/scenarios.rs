@@ -239,3 +239,62 @@ async fn an_overloaded_model_is_retried_until_it_answers() {
     assert_eq!(doc["generation_attempts"], 3);
     pipeline.stop().await;
 }
+
+/// Runs the `nats` CLI against the pipeline's server and returns its standard output.
+fn nats_cli(pipeline: &Pipeline, args: &[&str]) -> String {
+    let output = std::process::Command::new(testkit::nats::nats_cli_binary())
+        .arg("--server")
+        .arg(pipeline.nats_url())
+        .args(args)
+        .output()
+        .expect("run the nats CLI");
+    assert!(
+        output.status.success(),
+        "nats {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_can_follow_a_job_with_the_nats_cli() {
+    let receiver = WebhookReceiver::start().await;
+    let pipeline = Pipeline::start(&[]).await;
+    pipeline
+        .post(
+            "/api/v1/generate-description",
+            &article_job(&receiver.url("/cb")),
+        )
+        .await;
+    pipeline.wait_for_status("JOB-771", "delivered", WAIT).await;
+
+    let doc: Value = serde_json::from_str(&nats_cli(
+        &pipeline,
+        &["kv", "get", "job_status", "JOB-771", "--raw"],
+    ))
+    .expect("the status document is JSON");
+    assert_eq!(doc["status"], "delivered");
+    assert_eq!(doc["input"]["product_id"], "PROD-AC15");
+
+    // The table shows the first 15 characters of each value: enough to tell the states apart.
+    let history = nats_cli(&pipeline, &["kv", "history", "job_status", "JOB-771"]);
+    for step in ["acce", "gene", "comp", "deli"] {
+        let start = format!(r#"{{"status":"{step}"#);
+        assert!(history.contains(&start), "history lacks {start}: {history}");
+    }
+
+    let stream: Value =
+        serde_json::from_str(&nats_cli(&pipeline, &["stream", "info", "JOBS", "--json"]))
+            .expect("stream info JSON");
+    assert_eq!(stream["config"]["subjects"], json!(["jobs.>"]));
+    let consumer: Value = serde_json::from_str(&nats_cli(
+        &pipeline,
+        &["consumer", "info", "JOBS", "callback", "--json"],
+    ))
+    .expect("consumer info JSON");
+    assert_eq!(
+        consumer["config"]["filter_subjects"],
+        json!(["jobs.completed.>", "jobs.failed.>"])
+    );
+    pipeline.stop().await;
+}
