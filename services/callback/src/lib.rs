@@ -16,6 +16,7 @@ use jetcall::connect::{ConnectError, connect, provision_with_retry};
 use jetcall::consume::consume;
 use jetcall::signing::Signer;
 
+pub use hosts::BREAKER_THRESHOLD;
 pub use worker::{Step, Worker};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +59,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Call
     let consumer = topology.callback_consumer().await?;
     let concurrency = config.callback.concurrency;
     let worker = Worker {
-        hosts: Arc::new(hosts::HostLimits::new(config.callback.per_host_concurrency)),
+        destinations: Arc::new(hosts::Destinations::new(
+            config.callback.per_host_concurrency,
+        )),
         config: Arc::new(config),
         topology,
         sender,

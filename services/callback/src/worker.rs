@@ -6,7 +6,7 @@
 //! reset the schedule either.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, Message};
 use time::OffsetDateTime;
@@ -24,11 +24,16 @@ use jetcall::topology::Topology;
 use jetcall::webhook;
 
 use crate::deliver::{Sender, Verdict};
-use crate::hosts::HostLimits;
+use crate::hosts::Destinations;
 
-/// How long a delivery waits in JetStream when its host already has all the deliveries in
-/// flight it may have; jitter spreads the returns.
-const PARKED_DELAY: Duration = Duration::from_millis(500);
+/// How long a delivery waits for a slot at its destination before it goes back to JetStream:
+/// long enough for a fast receiver to free one, short enough not to hold a worker for a slow
+/// one.
+const SLOT_WAIT: Duration = Duration::from_millis(250);
+
+/// How long a delivery waits in JetStream when its destination has no free slot; jitter
+/// spreads the returns.
+const PARKED_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
@@ -36,7 +41,7 @@ pub enum Step {
     /// Another try is scheduled after this delay.
     Retry(Duration),
     Undeliverable(String),
-    /// The host is busy with other deliveries; handed back without an attempt.
+    /// The destination is busy with other deliveries; handed back without an attempt.
     Parked(Duration),
     /// Delivered or given up earlier; acked without another request.
     AlreadyDone(Status),
@@ -57,7 +62,7 @@ pub struct Worker {
     pub topology: Topology,
     pub sender: Sender,
     pub signer: Signer,
-    pub hosts: Arc<HostLimits>,
+    pub destinations: Arc<Destinations>,
 }
 
 /// What follows an attempt: a final state, or a retry after a delay.
@@ -93,36 +98,41 @@ impl Worker {
                 )));
             }
         };
-        let destination = url::Url::parse(&job.callback_url)
-            .ok()
-            .and_then(|url| {
-                Some(format!(
-                    "{}:{}",
-                    url.host_str()?,
-                    url.port_or_known_default()?
-                ))
-            })
-            .unwrap_or_default();
-        let Some(_slot) = self.hosts.try_acquire(&destination) else {
-            let delay = PARKED_DELAY.mul_f64(1.0 + rand::random::<f64>());
-            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-            return Ok(Step::Parked(delay));
-        };
-
         let webhook_id = webhook::webhook_id(&job);
         let payload = webhook::payload(&job);
-        let body = serde_json::to_vec(&payload).unwrap_or_default();
-        let signer = self.signer_for(&doc);
-        let (verdict, attempt) = self
-            .sender
-            .send(
-                &job.callback_url,
-                &webhook_id,
-                &body,
-                &signer,
-                doc.delivery_round,
-            )
-            .await;
+        let destination = self.destinations.get(&destination_of(&job.callback_url));
+        let round = doc.delivery_round;
+        let slot = match destination.open_for(Instant::now()) {
+            Some(_) => None,
+            None => match destination.slot(SLOT_WAIT).await {
+                Some(slot) => Some(slot),
+                None => {
+                    let delay = PARKED_DELAY.mul_f64(1.0 + rand::random::<f64>());
+                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    return Ok(Step::Parked(delay));
+                }
+            },
+        };
+        // Asked again after the wait for a slot: the circuit may have opened meanwhile.
+        let (verdict, attempt) = match destination.open_for(Instant::now()) {
+            Some(remaining) => circuit_open(round, remaining, destination.consecutive_failures()),
+            None => {
+                let _slot = slot;
+                let body = serde_json::to_vec(&payload).unwrap_or_default();
+                let signer = self.signer_for(&doc);
+                let sent = self
+                    .sender
+                    .send(&job.callback_url, &webhook_id, &body, &signer, round)
+                    .await;
+                let receiver_failed = matches!(sent.0, Verdict::Retry { .. });
+                destination.record(
+                    !receiver_failed,
+                    Instant::now(),
+                    self.config.callback.breaker_cooldown,
+                );
+                sent
+            }
+        };
 
         let mut decision = None;
         let mut attempts = Vec::new();
@@ -248,6 +258,43 @@ impl Worker {
         .await?;
         Ok(())
     }
+}
+
+/// `host:port` of a callback URL: what per-destination limits and circuits are keyed by.
+fn destination_of(callback_url: &str) -> String {
+    url::Url::parse(callback_url)
+        .ok()
+        .and_then(|url| {
+            Some(format!(
+                "{}:{}",
+                url.host_str()?,
+                url.port_or_known_default()?
+            ))
+        })
+        .unwrap_or_default()
+}
+
+/// The attempt recorded, without a request, for a destination whose circuit is open: it
+/// moves the job along its schedule, and asks for no retry before the circuit closes.
+fn circuit_open(round: u32, remaining: Duration, failures: u32) -> (Verdict, DeliveryAttempt) {
+    let attempt = DeliveryAttempt {
+        at: OffsetDateTime::now_utc(),
+        duration_ms: 0,
+        status_code: None,
+        error_kind: Some("circuit_open".into()),
+        error: Some(format!(
+            "not sent: the last {failures} attempts at this destination failed; it is left alone for another {} s",
+            remaining.as_secs().max(1)
+        )),
+        response_excerpt: None,
+        round,
+    };
+    (
+        Verdict::Retry {
+            retry_after: Some(remaining),
+        },
+        attempt,
+    )
 }
 
 /// What follows an attempt, given how many this round has made (this one included).

@@ -246,6 +246,11 @@ pub struct CallbackConfig {
     /// Deliveries in flight to one host per instance, so a slow or dead receiver can hold at
     /// most this many of the `concurrency` slots; the rest of its jobs wait in JetStream.
     pub per_host_concurrency: usize,
+    /// How long a destination is left alone after repeated failures (its circuit is open):
+    /// its deliveries are recorded as failed attempts without a request, and retried on
+    /// their schedule.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
     /// The longest wait a receiver's `Retry-After` can impose on the next attempt.
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
@@ -263,6 +268,7 @@ impl Default for CallbackConfig {
             timeout: Duration::from_secs(15),
             concurrency: 256,
             per_host_concurrency: 32,
+            breaker_cooldown: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(3600),
             max_ack_pending: 20_000,
         }

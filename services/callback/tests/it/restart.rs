@@ -25,6 +25,8 @@ fn spawn_callback(nats: &NatsServer, secret: &str) -> Child {
         .env("JETCALL_CONFIG", "/dev/null")
         .env("JETCALL_CALLBACK__SIGNING_SECRET", secret)
         .env("JETCALL_CALLBACK__RETRY_SCHEDULE", SCHEDULE)
+        // The receiver fails on purpose; its circuit must not hold the retries back here.
+        .env("JETCALL_CALLBACK__BREAKER_COOLDOWN", "1ms")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

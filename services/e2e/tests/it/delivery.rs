@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use testkit::receiver::Reply;
-use testkit::{Blackhole, WebhookReceiver};
+use testkit::{Blackhole, WebhookReceiver, wait_until};
 
 use crate::pipeline::Pipeline;
 
@@ -75,7 +75,13 @@ async fn retry_after_is_honoured() {
 async fn dead_letters_are_reported_and_can_be_redelivered() {
     let receiver = WebhookReceiver::start().await;
     receiver.fail_next(&[500; 6]);
-    let pipeline = Pipeline::start(&[("callback.retry_schedule", json!(["50ms", "50ms"]))]).await;
+    let pipeline = Pipeline::start(&[
+        ("callback.retry_schedule", json!(["50ms", "50ms"])),
+        // Five failures in a row open the receiver's circuit; closing it again at once keeps
+        // every attempt here a real request.
+        ("callback.breaker_cooldown", json!("1ms")),
+    ])
+    .await;
     submit(&pipeline, "JOB-A", &receiver.url("/cb")).await;
     let doc = pipeline
         .wait_for_status("JOB-A", "undeliverable", WAIT)
@@ -258,5 +264,44 @@ async fn a_job_can_bring_its_own_signing_secret() {
         doc.get("signing_secret").is_none(),
         "the secret is never shown"
     );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_receivers_circuit_opens_and_its_jobs_follow_their_schedule_without_requests() {
+    const JOBS: usize = 20;
+    const PER_HOST: usize = 2;
+    let dead = Blackhole::start().await;
+    let pipeline = Pipeline::start(&[
+        ("callback.timeout", json!("1s")),
+        ("callback.per_host_concurrency", json!(PER_HOST)),
+        ("callback.breaker_cooldown", json!("10m")),
+        ("callback.retry_schedule", json!(["10m"])),
+    ])
+    .await;
+    for n in 0..JOBS {
+        submit(&pipeline, &format!("DEAD-{n}"), &dead.url("/cb")).await;
+    }
+    let mut kinds = Vec::new();
+    for n in 0..JOBS {
+        let doc = wait_until(&format!("DEAD-{n}'s first attempt"), WAIT, || async {
+            let (_, doc) = pipeline.status(&format!("DEAD-{n}")).await;
+            doc["deliveries"].get(0).is_some().then_some(doc)
+        })
+        .await;
+        kinds.push(
+            doc["deliveries"][0]["error_kind"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    let contacted = dead.accepted();
+    assert!(
+        contacted <= callback::BREAKER_THRESHOLD as usize + PER_HOST,
+        "{contacted} requests reached a receiver that stopped answering"
+    );
+    let skipped = kinds.iter().filter(|kind| *kind == "circuit_open").count();
+    assert_eq!(skipped + contacted, JOBS, "{kinds:?}");
     pipeline.stop().await;
 }
