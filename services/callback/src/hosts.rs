@@ -32,13 +32,20 @@ impl Destination {
         }
     }
 
-    /// How much longer the circuit stays open, if it is open. Once that time has passed,
-    /// attempts resume; the first failure opens it again.
-    pub fn open_for(&self, now: Instant) -> Option<Duration> {
-        let open_until = *self.open_until.lock().unwrap_or_else(|p| p.into_inner());
-        open_until
-            .and_then(|until| until.checked_duration_since(now))
-            .filter(|d| !d.is_zero())
+    /// Whether a request may go out now: `None` if so, else how much longer the circuit stays
+    /// open. Once the cooldown has passed one caller is let through as a probe and the
+    /// circuit stays open for everyone else until the probe's outcome is recorded: a success
+    /// closes it, a failure keeps it open for another cooldown.
+    pub fn admit(&self, now: Instant, cooldown: Duration) -> Option<Duration> {
+        let mut open_until = self.open_until.lock().unwrap_or_else(|p| p.into_inner());
+        let until = (*open_until)?;
+        match until.checked_duration_since(now).filter(|d| !d.is_zero()) {
+            Some(remaining) => Some(remaining),
+            None => {
+                *open_until = Some(now + cooldown);
+                None
+            }
+        }
     }
 
     /// A delivery slot, waiting at most `wait` for one: a fast receiver frees one within
@@ -130,28 +137,40 @@ mod tests {
     }
 
     #[test]
-    fn the_circuit_opens_after_repeated_failures_and_closes_on_success() {
+    fn the_circuit_opens_after_repeated_failures_and_lets_one_probe_through() {
         let destination = Destination::new(1);
         let now = Instant::now();
         let cooldown = Duration::from_secs(30);
         for _ in 0..BREAKER_THRESHOLD - 1 {
             destination.record(false, now, cooldown);
         }
-        assert_eq!(destination.open_for(now), None, "not yet");
+        assert_eq!(destination.admit(now, cooldown), None, "not yet open");
         destination.record(false, now, cooldown);
-        assert_eq!(destination.open_for(now), Some(cooldown));
+        assert_eq!(destination.admit(now, cooldown), Some(cooldown));
+
+        let later = now + cooldown;
         assert_eq!(
-            destination.open_for(now + cooldown),
+            destination.admit(later, cooldown),
             None,
-            "attempts resume after the cooldown"
+            "one probe after the cooldown"
         );
-        destination.record(false, now + cooldown, cooldown);
+        assert_eq!(
+            destination.admit(later, cooldown),
+            Some(cooldown),
+            "and only one"
+        );
+        destination.record(false, later, cooldown);
         assert!(
-            destination.open_for(now + cooldown).is_some(),
-            "one more failure reopens it"
+            destination.admit(later, cooldown).is_some(),
+            "a failed probe keeps it open"
         );
-        destination.record(true, now + cooldown, cooldown);
-        assert_eq!(destination.open_for(now + cooldown), None);
+
+        destination.record(true, later, cooldown);
+        assert_eq!(
+            destination.admit(later, cooldown),
+            None,
+            "a success closes it"
+        );
         assert_eq!(destination.consecutive_failures(), 0);
     }
 }

@@ -102,20 +102,17 @@ impl Worker {
         let payload = webhook::payload(&job);
         let destination = self.destinations.get(&destination_of(&job.callback_url));
         let round = doc.delivery_round;
-        let slot = match destination.open_for(Instant::now()) {
-            Some(_) => None,
-            None => match destination.slot(SLOT_WAIT).await {
-                Some(slot) => Some(slot),
-                None => {
-                    let delay = PARKED_DELAY.mul_f64(1.0 + rand::random::<f64>());
-                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-                    return Ok(Step::Parked(delay));
-                }
-            },
+        let cooldown = self.config.callback.breaker_cooldown;
+        let Some(slot) = destination.slot(SLOT_WAIT).await else {
+            let delay = PARKED_DELAY.mul_f64(1.0 + rand::random::<f64>());
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            return Ok(Step::Parked(delay));
         };
-        // Asked again after the wait for a slot: the circuit may have opened meanwhile.
-        let (verdict, attempt) = match destination.open_for(Instant::now()) {
-            Some(remaining) => circuit_open(round, remaining, destination.consecutive_failures()),
+        let (verdict, attempt) = match destination.admit(Instant::now(), cooldown) {
+            Some(remaining) => {
+                drop(slot);
+                circuit_open(round, remaining, destination.consecutive_failures())
+            }
             None => {
                 let _slot = slot;
                 let body = serde_json::to_vec(&payload).unwrap_or_default();
@@ -125,11 +122,7 @@ impl Worker {
                     .send(&job.callback_url, &webhook_id, &body, &signer, round)
                     .await;
                 let receiver_failed = matches!(sent.0, Verdict::Retry { .. });
-                destination.record(
-                    !receiver_failed,
-                    Instant::now(),
-                    self.config.callback.breaker_cooldown,
-                );
+                destination.record(!receiver_failed, Instant::now(), cooldown);
                 sent
             }
         };
