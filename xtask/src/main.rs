@@ -1,5 +1,6 @@
 //! Project automation, run as `cargo xtask <command>` (see `.cargo/config.toml`).
 
+mod bench;
 mod demo;
 mod poll;
 mod procs;
@@ -39,8 +40,13 @@ enum Command {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Load benchmark (not written yet).
-    Bench,
+    /// Measure webhook delivery (throughput, latency beside a dead receiver) against a real
+    /// nats-server and the release build, and write BENCHMARKS.md.
+    Bench {
+        /// Small sizes, for checking that the benchmark runs; prints instead of writing.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 // One thread on purpose: PR_SET_PDEATHSIG fires when the *thread* that spawned a child
@@ -51,10 +57,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo { once } => run_demo(once).await,
         Command::Test { cargo_test_args } => run_test(&cargo_test_args).await,
-        Command::Bench => {
-            eprintln!("the benchmark is not written yet (see the open issue)");
-            return ExitCode::from(2);
-        }
+        Command::Bench { quick } => run_bench(quick).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,6 +79,17 @@ async fn run_demo(once: bool) -> anyhow::Result<()> {
         demo::Mode::UntilCtrlC
     };
     demo::run(&ws, &nats_server, mode).await
+}
+
+async fn run_bench(quick: bool) -> anyhow::Result<()> {
+    let ws = Workspace::locate()?;
+    let nats_server = tools::nats_server(&ws).await?;
+    let sizes = if quick {
+        bench::Sizes::quick()
+    } else {
+        bench::Sizes::full()
+    };
+    bench::run(&ws, &nats_server, sizes, !quick).await
 }
 
 async fn run_test(cargo_test_args: &[String]) -> anyhow::Result<()> {

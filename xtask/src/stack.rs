@@ -119,6 +119,25 @@ impl Stack {
         Ok(())
     }
 
+    /// Starts one service binary with `envs` on top of `NATS_URL`; returns its pid.
+    pub fn spawn_service(
+        &mut self,
+        name: &str,
+        program: &Path,
+        envs: &[(&str, String)],
+    ) -> anyhow::Result<u32> {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(self.dir.path())
+            .env("NATS_URL", &self.nats_url)
+            .env("RUST_LOG", "warn")
+            .envs(envs.iter().map(|(key, value)| (*key, value.as_str())));
+        let log = self.logs_dir().join(format!("{name}.log"));
+        let proc = Proc::spawn(name, cmd, log)?;
+        let pid = proc.pid().context("the service exited at once")?;
+        self.services.push(proc);
+        Ok(pid)
+    }
+
     /// Waits for the gateway's `/readyz`, failing early if any process exits.
     pub async fn wait_ready(&mut self, client: &reqwest::Client) -> anyhow::Result<()> {
         let url = format!("{}/readyz", self.gateway_url()?);

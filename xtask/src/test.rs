@@ -47,6 +47,12 @@ pub async fn run(ws: &Workspace, cargo_test_args: &[String]) -> anyhow::Result<(
         .await
         .context("the demo smoke test failed")?;
 
+    // The benchmark, tiny and on the debug build: it reports nothing, but it cannot rot.
+    println!("==> smoke test: cargo xtask bench --quick");
+    crate::bench::run(ws, &nats_server, crate::bench::Sizes::quick(), false)
+        .await
+        .context("the benchmark smoke test failed")?;
+
     println!(
         "==> xtask test: the workspace built, `{test_line}` passed and the demo delivered \
          its signed webhook ({} s)",

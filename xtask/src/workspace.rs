@@ -48,6 +48,10 @@ impl Workspace {
         self.target_dir.join("debug").join(name)
     }
 
+    pub fn release_bin(&self, name: &str) -> PathBuf {
+        self.target_dir.join("release").join(name)
+    }
+
     /// `cargo <args>` in the workspace root, against the same target directory.
     pub fn cargo<I, S>(&self, args: I) -> Command
     where

@@ -21,6 +21,9 @@ pub struct Destination {
     consecutive_failures: AtomicU32,
     // A std mutex: held only to read or set an instant, never across an await.
     open_until: Mutex<Option<Instant>>,
+    /// When a delivery here last succeeded: with every slot taken, a long silence means the
+    /// receiver is slow or dead, and waiting for a slot would only hold a worker.
+    last_success: Mutex<Instant>,
 }
 
 impl Destination {
@@ -29,6 +32,7 @@ impl Destination {
             slots: Arc::new(Semaphore::new(per_host)),
             consecutive_failures: AtomicU32::new(0),
             open_until: Mutex::new(None),
+            last_success: Mutex::new(Instant::now()),
         }
     }
 
@@ -48,19 +52,33 @@ impl Destination {
         }
     }
 
-    /// A delivery slot, waiting at most `wait` for one: a fast receiver frees one within
-    /// milliseconds; a slow one is left to JetStream rather than holding a worker.
-    pub async fn slot(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
-        tokio::time::timeout(wait, self.slots.clone().acquire_owned())
-            .await
-            .ok()?
-            .ok()
+    /// A delivery slot. When all are taken, waits up to `wait` for one, but only if deliveries
+    /// here have been succeeding lately (a fast receiver frees a slot within milliseconds);
+    /// `Err` carries how long none has, when there is no slot.
+    pub async fn slot(
+        &self,
+        wait: Duration,
+        now: Instant,
+    ) -> Result<OwnedSemaphorePermit, Duration> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        let last = *self.last_success.lock().unwrap_or_else(|p| p.into_inner());
+        let stalled = now.saturating_duration_since(last);
+        if stalled >= wait {
+            return Err(stalled);
+        }
+        match tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(stalled + wait),
+        }
     }
 
     /// Records an attempt's outcome; `BREAKER_THRESHOLD` failures in a row open the circuit
     /// for `cooldown`.
     pub fn record(&self, succeeded: bool, now: Instant, cooldown: Duration) {
         if succeeded {
+            *self.last_success.lock().unwrap_or_else(|p| p.into_inner()) = now;
             self.consecutive_failures.store(0, Ordering::Relaxed);
             *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return;
@@ -118,22 +136,43 @@ mod tests {
     #[tokio::test]
     async fn each_destination_gets_its_own_bound() {
         let destinations = Destinations::new(2);
+        let now = Instant::now();
         let a = destinations.get("a:80");
-        let (a1, a2) = (a.slot(NO_WAIT).await, a.slot(NO_WAIT).await);
-        assert!(a1.is_some() && a2.is_some());
+        let (a1, a2) = (a.slot(NO_WAIT, now).await, a.slot(NO_WAIT, now).await);
+        assert!(a1.is_ok() && a2.is_ok());
         assert!(
-            a.slot(NO_WAIT).await.is_none(),
+            a.slot(NO_WAIT, now).await.is_err(),
             "a third slot for one destination"
         );
-        assert!(
-            destinations.get("b:80").slot(NO_WAIT).await.is_some(),
-            "another is unaffected"
-        );
+        let b = destinations.get("b:80");
+        assert!(b.slot(NO_WAIT, now).await.is_ok(), "another is unaffected");
         drop(a1);
-        assert!(
-            destinations.get("a:80").slot(NO_WAIT).await.is_some(),
-            "a freed slot is reused"
+        assert!(a.slot(NO_WAIT, now).await.is_ok(), "a freed slot is reused");
+    }
+
+    // Paused time: a wait would move tokio's clock by `wait`, so "no wait" is exact.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_destination_is_not_waited_for() {
+        let destination = Destination::new(1);
+        let _busy = destination.slot(NO_WAIT, Instant::now()).await;
+        let wait = Duration::from_millis(50);
+        // Nothing has finished for a minute: no waiting, and the silence is reported.
+        let later = Instant::now() + Duration::from_secs(60);
+        let started = tokio::time::Instant::now();
+        let stalled = destination.slot(wait, later).await.expect_err("no slot");
+        assert!(stalled >= Duration::from_secs(60));
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "returned without waiting"
         );
+
+        // Recently active: it does wait, and reports no slot after `wait`.
+        let now = Instant::now();
+        destination.record(true, now, Duration::from_secs(1));
+        let started = tokio::time::Instant::now();
+        assert!(destination.slot(wait, now).await.is_err());
+        assert_eq!(started.elapsed(), wait);
     }
 
     #[test]

@@ -39,8 +39,8 @@ pub enum CallbackError {
     Consume(#[from] jetcall::consume::ConsumeError),
 }
 
-/// Delivers until `shutdown` is cancelled. An attempt under way is finished (it is bounded by
-/// `callback.timeout`) and recorded before the service stops.
+/// Delivers until `shutdown` is cancelled. Attempts still waiting for an answer then are
+/// abandoned and handed back to JetStream, so a dead receiver cannot delay a stop.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), CallbackError> {
     let secrets = config
         .callback
@@ -71,23 +71,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Call
         concurrency,
         "callback consuming jobs.completed.> and jobs.failed.>"
     );
-    consume(
-        consumer,
-        concurrency,
-        shutdown,
-        move |message, _shutdown| {
-            let worker = worker.clone();
-            async move {
-                match worker.handle(&message).await {
-                    Ok(Step::Rejected(reason)) => {
-                        tracing::error!(%reason, subject = %message.subject, "completion dropped")
-                    }
-                    Ok(step) => tracing::debug!(?step, "completion handled"),
-                    Err(err) => tracing::warn!(error = %err, "completion left for redelivery"),
+    consume(consumer, concurrency, shutdown, move |message, shutdown| {
+        let worker = worker.clone();
+        async move {
+            match worker.handle(&message, &shutdown).await {
+                Ok(Step::Rejected(reason)) => {
+                    tracing::error!(%reason, subject = %message.subject, "completion dropped")
                 }
+                Ok(step) => tracing::debug!(?step, "completion handled"),
+                Err(err) => tracing::warn!(error = %err, "completion left for redelivery"),
             }
-        },
-    )
+        }
+    })
     .await?;
     let _ = client.flush().await;
     tracing::info!("callback stopped");

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, Message};
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
 use jetcall::config::CallbackConfig;
@@ -29,7 +30,7 @@ use crate::hosts::Destinations;
 /// How long a delivery waits for a slot at its destination before it goes back to JetStream:
 /// long enough for a fast receiver to free one, short enough not to hold a worker for a slow
 /// one.
-const SLOT_WAIT: Duration = Duration::from_millis(250);
+const SLOT_WAIT: Duration = Duration::from_millis(50);
 
 /// How long a delivery waits in JetStream when its destination has no free slot; jitter
 /// spreads the returns.
@@ -46,6 +47,8 @@ pub enum Step {
     /// Delivered or given up earlier; acked without another request.
     AlreadyDone(Status),
     Rejected(String),
+    /// Shutdown interrupted the attempt; handed back at once for another instance.
+    Interrupted,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,12 +79,31 @@ struct Decision {
 }
 
 impl Worker {
-    pub async fn handle(&self, message: &Message) -> Result<Step, WorkerError> {
+    pub async fn handle(
+        &self,
+        message: &Message,
+        shutdown: &CancellationToken,
+    ) -> Result<Step, WorkerError> {
         let job: JobFinished = match serde_json::from_slice(&message.payload) {
             Ok(job) => job,
             Err(err) => {
                 let _ = message.ack_with(AckKind::Term).await;
                 return Ok(Step::Rejected(format!("not a finished job: {err}")));
+            }
+        };
+        // A slot first: a delivery that must wait for its destination goes back to JetStream
+        // without costing a status read.
+        let destination = self.destinations.get(&destination_of(&job.callback_url));
+        let slot = match destination.slot(SLOT_WAIT, Instant::now()).await {
+            Ok(slot) => slot,
+            Err(stalled) => {
+                // The longer the destination has been silent, the longer its deliveries wait
+                // in JetStream, so a dead receiver's backlog is not cycled through every second.
+                let base =
+                    stalled.clamp(PARKED_DELAY, self.config.callback.timeout.max(PARKED_DELAY));
+                let delay = base.mul_f64(1.0 + rand::random::<f64>());
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                return Ok(Step::Parked(delay));
             }
         };
         let doc = match self.topology.status.get(&job.job_id).await? {
@@ -100,14 +122,8 @@ impl Worker {
         };
         let webhook_id = webhook::webhook_id(&job);
         let payload = webhook::payload(&job);
-        let destination = self.destinations.get(&destination_of(&job.callback_url));
         let round = doc.delivery_round;
         let cooldown = self.config.callback.breaker_cooldown;
-        let Some(slot) = destination.slot(SLOT_WAIT).await else {
-            let delay = PARKED_DELAY.mul_f64(1.0 + rand::random::<f64>());
-            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-            return Ok(Step::Parked(delay));
-        };
         let (verdict, attempt) = match destination.admit(Instant::now(), cooldown) {
             Some(remaining) => {
                 drop(slot);
@@ -117,10 +133,19 @@ impl Worker {
                 let _slot = slot;
                 let body = serde_json::to_vec(&payload).unwrap_or_default();
                 let signer = self.signer_for(&doc);
-                let sent = self
+                let send = self
                     .sender
-                    .send(&job.callback_url, &webhook_id, &body, &signer, round)
-                    .await;
+                    .send(&job.callback_url, &webhook_id, &body, &signer, round);
+                // A dead receiver may take the whole timeout; a stopping service does not wait
+                // for it. The attempt is not recorded and the message goes straight back, so
+                // another instance tries again (the receiver may see it twice: at least once).
+                let sent = tokio::select! {
+                    sent = send => sent,
+                    _ = shutdown.cancelled() => {
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                        return Ok(Step::Interrupted);
+                    }
+                };
                 let receiver_failed = matches!(sent.0, Verdict::Retry { .. });
                 destination.record(!receiver_failed, Instant::now(), cooldown);
                 sent

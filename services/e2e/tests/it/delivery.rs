@@ -305,3 +305,16 @@ async fn a_dead_receivers_circuit_opens_and_its_jobs_follow_their_schedule_witho
     assert_eq!(skipped + contacted, JOBS, "{kinds:?}");
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_callback_service_does_not_wait_for_a_dead_receiver() {
+    let dead = Blackhole::start().await;
+    let pipeline = Pipeline::start(&[("callback.timeout", json!("1h"))]).await;
+    submit(&pipeline, "JOB-HUNG", &dead.url("/cb")).await;
+    wait_until("the attempt to reach the dead receiver", WAIT, || async {
+        (dead.accepted() > 0).then_some(())
+    })
+    .await;
+    // `stop` fails the test if a service takes more than 20 s; the attempt would take an hour.
+    pipeline.stop().await;
+}
