@@ -48,7 +48,9 @@ impl Sizes {
             throughput_jobs: 20_000,
             dead_backlog: 10_000,
             rate_per_second: 1_000,
-            rate_seconds: 10,
+            // Long enough to include the dead receiver's first timeouts (15 s) and the
+            // opening of its circuit.
+            rate_seconds: 30,
         }
     }
 
@@ -447,14 +449,13 @@ async fn report(
     if ratio > 2.0 {
         writeln!(
             text,
-            "\n**The 2× target is not met.** The dead receiver's backlog is held back by delayed \
-             NAKs: a delivery whose destination has no free slot goes back to JetStream for \
-             1 s to `callback.timeout` (longer the longer the destination has been silent), and \
-             once its circuit opens each retry is recorded without a request. Each of those \
-             returns still costs the server a redelivery and the service a NAK, and they come \
-             back in bursts that healthy deliveries queue behind in the same consumer. Parking \
-             a failing destination's deliveries in a separate consumer, or in memory until its \
-             circuit closes, would take that traffic off the healthy path."
+            "\n**The 2× target is not met.** While the dead receiver's first attempts time out \
+             (15 s) its other deliveries wait in JetStream (half a timeout or more each); then \
+             its circuit opens and every one of its 10,000 jobs has a retry recorded without a \
+             request: a status read, a status write and a delayed NAK each, competing with the \
+             healthy deliveries for the same server and the same two cores. Recording those \
+             skipped attempts in bulk, or holding a dead destination's deliveries in a consumer \
+             of their own, would take that work off the healthy path."
         )?;
     }
     writeln!(

@@ -97,10 +97,12 @@ impl Worker {
         let slot = match destination.slot(SLOT_WAIT, Instant::now()).await {
             Ok(slot) => slot,
             Err(stalled) => {
-                // The longer the destination has been silent, the longer its deliveries wait
-                // in JetStream, so a dead receiver's backlog is not cycled through every second.
-                let base =
-                    stalled.clamp(PARKED_DELAY, self.config.callback.timeout.max(PARKED_DELAY));
+                // Every slot is held by an attempt that has not answered for a while, and one
+                // frees only when its receiver answers or times out: wait in JetStream at least
+                // half the timeout, longer the longer the destination has been silent, so a
+                // dead receiver's backlog is not cycled through every second.
+                let timeout = self.config.callback.timeout.max(PARKED_DELAY);
+                let base = stalled.clamp((timeout / 2).max(PARKED_DELAY), timeout);
                 let delay = base.mul_f64(1.0 + rand::random::<f64>());
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 return Ok(Step::Parked(delay));
@@ -307,9 +309,12 @@ fn circuit_open(round: u32, remaining: Duration, failures: u32) -> (Verdict, Del
         response_excerpt: None,
         round,
     };
+    // Spread over half the remaining time again, or every delivery held back would return
+    // the moment the circuit closes.
+    let retry_after = remaining.mul_f64(1.0 + 0.5 * rand::random::<f64>());
     (
         Verdict::Retry {
-            retry_after: Some(remaining),
+            retry_after: Some(retry_after),
         },
         attempt,
     )
