@@ -32,9 +32,11 @@ use crate::hosts::Destinations;
 /// one.
 const SLOT_WAIT: Duration = Duration::from_millis(50);
 
-/// How long a delivery waits in JetStream when its destination has no free slot; jitter
-/// spreads the returns.
+/// The shortest wait in JetStream for a delivery whose destination has no free slot.
 const PARKED_DELAY: Duration = Duration::from_secs(1);
+
+/// The attempt log's `error_kind` for a retry skipped because the destination's circuit is open.
+const CIRCUIT_OPEN: &str = "circuit_open";
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
@@ -108,12 +110,12 @@ impl Worker {
                 return Ok(Step::Parked(delay));
             }
         };
-        let doc = match self.topology.status.get(&job.job_id).await? {
+        let (doc, revision) = match self.topology.status.get(&job.job_id).await? {
             Some((doc, _)) if doc.status.is_final() => {
                 let _ = message.ack().await;
                 return Ok(Step::AlreadyDone(doc.status));
             }
-            Some((doc, _)) => doc,
+            Some(read) => read,
             None => {
                 let _ = message.ack_with(AckKind::Term).await;
                 return Ok(Step::Rejected(format!(
@@ -129,6 +131,22 @@ impl Worker {
         let (verdict, attempt) = match destination.admit(Instant::now(), cooldown) {
             Some(remaining) => {
                 drop(slot);
+                // While the circuit stays open a job's log needs one line saying so, not one
+                // per retry: later returns go straight back to JetStream until the circuit
+                // closes, unless the job has waited longer than its whole schedule.
+                let noted = doc.deliveries.last().is_some_and(|last| {
+                    last.round == round && last.error_kind.as_deref() == Some(CIRCUIT_OPEN)
+                });
+                let waited = message
+                    .info()
+                    .map(|info| OffsetDateTime::now_utc() - info.published)
+                    .unwrap_or_default();
+                let schedule: Duration = self.config.callback.retry_schedule.iter().sum();
+                if noted && waited < schedule {
+                    let delay = remaining.mul_f64(1.0 + 0.5 * rand::random::<f64>());
+                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    return Ok(Step::Parked(delay));
+                }
                 circuit_open(round, remaining, destination.consecutive_failures())
             }
             None => {
@@ -160,7 +178,7 @@ impl Worker {
         let recorded = self
             .topology
             .status
-            .update(&job.job_id, |doc| {
+            .update_from(&job.job_id, (doc, revision), |doc| {
                 if doc.status.is_final() {
                     return false;
                 }
@@ -301,7 +319,7 @@ fn circuit_open(round: u32, remaining: Duration, failures: u32) -> (Verdict, Del
         at: OffsetDateTime::now_utc(),
         duration_ms: 0,
         status_code: None,
-        error_kind: Some("circuit_open".into()),
+        error_kind: Some(CIRCUIT_OPEN.into()),
         error: Some(format!(
             "not sent: the last {failures} attempts at this destination failed; it is left alone for another {} s",
             remaining.as_secs().max(1)

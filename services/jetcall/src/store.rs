@@ -90,11 +90,35 @@ impl StatusStore {
     pub async fn update(
         &self,
         job_id: &JobId,
+        change: impl FnMut(&mut JobStatus) -> bool,
+    ) -> Result<Updated, StoreError> {
+        self.update_loop(job_id, None, change).await
+    }
+
+    /// `update`, starting from a document and revision the caller has just read, which saves
+    /// a read when nothing has changed since.
+    pub async fn update_from(
+        &self,
+        job_id: &JobId,
+        current: (JobStatus, u64),
+        change: impl FnMut(&mut JobStatus) -> bool,
+    ) -> Result<Updated, StoreError> {
+        self.update_loop(job_id, Some(current), change).await
+    }
+
+    async fn update_loop(
+        &self,
+        job_id: &JobId,
+        mut current: Option<(JobStatus, u64)>,
         mut change: impl FnMut(&mut JobStatus) -> bool,
     ) -> Result<Updated, StoreError> {
         for _ in 0..MAX_CAS_RETRIES {
-            let Some((mut doc, revision)) = self.get(job_id).await? else {
-                return Ok(Updated::Missing);
+            let (mut doc, revision) = match current.take() {
+                Some(read) => read,
+                None => match self.get(job_id).await? {
+                    Some(read) => read,
+                    None => return Ok(Updated::Missing),
+                },
             };
             if !change(&mut doc) {
                 return Ok(Updated::Unchanged(Box::new(doc)));

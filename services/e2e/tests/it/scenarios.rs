@@ -22,6 +22,15 @@ fn article_job(callback_url: &str) -> Value {
     })
 }
 
+/// The generator on the fake Claude, with the key it accepts.
+fn claude_settings(claude: &FakeAnthropic) -> Vec<(&'static str, Value)> {
+    vec![
+        ("generator.provider", json!("anthropic")),
+        ("anthropic.api_key", json!(fake_anthropic::API_KEY)),
+        ("anthropic.base_url", json!(claude.base_url())),
+    ]
+}
+
 fn verifier(pipeline: &Pipeline) -> standardwebhooks::Webhook {
     standardwebhooks::Webhook::new(&pipeline.secret).expect("valid secret")
 }
@@ -181,12 +190,7 @@ async fn a_job_the_model_refuses_is_delivered_as_failed() {
         status: 400,
         retry_after: None,
     });
-    let pipeline = Pipeline::start(&[
-        ("generator.provider", json!("anthropic")),
-        ("anthropic.api_key", json!(fake_anthropic::API_KEY)),
-        ("anthropic.base_url", json!(claude.base_url())),
-    ])
-    .await;
+    let pipeline = Pipeline::start(&claude_settings(&claude)).await;
 
     pipeline
         .post(
@@ -216,12 +220,7 @@ async fn an_overloaded_model_is_retried_until_it_answers() {
         status: 429,
         retry_after: Some(1),
     });
-    let pipeline = Pipeline::start(&[
-        ("generator.provider", json!("anthropic")),
-        ("anthropic.api_key", json!(fake_anthropic::API_KEY)),
-        ("anthropic.base_url", json!(claude.base_url())),
-    ])
-    .await;
+    let pipeline = Pipeline::start(&claude_settings(&claude)).await;
 
     pipeline
         .post(
