@@ -14,20 +14,27 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use futures::StreamExt;
-use serde_json::json;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use jetcall::events::JobRequested;
-use jetcall::publish::publish_event;
+use jetcall::Config;
 use jetcall::signing::SigningKey;
-use jetcall::status::{JobStatus, Status};
 use jetcall::topology::Topology;
-use jetcall::{Config, JobId, Kind};
 
 use crate::poll;
 use crate::stack::Stack;
 use crate::workspace::Workspace;
+
+/// A completed job for `callback_url`, as the generator leaves it.
+async fn completed_job(
+    topology: &Topology,
+    job_id: &str,
+    callback_url: &str,
+) -> anyhow::Result<()> {
+    testkit::jobs::completed_job(topology, job_id, callback_url)
+        .await
+        .map_err(|err| anyhow::anyhow!("seeding job {job_id}: {err}"))
+}
 
 /// Sizes of one run; `--quick` shrinks them so the benchmark itself can be smoke-tested.
 #[derive(Debug, Clone, Copy)]
@@ -171,42 +178,6 @@ async fn setup(nats_server: &Path) -> anyhow::Result<Setup> {
         topology,
         secret: SigningKey::generate(),
     })
-}
-
-/// Records a generated job and publishes its completion, as the generator would.
-async fn completed_job(
-    topology: &Topology,
-    job_id: &str,
-    callback_url: &str,
-) -> anyhow::Result<()> {
-    let request = JobRequested {
-        job_id: JobId::parse(job_id)?,
-        kind: Kind::product_description(),
-        input: json!({"product_id": job_id, "product_name": "Bench AC", "specs": "1.5 Ton"})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-        callback_url: callback_url.to_owned(),
-        metadata: Default::default(),
-        requested_at: OffsetDateTime::now_utc(),
-    };
-    let mut doc = JobStatus::accepted(&request, "bench".into());
-    doc.advance(Status::Completed, OffsetDateTime::now_utc());
-    doc.result = Some(json!({"description": "Beat the heat with the Bench AC."}));
-    doc.model = Some("bench".into());
-    topology.status.create(&doc).await?;
-    let event = doc
-        .finished_event()
-        .context("a completed job has an event")?;
-    let kind = event.event();
-    publish_event(
-        &topology.jetstream,
-        kind.subject(&event.kind),
-        &kind.msg_id(&event.job_id),
-        &event,
-    )
-    .await?;
-    Ok(())
 }
 
 async fn preload(topology: &Topology, prefix: &str, count: usize, url: &str) -> anyhow::Result<()> {

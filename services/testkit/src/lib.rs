@@ -4,6 +4,7 @@
 
 pub mod blackhole;
 pub mod fake_anthropic;
+pub mod jobs;
 pub mod nats;
 pub mod procs;
 pub mod receiver;

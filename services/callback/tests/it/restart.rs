@@ -6,14 +6,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use figment::providers::Serialized;
-use serde_json::json;
-use time::OffsetDateTime;
 
-use jetcall::events::JobRequested;
-use jetcall::publish::publish_event;
 use jetcall::signing::SigningKey;
-use jetcall::status::{JobStatus, Status};
-use jetcall::{Config, JobId, Kind};
+use jetcall::status::Status;
+use jetcall::{Config, JobId};
 use testkit::{NatsServer, WebhookReceiver, wait_until};
 
 const JOBS: usize = 20;
@@ -35,36 +31,6 @@ fn spawn_callback(nats: &NatsServer, secret: &str) -> Child {
         .expect("start the callback binary")
 }
 
-/// A generated job, recorded and published as the generator leaves it.
-async fn finished_job(topology: &jetcall::topology::Topology, job_id: &str, callback_url: &str) {
-    let request = JobRequested {
-        job_id: JobId::parse(job_id).expect("id"),
-        kind: Kind::product_description(),
-        input: json!({"product_id": job_id})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-        callback_url: callback_url.to_owned(),
-        metadata: Default::default(),
-        requested_at: OffsetDateTime::now_utc(),
-    };
-    let mut doc = JobStatus::accepted(&request, "digest".into());
-    doc.advance(Status::Completed, OffsetDateTime::now_utc());
-    doc.result = Some(json!({"description": format!("about {job_id}")}));
-    doc.model = Some("test".into());
-    topology.status.create(&doc).await.expect("status document");
-    let event = doc.finished_event().expect("finished event");
-    let kind = event.event();
-    publish_event(
-        &topology.jetstream,
-        kind.subject(&event.kind),
-        &kind.msg_id(&event.job_id),
-        &event,
-    )
-    .await
-    .expect("publish");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_callback_service_loses_no_delivery() {
     testkit::init_logs();
@@ -82,7 +48,9 @@ async fn a_killed_callback_service_loses_no_delivery() {
     let secret = SigningKey::generate();
 
     for n in 0..JOBS {
-        finished_job(&topology, &format!("JOB-{n}"), &receiver.url("/cb")).await;
+        testkit::jobs::completed_job(&topology, &format!("JOB-{n}"), &receiver.url("/cb"))
+            .await
+            .expect("a completed job");
     }
     let mut first = spawn_callback(&nats, &secret);
     receiver

@@ -1,0 +1,47 @@
+//! Jobs put straight into JetStream, as the generator leaves them, for tests and benchmarks
+//! of what comes after it.
+
+use serde_json::json;
+use time::OffsetDateTime;
+
+use jetcall::events::JobRequested;
+use jetcall::publish::publish_event;
+use jetcall::status::{JobStatus, Status};
+use jetcall::topology::Topology;
+use jetcall::{JobId, Kind};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Records a completed product-description job and publishes its `jobs.completed` event.
+pub async fn completed_job(
+    topology: &Topology,
+    job_id: &str,
+    callback_url: &str,
+) -> Result<(), Error> {
+    let request = JobRequested {
+        job_id: JobId::parse(job_id)?,
+        kind: Kind::product_description(),
+        input: json!({"product_id": job_id, "product_name": "Test AC", "specs": "1.5 Ton"})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        callback_url: callback_url.to_owned(),
+        metadata: Default::default(),
+        requested_at: OffsetDateTime::now_utc(),
+    };
+    let mut doc = JobStatus::accepted(&request, "seeded".into());
+    doc.advance(Status::Completed, OffsetDateTime::now_utc());
+    doc.result = Some(json!({"description": format!("Beat the heat with {job_id}.")}));
+    doc.model = Some("seeded".into());
+    topology.status.create(&doc).await?;
+    let event = doc.finished_event().ok_or("a completed job has an event")?;
+    let kind = event.event();
+    publish_event(
+        &topology.jetstream,
+        kind.subject(&event.kind),
+        &kind.msg_id(&event.job_id),
+        &event,
+    )
+    .await?;
+    Ok(())
+}
