@@ -178,7 +178,7 @@ impl Worker {
         let recorded = self
             .topology
             .status
-            .update_from(&job.job_id, (doc, revision), |doc| {
+            .update_from(&job.job_id, Some((doc, revision)), |doc| {
                 if doc.status.is_final() {
                     return false;
                 }
@@ -204,7 +204,7 @@ impl Worker {
             })
             .await?;
         let decision = match (recorded, decision) {
-            (Updated::Written(_), Some(decision)) => decision,
+            (Updated::Written(..), Some(decision)) => decision,
             (Updated::Missing, _) => {
                 let _ = message.ack_with(AckKind::Term).await;
                 return Ok(Step::Rejected(format!(
@@ -213,7 +213,7 @@ impl Worker {
                 )));
             }
             // Another instance finished the job meanwhile; its outcome stands.
-            (Updated::Unchanged(doc), _) | (Updated::Written(doc), None) => {
+            (Updated::Unchanged(doc), _) | (Updated::Written(doc, _), None) => {
                 let _ = message.ack().await;
                 return Ok(Step::AlreadyDone(doc.status));
             }

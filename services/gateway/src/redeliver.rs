@@ -36,7 +36,7 @@ pub async fn redeliver(state: &AppState, job_id: &JobId) -> Result<Requeued, Api
         .await
         .map_err(|err| ApiError::Unavailable(err.to_string()))?;
     let doc = match updated {
-        Updated::Written(doc) => doc,
+        Updated::Written(doc, _) => doc,
         Updated::Unchanged(doc) => {
             return Err(ApiError::NotRedeliverable {
                 job_id: job_id.to_string(),

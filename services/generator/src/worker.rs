@@ -76,7 +76,7 @@ impl Worker {
                 "unknown_kind",
                 format!("no kind `{}` is configured", request.kind),
             );
-            return self.finish(message, &request, outcome).await;
+            return self.finish(message, &request, outcome, None).await;
         };
 
         let max_attempts = self.config.generator.max_attempts;
@@ -94,8 +94,9 @@ impl Worker {
                 true
             })
             .await?;
-        match started {
-            Updated::Written(_) => {}
+        // The document as written, so recording the outcome needs no second read.
+        let current = match started {
+            Updated::Written(doc, revision) => Some((*doc, revision)),
             Updated::Unchanged(doc) => return self.already_generated(message, &doc).await,
             Updated::Missing => {
                 let _ = message.ack_with(AckKind::Term).await;
@@ -104,13 +105,13 @@ impl Worker {
                     request.job_id
                 )));
             }
-        }
+        };
         if attempt > max_attempts {
             let outcome = failure(
                 "attempts_exhausted",
                 format!("gave up after {max_attempts} attempts"),
             );
-            return self.finish(message, &request, outcome).await;
+            return self.finish(message, &request, outcome, current).await;
         }
 
         let call = self.provider.generate(GenerationRequest {
@@ -129,7 +130,7 @@ impl Worker {
                         model: generation.model,
                         usage: generation.usage,
                     };
-                    return self.finish(message, &request, outcome).await;
+                    return self.finish(message, &request, outcome, current).await;
                 }
                 Err(err) => LlmError {
                     disposition: Disposition::Retry { retry_after: None },
@@ -163,7 +164,7 @@ impl Worker {
             }
             Disposition::Retry { .. } | Disposition::Permanent => {
                 let outcome = failure(&error.error_type, error.message);
-                self.finish(message, &request, outcome).await
+                self.finish(message, &request, outcome, current).await
             }
         }
     }
@@ -196,6 +197,7 @@ impl Worker {
         message: &Message,
         request: &JobRequested,
         outcome: Outcome,
+        current: Option<(JobStatus, u64)>,
     ) -> Result<Step, WorkerError> {
         let finished_at = OffsetDateTime::now_utc();
         let status = match &outcome {
@@ -205,7 +207,7 @@ impl Worker {
         let recorded = self
             .topology
             .status
-            .update(&request.job_id, |doc| {
+            .update_from(&request.job_id, current, |doc| {
                 if !doc.advance(status, finished_at) || doc.status.is_final() {
                     return false;
                 }
@@ -226,7 +228,7 @@ impl Worker {
             })
             .await?;
         match recorded {
-            Updated::Written(doc) => {
+            Updated::Written(doc, _) => {
                 if let Some(event) = doc.finished_event() {
                     self.publish(&event).await?;
                 }

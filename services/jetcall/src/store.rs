@@ -31,7 +31,8 @@ pub enum Created {
 /// What `update` did.
 #[derive(Debug)]
 pub enum Updated {
-    Written(Box<JobStatus>),
+    /// Written, now at this revision.
+    Written(Box<JobStatus>, u64),
     /// The change did not apply (it would have moved the job backwards); the current document.
     Unchanged(Box<JobStatus>),
     Missing,
@@ -95,15 +96,15 @@ impl StatusStore {
         self.update_loop(job_id, None, change).await
     }
 
-    /// `update`, starting from a document and revision the caller has just read, which saves
-    /// a read when nothing has changed since.
+    /// `update`, starting from a document and revision the caller has just read or written,
+    /// if it has one, which saves a read when nothing has changed since.
     pub async fn update_from(
         &self,
         job_id: &JobId,
-        current: (JobStatus, u64),
+        current: Option<(JobStatus, u64)>,
         change: impl FnMut(&mut JobStatus) -> bool,
     ) -> Result<Updated, StoreError> {
-        self.update_loop(job_id, Some(current), change).await
+        self.update_loop(job_id, current, change).await
     }
 
     async fn update_loop(
@@ -128,7 +129,7 @@ impl StatusStore {
                 .update(job_id.as_str(), encode(&doc), revision)
                 .await
             {
-                Ok(_) => return Ok(Updated::Written(Box::new(doc))),
+                Ok(revision) => return Ok(Updated::Written(Box::new(doc), revision)),
                 Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                 Err(err) => return Err(StoreError::Unavailable(err.to_string())),
             }
