@@ -17,7 +17,6 @@ use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use jetcall::Config;
 use jetcall::signing::SigningKey;
 use jetcall::topology::Topology;
 
@@ -167,10 +166,7 @@ struct Setup {
 
 async fn setup(nats_server: &Path) -> anyhow::Result<Setup> {
     let stack = Stack::start(nats_server).await?;
-    let figment = Config::figment(Path::new("/nonexistent/jetcall.toml")).merge(
-        figment::providers::Serialized::default("nats.url", stack.nats_url()),
-    );
-    let config = Config::from_figment(figment).context("bench configuration")?;
+    let config = testkit::config::config(stack.nats_url(), &[]);
     let client = async_nats::connect(stack.nats_url()).await?;
     let topology = jetcall::topology::provision(client, &config).await?;
     Ok(Setup {

@@ -3,6 +3,7 @@
 //! speaks the real Anthropic Messages API wire format.
 
 pub mod blackhole;
+pub mod config;
 pub mod fake_anthropic;
 pub mod jobs;
 pub mod nats;

@@ -1,15 +1,12 @@
 //! kill -9 of the callback service during a backlog of retries: after a restart every job is
 //! delivered, and no retry is lost.
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use figment::providers::Serialized;
-
+use jetcall::JobId;
 use jetcall::signing::SigningKey;
 use jetcall::status::Status;
-use jetcall::{Config, JobId};
 use testkit::{NatsServer, WebhookReceiver, wait_until};
 
 const JOBS: usize = 20;
@@ -35,9 +32,7 @@ fn spawn_callback(nats: &NatsServer, secret: &str) -> Child {
 async fn a_killed_callback_service_loses_no_delivery() {
     testkit::init_logs();
     let nats = NatsServer::start();
-    let figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
-        .merge(Serialized::default("nats.url", nats.url()));
-    let config = Config::from_figment(figment).expect("config");
+    let config = testkit::config::config(&nats.url(), &[]);
     let client = async_nats::connect(nats.url()).await.expect("connect");
     let topology = jetcall::topology::provision(client, &config)
         .await

@@ -1,10 +1,8 @@
 //! The whole pipeline in one process: a real nats-server, the gateway on a loopback port, the
 //! generator and the callback service as tasks, each stoppable on its own.
 
-use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::Serialized;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -30,14 +28,11 @@ pub struct Pipeline {
 /// Configuration for a test: the given NATS server, a fresh signing secret, and `settings`
 /// (dotted keys, e.g. `("callback.retry_schedule", json!(["100ms"]))`) on top.
 pub fn test_config(nats: &NatsServer, secret: &str, settings: &[(&str, Value)]) -> Config {
-    let mut figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
-        .merge(Serialized::default("nats.url", nats.url()))
-        .merge(Serialized::default("callback.signing_secret", secret))
-        .merge(Serialized::default("generator.provider", "offline"));
-    for (key, value) in settings {
-        figment = figment.merge(Serialized::default(key, value));
-    }
-    Config::from_figment(figment).expect("valid test configuration")
+    let base = [
+        ("callback.signing_secret", Value::from(secret)),
+        ("generator.provider", Value::from("offline")),
+    ];
+    testkit::config::config(&nats.url(), &[&base[..], settings].concat())
 }
 
 impl Pipeline {

@@ -1,10 +1,8 @@
 //! A gateway on a loopback port in front of a real nats-server, with nothing consuming, so a
 //! test can count exactly what the gateway published.
 
-use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::Serialized;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -24,14 +22,9 @@ pub struct Gateway {
 }
 
 pub fn config(nats: &NatsServer, settings: &[(&str, Value)]) -> Config {
-    let mut figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
-        .merge(Serialized::default("nats.url", nats.url()))
-        // Fail fast when NATS is down: the 503 tests wait this long.
-        .merge(Serialized::default("nats.request_timeout", "1s"));
-    for (key, value) in settings {
-        figment = figment.merge(Serialized::default(key, value));
-    }
-    Config::from_figment(figment).expect("valid test configuration")
+    // Fail fast when NATS is down: the 503 tests wait this long.
+    let fail_fast = [("nats.request_timeout", Value::from("1s"))];
+    testkit::config::config(&nats.url(), &[&fail_fast[..], settings].concat())
 }
 
 impl Gateway {

@@ -1,11 +1,9 @@
 //! A real nats-server with the topology, a fake Claude, and jobs submitted the way the
 //! gateway does it (status document first, then the request event).
 
-use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
-use figment::providers::Serialized;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -30,15 +28,13 @@ impl Harness {
         testkit::init_logs();
         let nats = NatsServer::start();
         let claude = FakeAnthropic::start().await;
-        let mut figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
-            .merge(Serialized::default("nats.url", nats.url()))
-            .merge(Serialized::default("generator.provider", "anthropic"))
-            .merge(Serialized::default("anthropic.api_key", API_KEY))
-            .merge(Serialized::default("anthropic.base_url", claude.base_url()));
-        for (key, value) in settings {
-            figment = figment.merge(Serialized::default(key, value));
-        }
-        let config = Config::from_figment(figment).expect("valid configuration");
+        let claude_settings = [
+            ("generator.provider", Value::from("anthropic")),
+            ("anthropic.api_key", Value::from(API_KEY)),
+            ("anthropic.base_url", Value::from(claude.base_url())),
+        ];
+        let config =
+            testkit::config::config(&nats.url(), &[&claude_settings[..], settings].concat());
         let client = async_nats::connect(nats.url()).await.expect("connect");
         let topology = jetcall::topology::provision(client, &config)
             .await

@@ -3,17 +3,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::Serialized;
 use jetcall::Config;
 use jetcall::subjects::{CALLBACK_CONSUMER, GENERATOR_CONSUMER};
 use jetcall::topology::provision;
 use testkit::NatsServer;
 
 fn config(nats: &NatsServer, ack_wait: &str) -> Config {
-    let figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
-        .merge(Serialized::default("nats.url", nats.url()))
-        .merge(Serialized::default("generator.ack_wait", ack_wait));
-    Config::from_figment(figment).expect("valid configuration")
+    testkit::config::config(&nats.url(), &[("generator.ack_wait", ack_wait.into())])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,20 @@
+//! Configuration for a test or a benchmark: the built-in defaults, never a `jetcall.toml` that
+//! happens to lie in the working directory, with the given settings on top.
+
+use std::path::Path;
+
+use figment::providers::Serialized;
+use serde_json::Value;
+
+use jetcall::Config;
+
+/// `nats.url` set to `nats_url`, then `settings` (dotted keys, e.g.
+/// `("callback.retry_schedule", json!(["100ms"]))`), later ones winning.
+pub fn config(nats_url: &str, settings: &[(&str, Value)]) -> Config {
+    let mut figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
+        .merge(Serialized::default("nats.url", nats_url));
+    for (key, value) in settings {
+        figment = figment.merge(Serialized::default(key, value));
+    }
+    Config::from_figment(figment).unwrap_or_else(|err| panic!("invalid test configuration: {err}"))
+}
