@@ -132,11 +132,11 @@ impl Worker {
                     };
                     return self.finish(message, &request, outcome, current).await;
                 }
-                Err(err) => LlmError {
-                    disposition: Disposition::Retry { retry_after: None },
-                    error_type: "invalid_output".into(),
-                    message: err.to_string(),
-                },
+                Err(err) => LlmError::new(
+                    Disposition::Retry { retry_after: None },
+                    "invalid_output",
+                    err.to_string(),
+                ),
             },
             Err(err) => err,
         };

@@ -84,6 +84,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub generator: GeneratorConfig,
     pub anthropic: AnthropicConfig,
+    pub openai: OpenAiConfig,
     pub callback: CallbackConfig,
     /// Job kinds beyond the built-in `product-description` and `return-analysis`, or overrides
     /// of them, keyed by kind name.
@@ -174,6 +175,8 @@ pub enum ProviderChoice {
     /// `anthropic` when `ANTHROPIC_API_KEY` is set, otherwise `offline`.
     Auto,
     Anthropic,
+    /// Any OpenAI-compatible `/chat/completions` server (OpenAI, Ollama, vLLM, llama.cpp).
+    OpenAi,
     Offline,
 }
 
@@ -189,8 +192,20 @@ pub struct GeneratorConfig {
     pub ack_wait: Duration,
     /// Attempts at one job (across redeliveries) before it is failed.
     pub max_attempts: u32,
-    /// Requests the `generator` consumer hands out unacknowledged across all instances.
+    /// Requests the `generator` consumer hands out unacknowledged across all instances; at
+    /// least `concurrency` times the number of instances, or instances sit idle.
     pub max_ack_pending: i64,
+    /// LLM requests per minute across every generator instance; 0 for no limit.
+    pub requests_per_minute: u32,
+    /// LLM tokens (input and output) per minute across every generator instance; 0 for no
+    /// limit.
+    pub tokens_per_minute: u64,
+    /// While the provider refuses our credentials, how often one request probes whether the
+    /// configuration has been fixed.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub listen: SocketAddr,
 }
 
 impl Default for GeneratorConfig {
@@ -201,6 +216,10 @@ impl Default for GeneratorConfig {
             ack_wait: Duration::from_secs(30),
             max_attempts: 5,
             max_ack_pending: 4096,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            probe_interval: Duration::from_secs(30),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
         }
     }
 }
@@ -217,6 +236,8 @@ pub struct AnthropicConfig {
     /// Per-request timeout for one Messages API call.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Sampling temperature, 0 to 1; the API's default when unset.
+    pub temperature: Option<f64>,
 }
 
 impl Default for AnthropicConfig {
@@ -226,6 +247,36 @@ impl Default for AnthropicConfig {
             api_key: None,
             model: "claude-sonnet-4-5".into(),
             timeout: Duration::from_secs(120),
+            temperature: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// Up to and including `/v1`; `OPENAI_BASE_URL` sets it too. A local server such as
+    /// Ollama is `http://127.0.0.1:11434/v1`.
+    pub base_url: String,
+    /// Sent as a bearer token when set; `OPENAI_API_KEY` sets it too. Local servers need none.
+    pub api_key: Option<Secret>,
+    /// The model used by kinds that do not name one.
+    pub model: String,
+    /// Per-request timeout for one chat completion.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Sampling temperature, 0 to 2; the server's default when unset.
+    pub temperature: Option<f64>,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.openai.com/v1".into(),
+            api_key: None,
+            model: "gpt-4o-mini".into(),
+            timeout: Duration::from_secs(120),
+            temperature: None,
         }
     }
 }
@@ -304,6 +355,14 @@ impl Config {
                         format!("anthropic.{}", field.to_ascii_lowercase()).into()
                     }),
             )
+            .merge(
+                Env::raw()
+                    .only(&["OPENAI_API_KEY", "OPENAI_BASE_URL"])
+                    .map(|key| {
+                        let field = key.as_str().trim_start_matches("OPENAI_");
+                        format!("openai.{}", field.to_ascii_lowercase()).into()
+                    }),
+            )
             // Only `SECTION__KEY` variables: `JETCALL_CONFIG` and tool paths such as
             // `JETCALL_NATS_SERVER` share the prefix but are not settings.
             .merge(
@@ -319,6 +378,10 @@ impl Config {
         // users who blank it to switch Claude off.
         config.anthropic.api_key = config
             .anthropic
+            .api_key
+            .filter(|key| !key.expose().trim().is_empty());
+        config.openai.api_key = config
+            .openai
             .api_key
             .filter(|key| !key.expose().trim().is_empty());
         config.merge_builtin_kinds();
@@ -360,6 +423,20 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if i64::try_from(self.generator.concurrency).unwrap_or(i64::MAX)
+            > self.generator.max_ack_pending
+        {
+            return Err(ConfigError::invalid(
+                "generator.concurrency",
+                "must not exceed generator.max_ack_pending, or the extra slots never get a job",
+            ));
+        }
+        if self.generator.probe_interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "generator.probe_interval",
+                "must be at least 1s",
+            ));
+        }
         if self.callback.concurrency == 0 {
             return Err(ConfigError::invalid(
                 "callback.concurrency",
@@ -389,6 +466,10 @@ impl Config {
             .map_err(|err| ConfigError::invalid("gateway.callback_allowlist", err.to_string()))?;
         url::Url::parse(&self.anthropic.base_url)
             .map_err(|err| ConfigError::invalid("anthropic.base_url", err.to_string()))?;
+        url::Url::parse(&self.openai.base_url)
+            .map_err(|err| ConfigError::invalid("openai.base_url", err.to_string()))?;
+        check_temperature("anthropic.temperature", self.anthropic.temperature, 1.0)?;
+        check_temperature("openai.temperature", self.openai.temperature, 2.0)?;
         for (name, spec) in &self.kinds {
             crate::job::Kind::parse(name)
                 .map_err(|err| ConfigError::invalid(format!("kinds.{name}"), err.to_string()))?;
@@ -396,5 +477,15 @@ impl Config {
                 .map_err(|problem| ConfigError::invalid(format!("kinds.{name}"), problem))?;
         }
         Ok(())
+    }
+}
+
+fn check_temperature(key: &str, value: Option<f64>, max: f64) -> Result<(), ConfigError> {
+    match value {
+        Some(t) if !(0.0..=max).contains(&t) => Err(ConfigError::invalid(
+            key,
+            format!("must be between 0 and {max}"),
+        )),
+        _ => Ok(()),
     }
 }

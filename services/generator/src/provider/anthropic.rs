@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use jetcall::config::{AnthropicConfig, Secret};
 use jetcall::events::Usage;
 
-use super::{Disposition, Generation, GenerationRequest, LlmError};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{Disposition, Generation, GenerationRequest, LlmError, http};
 
 const API_VERSION: &str = "2023-06-01";
 
@@ -17,6 +20,8 @@ const API_VERSION: &str = "2023-06-01";
 struct MessagesRequest<'a> {
     model: &'a str,
     max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
     system: &'a str,
     messages: [MessageParam<'a>; 1],
 }
@@ -68,6 +73,7 @@ pub struct Anthropic {
     url: String,
     api_key: Secret,
     default_model: String,
+    temperature: Option<f64>,
 }
 
 impl Anthropic {
@@ -85,6 +91,7 @@ impl Anthropic {
             url: format!("{}/v1/messages", config.base_url.trim_end_matches('/')),
             api_key,
             default_model: config.model.clone(),
+            temperature: config.temperature,
         })
     }
 
@@ -93,6 +100,7 @@ impl Anthropic {
         let body = MessagesRequest {
             model: request.spec.model.as_deref().unwrap_or(&self.default_model),
             max_tokens: request.spec.max_tokens,
+            temperature: self.temperature,
             system: &request.spec.system,
             messages: [MessageParam {
                 role: "user",
@@ -107,17 +115,19 @@ impl Anthropic {
             .json(&body)
             .send()
             .await
-            .map_err(transport_error)?;
+            .map_err(http::transport_error)?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(transport_error)?;
+        let bytes = response.bytes().await.map_err(http::transport_error)?;
         if !status.is_success() {
             return Err(api_error(status, &headers, &bytes));
         }
-        let reply: MessagesResponse = serde_json::from_slice(&bytes).map_err(|err| LlmError {
-            disposition: Disposition::Retry { retry_after: None },
-            error_type: "invalid_response".into(),
-            message: format!("the Messages API answered with an unexpected body: {err}"),
+        let reply: MessagesResponse = serde_json::from_slice(&bytes).map_err(|err| {
+            LlmError::new(
+                Disposition::Retry { retry_after: None },
+                "invalid_response",
+                format!("the Messages API answered with an unexpected body: {err}"),
+            )
         })?;
         let text = reply
             .content
@@ -135,20 +145,8 @@ impl Anthropic {
                 input_tokens: reply.usage.input_tokens,
                 output_tokens: reply.usage.output_tokens,
             },
+            slow_down: slow_down(&headers, OffsetDateTime::now_utc()),
         })
-    }
-}
-
-fn transport_error(err: reqwest::Error) -> LlmError {
-    let error_type = if err.is_timeout() {
-        "timeout"
-    } else {
-        "connection_error"
-    };
-    LlmError {
-        disposition: Disposition::Retry { retry_after: None },
-        error_type: error_type.into(),
-        message: err.to_string(),
     }
 }
 
@@ -156,56 +154,37 @@ fn transport_error(err: reqwest::Error) -> LlmError {
 fn api_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> LlmError {
     let (error_type, message) = match serde_json::from_slice::<ErrorResponse>(body) {
         Ok(parsed) => (parsed.error.kind, parsed.error.message),
-        Err(_) => (
-            format!("http_{}", status.as_u16()),
-            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
-        ),
+        Err(_) => http::unparsed_error(status, body),
     };
-    let disposition = match status.as_u16() {
-        401..=403 => Disposition::Configuration,
-        _ => match should_retry_header(headers) {
-            Some(true) => Disposition::Retry {
-                retry_after: retry_after(headers),
-            },
-            Some(false) => Disposition::Permanent,
-            None if matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error() => {
-                Disposition::Retry {
-                    retry_after: retry_after(headers),
-                }
+    http::api_error(status, headers, error_type, message)
+}
+
+/// The lowest share of a rate-limit budget we spend before every instance waits for its reset.
+const LOW_HEADROOM: f64 = 0.05;
+
+/// Reads `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`:
+/// when any budget is nearly spent, how long until it resets.
+fn slow_down(headers: &HeaderMap, now: OffsetDateTime) -> Option<Duration> {
+    ["requests", "tokens", "input-tokens", "output-tokens"]
+        .iter()
+        .filter_map(|budget| {
+            let number = |part: &str| {
+                http::header_str(headers, &format!("anthropic-ratelimit-{budget}-{part}"))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            };
+            let (limit, remaining) = (number("limit")?, number("remaining")?);
+            if limit <= 0.0 || remaining > limit * LOW_HEADROOM {
+                return None;
             }
-            None => Disposition::Permanent,
-        },
-    };
-    LlmError {
-        disposition,
-        error_type,
-        message: format!("{} (HTTP {})", message, status.as_u16()),
-    }
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|value| value.to_str().ok())
-}
-
-fn should_retry_header(headers: &HeaderMap) -> Option<bool> {
-    match header_str(headers, "x-should-retry")? {
-        "true" => Some(true),
-        "false" => Some(false),
-        _ => None,
-    }
-}
-
-/// `retry-after-ms`, else `retry-after` in seconds; an HTTP-date is left to our own backoff.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) =
-        header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return (ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
-    }
-    header_str(headers, "retry-after")
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|secs| *secs >= 0.0)
-        .map(Duration::from_secs_f64)
+            let reset = http::header_str(headers, &format!("anthropic-ratelimit-{budget}-reset"))
+                .and_then(|v| OffsetDateTime::parse(v.trim(), &Rfc3339).ok())?;
+            let wait = reset - now;
+            wait.is_positive()
+                .then(|| Duration::try_from(wait).ok())
+                .flatten()
+        })
+        .max()
+        .map(|wait| wait.min(http::MAX_SLOW_DOWN))
 }
 
 #[cfg(test)]
@@ -266,7 +245,10 @@ mod tests {
         );
         assert_eq!(err.error_type, "rate_limit_error");
         headers.insert("retry-after-ms", HeaderValue::from_static("150"));
-        assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+        assert_eq!(
+            http::retry_after(&headers),
+            Some(Duration::from_millis(150))
+        );
     }
 
     #[test]

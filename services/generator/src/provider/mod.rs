@@ -1,6 +1,7 @@
 //! LLM providers: where a job's prompt goes and what comes back.
 
 mod anthropic;
+mod http;
 mod offline;
 
 use std::time::Duration;
@@ -27,6 +28,9 @@ pub struct Generation {
     pub text: String,
     pub model: String,
     pub usage: Usage,
+    /// The API's rate-limit headers say our budget is nearly spent until this long from now:
+    /// every generator instance should hold off that long.
+    pub slow_down: Option<Duration>,
 }
 
 /// How a failed call should be treated.
@@ -47,6 +51,23 @@ pub struct LlmError {
     /// The API's error type (`overloaded_error`, ...) or ours (`connection_error`, ...).
     pub error_type: String,
     pub message: String,
+    /// The API refused the call for our rate (HTTP 429): every instance should slow down.
+    pub rate_limited: bool,
+}
+
+impl LlmError {
+    pub fn new(
+        disposition: Disposition,
+        error_type: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            disposition,
+            error_type: error_type.into(),
+            message: message.into(),
+            rate_limited: false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +98,8 @@ impl Provider {
                 Anthropic::new(&config.anthropic, key, config.generator.concurrency)?,
             )),
             (ProviderChoice::Anthropic, None) => Err(ProviderSetupError::MissingApiKey),
+            // Placeholder until the OpenAI-compatible provider lands (in progress).
+            (ProviderChoice::OpenAi, _) => Err(ProviderSetupError::MissingApiKey),
         }
     }
 

@@ -26,6 +26,7 @@ impl Offline {
             text,
             model: MODEL.into(),
             usage,
+            slow_down: None,
         }
     }
 }
