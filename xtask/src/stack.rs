@@ -110,7 +110,10 @@ impl Stack {
                 "gateway" => cmd.env("JETCALL_GATEWAY__LISTEN", gateway.to_string()),
                 "callback" => cmd.env("JETCALL_CALLBACK__SIGNING_SECRET", signing_secret),
                 // The generator inherits ANTHROPIC_API_KEY, if any, like every variable.
-                _ => &mut cmd,
+                _ => cmd.env(
+                    "JETCALL_GENERATOR__LISTEN",
+                    free_addr(Some(8081))?.to_string(),
+                ),
             };
             let log = self.logs_dir().join(format!("{name}.log"));
             self.services.push(Proc::spawn(name, cmd, log)?);

@@ -71,18 +71,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Call
         concurrency,
         "callback consuming jobs.completed.> and jobs.failed.>"
     );
-    consume(consumer, concurrency, shutdown, move |message, shutdown| {
-        let worker = worker.clone();
-        async move {
-            match worker.handle(&message, &shutdown).await {
-                Ok(Step::Rejected(reason)) => {
-                    tracing::error!(%reason, subject = %message.subject, "completion dropped")
+    consume(
+        consumer,
+        concurrency,
+        None,
+        shutdown,
+        move |message, shutdown| {
+            let worker = worker.clone();
+            async move {
+                match worker.handle(&message, &shutdown).await {
+                    Ok(Step::Rejected(reason)) => {
+                        tracing::error!(%reason, subject = %message.subject, "completion dropped")
+                    }
+                    Ok(step) => tracing::debug!(?step, "completion handled"),
+                    Err(err) => tracing::warn!(error = %err, "completion left for redelivery"),
                 }
-                Ok(step) => tracing::debug!(?step, "completion handled"),
-                Err(err) => tracing::warn!(error = %err, "completion left for redelivery"),
             }
-        }
-    })
+        },
+    )
     .await?;
     let _ = client.flush().await;
     tracing::info!("callback stopped");

@@ -2,17 +2,24 @@
 //! `generator`, calls the LLM, records the outcome and publishes `jobs.completed.<kind>` or
 //! `jobs.failed.<kind>`.
 
+mod admin;
+pub mod limiter;
+mod metrics;
 mod output;
 pub mod provider;
 mod worker;
 
 use std::sync::Arc;
 
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
 use jetcall::connect::{ConnectError, connect, provision_with_retry};
 use jetcall::consume::consume;
+use jetcall::gate::Gate;
+
+use limiter::{Limiter, Rates};
 
 pub use provider::Provider;
 pub use worker::{Step, Worker};
@@ -27,10 +34,19 @@ pub enum GeneratorError {
     Topology(#[from] jetcall::topology::TopologyError),
     #[error(transparent)]
     Consume(#[from] jetcall::consume::ConsumeError),
+    #[error(transparent)]
+    Limiter(#[from] limiter::LimiterError),
+    #[error("HTTP server failed: {0}")]
+    Serve(#[from] std::io::Error),
 }
 
 /// Generates until `shutdown` is cancelled, then finishes or hands back in-flight jobs.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GeneratorError> {
+/// `/healthz`, `/readyz` and `/metrics` are served on `listener`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), GeneratorError> {
     let provider = Provider::from_config(&config)?;
     match (&provider, config.generator.provider) {
         (Provider::Offline(_), jetcall::config::ProviderChoice::Auto) => tracing::info!(
@@ -46,27 +62,67 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gene
     };
     let consumer = topology.generator_consumer().await?;
     let concurrency = config.generator.concurrency;
+    let limiter = match provider {
+        Provider::Offline(_) => None,
+        _ => Some(
+            Limiter::start(
+                topology.limits.clone(),
+                provider.name(),
+                Rates {
+                    requests_per_minute: config.generator.requests_per_minute,
+                    tokens_per_minute: config.generator.tokens_per_minute,
+                },
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+    };
+    let gate = Gate::new(config.generator.probe_interval);
+    let metrics = metrics::Metrics::default();
+    let admin = admin::router(admin::AdminState {
+        client: client.clone(),
+        gate: gate.clone(),
+        metrics: metrics.clone(),
+    });
+    tracing::info!(address = %listener.local_addr()?, "generator health and metrics listening");
+    let server = tokio::spawn(
+        axum::serve(listener, admin)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
     let worker = Worker {
         config: Arc::new(config),
         topology,
         provider,
+        gate: gate.clone(),
+        limiter,
+        metrics,
     };
     tracing::info!(concurrency, "generator consuming jobs.requested.>");
-    consume(consumer, concurrency, shutdown, move |message, shutdown| {
-        let worker = worker.clone();
-        async move {
-            match worker.handle(&message, &shutdown).await {
-                Ok(Step::Rejected(reason)) => {
-                    tracing::error!(%reason, subject = %message.subject, "request dropped")
+    consume(
+        consumer,
+        concurrency,
+        Some(gate),
+        shutdown,
+        move |message, shutdown| {
+            let worker = worker.clone();
+            async move {
+                match worker.handle(&message, &shutdown).await {
+                    Ok(Step::Rejected(reason)) => {
+                        tracing::error!(%reason, subject = %message.subject, "request dropped")
+                    }
+                    Ok(step) => tracing::debug!(?step, "request handled"),
+                    Err(err) => tracing::warn!(error = %err, "request left for redelivery"),
                 }
-                Ok(step) => tracing::debug!(?step, "request handled"),
-                Err(err) => tracing::warn!(error = %err, "request left for redelivery"),
             }
-        }
-    })
+        },
+    )
     .await?;
     // Acks are fire-and-forget publishes: send them before the connection goes.
     let _ = client.flush().await;
+    if let Ok(served) = server.await {
+        served?;
+    }
     tracing::info!("generator stopped");
     Ok(())
 }

@@ -12,6 +12,12 @@ pub enum OutputError {
     NotJson(String),
     #[error("the model's JSON answer lacks `{0}`")]
     MissingKey(String),
+    #[error("the model's JSON answer has `{key}` = {found}, not one of {allowed:?}")]
+    NotAllowed {
+        key: String,
+        found: String,
+        allowed: Vec<String>,
+    },
 }
 
 pub fn to_result(spec: &OutputSpec, text: &str) -> Result<Value, OutputError> {
@@ -25,7 +31,7 @@ pub fn to_result(spec: &OutputSpec, text: &str) -> Result<Value, OutputError> {
             result.insert(field.clone(), Value::String(text.to_owned()));
             Ok(Value::Object(result))
         }
-        OutputSpec::Json { required } => {
+        OutputSpec::Json { required, one_of } => {
             let object: Map<String, Value> = serde_json::from_str(strip_fence(text))
                 .map_err(|err| OutputError::NotJson(err.to_string()))?;
             if let Some(missing) = required
@@ -33,6 +39,21 @@ pub fn to_result(spec: &OutputSpec, text: &str) -> Result<Value, OutputError> {
                 .find(|key| !object.contains_key(key.as_str()))
             {
                 return Err(OutputError::MissingKey(missing.clone()));
+            }
+            for (key, allowed) in one_of {
+                let Some(found) = object.get(key) else {
+                    continue;
+                };
+                if !found
+                    .as_str()
+                    .is_some_and(|found| allowed.iter().any(|a| a == found))
+                {
+                    return Err(OutputError::NotAllowed {
+                        key: key.clone(),
+                        found: found.to_string(),
+                        allowed: allowed.clone(),
+                    });
+                }
             }
             Ok(Value::Object(object))
         }
@@ -66,6 +87,11 @@ mod tests {
     fn json_must_be_an_object_with_the_required_keys() {
         let spec = OutputSpec::Json {
             required: vec!["decision".into()],
+            one_of: [(
+                "decision".to_owned(),
+                vec!["approve".into(), "reject".into()],
+            )]
+            .into(),
         };
         assert_eq!(
             to_result(&spec, "```json\n{\"decision\": \"approve\"}\n```"),
@@ -78,6 +104,10 @@ mod tests {
         assert!(matches!(
             to_result(&spec, "approve"),
             Err(OutputError::NotJson(_))
+        ));
+        assert!(matches!(
+            to_result(&spec, r#"{"decision": "maybe"}"#),
+            Err(OutputError::NotAllowed { .. })
         ));
     }
 }

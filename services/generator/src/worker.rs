@@ -5,25 +5,29 @@
 //! enough behind for the redelivered request to finish the job without a second LLM call.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, Message};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
-use jetcall::events::{JobError, JobFinished, JobRequested, Outcome};
+use jetcall::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
+use jetcall::gate::Gate;
+use jetcall::kinds::KindSpec;
 use jetcall::publish::publish_event;
 use jetcall::retry::llm_backoff;
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Updated;
 use jetcall::topology::Topology;
 
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
 use crate::output::to_result;
-use crate::provider::{Disposition, GenerationRequest, LlmError, Provider};
+use crate::provider::{Disposition, Generation, GenerationRequest, LlmError, Provider};
 
-/// Wait before looking at a job again when the LLM account is misconfigured.
-const CONFIGURATION_FAULT_DELAY: Duration = Duration::from_secs(30);
+/// How long every instance holds off after a 429 that named no wait.
+const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(1);
 
 /// How handling one message ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +57,11 @@ pub struct Worker {
     pub config: Arc<Config>,
     pub topology: Topology,
     pub provider: Provider,
+    /// Closed while the provider refuses our configuration.
+    pub gate: Gate,
+    /// `None` for a provider with no rate limits to respect (`offline`).
+    pub limiter: Option<Limiter>,
+    pub metrics: Metrics,
 }
 
 impl Worker {
@@ -114,30 +123,20 @@ impl Worker {
             return self.finish(message, &request, outcome, current).await;
         }
 
-        let call = self.provider.generate(GenerationRequest {
-            spec,
-            input: &request.input,
-        });
+        let call = self.generate(&request, spec);
         let Some(result) = self.with_progress_acks(message, call, shutdown).await else {
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return Ok(Step::Interrupted);
         };
         let error = match result {
-            Ok(generation) => match to_result(&spec.output, &generation.text) {
-                Ok(value) => {
-                    let outcome = Outcome::Completed {
-                        result: value,
-                        model: generation.model,
-                        usage: generation.usage,
-                    };
-                    return self.finish(message, &request, outcome, current).await;
-                }
-                Err(err) => LlmError::new(
-                    Disposition::Retry { retry_after: None },
-                    "invalid_output",
-                    err.to_string(),
-                ),
-            },
+            Ok((result, generation)) => {
+                let outcome = Outcome::Completed {
+                    result,
+                    model: generation.model,
+                    usage: generation.usage,
+                };
+                return self.finish(message, &request, outcome, current).await;
+            }
             Err(err) => err,
         };
         tracing::warn!(job_id = %request.job_id, attempt, error = %error, "generation failed");
@@ -148,8 +147,8 @@ impl Worker {
                 Ok(Step::Retry(delay))
             }
             Disposition::Configuration => {
-                tracing::error!(error = %error, "the LLM provider refused our credentials; fix the configuration");
-                // The job is not at fault: give back the attempt it did not really make.
+                // The gate has paused consumption and raised the alarm. The job is not at
+                // fault: give back the attempt it did not really make.
                 self.topology
                     .status
                     .update(&request.job_id, |doc| {
@@ -157,16 +156,119 @@ impl Worker {
                         true
                     })
                     .await?;
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(CONFIGURATION_FAULT_DELAY)))
-                    .await;
-                Ok(Step::Retry(CONFIGURATION_FAULT_DELAY))
+                let delay = self.config.generator.probe_interval;
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                Ok(Step::Retry(delay))
             }
             Disposition::Retry { .. } | Disposition::Permanent => {
                 let outcome = failure(&error.error_type, error.message);
                 self.finish(message, &request, outcome, current).await
             }
         }
+    }
+
+    /// The job's result: one LLM call, and one more if the answer does not fit the kind's
+    /// output type (a model asked again usually mends malformed JSON). Usage counts both.
+    async fn generate(
+        &self,
+        request: &JobRequested,
+        spec: &KindSpec,
+    ) -> Result<(serde_json::Value, Generation), LlmError> {
+        let mut used = Usage::default();
+        let mut retried = false;
+        loop {
+            let mut generation = self
+                .call_llm(
+                    request.kind.as_str(),
+                    GenerationRequest {
+                        spec,
+                        input: &request.input,
+                    },
+                )
+                .await?;
+            used.input_tokens += generation.usage.input_tokens;
+            used.output_tokens += generation.usage.output_tokens;
+            match to_result(&spec.output, &generation.text) {
+                Ok(result) => {
+                    generation.usage = used;
+                    return Ok((result, generation));
+                }
+                Err(err) if !retried => {
+                    tracing::warn!(job_id = %request.job_id, error = %err, "unusable answer; asking once more");
+                    retried = true;
+                }
+                Err(err) => {
+                    return Err(LlmError::new(
+                        Disposition::Permanent,
+                        "invalid_output",
+                        format!("{err} (the model was asked twice)"),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// One LLM call within the shared rate limits; the gate and the limiter learn from its
+    /// answer.
+    async fn call_llm(
+        &self,
+        kind: &str,
+        request: GenerationRequest<'_>,
+    ) -> Result<Generation, LlmError> {
+        let estimate = if self.config.generator.tokens_per_minute > 0 {
+            ((request.spec.system.len() + request.spec.render(request.input).len()) / 4) as u64
+        } else {
+            0
+        };
+        if let Some(limiter) = &self.limiter {
+            limiter.acquire(estimate).await.map_err(|err| {
+                LlmError::new(
+                    Disposition::Retry { retry_after: None },
+                    "rate_limiter_unavailable",
+                    err.to_string(),
+                )
+            })?;
+        }
+        let in_flight = self.metrics.call_started();
+        let started = Instant::now();
+        let result = self.provider.generate(request).await;
+        drop(in_flight);
+        self.metrics
+            .call_finished(self.provider.name(), &result, started.elapsed());
+        match &result {
+            Err(err) if err.disposition == Disposition::Configuration => self.gate.fault(err),
+            _ => self.gate.healthy(),
+        }
+        self.metrics.set_paused(!self.gate.is_open());
+        if let Ok(generation) = &result {
+            self.metrics.tokens_used(kind, generation.usage);
+        }
+        if let Some(limiter) = &self.limiter {
+            let learned = match &result {
+                Ok(generation) => {
+                    let used = generation.usage.input_tokens + generation.usage.output_tokens;
+                    let charged = limiter.charge(used.saturating_sub(estimate)).await;
+                    match generation.slow_down {
+                        Some(wait) => charged.and(limiter.pause(wait).await),
+                        None => charged,
+                    }
+                }
+                Err(err) if err.rate_limited => {
+                    let wait = match err.disposition {
+                        Disposition::Retry {
+                            retry_after: Some(wait),
+                        } => wait,
+                        _ => RATE_LIMITED_PAUSE,
+                    };
+                    limiter.pause(wait).await
+                }
+                Err(_) => Ok(()),
+            };
+            if let Err(err) = learned {
+                tracing::warn!(error = %err, "could not update the shared rate-limit budget");
+            }
+        }
+        result
     }
 
     /// Runs `call`, telling JetStream every half `ack_wait` that the message is still being
@@ -233,6 +335,8 @@ impl Worker {
                     self.publish(&event).await?;
                 }
                 tracing::info!(job_id = %request.job_id, status = status.as_str(), "job generated");
+                self.metrics
+                    .job_finished(request.kind.as_str(), status.as_str());
                 let _ = message.ack().await;
                 Ok(Step::Finished(status))
             }

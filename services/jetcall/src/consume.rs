@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::Stream;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use crate::gate::{Admission, Gate};
 
 #[derive(Debug, thiserror::Error)]
 #[error("could not start pulling from consumer: {0}")]
@@ -19,10 +22,15 @@ pub struct ConsumeError(String);
 /// Pulls until `shutdown`, running `handle` for each message with at most `concurrency` in
 /// flight. A permit is taken before a message, so a message never waits in our memory for a
 /// free slot while its ack timer runs. Handlers get the shutdown token: they finish quickly or
-/// hand their message back.
+/// hand their message back. They hear of shutdown only once the pull has stopped, so a message
+/// they hand back is redelivered to another instance, not into this one's closing pull.
+///
+/// While `gate` is closed nothing is pulled: the open pull request is dropped (messages it had
+/// fetched return after `ack_wait`), and each probe the gate admits fetches a single message.
 pub async fn consume<H, Fut>(
     consumer: PullConsumer,
     concurrency: usize,
+    gate: Option<Gate>,
     shutdown: CancellationToken,
     handle: H,
 ) -> Result<(), ConsumeError>
@@ -30,16 +38,10 @@ where
     H: Fn(Message, CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let handlers_stop = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(concurrency.min(256))
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|err| ConsumeError(err.to_string()))?;
+    let mut messages = Some(pull(&consumer, concurrency).await?);
     loop {
         while tasks.try_join_next().is_some() {}
         let permit = tokio::select! {
@@ -49,9 +51,33 @@ where
             },
             _ = shutdown.cancelled() => break,
         };
-        let next = tokio::select! {
-            next = messages.next() => next,
-            _ = shutdown.cancelled() => break,
+        let admission = match &gate {
+            Some(gate) => {
+                if !gate.is_open() {
+                    messages = None;
+                }
+                tokio::select! {
+                    admission = gate.admit() => admission,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            None => Admission::Open,
+        };
+        let next: Pulled = match admission {
+            Admission::Probe => tokio::select! {
+                next = probe(&consumer) => next,
+                _ = shutdown.cancelled() => break,
+            },
+            Admission::Open => {
+                let stream = match &mut messages {
+                    Some(stream) => stream,
+                    None => messages.insert(pull(&consumer, concurrency).await?),
+                };
+                tokio::select! {
+                    next = stream.next() => next.map(|next| next.map_err(Into::into)),
+                    _ = shutdown.cancelled() => break,
+                }
+            }
         };
         let message = match next {
             Some(Ok(message)) => message,
@@ -63,15 +89,44 @@ where
                     _ = shutdown.cancelled() => break,
                 }
             }
+            None if admission == Admission::Probe => continue,
             None => break,
         };
-        let work = handle(message, shutdown.clone());
+        let work = handle(message, handlers_stop.clone());
         tasks.spawn(async move {
             let _permit = permit;
             work.await;
         });
     }
     drop(messages);
+    handlers_stop.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+async fn pull(consumer: &PullConsumer, concurrency: usize) -> Result<Stream, ConsumeError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(concurrency.min(256))
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|err| ConsumeError(err.to_string()))
+}
+
+type Pulled = Option<Result<Message, Box<dyn std::error::Error + Send + Sync>>>;
+
+/// One message for a probe, or `None` when there is no work to probe with yet.
+async fn probe(consumer: &PullConsumer) -> Pulled {
+    let batch = consumer
+        .batch()
+        .max_messages(1)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await;
+    match batch {
+        Ok(mut batch) => batch.next().await,
+        Err(err) => Some(Err(err.into())),
+    }
 }

@@ -14,8 +14,13 @@ use serde_json::{Map, Value};
 pub enum OutputSpec {
     /// Plain text, stored in the result under `field`.
     Text { field: String },
-    /// A JSON object that must carry every key in `required`; stored as the result itself.
-    Json { required: Vec<String> },
+    /// A JSON object that must carry every key in `required`, and, for each key in `one_of`,
+    /// one of the strings listed there; stored as the result itself.
+    Json {
+        required: Vec<String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        one_of: BTreeMap<String, Vec<String>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +137,10 @@ pub fn builtin_kinds() -> BTreeMap<String, KindSpec> {
         max_tokens: 1024,
         output: OutputSpec::Json {
             required: vec!["decision".into(), "reason".into(), "customer_reply".into()],
+            one_of: BTreeMap::from([(
+                "decision".to_owned(),
+                vec!["approve".into(), "reject".into(), "inspect".into()],
+            )]),
         },
     };
     BTreeMap::from([

@@ -9,6 +9,7 @@ pub mod connect;
 pub mod consume;
 mod durations;
 pub mod events;
+pub mod gate;
 pub mod job;
 pub mod kinds;
 pub mod publish;

@@ -6,6 +6,8 @@ use crate::job::{JobId, Kind};
 pub const STREAM: &str = "JOBS";
 pub const STREAM_SUBJECTS: &str = "jobs.>";
 pub const STATUS_BUCKET: &str = "job_status";
+/// Shared LLM rate-limit budgets, one key per provider; owned by the generator.
+pub const LIMITS_BUCKET: &str = "llm_limits";
 pub const GENERATOR_CONSUMER: &str = "generator";
 pub const CALLBACK_CONSUMER: &str = "callback";
 

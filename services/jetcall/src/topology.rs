@@ -8,7 +8,8 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 use crate::config::Config;
 use crate::store::StatusStore;
 use crate::subjects::{
-    CALLBACK_CONSUMER, Event, GENERATOR_CONSUMER, STATUS_BUCKET, STREAM, STREAM_SUBJECTS,
+    CALLBACK_CONSUMER, Event, GENERATOR_CONSUMER, LIMITS_BUCKET, STATUS_BUCKET, STREAM,
+    STREAM_SUBJECTS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub struct Topology {
     pub jetstream: jetstream::Context,
     pub stream: stream::Stream,
     pub status: StatusStore,
+    /// The generator instances' shared rate-limit budgets.
+    pub limits: kv::Store,
 }
 
 impl Topology {
@@ -70,6 +73,17 @@ pub fn status_bucket_config(config: &Config) -> kv::Config {
         // Enough revisions for `nats kv history` to show every transition of a normal job.
         history: 10,
         max_age: config.nats.max_age,
+        storage: stream::StorageType::File,
+        num_replicas: config.nats.replicas,
+        ..Default::default()
+    }
+}
+
+pub fn limits_bucket_config(config: &Config) -> kv::Config {
+    kv::Config {
+        bucket: LIMITS_BUCKET.into(),
+        description: "Jetcall LLM rate-limit budgets shared by every generator instance".into(),
+        history: 1,
         storage: stream::StorageType::File,
         num_replicas: config.nats.replicas,
         ..Default::default()
@@ -130,6 +144,10 @@ pub async fn provision(
         .create_or_update_key_value(status_bucket_config(config))
         .await
         .map_err(|err| failed("bucket `job_status`")(err.to_string()))?;
+    let limits = jetstream
+        .create_or_update_key_value(limits_bucket_config(config))
+        .await
+        .map_err(|err| failed("bucket `llm_limits`")(err.to_string()))?;
 
     // `create_consumer` is create-or-update on the server, so a changed `ack_wait` or
     // `max_ack_pending` in the configuration reaches an existing consumer.
@@ -146,5 +164,6 @@ pub async fn provision(
         jetstream,
         stream,
         status: StatusStore::new(kv),
+        limits,
     })
 }

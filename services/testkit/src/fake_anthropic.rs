@@ -31,20 +31,50 @@ pub enum Scripted {
     Delay(Duration),
 }
 
-/// What the server saw of one request.
+/// What the server saw of one request, and the status it answered with.
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub headers: HeaderMap,
     pub body: Value,
+    /// When the request arrived, on the server's clock.
     pub at: Instant,
+    pub status: u16,
+    /// The `retry-after` seconds the answer carried.
+    pub retry_after: Option<u64>,
 }
 
-#[derive(Debug, Default)]
+impl Recorded {
+    /// The first line of the user message: which job a request was for. Status 0 while the
+    /// answer is still being made.
+    pub fn prompt(&self) -> String {
+        first_user_line(&self.body)
+    }
+}
+
+#[derive(Debug)]
 struct Inner {
     script: VecDeque<Scripted>,
+    /// Repeats over the requests the script does not answer; `None` is a normal answer.
+    cycle: Vec<Option<Scripted>>,
+    answered: usize,
     requests: Vec<Recorded>,
     delay: Duration,
     reply: Option<String>,
+    accepted_key: String,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            script: VecDeque::new(),
+            cycle: Vec::new(),
+            answered: 0,
+            requests: Vec::new(),
+            delay: Duration::ZERO,
+            reply: None,
+            accepted_key: API_KEY.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -75,9 +105,7 @@ impl FakeAnthropic {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
     }
 
     pub fn push(&self, scripted: Scripted) {
@@ -92,6 +120,17 @@ impl FakeAnthropic {
     /// The text of every default answer; by default it quotes the first line of the prompt.
     pub fn set_reply(&self, text: impl Into<String>) {
         self.lock().reply = Some(text.into());
+    }
+
+    /// A pattern of answers repeated over every request the script does not take, e.g. three
+    /// errors in ten for a flaky API.
+    pub fn set_cycle(&self, cycle: Vec<Option<Scripted>>) {
+        self.lock().cycle = cycle;
+    }
+
+    /// The only `x-api-key` accepted; others get 401, as after a key rotation.
+    pub fn set_accepted_key(&self, key: impl Into<String>) {
+        self.lock().accepted_key = key.into();
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -144,8 +183,8 @@ fn error_for(status: u16, retry_after: Option<u64>) -> Response {
 }
 
 /// The checks the real API makes before it will answer, as far as a client can get wrong.
-fn validate(headers: &HeaderMap, body: &Value) -> Result<(), Box<Response>> {
-    if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(API_KEY) {
+fn validate(headers: &HeaderMap, body: &Value, accepted_key: &str) -> Result<(), Box<Response>> {
+    if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(accepted_key) {
         return Err(Box::new(error_for(401, None)));
     }
     let bad = |message: &str| {
@@ -190,8 +229,12 @@ fn validate(headers: &HeaderMap, body: &Value) -> Result<(), Box<Response>> {
     Ok(())
 }
 
-fn first_user_line(body: &Value) -> String {
-    let content = &body["messages"][0]["content"];
+/// The first line of the first user message (OpenAI puts the system prompt before it).
+pub fn first_user_line(body: &Value) -> String {
+    let content = body["messages"]
+        .as_array()
+        .and_then(|messages| messages.iter().find(|m| m["role"] == "user"))
+        .map_or(&Value::Null, |message| &message["content"]);
     let text = match content {
         Value::String(text) => text.clone(),
         Value::Array(blocks) => blocks
@@ -244,41 +287,74 @@ async fn messages(
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
-    let Ok(body) = serde_json::from_slice::<Value>(&raw) else {
+    let body = serde_json::from_slice::<Value>(&raw).unwrap_or(Value::Null);
+    // Recorded on arrival, so a call still hanging is counted; its status follows.
+    let index = {
+        let mut inner = lock(&inner);
+        inner.requests.push(Recorded {
+            headers: headers.clone(),
+            body: body.clone(),
+            at: Instant::now(),
+            status: 0,
+            retry_after: None,
+        });
+        inner.requests.len() - 1
+    };
+    let response = answer(&inner, &headers, &body).await;
+    if let Some(recorded) = lock(&inner).requests.get_mut(index) {
+        recorded.status = response.status().as_u16();
+        recorded.retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+    }
+    response
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    inner
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn answer(inner: &Mutex<Inner>, headers: &HeaderMap, body: &Value) -> Response {
+    if body.is_null() {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "Request body is not valid JSON",
         );
-    };
-    let (scripted, delay, reply) = {
-        let mut inner = inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        inner.requests.push(Recorded {
-            headers: headers.clone(),
-            body: body.clone(),
-            at: Instant::now(),
-        });
-        (inner.script.pop_front(), inner.delay, inner.reply.clone())
-    };
-    if let Err(response) = validate(&headers, &body) {
-        return *response;
     }
-    let text = reply.unwrap_or_else(|| format!("Fake Claude reply to: {}", first_user_line(&body)));
+    let (scripted, delay, reply) = {
+        let mut inner = lock(inner);
+        if let Err(response) = validate(headers, body, &inner.accepted_key) {
+            return *response;
+        }
+        let scripted = match inner.script.pop_front() {
+            Some(scripted) => Some(scripted),
+            None if inner.cycle.is_empty() => None,
+            None => {
+                let step = inner.cycle[inner.answered % inner.cycle.len()].clone();
+                inner.answered += 1;
+                step
+            }
+        };
+        (scripted, inner.delay, inner.reply.clone())
+    };
+    let text = reply.unwrap_or_else(|| format!("Fake Claude reply to: {}", first_user_line(body)));
     match scripted {
         Some(Scripted::Error {
             status,
             retry_after,
         }) => error_for(status, retry_after),
-        Some(Scripted::Text(text)) => success(&body, text),
+        Some(Scripted::Text(text)) => success(body, text),
         Some(Scripted::Delay(extra)) => {
             tokio::time::sleep(extra).await;
-            success(&body, text)
+            success(body, text)
         }
         None => {
             tokio::time::sleep(delay).await;
-            success(&body, text)
+            success(body, text)
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Test support shared by every crate's integration tests: real servers on loopback, never
 //! mocks of our own components. The remote LLM is the one thing faked, as an HTTP server that
-//! speaks the real Anthropic Messages API wire format.
+//! speaks the real wire format of the Anthropic Messages API or of an OpenAI-compatible Chat
+//! Completions API.
 
 pub mod blackhole;
 pub mod config;
 pub mod fake_anthropic;
+pub mod fake_openai;
 pub mod jobs;
 pub mod nats;
 pub mod procs;
@@ -13,9 +15,27 @@ pub mod wait;
 
 pub use blackhole::Blackhole;
 pub use fake_anthropic::FakeAnthropic;
+pub use fake_openai::FakeOpenAi;
 pub use nats::NatsServer;
 pub use receiver::WebhookReceiver;
 pub use wait::wait_until;
+
+/// A listener on a free loopback port, for a service's HTTP surface in a test.
+pub fn loopback_listener() -> tokio::net::TcpListener {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    tokio::net::TcpListener::from_std(listener).expect("listener inside a Tokio runtime")
+}
+
+/// A loopback port free at this moment, for a child process to listen on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
 
 /// Quiet logs unless `TEST_LOG` is set, as in zero-to-production: failures stay readable.
 pub fn init_logs() {

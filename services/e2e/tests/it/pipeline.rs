@@ -81,8 +81,9 @@ impl Pipeline {
     pub fn start_generator(&mut self) {
         let token = CancellationToken::new();
         let (config, stop) = (self.config.clone(), token.clone());
+        let listener = testkit::loopback_listener();
         let handle = tokio::spawn(async move {
-            generator::run(config, stop)
+            generator::run(config, listener, stop)
                 .await
                 .map_err(|e| e.to_string())
         });

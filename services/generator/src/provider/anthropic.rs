@@ -159,9 +159,6 @@ fn api_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> LlmError {
     http::api_error(status, headers, error_type, message)
 }
 
-/// The lowest share of a rate-limit budget we spend before every instance waits for its reset.
-const LOW_HEADROOM: f64 = 0.05;
-
 /// Reads `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`:
 /// when any budget is nearly spent, how long until it resets.
 fn slow_down(headers: &HeaderMap, now: OffsetDateTime) -> Option<Duration> {
@@ -172,8 +169,7 @@ fn slow_down(headers: &HeaderMap, now: OffsetDateTime) -> Option<Duration> {
                 http::header_str(headers, &format!("anthropic-ratelimit-{budget}-{part}"))
                     .and_then(|v| v.trim().parse::<f64>().ok())
             };
-            let (limit, remaining) = (number("limit")?, number("remaining")?);
-            if limit <= 0.0 || remaining > limit * LOW_HEADROOM {
+            if !http::nearly_spent(number("limit")?, number("remaining")?) {
                 return None;
             }
             let reset = http::header_str(headers, &format!("anthropic-ratelimit-{budget}-reset"))

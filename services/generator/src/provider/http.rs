@@ -12,6 +12,14 @@ use super::{Disposition, LlmError};
 /// further away is re-read from the next answer instead.
 pub const MAX_SLOW_DOWN: Duration = Duration::from_secs(60);
 
+/// The lowest share of a rate-limit budget we spend before every instance waits for its reset.
+const LOW_HEADROOM: f64 = 0.05;
+
+/// Whether a budget the provider reports (`limit`, `remaining`) is nearly spent.
+pub fn nearly_spent(limit: f64, remaining: f64) -> bool {
+    limit > 0.0 && remaining <= limit * LOW_HEADROOM
+}
+
 pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }

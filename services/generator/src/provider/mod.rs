@@ -3,6 +3,7 @@
 mod anthropic;
 mod http;
 mod offline;
+mod openai;
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use jetcall::kinds::KindSpec;
 
 pub use anthropic::Anthropic;
 pub use offline::Offline;
+pub use openai::OpenAi;
 
 /// One job's worth of generation work.
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +85,7 @@ pub enum ProviderSetupError {
 #[derive(Debug, Clone)]
 pub enum Provider {
     Anthropic(Anthropic),
+    OpenAi(OpenAi),
     Offline(Offline),
 }
 
@@ -98,14 +101,18 @@ impl Provider {
                 Anthropic::new(&config.anthropic, key, config.generator.concurrency)?,
             )),
             (ProviderChoice::Anthropic, None) => Err(ProviderSetupError::MissingApiKey),
-            // Placeholder until the OpenAI-compatible provider lands (in progress).
-            (ProviderChoice::OpenAi, _) => Err(ProviderSetupError::MissingApiKey),
+            // Local servers need no key: `openai.api_key` is sent only when set.
+            (ProviderChoice::OpenAi, _) => Ok(Self::OpenAi(OpenAi::new(
+                &config.openai,
+                config.generator.concurrency,
+            )?)),
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
             Self::Anthropic(_) => "anthropic",
+            Self::OpenAi(_) => "openai",
             Self::Offline(_) => "offline",
         }
     }
@@ -113,6 +120,7 @@ impl Provider {
     pub async fn generate(&self, request: GenerationRequest<'_>) -> Result<Generation, LlmError> {
         match self {
             Self::Anthropic(client) => client.generate(request).await,
+            Self::OpenAi(client) => client.generate(request).await,
             Self::Offline(writer) => Ok(writer.generate(request)),
         }
     }

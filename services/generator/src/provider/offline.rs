@@ -16,7 +16,7 @@ impl Offline {
     pub fn generate(&self, request: GenerationRequest<'_>) -> Generation {
         let text = match &request.spec.output {
             OutputSpec::Text { .. } => describe(request.input),
-            OutputSpec::Json { required } => answer_json(required, request.input),
+            OutputSpec::Json { required, .. } => answer_json(required, request.input),
         };
         let usage = Usage {
             input_tokens: count_words(&request.spec.render(request.input)),

@@ -1,11 +1,15 @@
 //! A real nats-server with the topology, a fake Claude, and jobs submitted the way the
 //! gateway does it (status document first, then the request event).
 
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
 use jetcall::events::JobRequested;
@@ -53,6 +57,7 @@ impl Harness {
             ("NATS_URL", self.nats.url()),
             ("JETCALL_CONFIG", "/dev/null".into()),
             ("JETCALL_GENERATOR__PROVIDER", "anthropic".into()),
+            ("JETCALL_GENERATOR__LISTEN", "127.0.0.1:0".into()),
             ("ANTHROPIC_API_KEY", API_KEY.into()),
             ("ANTHROPIC_BASE_URL", self.claude.base_url()),
             (
@@ -62,15 +67,43 @@ impl Harness {
         ]
     }
 
+    /// Starts the generator binary with this harness's configuration and `extra` variables;
+    /// it dies with the test.
+    pub fn spawn_generator(&self, extra: &[(&str, String)]) -> Child {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_generator"));
+        command
+            .envs(self.child_env())
+            .envs(extra.iter().map(|(key, value)| (*key, value.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        testkit::procs::die_with_parent(&mut command);
+        command.spawn().expect("start the generator binary")
+    }
+
+    /// Runs a generator in this process; its health and metrics are served at the address.
+    pub fn run_generator(&self) -> (RunningGenerator, SocketAddr) {
+        let listener = testkit::loopback_listener();
+        let address = listener.local_addr().expect("local address");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(generator::run(self.config.clone(), listener, stop.clone()));
+        (RunningGenerator { stop, task }, address)
+    }
+
     /// Submits a product-description job as the gateway would.
     pub async fn submit(&self, job_id: &str) {
+        let input = json!({"product_id": "P-1", "product_name": job_id, "specs": "3 blades"});
+        self.submit_kind(job_id, Kind::product_description(), input)
+            .await;
+    }
+
+    /// Submits a job of any kind as the gateway would.
+    pub async fn submit_kind(&self, job_id: &str, kind: Kind, input: Value) {
         let request = JobRequested {
             job_id: JobId::parse(job_id).expect("valid id"),
-            kind: Kind::product_description(),
-            input: json!({"product_id": "P-1", "product_name": "Fan", "specs": "3 blades"})
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
+            kind,
+            input: input.as_object().cloned().unwrap_or_else(Map::new),
             callback_url: "http://127.0.0.1:9/cb".into(),
             metadata: Default::default(),
             requested_at: OffsetDateTime::now_utc(),
@@ -141,6 +174,23 @@ impl Harness {
 
     pub async fn count(&self, filter: &str) -> usize {
         testkit::nats::count_messages(&self.topology.stream, filter).await
+    }
+}
+
+/// A generator running in the test's process.
+#[derive(Debug)]
+pub struct RunningGenerator {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), generator::GeneratorError>>,
+}
+
+impl RunningGenerator {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("generator task")
+            .expect("generator stops cleanly");
     }
 }
 

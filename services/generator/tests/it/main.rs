@@ -1,2 +1,5 @@
 mod harness;
+mod limits;
+mod llm;
+mod openai;
 mod redelivery;

@@ -1,6 +1,6 @@
 //! A request is never lost when a generator dies, and never paid for twice once generated.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
@@ -11,17 +11,6 @@ use testkit::wait_until;
 
 use crate::harness::Harness;
 
-fn spawn_generator(harness: &Harness) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_generator"))
-        .envs(harness.child_env())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the generator binary")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generator_killed_mid_call_loses_nothing() {
     let harness = Harness::start(&[("generator.ack_wait", json!("2s"))]).await;
@@ -31,7 +20,7 @@ async fn a_generator_killed_mid_call_loses_nothing() {
         .push(Scripted::Delay(Duration::from_secs(3600)));
     harness.submit("JOB-771").await;
 
-    let mut first = spawn_generator(&harness);
+    let mut first = harness.spawn_generator(&[]);
     wait_until(
         "the first generator to call Claude",
         Duration::from_secs(30),
@@ -45,7 +34,7 @@ async fn a_generator_killed_mid_call_loses_nothing() {
     first.kill().expect("kill -9 the generator");
     first.wait().expect("reap");
 
-    let mut second = spawn_generator(&harness);
+    let mut second = harness.spawn_generator(&[]);
     let doc = harness.wait_for_status("JOB-771", "completed").await;
     assert_eq!(harness.claude.calls(), 2);
     assert_eq!(doc.generation_attempts, 2);
@@ -71,7 +60,11 @@ async fn a_generator_killed_mid_call_loses_nothing() {
 async fn a_redelivered_request_for_a_generated_job_makes_no_llm_call() {
     let harness = Harness::start(&[]).await;
     let stop = CancellationToken::new();
-    let generator = tokio::spawn(generator::run(harness.config.clone(), stop.clone()));
+    let generator = tokio::spawn(generator::run(
+        harness.config.clone(),
+        testkit::loopback_listener(),
+        stop.clone(),
+    ));
 
     harness.submit("JOB-1").await;
     harness.wait_for_status("JOB-1", "completed").await;
@@ -107,7 +100,11 @@ async fn a_call_longer_than_ack_wait_is_kept_alive_by_progress_acks() {
     let harness = Harness::start(&[("generator.ack_wait", json!("1s"))]).await;
     harness.claude.set_delay(Duration::from_millis(3500));
     let stop = CancellationToken::new();
-    let generator = tokio::spawn(generator::run(harness.config.clone(), stop.clone()));
+    let generator = tokio::spawn(generator::run(
+        harness.config.clone(),
+        testkit::loopback_listener(),
+        stop.clone(),
+    ));
 
     harness.submit("JOB-SLOW").await;
     harness.wait_for_status("JOB-SLOW", "completed").await;
@@ -132,7 +129,11 @@ async fn shutdown_hands_an_in_flight_job_back_at_once() {
         .claude
         .push(Scripted::Delay(Duration::from_secs(3600)));
     let stop = CancellationToken::new();
-    let first = tokio::spawn(generator::run(harness.config.clone(), stop.clone()));
+    let first = tokio::spawn(generator::run(
+        harness.config.clone(),
+        testkit::loopback_listener(),
+        stop.clone(),
+    ));
     harness.submit("JOB-2").await;
     wait_until("the call to start", Duration::from_secs(30), || async {
         (harness.claude.calls() == 1).then_some(())
@@ -147,7 +148,11 @@ async fn shutdown_hands_an_in_flight_job_back_at_once() {
 
     // Handed back with a NAK, the job is taken up well before the 30 s ack_wait.
     let stop = CancellationToken::new();
-    let second = tokio::spawn(generator::run(harness.config.clone(), stop.clone()));
+    let second = tokio::spawn(generator::run(
+        harness.config.clone(),
+        testkit::loopback_listener(),
+        stop.clone(),
+    ));
     tokio::time::timeout(
         Duration::from_secs(15),
         harness.wait_for_status("JOB-2", "completed"),

@@ -1,0 +1,178 @@
+//! The generator's Prometheus metrics, one registry per instance so tests can read their own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use jetcall::events::Usage;
+
+use crate::provider::{Generation, LlmError};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    provider: &'static str,
+    /// `ok`, or the error type (`overloaded_error`, `timeout`, ...).
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    kind: String,
+    /// `input` or `output`.
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    kind: String,
+    status: &'static str,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    call_seconds: Family<ProviderLabels, Histogram>,
+    in_flight: Gauge,
+    tokens: Family<TokenLabels, Counter>,
+    jobs: Family<JobLabels, Counter>,
+    paused: Gauge,
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("jetcall_generator");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "llm_calls",
+            "LLM calls by provider and outcome",
+            calls.clone(),
+        );
+        let call_seconds = Family::<ProviderLabels, Histogram>::new_with_constructor(
+            // 10 ms to about 80 s.
+            || Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+        );
+        registry.register(
+            "llm_call_duration_seconds",
+            "How long LLM calls take, rate-limit waits excluded",
+            call_seconds.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register("llm_in_flight", "LLM calls in progress", in_flight.clone());
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens used, by kind and direction",
+            tokens.clone(),
+        );
+        let jobs = Family::<JobLabels, Counter>::default();
+        registry.register(
+            "jobs",
+            "Jobs generated, by kind and final status",
+            jobs.clone(),
+        );
+        let paused = Gauge::default();
+        registry.register(
+            "paused",
+            "1 while consumption is paused by a provider configuration fault",
+            paused.clone(),
+        );
+        Self(Arc::new(Inner {
+            registry,
+            calls,
+            call_seconds,
+            in_flight,
+            tokens,
+            jobs,
+            paused,
+        }))
+    }
+}
+
+impl Metrics {
+    /// Counts a call in flight until the guard is dropped.
+    pub fn call_started(&self) -> InFlight {
+        self.0.in_flight.inc();
+        InFlight(self.0.in_flight.clone())
+    }
+
+    pub fn call_finished(
+        &self,
+        provider: &'static str,
+        result: &Result<Generation, LlmError>,
+        took: Duration,
+    ) {
+        let outcome = match result {
+            Ok(_) => "ok".to_owned(),
+            Err(err) => err.error_type.clone(),
+        };
+        self.0
+            .calls
+            .get_or_create(&CallLabels { provider, outcome })
+            .inc();
+        self.0
+            .call_seconds
+            .get_or_create(&ProviderLabels { provider })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn tokens_used(&self, kind: &str, usage: Usage) {
+        for (direction, count) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+        ] {
+            self.0
+                .tokens
+                .get_or_create(&TokenLabels {
+                    kind: kind.to_owned(),
+                    direction,
+                })
+                .inc_by(count);
+        }
+    }
+
+    pub fn job_finished(&self, kind: &str, status: &'static str) {
+        self.0
+            .jobs
+            .get_or_create(&JobLabels {
+                kind: kind.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.0.paused.set(i64::from(paused));
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.0.registry);
+        text
+    }
+}
+
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,228 @@
+//! The generator against a misbehaving Claude: overload, rate limits, a refused key, and
+//! answers that do not fit the kind.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+
+use jetcall::Kind;
+use testkit::fake_anthropic::{API_KEY, Recorded, Scripted};
+use testkit::wait_until;
+
+use crate::harness::Harness;
+
+fn arrival_order(mut requests: Vec<Recorded>) -> Vec<Recorded> {
+    requests.sort_by_key(|request| request.at);
+    requests
+}
+
+async fn get(address: SocketAddr, path: &str) -> (u16, String) {
+    let response = reqwest::get(format!("http://{address}{path}"))
+        .await
+        .expect("generator HTTP");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// The value of the first sample of `metric` whose labels contain all of `labels`.
+pub fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(metric))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_api_costs_a_bounded_number_of_calls_and_its_retry_after_is_honoured() {
+    // Ten attempts make a job failing by bad luck vanishingly unlikely (0.3^10).
+    let harness = Harness::start(&[("generator.max_attempts", json!(10))]).await;
+    let overloaded = Some(Scripted::Error {
+        status: 529,
+        retry_after: None,
+    });
+    let rate_limited = Some(Scripted::Error {
+        status: 429,
+        retry_after: Some(1),
+    });
+    // Three answers in ten are errors.
+    harness.claude.set_cycle(vec![
+        overloaded.clone(),
+        None,
+        None,
+        rate_limited,
+        None,
+        None,
+        overloaded,
+        None,
+        None,
+        None,
+    ]);
+    const JOBS: usize = 30;
+    for i in 0..JOBS {
+        harness.submit(&format!("FLAKY-{i}")).await;
+    }
+    let (generator, _) = harness.run_generator();
+    for i in 0..JOBS {
+        harness
+            .wait_for_status(&format!("FLAKY-{i}"), "completed")
+            .await;
+    }
+    generator.stop().await;
+
+    let requests = arrival_order(harness.claude.requests());
+    let answered = requests.iter().filter(|r| r.status == 200).count();
+    assert_eq!(
+        answered, JOBS,
+        "one successful call per job, never a second"
+    );
+    // With 3 failures in 10 the calls needed are JOBS / 0.7; a few more may be in flight
+    // when the cycle turns.
+    assert!(
+        requests.len() <= JOBS * 10 / 7 + 3,
+        "{} calls for {JOBS} jobs",
+        requests.len()
+    );
+    let throttled: Vec<_> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.status == 429)
+        .collect();
+    assert!(
+        !throttled.is_empty(),
+        "the cycle answered 429 at least once"
+    );
+    for (i, refused) in throttled {
+        let wait = Duration::from_secs(refused.retry_after.expect("429 carries retry-after"));
+        let retry = requests[i + 1..]
+            .iter()
+            .find(|r| r.prompt() == refused.prompt())
+            .expect("the throttled job was retried");
+        let waited = retry.at.duration_since(refused.at);
+        assert!(
+            waited >= wait,
+            "{} retried after {waited:?}, before its retry-after of {wait:?}",
+            refused.prompt()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_pauses_the_generator_without_failing_jobs_until_it_is_fixed() {
+    let harness = Harness::start(&[
+        ("generator.probe_interval", json!("1s")),
+        // One call at a time, so every call after the first is a probe.
+        ("generator.concurrency", json!(1)),
+    ])
+    .await;
+    harness.claude.set_accepted_key("sk-ant-rotated-key");
+    const JOBS: usize = 20;
+    for i in 0..JOBS {
+        harness.submit(&format!("AUTH-{i}")).await;
+    }
+    let (generator, admin) = harness.run_generator();
+    wait_until("readiness to fail", Duration::from_secs(30), || async {
+        (get(admin, "/readyz").await.0 == 503).then_some(())
+    })
+    .await;
+    wait_until(
+        "two probes after the first refusal",
+        Duration::from_secs(30),
+        || async { (harness.claude.calls() >= 3).then_some(()) },
+    )
+    .await;
+
+    let refused = arrival_order(harness.claude.requests());
+    assert!(refused.iter().all(|r| r.status == 401));
+    for pair in refused.windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(
+            gap >= Duration::from_millis(900),
+            "probes came {gap:?} apart: the queue is being burnt"
+        );
+    }
+    for i in 0..JOBS {
+        let doc = harness.status(&format!("AUTH-{i}")).await.expect("status");
+        assert!(
+            matches!(doc.status.as_str(), "accepted" | "generating"),
+            "AUTH-{i} is {}",
+            doc.status.as_str()
+        );
+        assert_eq!(
+            doc.generation_attempts, 0,
+            "a refused call costs no attempt"
+        );
+    }
+    let (_, metrics) = get(admin, "/metrics").await;
+    assert_eq!(sample(&metrics, "jetcall_generator_paused", &[]), Some(1.0));
+
+    harness.claude.set_accepted_key(API_KEY);
+    for i in 0..JOBS {
+        harness
+            .wait_for_status(&format!("AUTH-{i}"), "completed")
+            .await;
+    }
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+    let (_, metrics) = get(admin, "/metrics").await;
+    assert_eq!(sample(&metrics, "jetcall_generator_paused", &[]), Some(0.0));
+    let completed = sample(
+        &metrics,
+        "jetcall_generator_jobs_total",
+        &["kind=\"product-description\"", "status=\"completed\""],
+    );
+    assert_eq!(completed, Some(JOBS as f64));
+    let output_tokens = sample(
+        &metrics,
+        "jetcall_generator_tokens_total",
+        &["direction=\"output\""],
+    );
+    assert!(output_tokens.is_some_and(|n| n > 0.0), "{metrics}");
+    generator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_does_not_fit_the_kind_is_asked_for_once_more_then_fails() {
+    let harness = Harness::start(&[]).await;
+    let return_analysis = Kind::parse("return-analysis").expect("kind");
+    let input = json!({
+        "order_id": "ORD-5521",
+        "reason": "Stopped cooling after a week",
+        "customer_message": "The AC blows warm air now."
+    });
+    let (generator, _) = harness.run_generator();
+
+    // Mended on the second try.
+    harness
+        .claude
+        .push(Scripted::Text("Sure! I would approve this one.".into()));
+    harness.claude.push(Scripted::Text(
+        r#"{"decision": "approve", "reason": "Defect within warranty", "customer_reply": "Sorry! A refund is on its way."}"#.into(),
+    ));
+    harness
+        .submit_kind("RET-1", return_analysis.clone(), input.clone())
+        .await;
+    let doc = harness.wait_for_status("RET-1", "completed").await;
+    assert_eq!(doc.result.expect("result")["decision"], "approve");
+    assert_eq!(harness.claude.calls(), 2);
+    let usage = doc.usage.expect("usage");
+    assert!(
+        usage.output_tokens > 6,
+        "both calls' tokens are counted: {usage:?}"
+    );
+
+    // Wrong twice: the job fails, saying why.
+    harness.claude.push(Scripted::Text("not JSON".into()));
+    harness.claude.push(Scripted::Text(
+        r#"{"decision": "maybe", "reason": "r", "customer_reply": "c"}"#.into(),
+    ));
+    harness.submit_kind("RET-2", return_analysis, input).await;
+    let doc = harness.wait_for_status("RET-2", "failed").await;
+    let error = doc.error.expect("error");
+    assert_eq!(error.kind, "invalid_output");
+    assert!(error.message.contains("`decision`"), "{}", error.message);
+    assert!(error.message.contains("asked twice"), "{}", error.message);
+    assert_eq!(harness.claude.calls(), 4);
+    assert_eq!(harness.count("jobs.failed.return-analysis").await, 1);
+    generator.stop().await;
+}
