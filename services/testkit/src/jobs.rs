@@ -1,5 +1,5 @@
-//! Jobs put straight into JetStream, as the generator leaves them, for tests and benchmarks
-//! of what comes after it.
+//! Jobs put straight into JetStream, as the gateway or the generator leaves them, for tests
+//! and benchmarks of what comes after.
 
 use serde_json::json;
 use time::OffsetDateTime;
@@ -7,18 +7,14 @@ use time::OffsetDateTime;
 use jetcall::events::JobRequested;
 use jetcall::publish::publish_event;
 use jetcall::status::{JobStatus, Status};
+use jetcall::subjects::Event;
 use jetcall::topology::Topology;
 use jetcall::{JobId, Kind};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// Records a completed product-description job and publishes its `jobs.completed` event.
-pub async fn completed_job(
-    topology: &Topology,
-    job_id: &str,
-    callback_url: &str,
-) -> Result<(), Error> {
-    let request = JobRequested {
+fn request(job_id: &str, callback_url: &str) -> Result<JobRequested, Error> {
+    Ok(JobRequested {
         job_id: JobId::parse(job_id)?,
         kind: Kind::product_description(),
         input: json!({"product_id": job_id, "product_name": "Test AC", "specs": "1.5 Ton"})
@@ -28,7 +24,38 @@ pub async fn completed_job(
         callback_url: callback_url.to_owned(),
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
-    };
+    })
+}
+
+/// Records an accepted product-description job and publishes its `jobs.requested` event, as
+/// the gateway does.
+pub async fn requested_job(
+    topology: &Topology,
+    job_id: &str,
+    callback_url: &str,
+) -> Result<(), Error> {
+    let request = request(job_id, callback_url)?;
+    topology
+        .status
+        .create(&JobStatus::accepted(&request, "seeded".into()))
+        .await?;
+    publish_event(
+        &topology.jetstream,
+        Event::Requested.subject(&request.kind),
+        &Event::Requested.msg_id(&request.job_id),
+        &request,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records a completed product-description job and publishes its `jobs.completed` event.
+pub async fn completed_job(
+    topology: &Topology,
+    job_id: &str,
+    callback_url: &str,
+) -> Result<(), Error> {
+    let request = request(job_id, callback_url)?;
     let mut doc = JobStatus::accepted(&request, "seeded".into());
     doc.advance(Status::Completed, OffsetDateTime::now_utc());
     doc.result = Some(json!({"description": format!("Beat the heat with {job_id}.")}));

@@ -1,6 +1,4 @@
-//! `cargo xtask bench`: webhook delivery measured end to end against a real nats-server and
-//! the release build of the callback service, on this machine; the figures go to
-//! `BENCHMARKS.md`. It reports; it asserts nothing.
+//! Webhook delivery, measured against a real nats-server and a build of the callback service.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -14,15 +12,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use futures::StreamExt;
-use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use jetcall::signing::SigningKey;
 use jetcall::topology::Topology;
 
+use super::{Sizes, percentile, rss_mib, setup};
 use crate::poll;
-use crate::stack::Stack;
-use crate::workspace::Workspace;
 
 /// A completed job for `callback_url`, as the generator leaves it.
 async fn completed_job(
@@ -33,79 +28,6 @@ async fn completed_job(
     testkit::jobs::completed_job(topology, job_id, callback_url)
         .await
         .map_err(|err| anyhow::anyhow!("seeding job {job_id}: {err}"))
-}
-
-/// Sizes of one run; `--quick` shrinks them so the benchmark itself can be smoke-tested.
-#[derive(Debug, Clone, Copy)]
-pub struct Sizes {
-    /// The smoke test runs the debug build `cargo xtask test` has just made; real figures
-    /// come from the release build.
-    pub release: bool,
-    pub throughput_jobs: usize,
-    pub dead_backlog: usize,
-    pub rate_per_second: u32,
-    pub rate_seconds: u32,
-}
-
-impl Sizes {
-    pub fn full() -> Self {
-        Self {
-            release: true,
-            throughput_jobs: 20_000,
-            dead_backlog: 10_000,
-            rate_per_second: 1_000,
-            // Long enough to include the dead receiver's first timeouts (15 s) and the
-            // opening of its circuit.
-            rate_seconds: 30,
-        }
-    }
-
-    pub fn quick() -> Self {
-        Self {
-            release: false,
-            throughput_jobs: 1_000,
-            dead_backlog: 500,
-            rate_per_second: 200,
-            rate_seconds: 2,
-        }
-    }
-}
-
-pub async fn run(
-    ws: &Workspace,
-    nats_server: &Path,
-    sizes: Sizes,
-    write: bool,
-) -> anyhow::Result<()> {
-    let build: &[&str] = if sizes.release {
-        &["build", "--release", "--bin", "callback"]
-    } else {
-        &["build", "--bin", "callback"]
-    };
-    println!("==> cargo {}", build.join(" "));
-    crate::procs::run(&mut ws.cargo(build), "building the callback service").await?;
-    let callback = if sizes.release {
-        ws.release_bin("callback")
-    } else {
-        ws.debug_bin("callback")
-    };
-
-    let throughput = deliveries_per_second(&callback, nats_server, sizes).await?;
-    println!("==> {throughput}");
-    let baseline = healthy_latency(&callback, nats_server, sizes, 0).await?;
-    println!("==> healthy endpoint alone: {baseline}");
-    let with_dead = healthy_latency(&callback, nats_server, sizes, sizes.dead_backlog).await?;
-    println!("==> healthy endpoint beside a dead one: {with_dead}");
-
-    let report = report(nats_server, sizes, &throughput, &baseline, &with_dead).await?;
-    if write {
-        let path = ws.root.join("BENCHMARKS.md");
-        std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
-        println!("==> wrote {}", path.display());
-    } else {
-        println!("{report}");
-    }
-    Ok(())
 }
 
 /// Arrival times by `webhook-id`, recorded by a receiver that answers 204 at once.
@@ -158,24 +80,6 @@ async fn start_blackhole() -> anyhow::Result<String> {
     Ok(url)
 }
 
-struct Setup {
-    stack: Stack,
-    topology: Topology,
-    secret: String,
-}
-
-async fn setup(nats_server: &Path) -> anyhow::Result<Setup> {
-    let stack = Stack::start(nats_server).await?;
-    let config = testkit::config::config(stack.nats_url(), &[]);
-    let client = async_nats::connect(stack.nats_url()).await?;
-    let topology = jetcall::topology::provision(client, &config).await?;
-    Ok(Setup {
-        stack,
-        topology,
-        secret: SigningKey::generate(),
-    })
-}
-
 async fn preload(topology: &Topology, prefix: &str, count: usize, url: &str) -> anyhow::Result<()> {
     futures::stream::iter(0..count)
         .map(|n| async move { completed_job(topology, &format!("{prefix}-{n}"), url).await })
@@ -191,17 +95,6 @@ fn callback_env(secret: &str) -> Vec<(&'static str, String)> {
         ("JETCALL_CONFIG", "/dev/null".into()),
         ("JETCALL_CALLBACK__SIGNING_SECRET", secret.to_owned()),
     ]
-}
-
-/// Peak and current resident memory of a process, from /proc, in MiB.
-fn rss_mib(pid: u32) -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<f64> {
-        let line = status.lines().find(|line| line.starts_with(name))?;
-        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib / 1024.0)
-    };
-    Some((field("VmHWM:")?, field("VmRSS:")?))
 }
 
 #[derive(Debug)]
@@ -274,11 +167,6 @@ impl std::fmt::Display for Latency {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(rank).copied().unwrap_or(0.0)
-}
-
 /// Healthy completions at a steady rate, each timed from the status write to the webhook's
 /// arrival; with `dead_backlog` > 0, that many jobs for a receiver that never answers are
 /// already waiting for retries.
@@ -349,74 +237,65 @@ async fn healthy_latency(
     })
 }
 
-async fn command_output(program: &str, args: &[&str]) -> String {
-    tokio::process::Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default()
+/// What the callback benchmark measured.
+#[derive(Debug)]
+pub struct Figures {
+    throughput: Throughput,
+    baseline: Latency,
+    with_dead: Latency,
 }
 
-async fn report(
-    nats_server: &Path,
-    sizes: Sizes,
-    throughput: &Throughput,
-    baseline: &Latency,
-    with_dead: &Latency,
-) -> anyhow::Result<String> {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split(':').nth(1))
-                .map(|name| name.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    let memory = command_output("sh", &["-c", "free -g | awk '/Mem:/ {print $2}'"]).await;
-    let nats_version = command_output(&nats_server.display().to_string(), &["--version"]).await;
-    let date = OffsetDateTime::now_utc().date();
-    let ratio = with_dead.p99_ms / baseline.p99_ms.max(f64::EPSILON);
+pub async fn measure(callback: &Path, nats_server: &Path, sizes: Sizes) -> anyhow::Result<Figures> {
+    let throughput = deliveries_per_second(callback, nats_server, sizes).await?;
+    println!("==> {throughput}");
+    let baseline = healthy_latency(callback, nats_server, sizes, 0).await?;
+    println!("==> healthy endpoint alone: {baseline}");
+    let with_dead = healthy_latency(callback, nats_server, sizes, sizes.dead_backlog).await?;
+    println!("==> healthy endpoint beside a dead one: {with_dead}");
+    Ok(Figures {
+        throughput,
+        baseline,
+        with_dead,
+    })
+}
 
-    let mut text = String::new();
-    writeln!(text, "# Benchmarks\n")?;
-    writeln!(
-        text,
-        "Measured with `cargo xtask bench` on {date}: {cpu}, {cores} cores, {memory} GiB; \
-         {nats_version}; everything (nats-server with a file store, the release build of the \
-         callback service, the load generator and the receivers) on this one machine, over \
-         loopback. The figures report; nothing asserts them.\n"
-    )?;
-    writeln!(text, "## Webhook delivery (callback service)\n")?;
-    writeln!(text, "| measure | result | target |")?;
-    writeln!(text, "|---|---|---|")?;
-    writeln!(
-        text,
-        "| deliveries per second, a backlog of {} completions to one local receiver | **{:.0}/s** | ≥ 5,000/s |",
-        throughput.jobs,
-        throughput.jobs as f64 / throughput.seconds
-    )?;
-    writeln!(
-        text,
-        "| callback peak RSS during that run | {:.1} MiB | |",
-        throughput.peak_rss_mib
-    )?;
-    writeln!(
-        text,
-        "| healthy receiver, {}/s for {} s: latency from status write to webhook arrival | p50 {:.1} ms, p99 {:.1} ms | |",
-        sizes.rate_per_second, sizes.rate_seconds, baseline.p50_ms, baseline.p99_ms
-    )?;
-    writeln!(
-        text,
-        "| the same beside a dead receiver (accepts, never answers) holding {} pending retries | p50 {:.1} ms, p99 {:.1} ms (**{:.2}×** the p99 alone) | ≤ 2× |",
-        sizes.dead_backlog, with_dead.p50_ms, with_dead.p99_ms, ratio
-    )?;
-    if ratio > 2.0 {
+impl Figures {
+    pub fn section(&self, sizes: Sizes) -> anyhow::Result<String> {
+        let Figures {
+            throughput,
+            baseline,
+            with_dead,
+        } = self;
+        let ratio = with_dead.p99_ms / baseline.p99_ms.max(f64::EPSILON);
+        let mut text = String::new();
+        writeln!(text, "## Webhook delivery (callback service)\n")?;
+        writeln!(text, "| measure | result | target |")?;
+        writeln!(text, "|---|---|---|")?;
         writeln!(
             text,
-            "\n**The 2× target is not met.** While the dead receiver's first attempts time out \
+            "| deliveries per second, a backlog of {} completions to one local receiver | **{:.0}/s** | ≥ 5,000/s |",
+            throughput.jobs,
+            throughput.jobs as f64 / throughput.seconds
+        )?;
+        writeln!(
+            text,
+            "| callback peak RSS during that run | {:.1} MiB | |",
+            throughput.peak_rss_mib
+        )?;
+        writeln!(
+            text,
+            "| healthy receiver, {}/s for {} s: latency from status write to webhook arrival | p50 {:.1} ms, p99 {:.1} ms | |",
+            sizes.rate_per_second, sizes.rate_seconds, baseline.p50_ms, baseline.p99_ms
+        )?;
+        writeln!(
+            text,
+            "| the same beside a dead receiver (accepts, never answers) holding {} pending retries | p50 {:.1} ms, p99 {:.1} ms (**{:.2}×** the p99 alone) | ≤ 2× |",
+            sizes.dead_backlog, with_dead.p50_ms, with_dead.p99_ms, ratio
+        )?;
+        if ratio > 2.0 {
+            writeln!(
+                text,
+                "\n**The 2× target is not met.** While the dead receiver's first attempts time out \
              (15 s) its other deliveries wait in JetStream (half a timeout or more each); then \
              its circuit opens and each of its 10,000 jobs notes that once in its log (a \
              status read and write), and every later return costs a status read and a delayed \
@@ -424,14 +303,15 @@ async fn report(
              Holding a failing destination's deliveries in a consumer of their own would take \
              that work off the healthy path. The p99 alone varies between runs (2.2 to 3.2 ms \
              seen), so read the ratio with that in mind."
-        )?;
-    }
-    writeln!(
-        text,
-        "\nEach delivery is one signed HTTP POST, one read and one write of the job's status \
+            )?;
+        }
+        writeln!(
+            text,
+            "\nEach delivery is one signed HTTP POST, one read and one write of the job's status \
          document (the attempt and `delivered` together) and one `jobs.delivered` event. Default \
          configuration: `callback.concurrency` 256, `callback.per_host_concurrency` 32, \
          `callback.timeout` 15 s, the breaker's cooldown 30 s.\n"
-    )?;
-    Ok(text)
+        )?;
+        Ok(text)
+    }
 }

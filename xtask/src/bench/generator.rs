@@ -1,0 +1,230 @@
+//! Generation, measured against a real nats-server, a build of the generator and a fake
+//! Anthropic Messages API in this process that answers after a fixed delay.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use futures::StreamExt;
+use serde_json::json;
+
+use jetcall::subjects::Event;
+use jetcall::topology::Topology;
+
+use super::{Sizes, rss_mib, setup};
+use crate::poll;
+
+/// One run: a backlog of requests, then the generator started against an LLM that takes
+/// `llm_delay` a call.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub jobs: usize,
+    pub concurrency: usize,
+    pub llm_delay: Duration,
+}
+
+#[derive(Debug)]
+struct Throughput {
+    run: Run,
+    seconds: f64,
+    peak_rss_mib: f64,
+}
+
+impl Throughput {
+    fn per_second(&self) -> f64 {
+        self.run.jobs as f64 / self.seconds
+    }
+}
+
+impl std::fmt::Display for Throughput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} jobs, {} in flight, LLM {:?}: {:.2} s, {:.0}/s (generator peak RSS {:.1} MiB)",
+            self.run.jobs,
+            self.run.concurrency,
+            self.run.llm_delay,
+            self.seconds,
+            self.per_second(),
+            self.peak_rss_mib
+        )
+    }
+}
+
+/// A Messages API answer, the same for every call, after `delay`.
+async fn messages(State(delay): State<Duration>) -> impl IntoResponse {
+    tokio::time::sleep(delay).await;
+    let reply = json!({
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-bench",
+        "content": [{"type": "text", "text": "A cool, quiet 1.5 ton inverter AC for Indian summers."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": {"input_tokens": 120, "output_tokens": 14}
+    });
+    (StatusCode::OK, axum::Json(reply))
+}
+
+/// The fake LLM on a loopback port; returns its base URL.
+async fn start_fake_llm(delay: Duration) -> anyhow::Result<String> {
+    let app = Router::new()
+        .route("/v1/messages", post(messages))
+        .with_state(delay);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
+
+async fn preload(topology: &Topology, count: usize) -> anyhow::Result<()> {
+    futures::stream::iter(0..count)
+        .map(|n| async move {
+            testkit::jobs::requested_job(topology, &format!("G-{n}"), "http://127.0.0.1:9/hook")
+                .await
+                .map_err(|err| anyhow::anyhow!("seeding job G-{n}: {err}"))
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// The server's timestamps of the first and the last completion event: the generator's own
+/// working time, without its start-up or our polling.
+async fn completion_span(topology: &Topology) -> anyhow::Result<f64> {
+    let subject = Event::Completed.subject(&jetcall::Kind::product_description());
+    let first = topology
+        .stream
+        .direct_get_first_for_subject(subject.clone())
+        .await
+        .context("reading the first completion")?;
+    let last = topology
+        .stream
+        .direct_get_last_for_subject(subject)
+        .await
+        .context("reading the last completion")?;
+    Ok((last.time - first.time).as_seconds_f64())
+}
+
+async fn jobs_per_second(
+    generator: &Path,
+    nats_server: &Path,
+    run: Run,
+) -> anyhow::Result<Throughput> {
+    let mut setup = setup(nats_server).await?;
+    let llm = start_fake_llm(run.llm_delay).await?;
+    println!("==> loading {} requested jobs", run.jobs);
+    preload(&setup.topology, run.jobs).await?;
+
+    let env = [
+        ("JETCALL_CONFIG", "/dev/null".to_owned()),
+        ("JETCALL_GENERATOR__PROVIDER", "anthropic".to_owned()),
+        ("ANTHROPIC_API_KEY", "sk-ant-bench-not-a-key".to_owned()),
+        ("ANTHROPIC_BASE_URL", llm),
+        (
+            "JETCALL_GENERATOR__CONCURRENCY",
+            run.concurrency.to_string(),
+        ),
+        (
+            "JETCALL_GENERATOR__MAX_ACK_PENDING",
+            run.concurrency.max(4096).to_string(),
+        ),
+        ("JETCALL_GENERATOR__LISTEN", "127.0.0.1:0".to_owned()),
+    ];
+    let pid = setup.stack.spawn_service("generator", generator, &env)?;
+    let mut consumer = setup.topology.callback_consumer().await?;
+    // Nobody consumes completions here, so they pile up as the callback consumer's pending.
+    poll::until(
+        "every job to be generated",
+        Duration::from_secs(900),
+        async || {
+            let Ok(info) = consumer.info().await else {
+                return Ok(None);
+            };
+            Ok((info.num_pending >= run.jobs as u64).then_some(()))
+        },
+    )
+    .await?;
+    let seconds = completion_span(&setup.topology).await?;
+    let peak_rss_mib = rss_mib(pid).map_or(0.0, |(peak, _)| peak);
+    setup.stack.shutdown().await?;
+    Ok(Throughput {
+        run,
+        seconds: seconds.max(f64::EPSILON),
+        peak_rss_mib,
+    })
+}
+
+/// What the generator benchmark measured.
+#[derive(Debug)]
+pub struct Figures {
+    fast: Throughput,
+    slow: Throughput,
+}
+
+pub async fn measure(
+    generator: &Path,
+    nats_server: &Path,
+    sizes: Sizes,
+) -> anyhow::Result<Figures> {
+    let fast = jobs_per_second(generator, nats_server, sizes.generator_fast).await?;
+    println!("==> {fast}");
+    let slow = jobs_per_second(generator, nats_server, sizes.generator_slow).await?;
+    println!("==> {slow}");
+    Ok(Figures { fast, slow })
+}
+
+impl Figures {
+    pub fn section(&self, _sizes: Sizes) -> anyhow::Result<String> {
+        let Figures { fast, slow } = self;
+        let mut text = String::new();
+        writeln!(text, "## Generation (generator service)\n")?;
+        writeln!(text, "| measure | result | target |")?;
+        writeln!(text, "|---|---|---|")?;
+        writeln!(
+            text,
+            "| jobs per second, a backlog of {} requests, an LLM answering at once, {} calls in flight | **{:.0}/s** | ≥ 5,000/s |",
+            fast.run.jobs,
+            fast.run.concurrency,
+            fast.per_second()
+        )?;
+        writeln!(
+            text,
+            "| generator peak RSS during that run | {:.1} MiB | |",
+            fast.peak_rss_mib
+        )?;
+        writeln!(
+            text,
+            "| jobs per second, {} requests, an LLM taking {:?} a call, {} calls in flight on one instance | **{:.0}/s** | ≥ 4,000/s |",
+            slow.run.jobs,
+            slow.run.llm_delay,
+            slow.run.concurrency,
+            slow.per_second()
+        )?;
+        writeln!(
+            text,
+            "| generator peak RSS during that run | **{:.1} MiB** | ≤ 200 MB |",
+            slow.peak_rss_mib
+        )?;
+        writeln!(
+            text,
+            "\nEach job is a compare-and-set of its status document to `generating`, one HTTP call \
+             to the fake Messages API (over loopback, in the benchmark's process), a \
+             compare-and-set to `completed` with the result, one `jobs.completed` event and an \
+             ack. The time runs from the first completion event to the last, by the server's \
+             clock. No rate limit is configured (`generator.requests_per_minute` 0).\n"
+        )?;
+        Ok(text)
+    }
+}

@@ -1,0 +1,183 @@
+//! `cargo xtask bench`: the services measured against a real nats-server on this machine,
+//! each from a build of its own binary; the figures go to `BENCHMARKS.md`. It reports; it
+//! asserts nothing.
+
+mod callback;
+mod generator;
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use time::OffsetDateTime;
+
+use jetcall::signing::SigningKey;
+use jetcall::topology::Topology;
+
+use crate::stack::Stack;
+use crate::workspace::Workspace;
+
+/// Sizes of one run; `--quick` shrinks them so the benchmark itself can be smoke-tested.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// The smoke test runs the debug build `cargo xtask test` has just made; real figures
+    /// come from the release build.
+    pub release: bool,
+    pub throughput_jobs: usize,
+    pub dead_backlog: usize,
+    pub rate_per_second: u32,
+    pub rate_seconds: u32,
+    pub generator_fast: generator::Run,
+    pub generator_slow: generator::Run,
+}
+
+impl Sizes {
+    pub fn full() -> Self {
+        Self {
+            release: true,
+            throughput_jobs: 20_000,
+            dead_backlog: 10_000,
+            rate_per_second: 1_000,
+            // Long enough to include the dead receiver's first timeouts (15 s) and the
+            // opening of its circuit.
+            rate_seconds: 30,
+            generator_fast: generator::Run {
+                jobs: 20_000,
+                concurrency: 256,
+                llm_delay: Duration::ZERO,
+            },
+            generator_slow: generator::Run {
+                jobs: 40_000,
+                concurrency: 10_000,
+                llm_delay: Duration::from_secs(2),
+            },
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            release: false,
+            throughput_jobs: 1_000,
+            dead_backlog: 500,
+            rate_per_second: 200,
+            rate_seconds: 2,
+            generator_fast: generator::Run {
+                jobs: 500,
+                concurrency: 256,
+                llm_delay: Duration::ZERO,
+            },
+            generator_slow: generator::Run {
+                jobs: 500,
+                concurrency: 500,
+                llm_delay: Duration::from_millis(200),
+            },
+        }
+    }
+}
+
+pub async fn run(
+    ws: &Workspace,
+    nats_server: &Path,
+    sizes: Sizes,
+    write: bool,
+) -> anyhow::Result<()> {
+    let mut build = vec!["build", "--bin", "callback", "--bin", "generator"];
+    if sizes.release {
+        build.push("--release");
+    }
+    println!("==> cargo {}", build.join(" "));
+    crate::procs::run(&mut ws.cargo(&build), "building the services").await?;
+    let binary = |name: &str| {
+        if sizes.release {
+            ws.release_bin(name)
+        } else {
+            ws.debug_bin(name)
+        }
+    };
+
+    let generation = generator::measure(&binary("generator"), nats_server, sizes).await?;
+    let delivery = callback::measure(&binary("callback"), nats_server, sizes).await?;
+
+    let mut report = machine(nats_server).await?;
+    report.push_str(&generation.section(sizes)?);
+    report.push_str(&delivery.section(sizes)?);
+    if write {
+        let path = ws.root.join("BENCHMARKS.md");
+        std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+        println!("==> wrote {}", path.display());
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+struct Setup {
+    stack: Stack,
+    topology: Topology,
+    secret: String,
+}
+
+async fn setup(nats_server: &Path) -> anyhow::Result<Setup> {
+    let stack = Stack::start(nats_server).await?;
+    let config = testkit::config::config(stack.nats_url(), &[]);
+    let client = async_nats::connect(stack.nats_url()).await?;
+    let topology = jetcall::topology::provision(client, &config).await?;
+    Ok(Setup {
+        stack,
+        topology,
+        secret: SigningKey::generate(),
+    })
+}
+
+/// Peak and current resident memory of a process, from /proc, in MiB.
+fn rss_mib(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let line = status.lines().find(|line| line.starts_with(name))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024.0)
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(rank).copied().unwrap_or(0.0)
+}
+
+async fn command_output(program: &str, args: &[&str]) -> String {
+    tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The report's title and the machine it was measured on.
+async fn machine(nats_server: &Path) -> anyhow::Result<String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|name| name.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory = command_output("sh", &["-c", "free -g | awk '/Mem:/ {print $2}'"]).await;
+    let nats_version = command_output(&nats_server.display().to_string(), &["--version"]).await;
+    let date = OffsetDateTime::now_utc().date();
+    let mut text = String::new();
+    writeln!(text, "# Benchmarks\n")?;
+    writeln!(
+        text,
+        "Measured with `cargo xtask bench` on {date}: {cpu}, {cores} cores, {memory} GiB; \
+         {nats_version}; everything (nats-server with a file store, the release builds of the \
+         services, the load generator, the fake LLM and the receivers) on this one machine, \
+         over loopback. The figures report; nothing asserts them.\n"
+    )?;
+    Ok(text)
+}
