@@ -40,12 +40,15 @@ enum Command {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Measure webhook delivery (throughput, latency beside a dead receiver) against a real
-    /// nats-server and the release build, and write BENCHMARKS.md.
+    /// Measure generation and webhook delivery against a real nats-server and the release
+    /// builds, and write BENCHMARKS.md.
     Bench {
         /// Small sizes, for checking that the benchmark runs; prints instead of writing.
         #[arg(long)]
         quick: bool,
+        /// Measure one service only; prints instead of writing.
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
     },
 }
 
@@ -57,7 +60,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo { once } => run_demo(once).await,
         Command::Test { cargo_test_args } => run_test(&cargo_test_args).await,
-        Command::Bench { quick } => run_bench(quick).await,
+        Command::Bench { quick, only } => run_bench(quick, only).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,7 +84,7 @@ async fn run_demo(once: bool) -> anyhow::Result<()> {
     demo::run(&ws, &nats_server, mode).await
 }
 
-async fn run_bench(quick: bool) -> anyhow::Result<()> {
+async fn run_bench(quick: bool, only: Option<bench::Part>) -> anyhow::Result<()> {
     let ws = Workspace::locate()?;
     let nats_server = tools::nats_server(&ws).await?;
     let sizes = if quick {
@@ -89,7 +92,7 @@ async fn run_bench(quick: bool) -> anyhow::Result<()> {
     } else {
         bench::Sizes::full()
     };
-    bench::run(&ws, &nats_server, sizes, !quick).await
+    bench::run(&ws, &nats_server, sizes, only).await
 }
 
 async fn run_test(cargo_test_args: &[String]) -> anyhow::Result<()> {

@@ -49,7 +49,7 @@ pub async fn run(ws: &Workspace, cargo_test_args: &[String]) -> anyhow::Result<(
 
     // The benchmark, tiny and on the debug build: it reports nothing, but it cannot rot.
     println!("==> smoke test: cargo xtask bench --quick");
-    crate::bench::run(ws, &nats_server, crate::bench::Sizes::quick(), false)
+    crate::bench::run(ws, &nats_server, crate::bench::Sizes::quick(), None)
         .await
         .context("the benchmark smoke test failed")?;
 

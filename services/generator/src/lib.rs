@@ -90,14 +90,15 @@ pub async fn run(
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .into_future(),
     );
-    let worker = Worker {
+    // Shared, not cloned per message: a Topology clone copies cached stream info.
+    let worker = Arc::new(Worker {
         config: Arc::new(config),
         topology,
         provider,
         gate: gate.clone(),
         limiter,
         metrics,
-    };
+    });
     tracing::info!(concurrency, "generator consuming jobs.requested.>");
     consume(
         consumer,

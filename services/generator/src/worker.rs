@@ -85,28 +85,29 @@ impl Worker {
                 "unknown_kind",
                 format!("no kind `{}` is configured", request.kind),
             );
-            return self.finish(message, &request, outcome, None).await;
+            return Box::pin(self.finish(message, &request, outcome, None)).await;
         };
 
         let max_attempts = self.config.generator.max_attempts;
         let mut attempt = 0;
         let now = OffsetDateTime::now_utc();
-        let started = self
-            .topology
-            .status
-            .update(&request.job_id, |doc| {
-                if doc.status.is_generated() || !doc.advance(Status::Generating, now) {
-                    return false;
-                }
-                doc.generation_attempts += 1;
-                attempt = doc.generation_attempts;
-                true
-            })
-            .await?;
+        // Boxed here and below: only the LLM call's state stays in the task while it waits,
+        // which keeps 10,000 calls in flight within a small heap.
+        let started = Box::pin(self.topology.status.update(&request.job_id, |doc| {
+            if doc.status.is_generated() || !doc.advance(Status::Generating, now) {
+                return false;
+            }
+            doc.generation_attempts += 1;
+            attempt = doc.generation_attempts;
+            true
+        }))
+        .await?;
         // The document as written, so recording the outcome needs no second read.
         let current = match started {
             Updated::Written(doc, revision) => Some((*doc, revision)),
-            Updated::Unchanged(doc) => return self.already_generated(message, &doc).await,
+            Updated::Unchanged(doc) => {
+                return Box::pin(self.already_generated(message, &doc)).await;
+            }
             Updated::Missing => {
                 let _ = message.ack_with(AckKind::Term).await;
                 return Ok(Step::Rejected(format!(
@@ -120,7 +121,7 @@ impl Worker {
                 "attempts_exhausted",
                 format!("gave up after {max_attempts} attempts"),
             );
-            return self.finish(message, &request, outcome, current).await;
+            return Box::pin(self.finish(message, &request, outcome, current)).await;
         }
 
         let call = self.generate(&request, spec);
@@ -135,7 +136,7 @@ impl Worker {
                     model: generation.model,
                     usage: generation.usage,
                 };
-                return self.finish(message, &request, outcome, current).await;
+                return Box::pin(self.finish(message, &request, outcome, current)).await;
             }
             Err(err) => err,
         };
@@ -149,20 +150,18 @@ impl Worker {
             Disposition::Configuration => {
                 // The gate has paused consumption and raised the alarm. The job is not at
                 // fault: give back the attempt it did not really make.
-                self.topology
-                    .status
-                    .update(&request.job_id, |doc| {
-                        doc.generation_attempts = doc.generation_attempts.saturating_sub(1);
-                        true
-                    })
-                    .await?;
+                Box::pin(self.topology.status.update(&request.job_id, |doc| {
+                    doc.generation_attempts = doc.generation_attempts.saturating_sub(1);
+                    true
+                }))
+                .await?;
                 let delay = self.config.generator.probe_interval;
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 Ok(Step::Retry(delay))
             }
             Disposition::Retry { .. } | Disposition::Permanent => {
                 let outcome = failure(&error.error_type, error.message);
-                self.finish(message, &request, outcome, current).await
+                Box::pin(self.finish(message, &request, outcome, current)).await
             }
         }
     }
@@ -221,7 +220,7 @@ impl Worker {
             0
         };
         if let Some(limiter) = &self.limiter {
-            limiter.acquire(estimate).await.map_err(|err| {
+            Box::pin(limiter.acquire(estimate)).await.map_err(|err| {
                 LlmError::new(
                     Disposition::Retry { retry_after: None },
                     "rate_limiter_unavailable",
@@ -247,9 +246,9 @@ impl Worker {
             let learned = match &result {
                 Ok(generation) => {
                     let used = generation.usage.input_tokens + generation.usage.output_tokens;
-                    let charged = limiter.charge(used.saturating_sub(estimate)).await;
+                    let charged = Box::pin(limiter.charge(used.saturating_sub(estimate))).await;
                     match generation.slow_down {
-                        Some(wait) => charged.and(limiter.pause(wait).await),
+                        Some(wait) => charged.and(Box::pin(limiter.pause(wait)).await),
                         None => charged,
                     }
                 }
@@ -260,7 +259,7 @@ impl Worker {
                         } => wait,
                         _ => RATE_LIMITED_PAUSE,
                     };
-                    limiter.pause(wait).await
+                    Box::pin(limiter.pause(wait)).await
                 }
                 Err(_) => Ok(()),
             };
@@ -341,7 +340,7 @@ impl Worker {
                 Ok(Step::Finished(status))
             }
             // Another instance got there first; its outcome stands.
-            Updated::Unchanged(doc) => self.already_generated(message, &doc).await,
+            Updated::Unchanged(doc) => Box::pin(self.already_generated(message, &doc)).await,
             Updated::Missing => {
                 let _ = message.ack_with(AckKind::Term).await;
                 Ok(Step::Rejected(format!(

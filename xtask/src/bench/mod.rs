@@ -76,12 +76,21 @@ impl Sizes {
     }
 }
 
+/// One service's benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Generator,
+    Callback,
+}
+
+/// Runs `only` one part or all; writes `BENCHMARKS.md` after a full-size run of all.
 pub async fn run(
     ws: &Workspace,
     nats_server: &Path,
     sizes: Sizes,
-    write: bool,
+    only: Option<Part>,
 ) -> anyhow::Result<()> {
+    let runs = |part: Part| only.is_none_or(|only| only == part);
     let mut build = vec!["build", "--bin", "callback", "--bin", "generator"];
     if sizes.release {
         build.push("--release");
@@ -96,13 +105,16 @@ pub async fn run(
         }
     };
 
-    let generation = generator::measure(&binary("generator"), nats_server, sizes).await?;
-    let delivery = callback::measure(&binary("callback"), nats_server, sizes).await?;
-
     let mut report = machine(nats_server).await?;
-    report.push_str(&generation.section(sizes)?);
-    report.push_str(&delivery.section(sizes)?);
-    if write {
+    if runs(Part::Generator) {
+        let generation = generator::measure(&binary("generator"), nats_server, sizes).await?;
+        report.push_str(&generation.section(sizes)?);
+    }
+    if runs(Part::Callback) {
+        let delivery = callback::measure(&binary("callback"), nats_server, sizes).await?;
+        report.push_str(&delivery.section(sizes)?);
+    }
+    if sizes.release && only.is_none() {
         let path = ws.root.join("BENCHMARKS.md");
         std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
         println!("==> wrote {}", path.display());
