@@ -35,6 +35,20 @@ const SLOT_WAIT: Duration = Duration::from_millis(50);
 /// The shortest wait in JetStream for a delivery whose destination has no free slot.
 const PARKED_DELAY: Duration = Duration::from_secs(1);
 
+/// How long a delivery waits in JetStream (before jitter) when every slot at its destination
+/// is taken and none has freed for `stalled`. If the destination answered a moment ago it is
+/// busy, not stuck: come back in a second. Otherwise its slots are held by attempts that free
+/// only when the receiver answers or times out: wait at least half the timeout, longer the
+/// longer it has been silent, so a dead receiver's backlog is not cycled through every second.
+fn park_delay(stalled: Duration, timeout: Duration) -> Duration {
+    let timeout = timeout.max(PARKED_DELAY);
+    if stalled < PARKED_DELAY {
+        PARKED_DELAY
+    } else {
+        stalled.clamp((timeout / 2).max(PARKED_DELAY), timeout)
+    }
+}
+
 /// The attempt log's `error_kind` for a retry skipped because the destination's circuit is open.
 const CIRCUIT_OPEN: &str = "circuit_open";
 
@@ -99,12 +113,7 @@ impl Worker {
         let slot = match destination.slot(SLOT_WAIT, Instant::now()).await {
             Ok(slot) => slot,
             Err(stalled) => {
-                // Every slot is held by an attempt that has not answered for a while, and one
-                // frees only when its receiver answers or times out: wait in JetStream at least
-                // half the timeout, longer the longer the destination has been silent, so a
-                // dead receiver's backlog is not cycled through every second.
-                let timeout = self.config.callback.timeout.max(PARKED_DELAY);
-                let base = stalled.clamp((timeout / 2).max(PARKED_DELAY), timeout);
+                let base = park_delay(stalled, self.config.callback.timeout);
                 let delay = base.mul_f64(1.0 + rand::random::<f64>());
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 return Ok(Step::Parked(delay));
@@ -378,6 +387,20 @@ fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_destination_parks_briefly_and_a_silent_one_for_half_the_timeout_or_more() {
+        let timeout = Duration::from_secs(15);
+        // All slots taken, but one freed 60 ms ago: a fast receiver under a burst.
+        assert_eq!(park_delay(Duration::from_millis(60), timeout), PARKED_DELAY);
+        // Nothing answered for 3 s: its slots are held by hanging attempts.
+        assert_eq!(park_delay(Duration::from_secs(3), timeout), timeout / 2);
+        assert_eq!(
+            park_delay(Duration::from_secs(12), timeout),
+            Duration::from_secs(12)
+        );
+        assert_eq!(park_delay(Duration::from_secs(600), timeout), timeout);
+    }
 
     fn failed_attempt() -> DeliveryAttempt {
         DeliveryAttempt {

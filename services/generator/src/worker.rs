@@ -124,7 +124,9 @@ impl Worker {
             return Box::pin(self.finish(message, &request, outcome, current)).await;
         }
 
-        let call = self.generate(&request, spec);
+        // Boxed once here: passed by value, it would be held twice (the argument, then the
+        // pinned copy polled).
+        let call = Box::pin(self.generate(&request, spec));
         let Some(result) = self.with_progress_acks(message, call, shutdown).await else {
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return Ok(Step::Interrupted);

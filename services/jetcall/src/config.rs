@@ -238,6 +238,9 @@ pub struct AnthropicConfig {
     pub timeout: Duration,
     /// Sampling temperature, 0 to 1; the API's default when unset.
     pub temperature: Option<f64>,
+    /// Speak HTTP/2 to a plain-`http` base URL without negotiating it (h2c), for a local
+    /// server that supports it. An `https` base URL negotiates HTTP/2 by itself.
+    pub http2: bool,
 }
 
 impl Default for AnthropicConfig {
@@ -248,6 +251,7 @@ impl Default for AnthropicConfig {
             model: "claude-sonnet-4-5".into(),
             timeout: Duration::from_secs(120),
             temperature: None,
+            http2: false,
         }
     }
 }
@@ -267,6 +271,8 @@ pub struct OpenAiConfig {
     pub timeout: Duration,
     /// Sampling temperature, 0 to 2; the server's default when unset.
     pub temperature: Option<f64>,
+    /// As `anthropic.http2`.
+    pub http2: bool,
 }
 
 impl Default for OpenAiConfig {
@@ -277,6 +283,7 @@ impl Default for OpenAiConfig {
             model: "gpt-4o-mini".into(),
             timeout: Duration::from_secs(120),
             temperature: None,
+            http2: false,
         }
     }
 }

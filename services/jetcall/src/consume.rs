@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::Stream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -92,11 +92,10 @@ where
             None if admission == Admission::Probe => continue,
             None => break,
         };
+        // `map`, not an async block awaiting `work`: such a block would hold the future twice
+        // (captured, then moved into the await), doubling every task's size.
         let work = handle(message, handlers_stop.clone());
-        tasks.spawn(async move {
-            let _permit = permit;
-            work.await;
-        });
+        tasks.spawn(work.map(move |()| drop(permit)));
     }
     drop(messages);
     handlers_stop.cancel();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
@@ -41,6 +41,7 @@ pub struct Recorded {
     pub status: u16,
     /// The `retry-after` seconds the answer carried.
     pub retry_after: Option<u64>,
+    pub version: Version,
 }
 
 impl Recorded {
@@ -284,6 +285,7 @@ fn success(body: &Value, text: String) -> Response {
 
 async fn messages(
     State(inner): State<Arc<Mutex<Inner>>>,
+    version: Version,
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
@@ -297,6 +299,7 @@ async fn messages(
             at: Instant::now(),
             status: 0,
             retry_after: None,
+            version,
         });
         inner.requests.len() - 1
     };

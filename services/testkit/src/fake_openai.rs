@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
@@ -309,6 +309,7 @@ fn success(cloud: bool, body: &Value, text: String) -> Response {
 
 async fn chat_completions(
     State(inner): State<Arc<Mutex<Inner>>>,
+    version: Version,
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
@@ -326,6 +327,7 @@ async fn chat_completions(
         at,
         status: response.status().as_u16(),
         retry_after,
+        version,
     });
     response
 }

@@ -46,11 +46,13 @@ impl Sizes {
                 jobs: 20_000,
                 concurrency: 256,
                 llm_delay: Duration::ZERO,
+                http2: true,
             },
             generator_slow: generator::Run {
                 jobs: 40_000,
                 concurrency: 10_000,
                 llm_delay: Duration::from_secs(2),
+                http2: true,
             },
         }
     }
@@ -66,11 +68,13 @@ impl Sizes {
                 jobs: 500,
                 concurrency: 256,
                 llm_delay: Duration::ZERO,
+                http2: true,
             },
             generator_slow: generator::Run {
                 jobs: 500,
                 concurrency: 500,
                 llm_delay: Duration::from_millis(200),
+                http2: true,
             },
         }
     }

@@ -69,7 +69,7 @@ struct ErrorDetail {
 
 #[derive(Debug, Clone)]
 pub struct Anthropic {
-    http: reqwest::Client,
+    http: http::ClientPool,
     url: String,
     api_key: Secret,
     default_model: String,
@@ -82,10 +82,7 @@ impl Anthropic {
         api_key: Secret,
         concurrency: usize,
     ) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .pool_max_idle_per_host(concurrency)
-            .build()?;
+        let http = http::ClientPool::new(config.timeout, concurrency, config.http2)?;
         Ok(Self {
             http,
             url: format!("{}/v1/messages", config.base_url.trim_end_matches('/')),
@@ -109,6 +106,7 @@ impl Anthropic {
         };
         let response = self
             .http
+            .client()
             .post(&self.url)
             .header("x-api-key", self.api_key.expose())
             .header("anthropic-version", API_VERSION)

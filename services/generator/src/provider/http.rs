@@ -1,6 +1,8 @@
 //! What every HTTP provider shares: the official SDKs' retry rules, their headers, and the
 //! treatment of transport failures. OpenAI's SDKs follow the same rules as Anthropic's.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -11,6 +13,49 @@ use super::{Disposition, LlmError};
 /// The longest a provider's rate-limit headers may hold every instance back at once; a reset
 /// further away is re-read from the next answer instead.
 pub const MAX_SLOW_DOWN: Duration = Duration::from_secs(60);
+
+/// Calls one HTTP/2 connection is given. Servers commonly allow 100 or more concurrent streams;
+/// beyond what a server allows, calls would queue on the connection.
+const STREAMS_PER_CONNECTION: usize = 100;
+
+/// HTTP clients to one provider, each with its own connections, taken in turn. Over HTTP/2 a
+/// connection carries only as many calls as the server allows streams, so `concurrency` calls
+/// are spread over enough clients; over HTTP/1.1 (a connection per call) it changes nothing.
+#[derive(Debug, Clone)]
+pub struct ClientPool {
+    clients: Arc<[reqwest::Client]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl ClientPool {
+    /// `h2c`: speak HTTP/2 to a plain-http server without negotiating it first (an `https`
+    /// server negotiates HTTP/2 by itself).
+    pub fn new(timeout: Duration, concurrency: usize, h2c: bool) -> Result<Self, reqwest::Error> {
+        let clients = concurrency.div_ceil(STREAMS_PER_CONNECTION).max(1);
+        let clients = (0..clients)
+            .map(|_| {
+                let builder = reqwest::Client::builder()
+                    .timeout(timeout)
+                    .pool_max_idle_per_host(concurrency);
+                let builder = if h2c {
+                    builder.http2_prior_knowledge()
+                } else {
+                    builder
+                };
+                builder.build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            clients: clients.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.clients[turn % self.clients.len()]
+    }
+}
 
 /// The lowest share of a rate-limit budget we spend before every instance waits for its reset.
 const LOW_HEADROOM: f64 = 0.05;

@@ -61,7 +61,7 @@ struct ApiUsage {
 
 #[derive(Debug, Clone)]
 pub struct OpenAi {
-    http: reqwest::Client,
+    http: http::ClientPool,
     url: String,
     api_key: Option<Secret>,
     default_model: String,
@@ -70,10 +70,7 @@ pub struct OpenAi {
 
 impl OpenAi {
     pub fn new(config: &OpenAiConfig, concurrency: usize) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .pool_max_idle_per_host(concurrency)
-            .build()?;
+        let http = http::ClientPool::new(config.timeout, concurrency, config.http2)?;
         Ok(Self {
             http,
             url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
@@ -87,7 +84,7 @@ impl OpenAi {
         let user = request.spec.render(request.input);
         let model = request.spec.model.as_deref().unwrap_or(&self.default_model);
         let body = chat_request(request, model, &user, self.temperature);
-        let mut call = self.http.post(&self.url).json(&body);
+        let mut call = self.http.client().post(&self.url).json(&body);
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key.expose());
         }

@@ -35,6 +35,28 @@ pub fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_can_be_spoken_to_a_plain_http_server() {
+    let harness = Harness::start(&[("anthropic.http2", json!(true))]).await;
+    let (generator, _) = harness.run_generator();
+    for i in 0..3 {
+        harness.submit(&format!("H2-{i}")).await;
+    }
+    for i in 0..3 {
+        harness
+            .wait_for_status(&format!("H2-{i}"), "completed")
+            .await;
+    }
+    generator.stop().await;
+    let versions: Vec<_> = harness
+        .claude
+        .requests()
+        .iter()
+        .map(|r| r.version)
+        .collect();
+    assert_eq!(versions, vec![reqwest::Version::HTTP_2; 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_api_costs_a_bounded_number_of_calls_and_its_retry_after_is_honoured() {
     // Ten attempts make a job failing by bad luck vanishingly unlikely (0.3^10).
     let harness = Harness::start(&[("generator.max_attempts", json!(10))]).await;
