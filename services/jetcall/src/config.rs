@@ -241,6 +241,8 @@ pub struct AnthropicConfig {
     /// Speak HTTP/2 to a plain-`http` base URL without negotiating it (h2c), for a local
     /// server that supports it. An `https` base URL negotiates HTTP/2 by itself.
     pub http2: bool,
+    /// The most output tokens any call may ask for; a kind's `max_tokens` above it is lowered.
+    pub max_tokens: Option<u32>,
 }
 
 impl Default for AnthropicConfig {
@@ -252,6 +254,7 @@ impl Default for AnthropicConfig {
             timeout: Duration::from_secs(120),
             temperature: None,
             http2: false,
+            max_tokens: None,
         }
     }
 }
@@ -273,6 +276,8 @@ pub struct OpenAiConfig {
     pub temperature: Option<f64>,
     /// As `anthropic.http2`.
     pub http2: bool,
+    /// As `anthropic.max_tokens`; small local models often need a low one.
+    pub max_tokens: Option<u32>,
 }
 
 impl Default for OpenAiConfig {
@@ -284,6 +289,7 @@ impl Default for OpenAiConfig {
             timeout: Duration::from_secs(120),
             temperature: None,
             http2: false,
+            max_tokens: None,
         }
     }
 }
@@ -476,6 +482,14 @@ impl Config {
         url::Url::parse(&self.openai.base_url)
             .map_err(|err| ConfigError::invalid("openai.base_url", err.to_string()))?;
         check_temperature("anthropic.temperature", self.anthropic.temperature, 1.0)?;
+        for (key, cap) in [
+            ("anthropic.max_tokens", self.anthropic.max_tokens),
+            ("openai.max_tokens", self.openai.max_tokens),
+        ] {
+            if cap == Some(0) {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
         check_temperature("openai.temperature", self.openai.temperature, 2.0)?;
         for (name, spec) in &self.kinds {
             crate::job::Kind::parse(name)

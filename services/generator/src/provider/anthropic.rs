@@ -74,6 +74,7 @@ pub struct Anthropic {
     api_key: Secret,
     default_model: String,
     temperature: Option<f64>,
+    max_tokens: Option<u32>,
 }
 
 impl Anthropic {
@@ -89,6 +90,7 @@ impl Anthropic {
             api_key,
             default_model: config.model.clone(),
             temperature: config.temperature,
+            max_tokens: config.max_tokens,
         })
     }
 
@@ -96,7 +98,7 @@ impl Anthropic {
         let user = request.spec.render(request.input);
         let body = MessagesRequest {
             model: request.spec.model.as_deref().unwrap_or(&self.default_model),
-            max_tokens: request.spec.max_tokens,
+            max_tokens: request.max_tokens(self.max_tokens),
             temperature: self.temperature,
             system: &request.spec.system,
             messages: [MessageParam {

@@ -24,6 +24,13 @@ pub struct GenerationRequest<'a> {
     pub input: &'a Map<String, Value>,
 }
 
+impl GenerationRequest<'_> {
+    /// The kind's `max_tokens`, lowered to the provider's cap if it has one.
+    pub fn max_tokens(&self, cap: Option<u32>) -> u32 {
+        cap.map_or(self.spec.max_tokens, |cap| self.spec.max_tokens.min(cap))
+    }
+}
+
 /// What the model answered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
@@ -123,5 +130,25 @@ impl Provider {
             Self::OpenAi(client) => client.generate(request).await,
             Self::Offline(writer) => Ok(writer.generate(request)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jetcall::kinds::builtin_kinds;
+
+    #[test]
+    fn a_providers_max_tokens_caps_the_kinds() {
+        let kinds = builtin_kinds();
+        let spec = &kinds["product-description"];
+        let input = Map::new();
+        let request = GenerationRequest {
+            spec,
+            input: &input,
+        };
+        assert_eq!(request.max_tokens(None), spec.max_tokens);
+        assert_eq!(request.max_tokens(Some(256)), 256);
+        assert_eq!(request.max_tokens(Some(u32::MAX)), spec.max_tokens);
     }
 }

@@ -66,6 +66,7 @@ pub struct OpenAi {
     api_key: Option<Secret>,
     default_model: String,
     temperature: Option<f64>,
+    max_tokens: Option<u32>,
 }
 
 impl OpenAi {
@@ -77,6 +78,7 @@ impl OpenAi {
             api_key: config.api_key.clone(),
             default_model: config.model.clone(),
             temperature: config.temperature,
+            max_tokens: config.max_tokens,
         })
     }
 
@@ -84,6 +86,10 @@ impl OpenAi {
         let user = request.spec.render(request.input);
         let model = request.spec.model.as_deref().unwrap_or(&self.default_model);
         let body = chat_request(request, model, &user, self.temperature);
+        let body = ChatRequest {
+            max_tokens: request.max_tokens(self.max_tokens),
+            ..body
+        };
         let mut call = self.http.client().post(&self.url).json(&body);
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key.expose());
