@@ -5,9 +5,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::Stream;
+use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -26,7 +26,8 @@ pub struct ConsumeError(String);
 /// they hand back is redelivered to another instance, not into this one's closing pull.
 ///
 /// While `gate` is closed nothing is pulled: the open pull request is dropped (messages it had
-/// fetched return after `ack_wait`), and each probe the gate admits fetches a single message.
+/// fetched are handed back at once; one still on its way returns after `ack_wait`), and each
+/// probe the gate admits fetches a single message.
 pub async fn consume<H, Fut>(
     consumer: PullConsumer,
     concurrency: usize,
@@ -53,8 +54,10 @@ where
         };
         let admission = match &gate {
             Some(gate) => {
-                if !gate.is_open() {
-                    messages = None;
+                if !gate.is_open()
+                    && let Some(stream) = messages.take()
+                {
+                    hand_back_fetched(stream).await;
                 }
                 tokio::select! {
                     admission = gate.admit() => admission,
@@ -82,8 +85,10 @@ where
         let message = match next {
             Some(Ok(message)) => message,
             Some(Err(err)) => {
-                // Missed heartbeats during a NATS restart land here; the stream recovers.
+                // Missed heartbeats (a NATS restart, a pull the server no longer knows) land
+                // here: start a fresh pull rather than trust this one to recover.
                 tracing::warn!(error = %err, "pulling messages");
+                messages = None;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     _ = shutdown.cancelled() => break,
@@ -101,6 +106,14 @@ where
     handlers_stop.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Stops a pull, first handing back at once the messages it has already fetched, so they
+/// do not sit out `ack_wait` unseen.
+async fn hand_back_fetched(mut stream: Stream) {
+    while let Some(Some(Ok(message))) = stream.next().now_or_never() {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
 }
 
 async fn pull(consumer: &PullConsumer, concurrency: usize) -> Result<Stream, ConsumeError> {

@@ -7,10 +7,10 @@
 //! [`FakeOpenAi::start_without_key`] like a local server such as Ollama or vLLM (no key, no
 //! rate-limit headers).
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -20,38 +20,31 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::fake_anthropic::first_user_line;
+use crate::llm_script::{Answer, LlmScript};
 /// The same script and record as the fake Anthropic API.
-pub use crate::fake_anthropic::{Recorded, Scripted};
+pub use crate::llm_script::{Recorded, Scripted, first_user_line};
 
 pub const API_KEY: &str = "sk-proj-test-key";
-
-#[derive(Debug, Default)]
-struct Inner {
-    /// The only bearer key accepted, like OpenAI (which also sends rate-limit headers); `None`
-    /// for a local server.
-    accepted_key: Option<String>,
-    script: VecDeque<Scripted>,
-    /// Repeats over the requests the script does not answer; `None` is a normal answer.
-    cycle: Vec<Option<Scripted>>,
-    answered: usize,
-    /// Requests received, including those still being answered.
-    arrived: usize,
-    requests: Vec<Recorded>,
-    delay: Duration,
-    reply: Option<String>,
-}
 
 #[derive(Debug, Clone)]
 pub struct FakeOpenAi {
     addr: SocketAddr,
-    inner: Arc<Mutex<Inner>>,
+    script: Arc<LlmScript>,
+}
+
+/// The script's controls (`push`, `set_cycle`, `requests`, ...) on the server itself.
+impl Deref for FakeOpenAi {
+    type Target = LlmScript;
+
+    fn deref(&self) -> &LlmScript {
+        &self.script
+    }
 }
 
 impl FakeOpenAi {
     /// Like OpenAI: every request needs `Authorization: Bearer` [`API_KEY`].
     pub async fn start() -> Self {
-        Self::serve(Some(API_KEY.into())).await
+        Self::serve(Some(API_KEY)).await
     }
 
     /// Like a local server (Ollama, vLLM, llama.cpp): no key needed, no rate-limit headers.
@@ -59,14 +52,11 @@ impl FakeOpenAi {
         Self::serve(None).await
     }
 
-    async fn serve(accepted_key: Option<String>) -> Self {
-        let inner = Arc::new(Mutex::new(Inner {
-            accepted_key,
-            ..Inner::default()
-        }));
+    async fn serve(accepted_key: Option<&str>) -> Self {
+        let script = Arc::new(LlmScript::new(accepted_key));
         let app = Router::new()
             .route("/v1/chat/completions", post(chat_completions))
-            .with_state(inner.clone());
+            .with_state(script.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake OpenAI");
@@ -74,58 +64,13 @@ impl FakeOpenAi {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { addr, inner }
+        Self { addr, script }
     }
 
     /// The value for `openai.base_url` / `OPENAI_BASE_URL`, up to and including `/v1`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        lock(&self.inner)
-    }
-
-    pub fn push(&self, scripted: Scripted) {
-        self.lock().script.push_back(scripted);
-    }
-
-    /// A delay before every default answer.
-    pub fn set_delay(&self, delay: Duration) {
-        self.lock().delay = delay;
-    }
-
-    /// The text of every default answer; by default it quotes the first line of the prompt.
-    pub fn set_reply(&self, text: impl Into<String>) {
-        self.lock().reply = Some(text.into());
-    }
-
-    /// A pattern of answers repeated over every request the script does not take, e.g. three
-    /// errors in ten for a flaky API.
-    pub fn set_cycle(&self, cycle: Vec<Option<Scripted>>) {
-        self.lock().cycle = cycle;
-    }
-
-    /// The only bearer key accepted; others get 401, as after a key rotation.
-    pub fn set_accepted_key(&self, key: impl Into<String>) {
-        self.lock().accepted_key = Some(key.into());
-    }
-
-    /// Every answered request, in the order the answers went out.
-    pub fn requests(&self) -> Vec<Recorded> {
-        self.lock().requests.clone()
-    }
-
-    /// Requests received so far, including those still being answered.
-    pub fn calls(&self) -> usize {
-        self.lock().arrived
-    }
-}
-
-fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    inner
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn error(status: StatusCode, kind: Option<&str>, code: Option<&str>, message: &str) -> Response {
@@ -308,70 +253,38 @@ fn success(cloud: bool, body: &Value, text: String) -> Response {
 }
 
 async fn chat_completions(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(script): State<Arc<LlmScript>>,
     version: Version,
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
-    let at = Instant::now();
-    lock(&inner).arrived += 1;
     let body = serde_json::from_slice::<Value>(&raw).unwrap_or(Value::Null);
-    let response = answer(&inner, &headers, &body).await;
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    lock(&inner).requests.push(Recorded {
-        headers,
-        body,
-        at,
-        status: response.status().as_u16(),
-        retry_after,
-        version,
-    });
+    let index = script.arrive(version, &headers, &body);
+    let response = answer(&script, &headers, &body).await;
+    script.answered(index, &response);
     response
 }
 
-async fn answer(inner: &Mutex<Inner>, headers: &HeaderMap, body: &Value) -> Response {
+async fn answer(script: &LlmScript, headers: &HeaderMap, body: &Value) -> Response {
     if body.is_null() {
         return *bad_request(
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly.)",
         );
     }
-    let (cloud, scripted, delay, reply) = {
-        let mut inner = lock(inner);
-        if let Err(response) = validate(inner.accepted_key.as_deref(), headers, body) {
-            return *response;
-        }
-        let scripted = match inner.script.pop_front() {
-            Some(scripted) => Some(scripted),
-            None if inner.cycle.is_empty() => None,
-            None => {
-                let step = inner.cycle[inner.answered % inner.cycle.len()].clone();
-                inner.answered += 1;
-                step
-            }
-        };
-        (
-            inner.accepted_key.is_some(),
-            scripted,
-            inner.delay,
-            inner.reply.clone(),
-        )
-    };
-    let text = reply.unwrap_or_else(|| format!("Fake GPT reply to: {}", first_user_line(body)));
-    match scripted {
-        Some(Scripted::Error {
+    let accepted_key = script.accepted_key();
+    if let Err(response) = validate(accepted_key.as_deref(), headers, body) {
+        return *response;
+    }
+    // OpenAI itself (with a key) sends rate-limit headers; local servers do not.
+    let cloud = accepted_key.is_some();
+    match script.next().await {
+        Answer::Error {
             status,
             retry_after,
-        }) => error_for(status, retry_after),
-        Some(Scripted::Text(text)) => success(cloud, body, text),
-        Some(Scripted::Delay(extra)) => {
-            tokio::time::sleep(extra).await;
-            success(cloud, body, text)
-        }
-        None => {
-            tokio::time::sleep(delay).await;
+        } => error_for(status, retry_after),
+        Answer::Text(text) => {
+            let text =
+                text.unwrap_or_else(|| format!("Fake GPT reply to: {}", first_user_line(body)));
             success(cloud, body, text)
         }
     }

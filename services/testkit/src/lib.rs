@@ -8,6 +8,7 @@ pub mod config;
 pub mod fake_anthropic;
 pub mod fake_openai;
 pub mod jobs;
+pub mod llm_script;
 pub mod nats;
 pub mod procs;
 pub mod receiver;

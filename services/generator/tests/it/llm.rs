@@ -136,6 +136,8 @@ async fn a_refused_key_pauses_the_generator_without_failing_jobs_until_it_is_fix
         ("generator.probe_interval", json!("1s")),
         // One call at a time, so every call after the first is a probe.
         ("generator.concurrency", json!(1)),
+        // A message already on its way when the pull stopped waits out ack_wait.
+        ("generator.ack_wait", json!("5s")),
     ])
     .await;
     harness.claude.set_accepted_key("sk-ant-rotated-key");
