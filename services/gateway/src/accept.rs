@@ -20,6 +20,46 @@ pub struct Accepted {
     pub message: String,
 }
 
+/// What recording a submission found, and what is left to do for it.
+#[derive(Debug)]
+pub enum Recorded {
+    /// The request is to be published: a new job (`new`), or a resubmission of one that is
+    /// still `accepted`, whose first publish may have been lost.
+    Publish { request: JobRequested, new: bool },
+    /// The job exists with the same content and has moved on; nothing is published.
+    MovedOn(Box<JobStatus>),
+}
+
+/// Records the job as `accepted` unless its id is taken, and tells what is left to do. The
+/// idempotency rule of every submission lives here: the same content under an existing id is
+/// a retry, different content is a conflict. `Err` is the job's answer: 409 or 503.
+pub async fn record(state: &AppState, job: ValidJob) -> Result<Recorded, ApiError> {
+    let mut doc = JobStatus::accepted(&job.request, job.digest.clone());
+    doc.signing_secret = job.signing_secret;
+    let created = state
+        .topology
+        .status
+        .create(&doc)
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    match created {
+        Created::New(_) => Ok(Recorded::Publish {
+            request: job.request,
+            new: true,
+        }),
+        Created::Exists(existing) if existing.request_digest != job.digest => {
+            Err(ApiError::Conflict {
+                job_id: existing.job_id.to_string(),
+            })
+        }
+        Created::Exists(existing) if existing.status == Status::Accepted => Ok(Recorded::Publish {
+            request: existing.request(),
+            new: false,
+        }),
+        Created::Exists(existing) => Ok(Recorded::MovedOn(existing)),
+    }
+}
+
 /// Records the job as `accepted` and publishes its request. A 202 means JetStream has stored
 /// the request; anything short of that is a 503 and the caller retries with the same id.
 ///
@@ -29,28 +69,12 @@ pub struct Accepted {
 /// is 202; once the job has moved on the answer is 200 with its status. Different content
 /// under an existing id is a 409.
 pub async fn accept(state: &AppState, job: ValidJob) -> Result<(StatusCode, Accepted), ApiError> {
-    let mut doc = JobStatus::accepted(&job.request, job.digest.clone());
-    doc.signing_secret = job.signing_secret;
-    let store = &state.topology.status;
-    match store
-        .create(&doc)
-        .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?
-    {
-        Created::New(_) => {
-            publish(state, &job.request).await?;
-            Ok((StatusCode::ACCEPTED, accepted(&doc.job_id.to_string())))
+    match record(state, job).await? {
+        Recorded::Publish { request, .. } => {
+            publish(state, &request).await?;
+            Ok((StatusCode::ACCEPTED, accepted(&request.job_id.to_string())))
         }
-        Created::Exists(existing) if existing.request_digest != job.digest => {
-            Err(ApiError::Conflict {
-                job_id: existing.job_id.to_string(),
-            })
-        }
-        Created::Exists(existing) if existing.status == Status::Accepted => {
-            publish(state, &existing.request()).await?;
-            Ok((StatusCode::ACCEPTED, accepted(&existing.job_id.to_string())))
-        }
-        Created::Exists(existing) => Ok((
+        Recorded::MovedOn(existing) => Ok((
             StatusCode::OK,
             Accepted {
                 job_id: existing.job_id.to_string(),
@@ -73,7 +97,8 @@ fn accepted(job_id: &str) -> Accepted {
     }
 }
 
-async fn publish(state: &AppState, request: &JobRequested) -> Result<(), ApiError> {
+/// Publishes the job's request and waits for JetStream's ack; anything short of it is a 503.
+pub async fn publish(state: &AppState, request: &JobRequested) -> Result<(), ApiError> {
     publish_event(
         &state.topology.jetstream,
         Event::Requested.subject(&request.kind),

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -23,6 +23,12 @@ pub enum ApiError {
         "job {job_id} already exists with a different request; reuse a job id only to retry the same request"
     )]
     Conflict { job_id: String },
+    #[error("`jobs` is empty; send 1 to {max} jobs")]
+    BatchEmpty { max: usize },
+    #[error("`jobs` holds {count} jobs; send at most {max} in one batch")]
+    BatchTooLarge { count: usize, max: usize },
+    #[error("job {job_id} already appears at index {first} of this batch; send each job once")]
+    DuplicateInBatch { job_id: String, first: usize },
     #[error("{0}")]
     NotFound(String),
     #[error("job {job_id} is {status}; only undeliverable jobs can be redelivered")]
@@ -53,9 +59,12 @@ impl ApiError {
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InvalidField { .. } | Self::InvalidCallbackUrl(_) | Self::UnknownKind { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::InvalidField { .. }
+            | Self::InvalidCallbackUrl(_)
+            | Self::UnknownKind { .. }
+            | Self::BatchEmpty { .. }
+            | Self::BatchTooLarge { .. }
+            | Self::DuplicateInBatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict { .. } | Self::NotRedeliverable { .. } => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -74,12 +83,30 @@ impl ApiError {
             Self::InvalidCallbackUrl(_) => "invalid_callback_url",
             Self::UnknownKind { .. } => "unknown_kind",
             Self::Conflict { .. } => "job_conflict",
+            Self::BatchEmpty { .. } => "batch_empty",
+            Self::BatchTooLarge { .. } => "batch_too_large",
+            Self::DuplicateInBatch { .. } => "duplicate_in_batch",
             Self::NotFound(_) => "not_found",
             Self::NotRedeliverable { .. } => "not_undeliverable",
             Self::Unauthorized => "unauthorized",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable(_) => "unavailable",
         }
+    }
+
+    /// The JSON an error is answered with: `{"type", "message", "field"?}`. A batch reports
+    /// each rejected job with the same object.
+    pub fn body(&self) -> Value {
+        let mut body = json!({"type": self.slug(), "message": self.to_string()});
+        match self {
+            Self::InvalidField { field, .. } => body["field"] = json!(field),
+            Self::InvalidCallbackUrl(_) => body["field"] = json!("callback_url"),
+            Self::UnknownKind { .. } => body["field"] = json!("kind"),
+            Self::BatchEmpty { .. } | Self::BatchTooLarge { .. } => body["field"] = json!("jobs"),
+            Self::DuplicateInBatch { .. } => body["field"] = json!("job_id"),
+            _ => {}
+        }
+        body
     }
 }
 
@@ -89,14 +116,7 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }
-        let mut body = json!({"type": self.slug(), "message": self.to_string()});
-        match &self {
-            Self::InvalidField { field, .. } => body["field"] = json!(field),
-            Self::InvalidCallbackUrl(_) => body["field"] = json!("callback_url"),
-            Self::UnknownKind { .. } => body["field"] = json!("kind"),
-            _ => {}
-        }
-        let mut response = (status, Json(body)).into_response();
+        let mut response = (status, Json(self.body())).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

@@ -8,38 +8,58 @@ use serde::de::DeserializeOwned;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// A JSON request body of at most `gateway.max_body_bytes`.
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
+
+/// A JSON request body of at most `gateway.max_batch_bytes`: the route using it must carry a
+/// `DefaultBodyLimit` of that size (see `routes::router`).
+#[derive(Debug)]
+pub struct BatchBody<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
-        let is_json = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.split(';').next())
-            .is_some_and(|mime| {
-                let mime = mime.trim().to_ascii_lowercase();
-                mime == "application/json"
-                    || (mime.starts_with("application/") && mime.ends_with("+json"))
-            });
-        if !is_json {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        let limit = state.config.gateway.max_body_bytes;
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::PayloadTooLarge { limit }
-                } else {
-                    ApiError::MalformedJson(format!("could not read the request body: {rejection}"))
-                }
-            })?;
+        let bytes = read(request, state, state.config.gateway.max_body_bytes).await?;
         parse(&bytes).map(JsonBody)
     }
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for BatchBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = read(request, state, state.config.gateway.max_batch_bytes).await?;
+        parse(&bytes).map(BatchBody)
+    }
+}
+
+/// The body of a JSON request; `limit` is the body limit in force on its route, named in
+/// the error when the body is larger.
+async fn read(request: Request, state: &AppState, limit: usize) -> Result<Bytes, ApiError> {
+    let is_json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::MalformedJson(format!("could not read the request body: {rejection}"))
+            }
+        })
 }
 
 /// Parses `bytes`, telling malformed JSON (400) from well-formed JSON with a wrong field (422).
@@ -54,22 +74,37 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         ));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data => {
-                if path == "." {
-                    ApiError::invalid_field(field_in_message(&inner), inner.to_string())
-                } else {
-                    ApiError::invalid_field(&path, format!("`{path}`: {inner}"))
-                }
-            }
-            _ => malformed(&inner),
-        }
-    })?;
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(field_error)?;
     deserializer.end().map_err(|err| malformed(&err))?;
     Ok(value)
+}
+
+/// Reads one job of a batch, already parsed as JSON, with the errors `parse` gives for the
+/// same job sent alone (less the line and column, which would point into the job rather than
+/// the request). Fields are named within the job.
+pub fn parse_job<T: DeserializeOwned>(job: serde_json::Value) -> Result<T, ApiError> {
+    if !job.is_object() {
+        return Err(ApiError::invalid_field(
+            ".",
+            "each job must be a JSON object",
+        ));
+    }
+    serde_path_to_error::deserialize(job).map_err(field_error)
+}
+
+fn field_error(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = err.path().to_string();
+    let inner = err.into_inner();
+    match inner.classify() {
+        serde_json::error::Category::Data => {
+            if path == "." {
+                ApiError::invalid_field(field_in_message(&inner), inner.to_string())
+            } else {
+                ApiError::invalid_field(&path, format!("`{path}`: {inner}"))
+            }
+        }
+        _ => malformed(&inner),
+    }
 }
 
 fn malformed(err: &serde_json::Error) -> ApiError {
@@ -97,6 +132,42 @@ mod tests {
         let err = parse::<GenerateDescription>(body).expect_err("wrong type");
         assert!(
             matches!(&err, ApiError::InvalidField { field, .. } if field == "product_id"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_job_of_a_batch_gets_the_errors_of_a_job_sent_alone() {
+        use crate::submission::SubmitJob;
+        let cases = [
+            r#"{"kind":"product-description","input":{},"callback_url":7}"#,
+            r#"{"kind":"product-description","input":{}}"#,
+            r#"{"kind":"product-description","input":[],"callback_url":"http://localhost/"}"#,
+            r#"{"kind":"x","input":{},"callback_url":"http://localhost/","colour":"white"}"#,
+        ];
+        for case in cases {
+            let alone = parse::<SubmitJob>(case.as_bytes()).expect_err(case);
+            let value = serde_json::from_str(case).expect("JSON");
+            let in_batch = parse_job::<SubmitJob>(value).expect_err(case);
+            let (
+                ApiError::InvalidField {
+                    field: a,
+                    message: m,
+                },
+                ApiError::InvalidField {
+                    field: b,
+                    message: n,
+                },
+            ) = (&alone, &in_batch)
+            else {
+                panic!("{case}: {alone:?} / {in_batch:?}");
+            };
+            assert_eq!(a, b, "{case}");
+            assert!(m.starts_with(n.as_str()), "{case}: {m:?} / {n:?}");
+        }
+        let err = parse_job::<SubmitJob>(serde_json::json!(["JOB-1"])).expect_err("array");
+        assert!(
+            matches!(&err, ApiError::InvalidField { field, .. } if field == "."),
             "{err:?}"
         );
     }

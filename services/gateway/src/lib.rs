@@ -3,6 +3,7 @@
 //! JetStream has stored it.
 
 mod accept;
+mod batch;
 mod error;
 mod extract;
 mod redeliver;

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,8 +15,9 @@ use jetcall::JobId;
 use jetcall::status::JobStatus;
 
 use crate::accept::{Accepted, accept};
+use crate::batch::{self, BatchResult, SubmitBatch};
 use crate::error::ApiError;
-use crate::extract::JsonBody;
+use crate::extract::{BatchBody, JsonBody};
 use crate::redeliver;
 use crate::state::AppState;
 use crate::submission::{GenerateDescription, SubmitJob};
@@ -25,6 +26,14 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/generate-description", post(generate_description))
         .route("/api/v1/jobs", post(submit_job))
+        // The batch's own body limit; this inner layer wins over the router's. A GET here is
+        // the status of a job whose id is `batch`, as `/api/v1/jobs/{job_id}` would give it.
+        .route(
+            "/api/v1/jobs/batch",
+            post(submit_batch)
+                .layer(DefaultBodyLimit::max(state.config.gateway.max_batch_bytes))
+                .get(job_named_batch),
+        )
         .route("/api/v1/jobs/{job_id}", get(job_status))
         .route("/api/v1/jobs/{job_id}/redeliver", post(redeliver_job))
         .route("/api/v1/deliveries/redeliver", post(redeliver_window))
@@ -38,9 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(axum::extract::DefaultBodyLimit::max(
-            state.config.gateway.max_body_bytes,
-        ))
+        .layer(DefaultBodyLimit::max(state.config.gateway.max_body_bytes))
         .with_state(state)
 }
 
@@ -62,12 +69,28 @@ async fn submit_job(
     Ok((status, Json(accepted)))
 }
 
+async fn submit_batch(
+    State(state): State<AppState>,
+    BatchBody(body): BatchBody<SubmitBatch>,
+) -> Result<Json<BatchResult>, ApiError> {
+    Ok(Json(batch::accept_batch(&state, body).await?))
+}
+
 async fn job_status(
     State(state): State<AppState>,
     job_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let id = parse_path_id(job_id)?;
-    match state.topology.status.get(&id).await {
+    status_of(&state, &id).await
+}
+
+async fn job_named_batch(State(state): State<AppState>) -> Result<Json<JobStatus>, ApiError> {
+    let id = JobId::parse("batch").map_err(|err| ApiError::NotFound(err.to_string()))?;
+    status_of(&state, &id).await
+}
+
+async fn status_of(state: &AppState, id: &JobId) -> Result<Json<JobStatus>, ApiError> {
+    match state.topology.status.get(id).await {
         Ok(Some((mut doc, _))) => {
             doc.signing_secret = None;
             Ok(Json(doc))

@@ -156,6 +156,8 @@ pub struct GatewayConfig {
     pub callback_allowlist: Vec<String>,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// The largest body of `POST /api/v1/jobs/batch` accepted, in bytes.
+    pub max_batch_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -165,6 +167,7 @@ impl Default for GatewayConfig {
             api_keys: Vec::new(),
             callback_allowlist: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             max_body_bytes: 256 * 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -474,6 +477,12 @@ impl Config {
                     ConfigError::invalid("callback.signing_secret", err.to_string())
                 })?;
             }
+        }
+        if self.gateway.max_batch_bytes < self.gateway.max_body_bytes {
+            return Err(ConfigError::invalid(
+                "gateway.max_batch_bytes",
+                "must be at least gateway.max_body_bytes, so any job a single submission takes fits in a batch",
+            ));
         }
         crate::allowlist::Allowlist::parse(&self.gateway.callback_allowlist)
             .map_err(|err| ConfigError::invalid("gateway.callback_allowlist", err.to_string()))?;

@@ -1,0 +1,200 @@
+//! `POST /api/v1/jobs/batch`: up to 1,000 jobs in one request. Each is validated, recorded and
+//! published on its own terms, with the answer a single submission of it would get; the writes
+//! of all of them are pipelined, so a batch costs a few round trips to NATS, not two per job.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
+use futures::{StreamExt, stream};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use jetcall::status::Status;
+
+use crate::accept::{Recorded, publish, record};
+use crate::error::ApiError;
+use crate::extract::parse_job;
+use crate::state::AppState;
+use crate::submission::{SubmitJob, ValidJob};
+
+/// The most jobs one batch may hold.
+pub const MAX_JOBS: usize = 1_000;
+
+/// Jobs of one batch being written at once. Each is recorded and published in turn, but none
+/// waits for another, so their writes share round trips to NATS: 1,000 jobs cost about
+/// 2 × 1,000 / 256 round trips rather than 2,000.
+const JOBS_IN_FLIGHT: usize = 256;
+
+/// The body: `{"jobs": [...]}`, each job what `POST /api/v1/jobs` takes. The jobs are kept as
+/// JSON here so that one that does not fit is rejected alone.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBatch {
+    pub jobs: Vec<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// New, recorded and in JetStream: the single endpoint's first `202`.
+    Accepted,
+    /// The same job was submitted before: the single endpoint's idempotent `202` or `200`.
+    Duplicate,
+    /// Not accepted; `error` says why, as the single endpoint's error body would.
+    Rejected,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ItemResult {
+    /// The job's position in `jobs`.
+    pub index: usize,
+    /// `null` when the job names no valid id and none was made for it.
+    pub job_id: Option<String>,
+    pub result: Outcome,
+    /// The job's status, for accepted and duplicate jobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// `{"type", "message", "field"?}`, for rejected jobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchResult {
+    /// One per job, in the order of `jobs`.
+    pub results: Vec<ItemResult>,
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub rejected: usize,
+}
+
+/// A job's answer once its writes are done.
+type Answer = Result<(Outcome, Status), ApiError>;
+
+/// Validates, records and publishes every job of `batch`. `Err` is for the batch as a whole
+/// (empty or too long), before anything is written.
+pub async fn accept_batch(state: &AppState, batch: SubmitBatch) -> Result<BatchResult, ApiError> {
+    let count = batch.jobs.len();
+    if count == 0 {
+        return Err(ApiError::BatchEmpty { max: MAX_JOBS });
+    }
+    if count > MAX_JOBS {
+        return Err(ApiError::BatchTooLarge {
+            count,
+            max: MAX_JOBS,
+        });
+    }
+
+    // (index, job id, answer): every index once, sorted at the end.
+    let mut answers: Vec<(usize, Option<String>, Answer)> = Vec::with_capacity(count);
+    let mut first_seen: HashMap<String, usize> = HashMap::new();
+    let mut valid: Vec<(usize, ValidJob)> = Vec::with_capacity(count);
+    for (index, job) in batch.jobs.into_iter().enumerate() {
+        let named = named_id(&job);
+        match parse_job::<SubmitJob>(job).and_then(|job| job.validate(state)) {
+            Err(err) => answers.push((index, named, Err(err))),
+            Ok(job) => {
+                let id = job.request.job_id.to_string();
+                match first_seen.entry(id.clone()) {
+                    Entry::Occupied(first) => {
+                        let err = ApiError::DuplicateInBatch {
+                            job_id: id.clone(),
+                            first: *first.get(),
+                        };
+                        answers.push((index, Some(id), Err(err)));
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(index);
+                        valid.push((index, job));
+                    }
+                }
+            }
+        }
+    }
+
+    // Each job is recorded and then published exactly as a single submission is; up to
+    // JOBS_IN_FLIGHT jobs at once, so the writes of many jobs share each round trip. Every
+    // job in flight waits for its own acks: a publish ack left unawaited would hold one of the
+    // JetStream context's ack permits, and concurrent batches holding all of them would leave
+    // every writer of this process waiting.
+    let settled: Vec<(usize, Option<String>, Answer)> = stream::iter(valid)
+        .map(|(index, job)| async move {
+            let id = job.request.job_id.to_string();
+            (index, Some(id), submit(state, job).await)
+        })
+        .buffer_unordered(JOBS_IN_FLIGHT)
+        .collect()
+        .await;
+    answers.extend(settled);
+    answers.sort_unstable_by_key(|(index, ..)| *index);
+
+    let mut result = BatchResult {
+        results: Vec::with_capacity(count),
+        accepted: 0,
+        duplicates: 0,
+        rejected: 0,
+    };
+    let mut unavailable = 0;
+    for (index, job_id, answer) in answers {
+        let item = match answer {
+            Ok((outcome, status)) => {
+                match outcome {
+                    Outcome::Accepted => result.accepted += 1,
+                    _ => result.duplicates += 1,
+                }
+                ItemResult {
+                    index,
+                    job_id,
+                    result: outcome,
+                    status: Some(status),
+                    error: None,
+                }
+            }
+            Err(err) => {
+                result.rejected += 1;
+                if matches!(err, ApiError::Unavailable(_)) {
+                    unavailable += 1;
+                }
+                ItemResult {
+                    index,
+                    job_id,
+                    result: Outcome::Rejected,
+                    status: None,
+                    error: Some(err.body()),
+                }
+            }
+        };
+        result.results.push(item);
+    }
+    if unavailable > 0 {
+        tracing::warn!(
+            jobs = count,
+            unavailable,
+            "NATS could not confirm some jobs of a batch"
+        );
+    }
+    Ok(result)
+}
+
+/// One job, as `accept` takes it: recorded, then published unless it has moved on.
+async fn submit(state: &AppState, job: ValidJob) -> Answer {
+    match record(state, job).await? {
+        Recorded::Publish { request, new } => {
+            publish(state, &request).await?;
+            let outcome = if new {
+                Outcome::Accepted
+            } else {
+                Outcome::Duplicate
+            };
+            Ok((outcome, Status::Accepted))
+        }
+        Recorded::MovedOn(existing) => Ok((Outcome::Duplicate, existing.status)),
+    }
+}
+
+/// The id a job names, if it is a valid one: to tell the caller which job a rejection is
+/// about even when the job could not be read.
+fn named_id(job: &Value) -> Option<String> {
+    let id = job.get("job_id")?.as_str()?;
+    jetcall::JobId::parse(id).ok().map(|id| id.to_string())
+}
