@@ -36,17 +36,16 @@ const SLOT_WAIT: Duration = Duration::from_millis(50);
 const PARKED_DELAY: Duration = Duration::from_secs(1);
 
 /// How long a delivery waits in JetStream (before jitter) when every slot at its destination
-/// is taken and none has freed for `stalled`. If the destination answered a moment ago it is
-/// busy, not stuck: come back in a second. Otherwise its slots are held by attempts that free
-/// only when the receiver answers or times out: wait at least half the timeout, longer the
-/// longer it has been silent, so a dead receiver's backlog is not cycled through every second.
+/// is taken and none has freed for `stalled`. Its slots are held by attempts that free only
+/// when the receiver answers or times out: wait at least half the timeout, longer the longer
+/// it has been silent, so a dead receiver's backlog is not cycled through every second.
+///
+/// A shorter wait for a destination that answered a moment ago (busy, not stuck) was tried
+/// and measured worse: beside a dead receiver, healthy deliveries then parked too (p99 16 to
+/// 24 ms against 7 to 12 ms).
 fn park_delay(stalled: Duration, timeout: Duration) -> Duration {
     let timeout = timeout.max(PARKED_DELAY);
-    if stalled < PARKED_DELAY {
-        PARKED_DELAY
-    } else {
-        stalled.clamp((timeout / 2).max(PARKED_DELAY), timeout)
-    }
+    stalled.clamp((timeout / 2).max(PARKED_DELAY), timeout)
 }
 
 /// The attempt log's `error_kind` for a retry skipped because the destination's circuit is open.
@@ -389,11 +388,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_busy_destination_parks_briefly_and_a_silent_one_for_half_the_timeout_or_more() {
+    fn a_parked_delivery_waits_half_the_timeout_or_as_long_as_the_silence() {
         let timeout = Duration::from_secs(15);
-        // All slots taken, but one freed 60 ms ago: a fast receiver under a burst.
-        assert_eq!(park_delay(Duration::from_millis(60), timeout), PARKED_DELAY);
-        // Nothing answered for 3 s: its slots are held by hanging attempts.
+        assert_eq!(park_delay(Duration::from_millis(60), timeout), timeout / 2);
         assert_eq!(park_delay(Duration::from_secs(3), timeout), timeout / 2);
         assert_eq!(
             park_delay(Duration::from_secs(12), timeout),
