@@ -3,7 +3,7 @@
 //! request while it is down.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,14 @@ const MAX_TRACKED: usize = 4096;
 /// Consecutive failed attempts that open a destination's circuit.
 pub const BREAKER_THRESHOLD: u32 = 5;
 
+/// A receiver answering faster than this frees its slots quickly: a delivery may wait up to
+/// `QUICK_WAIT` for one rather than go back to JetStream.
+const QUICK_ANSWER: Duration = Duration::from_millis(100);
+const QUICK_WAIT: Duration = Duration::from_secs(1);
+/// How long a delivery waits for a slot at any other destination: enough to ride out a
+/// moment's contention, too little for a slow receiver to hold many workers.
+const SHORT_WAIT: Duration = Duration::from_millis(50);
+
 #[derive(Debug)]
 pub struct Destination {
     slots: Arc<Semaphore>,
@@ -24,6 +32,8 @@ pub struct Destination {
     /// When a delivery here last succeeded: with every slot taken, a long silence means the
     /// receiver is slow or dead, and waiting for a slot would only hold a worker.
     last_success: Mutex<Instant>,
+    /// A moving average of successful attempts' durations, in microseconds; 0 before any.
+    typical_answer_us: AtomicU64,
 }
 
 impl Destination {
@@ -33,6 +43,7 @@ impl Destination {
             consecutive_failures: AtomicU32::new(0),
             open_until: Mutex::new(None),
             last_success: Mutex::new(Instant::now()),
+            typical_answer_us: AtomicU64::new(0),
         }
     }
 
@@ -74,10 +85,33 @@ impl Destination {
         }
     }
 
-    /// Records an attempt's outcome; `BREAKER_THRESHOLD` failures in a row open the circuit
-    /// for `cooldown`.
-    pub fn record(&self, succeeded: bool, now: Instant, cooldown: Duration) {
+    /// How long a delivery may wait here for a slot: long at a receiver that answers quickly,
+    /// where slots free all the time, short anywhere else, so a slow receiver's backlog waits
+    /// in JetStream rather than in the workers every destination shares.
+    pub fn patience(&self) -> Duration {
+        match self.typical_answer_us.load(Ordering::Relaxed) {
+            0 => SHORT_WAIT,
+            us if Duration::from_micros(us) < QUICK_ANSWER => QUICK_WAIT,
+            _ => SHORT_WAIT,
+        }
+    }
+
+    /// Records an attempt's outcome and how long it `took`; `BREAKER_THRESHOLD` failures in a
+    /// row open the circuit for `cooldown`.
+    pub fn record(&self, succeeded: bool, took: Duration, now: Instant, cooldown: Duration) {
         if succeeded {
+            let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+            let _ = self.typical_answer_us.fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |typical| {
+                    Some(if typical == 0 {
+                        took
+                    } else {
+                        (typical * 7 + took) / 8
+                    })
+                },
+            );
             *self.last_success.lock().unwrap_or_else(|p| p.into_inner()) = now;
             self.consecutive_failures.store(0, Ordering::Relaxed);
             *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -169,10 +203,29 @@ mod tests {
 
         // Recently active: it does wait, and reports no slot after `wait`.
         let now = Instant::now();
-        destination.record(true, now, Duration::from_secs(1));
+        destination.record(true, Duration::from_millis(5), now, Duration::from_secs(1));
         let started = tokio::time::Instant::now();
         assert!(destination.slot(wait, now).await.is_err());
         assert_eq!(started.elapsed(), wait);
+    }
+
+    #[test]
+    fn only_a_quickly_answering_destination_is_waited_for_long() {
+        let now = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        let new = Destination::new(1);
+        assert_eq!(new.patience(), SHORT_WAIT, "nothing known yet");
+        let quick = Destination::new(1);
+        quick.record(true, Duration::from_millis(3), now, cooldown);
+        assert_eq!(quick.patience(), QUICK_WAIT);
+        let slow = Destination::new(1);
+        slow.record(true, Duration::from_secs(2), now, cooldown);
+        assert_eq!(slow.patience(), SHORT_WAIT);
+        // It slows down: the average follows.
+        for _ in 0..20 {
+            quick.record(true, Duration::from_millis(900), now, cooldown);
+        }
+        assert_eq!(quick.patience(), SHORT_WAIT);
     }
 
     #[test]
@@ -181,10 +234,10 @@ mod tests {
         let now = Instant::now();
         let cooldown = Duration::from_secs(30);
         for _ in 0..BREAKER_THRESHOLD - 1 {
-            destination.record(false, now, cooldown);
+            destination.record(false, Duration::ZERO, now, cooldown);
         }
         assert_eq!(destination.admit(now, cooldown), None, "not yet open");
-        destination.record(false, now, cooldown);
+        destination.record(false, Duration::ZERO, now, cooldown);
         assert_eq!(destination.admit(now, cooldown), Some(cooldown));
 
         let later = now + cooldown;
@@ -198,13 +251,13 @@ mod tests {
             Some(cooldown),
             "and only one"
         );
-        destination.record(false, later, cooldown);
+        destination.record(false, Duration::ZERO, later, cooldown);
         assert!(
             destination.admit(later, cooldown).is_some(),
             "a failed probe keeps it open"
         );
 
-        destination.record(true, later, cooldown);
+        destination.record(true, Duration::from_millis(5), later, cooldown);
         assert_eq!(
             destination.admit(later, cooldown),
             None,

@@ -27,11 +27,6 @@ use jetcall::webhook;
 use crate::deliver::{Sender, Verdict};
 use crate::hosts::Destinations;
 
-/// How long a delivery waits for a slot at its destination before it goes back to JetStream:
-/// long enough for a fast receiver to free one, short enough not to hold a worker for a slow
-/// one.
-const SLOT_WAIT: Duration = Duration::from_millis(50);
-
 /// The shortest wait in JetStream for a delivery whose destination has no free slot.
 const PARKED_DELAY: Duration = Duration::from_secs(1);
 
@@ -109,7 +104,10 @@ impl Worker {
         // A slot first: a delivery that must wait for its destination goes back to JetStream
         // without costing a status read.
         let destination = self.destinations.get(&destination_of(&job.callback_url));
-        let slot = match destination.slot(SLOT_WAIT, Instant::now()).await {
+        let slot = match destination
+            .slot(destination.patience(), Instant::now())
+            .await
+        {
             Ok(slot) => slot,
             Err(stalled) => {
                 let base = park_delay(stalled, self.config.callback.timeout);
@@ -175,7 +173,8 @@ impl Worker {
                     }
                 };
                 let receiver_failed = matches!(sent.0, Verdict::Retry { .. });
-                destination.record(!receiver_failed, Instant::now(), cooldown);
+                let took = Duration::from_millis(sent.1.duration_ms);
+                destination.record(!receiver_failed, took, Instant::now(), cooldown);
                 sent
             }
         };
