@@ -41,13 +41,7 @@ impl FakeAnthropic {
         let app = Router::new()
             .route("/v1/messages", post(messages))
             .with_state(script.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake Anthropic");
-        let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = crate::serve(app, "fake Anthropic").await;
         Self { addr, script }
     }
 

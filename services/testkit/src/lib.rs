@@ -21,6 +21,19 @@ pub use nats::NatsServer;
 pub use receiver::WebhookReceiver;
 pub use wait::wait_until;
 
+/// Serves `app` on a free loopback port for as long as the test runs; `what` names it if the
+/// port cannot be had.
+pub async fn serve(app: axum::Router, what: &str) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|err| panic!("bind {what}: {err}"));
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
 /// A listener on a free loopback port, for a service's HTTP surface in a test.
 pub fn loopback_listener() -> tokio::net::TcpListener {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");

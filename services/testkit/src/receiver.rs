@@ -74,13 +74,7 @@ impl WebhookReceiver {
         let app = Router::new()
             .route("/{*path}", post(receive))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind webhook receiver");
-        let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = crate::serve(app, "webhook receiver").await;
         Self { addr, inner }
     }
 
