@@ -301,7 +301,7 @@ impl Figures {
              status read and write), and every later return costs a status read and a delayed \
              NAK, all on the same server, consumer and two cores as the healthy deliveries. \
              Holding a failing destination's deliveries in a consumer of their own would take \
-             that work off the healthy path. The p99 alone varies between runs (2.2 to 3.2 ms \
+             that work off the healthy path. The p99 alone varies between runs (2.2 to 5 ms \
              seen), so read the ratio with that in mind."
             )?;
         }

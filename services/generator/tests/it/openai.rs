@@ -3,118 +3,35 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::message::PublishMessage;
-use serde_json::{Map, Value, json};
-use time::OffsetDateTime;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use serde_json::{Value, json};
 
-use jetcall::events::JobRequested;
-use jetcall::status::JobStatus;
-use jetcall::subjects::Event;
-use jetcall::topology::Topology;
-use jetcall::{JobId, Kind};
+use jetcall::Kind;
 use testkit::fake_openai::{API_KEY, Scripted};
-use testkit::{FakeOpenAi, NatsServer, wait_until};
+use testkit::{FakeOpenAi, wait_until};
+
+use crate::harness::{Harness, RunningGenerator};
 
 struct Setup {
-    _nats: NatsServer,
+    harness: Harness,
     openai: FakeOpenAi,
-    topology: Topology,
-    stop: CancellationToken,
-    generator: JoinHandle<Result<(), generator::GeneratorError>>,
+    generator: RunningGenerator,
 }
 
 impl Setup {
     async fn start() -> Self {
-        testkit::init_logs();
-        let nats = NatsServer::start();
         let openai = FakeOpenAi::start().await;
-        let config = testkit::config::config(
-            &nats.url(),
-            &[
-                ("generator.provider", "openai".into()),
-                ("openai.base_url", openai.base_url().into()),
-                ("openai.api_key", API_KEY.into()),
-            ],
-        );
-        let client = async_nats::connect(nats.url()).await.expect("connect");
-        let topology = jetcall::topology::provision(client, &config)
-            .await
-            .expect("provision");
-        let stop = CancellationToken::new();
-        let generator = tokio::spawn(generator::run(
-            config,
-            testkit::loopback_listener(),
-            stop.clone(),
-        ));
+        let harness = Harness::start(&[
+            ("generator.provider", json!("openai")),
+            ("openai.base_url", json!(openai.base_url())),
+            ("openai.api_key", json!(API_KEY)),
+        ])
+        .await;
+        let (generator, _) = harness.run_generator();
         Self {
-            _nats: nats,
+            harness,
             openai,
-            topology,
-            stop,
             generator,
         }
-    }
-
-    /// Records the job as accepted, then publishes its request, as the gateway does.
-    async fn submit(&self, job_id: &str, kind: Kind, input: Value) {
-        let request = JobRequested {
-            job_id: JobId::parse(job_id).expect("valid id"),
-            kind,
-            input: input.as_object().cloned().unwrap_or_else(Map::new),
-            callback_url: "http://127.0.0.1:9/cb".into(),
-            metadata: Default::default(),
-            requested_at: OffsetDateTime::now_utc(),
-        };
-        self.topology
-            .status
-            .create(&JobStatus::accepted(&request, "digest".into()))
-            .await
-            .expect("status document");
-        let payload = serde_json::to_vec(&request).expect("JSON");
-        self.topology
-            .jetstream
-            .send_publish(
-                Event::Requested.subject(&request.kind),
-                PublishMessage::build()
-                    .payload(payload.into())
-                    .message_id(Event::Requested.msg_id(&request.job_id)),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
-    }
-
-    async fn wait_for_status(&self, job_id: &str, status: &str) -> JobStatus {
-        let id = JobId::parse(job_id).expect("valid id");
-        wait_until(
-            &format!("job {job_id} to be {status}"),
-            Duration::from_secs(30),
-            || async {
-                self.topology
-                    .status
-                    .get(&id)
-                    .await
-                    .expect("status store")
-                    .map(|(doc, _)| doc)
-                    .filter(|doc| doc.status.as_str() == status)
-            },
-        )
-        .await
-    }
-
-    async fn count(&self, filter: &str) -> usize {
-        testkit::nats::count_messages(&self.topology.stream, filter).await
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.generator
-            .await
-            .expect("task")
-            .expect("generator stops cleanly");
     }
 }
 
@@ -129,10 +46,14 @@ async fn a_product_description_is_generated_by_an_openai_compatible_api() {
         .openai
         .set_reply("A quiet fan with three blades for hot afternoons.");
     setup
-        .submit("JOB-OAI-1", Kind::product_description(), product_input())
+        .harness
+        .submit_kind("JOB-OAI-1", Kind::product_description(), product_input())
         .await;
 
-    let doc = setup.wait_for_status("JOB-OAI-1", "completed").await;
+    let doc = setup
+        .harness
+        .wait_for_status("JOB-OAI-1", "completed")
+        .await;
     assert_eq!(
         doc.result,
         Some(json!({"description": "A quiet fan with three blades for hot afternoons."}))
@@ -142,7 +63,12 @@ async fn a_product_description_is_generated_by_an_openai_compatible_api() {
     assert!(usage.input_tokens > 0, "{usage:?}");
     assert_eq!(usage.output_tokens, 9);
     wait_until("the completion event", Duration::from_secs(10), || async {
-        (setup.count("jobs.completed.product-description").await == 1).then_some(())
+        (setup
+            .harness
+            .count("jobs.completed.product-description")
+            .await
+            == 1)
+            .then_some(())
     })
     .await;
 
@@ -177,7 +103,7 @@ async fn a_product_description_is_generated_by_an_openai_compatible_api() {
         "{body}"
     );
 
-    setup.stop().await;
+    setup.generator.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,7 +116,8 @@ async fn a_json_kind_is_generated_by_an_openai_compatible_api() {
     });
     setup.openai.push(Scripted::Text(answer.to_string()));
     setup
-        .submit(
+        .harness
+        .submit_kind(
             "JOB-OAI-RET",
             Kind::parse("return-analysis").expect("kind"),
             json!({
@@ -201,7 +128,10 @@ async fn a_json_kind_is_generated_by_an_openai_compatible_api() {
         )
         .await;
 
-    let doc = setup.wait_for_status("JOB-OAI-RET", "completed").await;
+    let doc = setup
+        .harness
+        .wait_for_status("JOB-OAI-RET", "completed")
+        .await;
     assert_eq!(doc.result, Some(answer));
     assert_eq!(setup.openai.calls(), 1);
     let body = &setup.openai.requests()[0].body;
@@ -212,7 +142,7 @@ async fn a_json_kind_is_generated_by_an_openai_compatible_api() {
         "{body}"
     );
 
-    setup.stop().await;
+    setup.generator.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,10 +153,14 @@ async fn a_rate_limited_call_is_retried_after_retry_after() {
         retry_after: Some(1),
     });
     setup
-        .submit("JOB-OAI-429", Kind::product_description(), product_input())
+        .harness
+        .submit_kind("JOB-OAI-429", Kind::product_description(), product_input())
         .await;
 
-    let doc = setup.wait_for_status("JOB-OAI-429", "completed").await;
+    let doc = setup
+        .harness
+        .wait_for_status("JOB-OAI-429", "completed")
+        .await;
     assert_eq!(setup.openai.calls(), 2);
     assert_eq!(doc.generation_attempts, 2);
     let requests = setup.openai.requests();
@@ -248,5 +182,5 @@ async fn a_rate_limited_call_is_retried_after_retry_after() {
                     .starts_with("Fake GPT reply to: Write a product description for Fan"))),
     );
 
-    setup.stop().await;
+    setup.generator.stop().await;
 }
