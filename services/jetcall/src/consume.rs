@@ -72,9 +72,21 @@ where
                 _ = shutdown.cancelled() => break,
             },
             Admission::Open => {
-                let stream = match &mut messages {
-                    Some(stream) => stream,
-                    None => messages.insert(pull(&consumer, concurrency).await?),
+                if messages.is_none() {
+                    match pull(&consumer, concurrency).await {
+                        Ok(stream) => messages = Some(stream),
+                        Err(err) => {
+                            // NATS may be down (a restart): keep trying, never give up.
+                            tracing::warn!(error = %err, "starting a pull");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                                _ = shutdown.cancelled() => break,
+                            }
+                        }
+                    }
+                }
+                let Some(stream) = messages.as_mut() else {
+                    continue;
                 };
                 tokio::select! {
                     next = stream.next() => next.map(|next| next.map_err(Into::into)),

@@ -117,6 +117,12 @@ impl Pipeline {
         self.nats.url()
     }
 
+    /// Kills nats-server and starts it again on the same port and store, as a crash and an
+    /// operator's restart would.
+    pub fn restart_nats(&mut self) {
+        self.nats.restart();
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
         let response = self
             .http

@@ -297,3 +297,34 @@ async fn operators_can_follow_a_job_with_the_nats_cli() {
     );
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_ride_over_a_nats_server_restart() {
+    let receiver = WebhookReceiver::start().await;
+    let mut pipeline = Pipeline::start(&[]).await;
+    let url = receiver.url("/webhooks/description");
+    let (status, body) = pipeline
+        .post("/api/v1/generate-description", &article_job(&url))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    receiver.wait_for(1, WAIT).await;
+
+    pipeline.restart_nats();
+    // The gateway answers 503 until it has reconnected; a client retries.
+    let mut second = article_job(&url);
+    second["job_id"] = json!("JOB-772");
+    testkit::wait_until("the gateway to accept again", WAIT, || async {
+        let (status, _) = pipeline.post("/api/v1/generate-description", &second).await;
+        matches!(status, StatusCode::ACCEPTED | StatusCode::OK).then_some(())
+    })
+    .await;
+    // Delivered only if the generator's and the callback's pulls came back by themselves.
+    let deliveries = receiver.wait_for(2, Duration::from_secs(60)).await;
+    assert!(
+        deliveries
+            .iter()
+            .any(|d| d.header("webhook-id") == "msg_JOB-772")
+    );
+    pipeline.wait_for_status("JOB-772", "delivered", WAIT).await;
+    pipeline.stop().await;
+}
