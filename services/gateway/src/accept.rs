@@ -70,8 +70,11 @@ pub async fn record(state: &AppState, job: ValidJob) -> Result<Recorded, ApiErro
 /// under an existing id is a 409.
 pub async fn accept(state: &AppState, job: ValidJob) -> Result<(StatusCode, Accepted), ApiError> {
     match record(state, job).await? {
-        Recorded::Publish { request, .. } => {
+        Recorded::Publish { request, new } => {
             publish(state, &request).await?;
+            if new {
+                state.metrics.job_accepted(request.kind.as_str());
+            }
             Ok((StatusCode::ACCEPTED, accepted(&request.job_id.to_string())))
         }
         Recorded::MovedOn(existing) => Ok((

@@ -181,6 +181,9 @@ async fn submit(state: &AppState, job: ValidJob) -> Answer {
     match record(state, job).await? {
         Recorded::Publish { request, new } => {
             publish(state, &request).await?;
+            if new {
+                state.metrics.job_accepted(request.kind.as_str());
+            }
             let outcome = if new {
                 Outcome::Accepted
             } else {

@@ -6,6 +6,7 @@ mod accept;
 mod batch;
 mod error;
 mod extract;
+mod metrics;
 mod redeliver;
 mod routes;
 mod state;
@@ -55,6 +56,7 @@ pub async fn run(
         api_key_digests: Arc::new(routes::api_key_digests(&config.gateway.api_keys)),
         config: Arc::new(config),
         topology,
+        metrics: metrics::Metrics::default(),
     };
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
     axum::serve(listener, routes::router(state))

@@ -18,6 +18,7 @@ use crate::accept::{Accepted, accept};
 use crate::batch::{self, BatchResult, SubmitBatch};
 use crate::error::ApiError;
 use crate::extract::{BatchBody, JsonBody};
+use crate::metrics;
 use crate::redeliver;
 use crate::state::AppState;
 use crate::submission::{GenerateDescription, SubmitJob};
@@ -45,6 +46,12 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::serve))
+        // Outside the API-key check, so refused requests are counted too.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.config.gateway.max_body_bytes))

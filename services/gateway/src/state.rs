@@ -14,4 +14,5 @@ pub struct AppState {
     /// SHA-256 digests of the configured API keys: compared instead of the keys themselves so
     /// the comparison takes the same time whatever the caller sends.
     pub api_key_digests: Arc<Vec<[u8; 32]>>,
+    pub metrics: crate::metrics::Metrics,
 }

@@ -143,3 +143,63 @@ fn an_invalid_setting_stops_the_binary_naming_the_key() {
         "a misspelt key is named: {stderr}"
     );
 }
+
+/// The value of the sample of `metric` whose labels contain all of `labels`.
+fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(metric))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_by_route_and_status_and_new_jobs_by_kind() {
+    let gateway = Gateway::start(&[]).await;
+    assert_eq!(
+        gateway.post(PATH, &article_job("JOB-M1")).await.0,
+        StatusCode::ACCEPTED
+    );
+    // The same job again is not a new one.
+    assert_eq!(
+        gateway.post(PATH, &article_job("JOB-M1")).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        gateway.get("/api/v1/jobs/NOPE").await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    let (status, metrics) = gateway.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let metrics = metrics.as_str().expect("text exposition");
+    let posted = sample(
+        metrics,
+        "jetcall_gateway_http_requests_total",
+        &[
+            "route=\"/api/v1/generate-description\"",
+            "method=\"POST\"",
+            "status=\"202\"",
+        ],
+    );
+    assert_eq!(posted, Some(2.0), "{metrics}");
+    let missing = sample(
+        metrics,
+        "jetcall_gateway_http_requests_total",
+        &["route=\"/api/v1/jobs/{job_id}\"", "status=\"404\""],
+    );
+    assert_eq!(missing, Some(1.0), "{metrics}");
+    let accepted = sample(
+        metrics,
+        "jetcall_gateway_jobs_accepted_total",
+        &["kind=\"product-description\""],
+    );
+    assert_eq!(accepted, Some(1.0), "{metrics}");
+    let timed = sample(
+        metrics,
+        "jetcall_gateway_http_request_duration_seconds_count",
+        &["route=\"/api/v1/generate-description\""],
+    );
+    assert_eq!(timed, Some(2.0), "{metrics}");
+    gateway.stop().await;
+}
