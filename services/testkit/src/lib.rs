@@ -9,6 +9,7 @@ pub mod fake_anthropic;
 pub mod fake_openai;
 pub mod jobs;
 pub mod llm_script;
+pub mod metrics;
 pub mod nats;
 pub mod procs;
 pub mod receiver;

@@ -3,6 +3,8 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
+use testkit::metrics::sample;
+
 use crate::harness::{Gateway, article_job};
 
 const PATH: &str = "/api/v1/generate-description";
@@ -142,15 +144,6 @@ fn an_invalid_setting_stops_the_binary_naming_the_key() {
         stderr.contains("listn"),
         "a misspelt key is named: {stderr}"
     );
-}
-
-/// The value of the sample of `metric` whose labels contain all of `labels`.
-fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(metric))
-        .find(|line| labels.iter().all(|label| line.contains(label)))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,9 +3,9 @@
 use std::time::{Duration, Instant};
 
 use testkit::free_port;
+use testkit::metrics::sample;
 
 use crate::harness::Harness;
-use crate::llm::sample;
 
 /// The most arrivals within any `window` starting at an arrival.
 fn most_in_any_window(arrivals: &[Instant], window: Duration) -> usize {

@@ -10,6 +10,8 @@ use jetcall::Kind;
 use testkit::fake_anthropic::{API_KEY, Recorded, Scripted};
 use testkit::wait_until;
 
+use testkit::metrics::sample;
+
 use crate::harness::Harness;
 
 fn arrival_order(mut requests: Vec<Recorded>) -> Vec<Recorded> {
@@ -23,15 +25,6 @@ async fn get(address: SocketAddr, path: &str) -> (u16, String) {
         .expect("generator HTTP");
     let status = response.status().as_u16();
     (status, response.text().await.expect("body"))
-}
-
-/// The value of the first sample of `metric` whose labels contain all of `labels`.
-pub fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(metric))
-        .find(|line| labels.iter().all(|label| line.contains(label)))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
