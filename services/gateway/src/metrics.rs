@@ -107,10 +107,7 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
-        let mut text = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.0.registry);
-        text
+        jetcall::metrics::render(&self.0.registry)
     }
 }
 
@@ -131,10 +128,7 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
 
 pub async fn serve(State(state): State<AppState>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, jetcall::metrics::CONTENT_TYPE)],
         state.metrics.render(),
     )
         .into_response()

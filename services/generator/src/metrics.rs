@@ -161,10 +161,7 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
-        let mut text = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.0.registry);
-        text
+        jetcall::metrics::render(&self.0.registry)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod events;
 pub mod gate;
 pub mod job;
 pub mod kinds;
+pub mod metrics;
 pub mod publish;
 pub mod retry;
 pub mod shutdown;
