@@ -13,12 +13,15 @@ pub async fn run(ws: &Workspace, cargo_test_args: &[String]) -> anyhow::Result<(
     let started = Instant::now();
     let nats_server = tools::nats_server(ws).await?;
     let nats_cli = tools::nats_cli(ws).await?;
-    // The integration tests start their own nats-server and drive the nats CLI; these
-    // name the exact binaries, and PATH serves anything that looks them up by name.
+    let schemathesis = tools::schemathesis(ws).await?;
+    // The integration tests start their own nats-server and drive the nats CLI (and the
+    // gateway's, schemathesis); these name the exact binaries, and PATH serves anything that
+    // looks the NATS tools up by name.
     let path = path_with(&[&nats_server, &nats_cli])?;
     let with_tools = |mut cmd: tokio::process::Command| {
         cmd.env("JETCALL_NATS_SERVER", &nats_server)
             .env("JETCALL_NATS_CLI", &nats_cli)
+            .env("JETCALL_SCHEMATHESIS", &schemathesis)
             .env("PATH", &path);
         cmd
     };

@@ -1,4 +1,5 @@
-//! Finding, or installing with `go install`, the NATS tools the demo and tests need.
+//! Finding, or installing (with `go install`, or pip into a venv), the tools the demo and tests
+//! need: the NATS server and CLI, and schemathesis.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ use crate::workspace::Workspace;
 
 const NATS_SERVER_MODULE: &str = "github.com/nats-io/nats-server/v2@v2.15.2";
 const NATS_CLI_MODULE: &str = "github.com/nats-io/natscli/nats@v0.5.0";
+/// The API fuzzer the gateway's tests run against `/openapi.json` (its `st` CLI).
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 
 /// The callback consumer needs `filter_subjects`; older servers (Debian ships 2.9)
 /// accept the consumer and silently ignore the filters.
@@ -82,6 +85,72 @@ pub async fn nats_cli(ws: &Workspace) -> anyhow::Result<PathBuf> {
     let version = version_output(&path).await?;
     announce("nats CLI", &path, &version);
     Ok(path)
+}
+
+/// Schemathesis, from PyPI, whose `st` the gateway's tests run against `/openapi.json`:
+/// `JETCALL_SCHEMATHESIS`, else the pinned version in a venv under the target directory,
+/// installed there with pip when missing or of another version.
+pub async fn schemathesis(ws: &Workspace) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("JETCALL_SCHEMATHESIS") {
+        let path = std::path::absolute(&path).context("resolving JETCALL_SCHEMATHESIS")?;
+        let version = version_output(&path)
+            .await
+            .with_context(|| format!("JETCALL_SCHEMATHESIS={}", path.display()))?;
+        announce("schemathesis", &path, &version);
+        return Ok(path);
+    }
+    let venv = ws.tools_venv();
+    let st = venv.join("bin").join("st");
+    let wanted = SCHEMATHESIS.split("==").nth(1).unwrap_or(SCHEMATHESIS);
+    if st.is_file() {
+        match version_output(&st).await {
+            Ok(version) if version.ends_with(wanted) => {
+                announce("schemathesis", &st, &version);
+                return Ok(st);
+            }
+            Ok(version) => println!(
+                "==> {} is {version}, not {wanted}: reinstalling",
+                st.display()
+            ),
+            Err(error) => println!("==> not using {}: {error:#}", st.display()),
+        }
+    }
+    let Some(python) = on_path("python3") else {
+        bail!(
+            "schemathesis not found and python3 is not installed: install Python 3 (with its \
+             venv module), or set JETCALL_SCHEMATHESIS to an `st` binary"
+        );
+    };
+    let pip = venv.join("bin").join("pip");
+    if !pip.is_file() {
+        println!("==> creating a Python venv in {}", venv.display());
+        let mut cmd = Command::new(&python);
+        cmd.arg("-m").arg("venv").arg(&venv);
+        procs::run(
+            &mut cmd,
+            "python3 -m venv (on Debian: apt-get install python3-venv)",
+        )
+        .await?;
+    }
+    println!(
+        "==> installing {SCHEMATHESIS} into {} (pip: about half a minute)",
+        venv.display()
+    );
+    let mut cmd = Command::new(&pip);
+    cmd.args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        SCHEMATHESIS,
+    ]);
+    procs::run(&mut cmd, &format!("pip install {SCHEMATHESIS}")).await?;
+    let version = version_output(&st).await?;
+    ensure!(
+        version.ends_with(wanted),
+        "`pip install {SCHEMATHESIS}` produced `{version}`"
+    );
+    announce("schemathesis", &st, &version);
+    Ok(st)
 }
 
 fn announce(tool: &str, path: &Path, version: &str) {

@@ -44,6 +44,11 @@ impl Workspace {
         self.target_dir.join("tools").join("bin")
     }
 
+    /// The Python venv that holds schemathesis: in the target directory too.
+    pub fn tools_venv(&self) -> PathBuf {
+        self.target_dir.join("tools").join("venv")
+    }
+
     pub fn debug_bin(&self, name: &str) -> PathBuf {
         self.target_dir.join("debug").join(name)
     }

@@ -2,6 +2,7 @@
 
 use axum::http::StatusCode;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use jetcall::events::JobRequested;
 use jetcall::publish::publish_event;
@@ -13,10 +14,14 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::submission::ValidJob;
 
-#[derive(Debug, Serialize)]
+/// The answer to a submission: `202` when the job is (again) waiting in JetStream, `200` when
+/// it was submitted before and has moved on.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
     pub job_id: String,
+    /// `accepted` with a `202`; the job's current status with a `200`.
     pub status: Status,
+    /// What happens next, for people.
     pub message: String,
 }
 

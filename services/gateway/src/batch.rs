@@ -8,11 +8,12 @@ use std::collections::hash_map::Entry;
 use futures::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use jetcall::status::Status;
 
 use crate::accept::{Recorded, publish, record};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::parse_job;
 use crate::state::AppState;
 use crate::submission::{SubmitJob, ValidJob};
@@ -27,13 +28,17 @@ const JOBS_IN_FLIGHT: usize = 256;
 
 /// The body: `{"jobs": [...]}`, each job what `POST /api/v1/jobs` takes. The jobs are kept as
 /// JSON here so that one that does not fit is rejected alone.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBatch {
+    /// 1 to 1,000 jobs, each what `POST /api/v1/jobs` takes. A job that does not fit is
+    /// rejected alone, in its entry of `results`.
+    #[schema(value_type = Vec<SubmitJob>, min_items = 1, max_items = 1000)]
     pub jobs: Vec<Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What became of one job of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// New, recorded and in JetStream: the single endpoint's first `202`.
@@ -44,22 +49,27 @@ pub enum Outcome {
     Rejected,
 }
 
-#[derive(Debug, Serialize)]
+/// One job's answer in a batch.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ItemResult {
     /// The job's position in `jobs`.
     pub index: usize,
     /// `null` when the job names no valid id and none was made for it.
+    #[schema(required = true)]
     pub job_id: Option<String>,
     pub result: Outcome,
     /// The job's status, for accepted and duplicate jobs.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub status: Option<Status>,
-    /// `{"type", "message", "field"?}`, for rejected jobs.
+    /// For rejected jobs: the error body a single submission of the job would get.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<Value>,
+    #[schema(nullable = false)]
+    pub error: Option<ErrorBody>,
 }
 
-#[derive(Debug, Serialize)]
+/// The answer to a batch: one result per job, and how many of each outcome.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BatchResult {
     /// One per job, in the order of `jobs`.
     pub results: Vec<ItemResult>,

@@ -3,7 +3,8 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -44,6 +45,8 @@ pub enum ApiError {
         "NATS JetStream is unavailable, so the job was not accepted; retry with the same job_id ({0})"
     )]
     Unavailable(String),
+    #[error("the gateway is serving as many {0} as it can; retry after a second")]
+    Overloaded(&'static str),
 }
 
 impl ApiError {
@@ -70,44 +73,102 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
     /// The stable slug a program can switch on.
-    pub fn slug(&self) -> &'static str {
+    pub fn slug(&self) -> ErrorType {
         match self {
-            Self::MalformedJson(_) => "malformed_json",
-            Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::PayloadTooLarge { .. } => "payload_too_large",
-            Self::InvalidField { .. } => "invalid_field",
-            Self::InvalidCallbackUrl(_) => "invalid_callback_url",
-            Self::UnknownKind { .. } => "unknown_kind",
-            Self::Conflict { .. } => "job_conflict",
-            Self::BatchEmpty { .. } => "batch_empty",
-            Self::BatchTooLarge { .. } => "batch_too_large",
-            Self::DuplicateInBatch { .. } => "duplicate_in_batch",
-            Self::NotFound(_) => "not_found",
-            Self::NotRedeliverable { .. } => "not_undeliverable",
-            Self::Unauthorized => "unauthorized",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::Unavailable(_) => "unavailable",
+            Self::MalformedJson(_) => ErrorType::MalformedJson,
+            Self::UnsupportedMediaType => ErrorType::UnsupportedMediaType,
+            Self::PayloadTooLarge { .. } => ErrorType::PayloadTooLarge,
+            Self::InvalidField { .. } => ErrorType::InvalidField,
+            Self::InvalidCallbackUrl(_) => ErrorType::InvalidCallbackUrl,
+            Self::UnknownKind { .. } => ErrorType::UnknownKind,
+            Self::Conflict { .. } => ErrorType::JobConflict,
+            Self::BatchEmpty { .. } => ErrorType::BatchEmpty,
+            Self::BatchTooLarge { .. } => ErrorType::BatchTooLarge,
+            Self::DuplicateInBatch { .. } => ErrorType::DuplicateInBatch,
+            Self::NotFound(_) => ErrorType::NotFound,
+            Self::NotRedeliverable { .. } => ErrorType::NotUndeliverable,
+            Self::Unauthorized => ErrorType::Unauthorized,
+            Self::MethodNotAllowed => ErrorType::MethodNotAllowed,
+            Self::Unavailable(_) => ErrorType::Unavailable,
+            Self::Overloaded(_) => ErrorType::Overloaded,
         }
     }
 
     /// The JSON an error is answered with: `{"type", "message", "field"?}`. A batch reports
     /// each rejected job with the same object.
-    pub fn body(&self) -> Value {
-        let mut body = json!({"type": self.slug(), "message": self.to_string()});
-        match self {
-            Self::InvalidField { field, .. } => body["field"] = json!(field),
-            Self::InvalidCallbackUrl(_) => body["field"] = json!("callback_url"),
-            Self::UnknownKind { .. } => body["field"] = json!("kind"),
-            Self::BatchEmpty { .. } | Self::BatchTooLarge { .. } => body["field"] = json!("jobs"),
-            Self::DuplicateInBatch { .. } => body["field"] = json!("job_id"),
-            _ => {}
+    pub fn body(&self) -> ErrorBody {
+        let field = match self {
+            Self::InvalidField { field, .. } => Some(field.clone()),
+            Self::InvalidCallbackUrl(_) => Some("callback_url".into()),
+            Self::UnknownKind { .. } => Some("kind".into()),
+            Self::BatchEmpty { .. } | Self::BatchTooLarge { .. } => Some("jobs".into()),
+            Self::DuplicateInBatch { .. } => Some("job_id".into()),
+            _ => None,
+        };
+        ErrorBody {
+            kind: self.slug(),
+            message: self.to_string(),
+            field,
         }
-        body
     }
+}
+
+/// The stable slug of an error, what a program switches on: the `type` of every error body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorType {
+    /// 400: the body is not JSON, or not one JSON value.
+    MalformedJson,
+    /// 415: the body is not declared as JSON.
+    UnsupportedMediaType,
+    /// 413: the body is larger than the route's limit.
+    PayloadTooLarge,
+    /// 422: valid JSON, but a field is missing, of the wrong type, unknown or invalid.
+    InvalidField,
+    /// 422: `callback_url` is not an http(s) URL the allowlist admits.
+    InvalidCallbackUrl,
+    /// 422: `kind` names no configured job kind.
+    UnknownKind,
+    /// 409: the job id is taken by a job with a different request.
+    JobConflict,
+    /// 422: a batch without jobs.
+    BatchEmpty,
+    /// 422: a batch of more than 1,000 jobs.
+    BatchTooLarge,
+    /// Only in a batch's results: an earlier job of the same batch has this job's id.
+    DuplicateInBatch,
+    /// 404: no such job, or no such route.
+    NotFound,
+    /// 409: only an `undeliverable` job can be redelivered.
+    NotUndeliverable,
+    /// 401: a missing or unknown API key.
+    Unauthorized,
+    /// 405: the route does not take this method.
+    MethodNotAllowed,
+    /// 503: NATS JetStream could not confirm the write; nothing was accepted, retry.
+    Unavailable,
+    /// 429: the gateway is shedding load; retry after `Retry-After` seconds.
+    Overloaded,
+}
+
+/// Every error's body, and a rejected job's `error` in a batch's answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The stable slug to switch on.
+    #[serde(rename = "type")]
+    pub kind: ErrorType,
+    /// What went wrong, for people; a field at fault is named in it.
+    pub message: String,
+    /// The field at fault, for a 422: a path within the body such as `input.specs`, or `.`
+    /// for the body as a whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub field: Option<String>,
 }
 
 impl IntoResponse for ApiError {
@@ -117,10 +178,24 @@ impl IntoResponse for ApiError {
             tracing::warn!(error = %self, "request failed");
         }
         let mut response = (status, Json(self.body())).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        // These are answered before the request body is read. Without `connection: close` a
+        // client would reuse the connection and lose its next request to the unread bytes.
+        if matches!(
+            self,
+            Self::UnsupportedMediaType
+                | Self::PayloadTooLarge { .. }
+                | Self::Unauthorized
+                | Self::Overloaded(_)
+        ) {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

@@ -5,12 +5,17 @@
 mod accept;
 mod batch;
 mod error;
+mod events;
 mod extract;
+mod listing;
 mod metrics;
+mod openapi;
 mod redeliver;
 mod routes;
+mod shed;
 mod state;
 mod submission;
+mod sweep;
 
 use std::sync::Arc;
 
@@ -54,10 +59,15 @@ pub async fn run(
     let state = state::AppState {
         allowlist: Arc::new(Allowlist::parse(&config.gateway.callback_allowlist)?),
         api_key_digests: Arc::new(routes::api_key_digests(&config.gateway.api_keys)),
+        in_flight: shed::Limit::new(config.gateway.max_in_flight),
+        event_streams: shed::Limit::new(config.gateway.max_event_streams),
         config: Arc::new(config),
         topology,
         metrics: metrics::Metrics::default(),
+        shutdown: shutdown.clone(),
     };
+    // Jobs a gateway recorded but died before publishing: repaired while this one serves.
+    tokio::spawn(sweep::at_start(state.clone(), shutdown.clone()));
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
     axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
@@ -34,12 +35,22 @@ struct KindLabels {
     kind: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    /// `completed` or `failed`.
+    outcome: &'static str,
+}
+
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
+    in_flight: Gauge,
+    event_streams: Gauge,
     requests: Family<RequestLabels, Counter>,
     seconds: Family<RouteLabels, Histogram>,
     accepted: Family<KindLabels, Counter>,
+    sweeps: Family<OutcomeLabels, Counter>,
+    sweep_republished: Counter,
 }
 
 #[derive(Debug, Clone)]
@@ -69,11 +80,39 @@ impl Default for Metrics {
             "New jobs recorded and stored in JetStream, by kind",
             accepted.clone(),
         );
+        let sweeps = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "sweeps",
+            "Start-up sweeps of jobs stuck in `accepted`, by outcome",
+            sweeps.clone(),
+        );
+        let sweep_republished = Counter::default();
+        registry.register(
+            "sweep_republished",
+            "Jobs the start-up sweep found accepted but never published, and published",
+            sweep_republished.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "http_requests_in_flight",
+            "API requests being served now; past gateway.max_in_flight they are refused with 429",
+            in_flight.clone(),
+        );
+        let event_streams = Gauge::default();
+        registry.register(
+            "event_streams_open",
+            "Job event streams open now; past gateway.max_event_streams they are refused with 429",
+            event_streams.clone(),
+        );
         Self(Arc::new(Inner {
             registry,
+            in_flight,
+            event_streams,
             requests,
             seconds,
             accepted,
+            sweeps,
+            sweep_republished,
         }))
     }
 }
@@ -85,6 +124,23 @@ impl Metrics {
             .get_or_create(&KindLabels {
                 kind: kind.to_owned(),
             })
+            .inc();
+    }
+
+    pub fn sweep_completed(&self, republished: u64) {
+        self.0.sweep_republished.inc_by(republished);
+        self.0
+            .sweeps
+            .get_or_create(&OutcomeLabels {
+                outcome: "completed",
+            })
+            .inc();
+    }
+
+    pub fn sweep_failed(&self) {
+        self.0
+            .sweeps
+            .get_or_create(&OutcomeLabels { outcome: "failed" })
             .inc();
     }
 
@@ -126,7 +182,22 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     response
 }
 
+/// The gateway's Prometheus metrics: requests by route, method and status, their latency, and
+/// new jobs by kind.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses((status = 200, description = "The OpenMetrics text exposition", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")),
+)]
 pub async fn serve(State(state): State<AppState>) -> Response {
+    // Read off the limits when scraped rather than counted on every request.
+    let gauges = &state.metrics.0;
+    gauges.in_flight.set(state.in_flight.in_use() as i64);
+    gauges
+        .event_streams
+        .set(state.event_streams.in_use() as i64);
     (
         [(header::CONTENT_TYPE, jetcall::metrics::CONTENT_TYPE)],
         state.metrics.render(),

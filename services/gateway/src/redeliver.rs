@@ -6,6 +6,7 @@ use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
 
 use jetcall::JobId;
 use jetcall::events::DeliveryReport;
@@ -20,10 +21,13 @@ use crate::state::AppState;
 /// The most jobs one window request re-queues, so one call stays a bounded amount of work.
 const MAX_WINDOW_JOBS: usize = 10_000;
 
-#[derive(Debug, Serialize)]
+/// A job put back to be delivered.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Requeued {
     pub job_id: String,
+    /// `completed` or `failed` again: what is delivered.
     pub status: Status,
+    /// The new delivery round: 1 for the first redelivery.
     pub delivery_round: u32,
 }
 
@@ -68,16 +72,24 @@ pub async fn redeliver(state: &AppState, job_id: &JobId) -> Result<Requeued, Api
     })
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of `POST /api/v1/deliveries/redeliver`: jobs that became undeliverable between
+/// `since` and `until`.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct Window {
+    /// RFC 3339, e.g. `2026-11-29T10:00:00Z`.
     #[serde(with = "time::serde::rfc3339")]
+    #[param(value_type = String, format = DateTime)]
     pub since: OffsetDateTime,
+    /// RFC 3339; now when left out.
     #[serde(default, with = "time::serde::rfc3339::option")]
+    #[param(value_type = Option<String>, format = DateTime, nullable = false)]
     pub until: Option<OffsetDateTime>,
 }
 
-#[derive(Debug, Default, Serialize)]
+/// What a window's redelivery did.
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct WindowResult {
     pub requeued: Vec<Requeued>,
     /// Jobs that became undeliverable in the window but are not any more (already redelivered).
@@ -107,12 +119,16 @@ pub async fn redeliver_window(state: &AppState, window: Window) -> Result<Window
         })
         .await
         .map_err(|err| unavailable(err.to_string()))?;
+    let mut result = WindowResult::default();
+    // Nothing undeliverable since `since`: answer now rather than after the second's wait below.
+    if reader.cached_info().num_pending == 0 {
+        return Ok(result);
+    }
     let mut messages = reader
         .messages()
         .await
         .map_err(|err| unavailable(err.to_string()))?;
 
-    let mut result = WindowResult::default();
     let mut seen = std::collections::HashSet::new();
     loop {
         let next = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;

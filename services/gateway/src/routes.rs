@@ -8,25 +8,28 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::json;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
 use jetcall::JobId;
 use jetcall::status::JobStatus;
 
 use crate::accept::{Accepted, accept};
 use crate::batch::{self, BatchResult, SubmitBatch};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{BatchBody, JsonBody};
 use crate::metrics;
+use crate::openapi;
 use crate::redeliver;
 use crate::state::AppState;
 use crate::submission::{GenerateDescription, SubmitJob};
+use crate::{events, listing, shed};
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/generate-description", post(generate_description))
-        .route("/api/v1/jobs", post(submit_job))
+        .route("/api/v1/jobs", post(submit_job).get(listing::list_jobs))
         // The batch's own body limit; this inner layer wins over the router's. A GET here is
         // the status of a job whose id is `batch`, as `/api/v1/jobs/{job_id}` would give it.
         .route(
@@ -36,17 +39,24 @@ pub fn router(state: AppState) -> Router {
                 .get(job_named_batch),
         )
         .route("/api/v1/jobs/{job_id}", get(job_status))
+        .route("/api/v1/jobs/{job_id}/events", get(events::job_events))
         .route("/api/v1/jobs/{job_id}/redeliver", post(redeliver_job))
         .route("/api/v1/deliveries/redeliver", post(redeliver_window))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
+        ))
+        // Outermost, so a flood is turned away before any other work is done for it.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            shed::limit_in_flight,
         ));
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::serve))
+        .route("/openapi.json", get(openapi::serve))
         // Outside the API-key check, so refused requests are counted too.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -58,7 +68,29 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn generate_description(
+/// Submit a product description job: the article's endpoint and body.
+///
+/// `202` means the job is stored in JetStream; anything else means it is not, and a retry with
+/// the same `job_id` is safe. The result is POSTed to `callback_url` as a signed webhook.
+#[utoipa::path(
+    post,
+    path = "/api/v1/generate-description",
+    tag = "jobs",
+    request_body = GenerateDescription,
+    responses(
+        (status = 202, description = "Accepted: the job is stored in JetStream (again, for a retry of a job still waiting)", body = Accepted,
+            links(("status" = (operation_id = "job_status", parameters(("job_id" = "$response.body#/job_id")))))),
+        (status = 200, description = "The same job was submitted before and has moved on; `status` says where it is", body = Accepted),
+        (status = 400, description = "The body is not JSON (`malformed_json`)", body = ErrorBody),
+        (status = 409, description = "The job id is taken by a different request (`job_conflict`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than `gateway.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "The body is not declared as JSON (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "A field is missing, unknown or invalid (`invalid_field`, `invalid_callback_url`); `field` names it", body = ErrorBody),
+        (status = 503, description = "NATS could not confirm the job, so it was not accepted; retry with the same id (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn generate_description(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<GenerateDescription>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
@@ -67,7 +99,29 @@ async fn generate_description(
     Ok((status, Json(accepted)))
 }
 
-async fn submit_job(
+/// Submit a job of any configured kind.
+///
+/// The same rules as `POST /api/v1/generate-description`: `202` means the job is stored in
+/// JetStream, and a retry with the same `job_id` and content is safe.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs",
+    tag = "jobs",
+    request_body = SubmitJob,
+    responses(
+        (status = 202, description = "Accepted: the job is stored in JetStream (again, for a retry of a job still waiting)", body = Accepted,
+            links(("status" = (operation_id = "job_status", parameters(("job_id" = "$response.body#/job_id")))))),
+        (status = 200, description = "The same job was submitted before and has moved on; `status` says where it is", body = Accepted),
+        (status = 400, description = "The body is not JSON (`malformed_json`)", body = ErrorBody),
+        (status = 409, description = "The job id is taken by a different request (`job_conflict`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than `gateway.max_body_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "The body is not declared as JSON (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "A field is missing, unknown or invalid (`invalid_field`, `invalid_callback_url`, `unknown_kind`); `field` names it", body = ErrorBody),
+        (status = 503, description = "NATS could not confirm the job, so it was not accepted; retry with the same id (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn submit_job(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<SubmitJob>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
@@ -76,14 +130,46 @@ async fn submit_job(
     Ok((status, Json(accepted)))
 }
 
-async fn submit_batch(
+/// Submit up to 1,000 jobs at once.
+///
+/// Each job gets the answer a single `POST /api/v1/jobs` of it would get, in its entry of
+/// `results`: a job that NATS could not confirm is `rejected` with `unavailable`, and only that
+/// job needs a retry.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/batch",
+    tag = "jobs",
+    request_body = SubmitBatch,
+    responses(
+        (status = 200, description = "One result per job, in the order of `jobs`", body = BatchResult),
+        (status = 400, description = "The body is not JSON (`malformed_json`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than `gateway.max_batch_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "The body is not declared as JSON (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "No `jobs`, none, or more than 1,000 (`invalid_field`, `batch_empty`, `batch_too_large`)", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn submit_batch(
     State(state): State<AppState>,
     BatchBody(body): BatchBody<SubmitBatch>,
 ) -> Result<Json<BatchResult>, ApiError> {
     Ok(Json(batch::accept_batch(&state, body).await?))
 }
 
-async fn job_status(
+/// A job's status document: where it is, its result or error, and its delivery attempts.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{job_id}",
+    tag = "jobs",
+    params(("job_id" = JobId, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job's status document", body = JobStatus),
+        (status = 404, description = "No job has this id (`not_found`)", body = ErrorBody),
+        (status = 503, description = "NATS could not be read (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn job_status(
     State(state): State<AppState>,
     job_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobStatus>, ApiError> {
@@ -91,7 +177,21 @@ async fn job_status(
     status_of(&state, &id).await
 }
 
-async fn job_named_batch(State(state): State<AppState>) -> Result<Json<JobStatus>, ApiError> {
+/// The status document of the job whose id is `batch`, as `/api/v1/jobs/{job_id}` gives it.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/batch",
+    tag = "jobs",
+    responses(
+        (status = 200, description = "The status document of the job `batch`", body = JobStatus),
+        (status = 404, description = "No job has the id `batch` (`not_found`)", body = ErrorBody),
+        (status = 503, description = "NATS could not be read (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn job_named_batch(
+    State(state): State<AppState>,
+) -> Result<Json<JobStatus>, ApiError> {
     let id = JobId::parse("batch").map_err(|err| ApiError::NotFound(err.to_string()))?;
     status_of(&state, &id).await
 }
@@ -108,7 +208,9 @@ async fn status_of(state: &AppState, id: &JobId) -> Result<Json<JobStatus>, ApiE
 }
 
 /// A job id from the path; one that cannot be an id cannot name a job either.
-fn parse_path_id(job_id: Result<Path<String>, PathRejection>) -> Result<JobId, ApiError> {
+pub(crate) fn parse_path_id(
+    job_id: Result<Path<String>, PathRejection>,
+) -> Result<JobId, ApiError> {
     let Path(job_id) = job_id.map_err(|err| ApiError::NotFound(err.body_text()))?;
     JobId::parse(&job_id).map_err(|_| {
         let shown: String = job_id.chars().take(JobId::MAX_LEN).collect();
@@ -116,7 +218,21 @@ fn parse_path_id(job_id: Result<Path<String>, PathRejection>) -> Result<JobId, A
     })
 }
 
-async fn redeliver_job(
+/// Deliver an `undeliverable` job's webhook again, with a fresh retry schedule.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/{job_id}/redeliver",
+    tag = "deliveries",
+    params(("job_id" = JobId, Path, description = "The job's id")),
+    responses(
+        (status = 202, description = "The job is back in the delivery queue", body = redeliver::Requeued),
+        (status = 404, description = "No job has this id (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The job is not `undeliverable` (`not_undeliverable`)", body = ErrorBody),
+        (status = 503, description = "NATS could not confirm the redelivery (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn redeliver_job(
     State(state): State<AppState>,
     job_id: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<redeliver::Requeued>), ApiError> {
@@ -125,7 +241,20 @@ async fn redeliver_job(
     Ok((StatusCode::ACCEPTED, Json(requeued)))
 }
 
-async fn redeliver_window(
+/// Deliver again every job that became `undeliverable` in a time window (at most 10,000).
+#[utoipa::path(
+    post,
+    path = "/api/v1/deliveries/redeliver",
+    tag = "deliveries",
+    params(redeliver::Window),
+    responses(
+        (status = 200, description = "What was put back, and what was already redelivered", body = redeliver::WindowResult),
+        (status = 422, description = "`since` is missing, a time is not RFC 3339, or `until` is before `since` (`invalid_field`)", body = ErrorBody),
+        (status = 503, description = "NATS could not be read or confirm a redelivery (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn redeliver_window(
     State(state): State<AppState>,
     window: Result<Query<redeliver::Window>, QueryRejection>,
 ) -> Result<Json<redeliver::WindowResult>, ApiError> {
@@ -141,21 +270,72 @@ async fn redeliver_window(
     Ok(Json(redeliver::redeliver_window(&state, window).await?))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// `GET /healthz`: the process serves HTTP.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: HealthStatus,
 }
 
-/// Ready when NATS is connected and the `JOBS` stream answers: only then can a 202 be given.
-async fn readyz(State(state): State<AppState>) -> Response {
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Ok,
+}
+
+/// `GET /readyz`: whether a job can be accepted now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    pub status: ReadyStatus,
+    /// Whether the connection to NATS is up.
+    pub nats_connected: bool,
+    /// Whether the `JOBS` stream answers.
+    pub stream: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyStatus {
+    Ready,
+    Unavailable,
+}
+
+/// Liveness: the process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "Alive", body = Health)),
+)]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: HealthStatus::Ok,
+    })
+}
+
+/// Readiness: NATS is connected and the `JOBS` stream answers, so a job can be accepted.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready: jobs can be accepted", body = Readiness),
+        (status = 503, description = "Not ready: NATS or the `JOBS` stream is unavailable", body = Readiness),
+    ),
+)]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let connected = state.topology.jetstream.client().connection_state()
         == async_nats::connection::State::Connected;
     let stream_ok = connected && state.topology.stream.get_info().await.is_ok();
-    let status = if stream_ok {
-        StatusCode::OK
+    let (status, ready) = if stream_ok {
+        (StatusCode::OK, ReadyStatus::Ready)
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (StatusCode::SERVICE_UNAVAILABLE, ReadyStatus::Unavailable)
     };
-    let body = json!({"status": if stream_ok { "ready" } else { "unavailable" }, "nats_connected": connected, "stream": stream_ok});
+    let body = Readiness {
+        status: ready,
+        nats_connected: connected,
+        stream: stream_ok,
+    };
     (status, Json(body)).into_response()
 }
 

@@ -15,4 +15,11 @@ pub struct AppState {
     /// the comparison takes the same time whatever the caller sends.
     pub api_key_digests: Arc<Vec<[u8; 32]>>,
     pub metrics: crate::metrics::Metrics,
+    /// API requests being served (`gateway.max_in_flight`).
+    pub in_flight: crate::shed::Limit,
+    /// Open job event streams (`gateway.max_event_streams`).
+    pub event_streams: crate::shed::Limit,
+    /// Cancelled when the gateway stops: event streams end then, or a graceful shutdown
+    /// would wait on them for ever.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -4,6 +4,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 use jetcall::config::Secret;
 use jetcall::events::JobRequested;
@@ -19,25 +20,55 @@ const MAX_FIELD_CHARS: usize = 32 * 1024;
 
 /// `POST /api/v1/generate-description`: the article's body, unchanged. Unknown fields are
 /// refused so that a misspelt field is an error rather than silently dropped.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({
+    "job_id": "JOB-771",
+    "product_id": "PROD-AC15",
+    "product_name": "LG 1.5 Ton 5 Star Inverter Split AC",
+    "specs": "1.5 Ton, 5 Star, Dual Inverter",
+    "callback_url": "http://127.0.0.1:9000/webhooks/description"
+})))]
 pub struct GenerateDescription {
+    /// The caller's id for the job, to retry with; one is made when left out.
+    #[schema(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 128)]
     pub job_id: Option<String>,
     pub product_id: String,
     pub product_name: String,
-    /// Free text, or an object of named specifications.
+    /// Free text, or an object of named specifications (text, numbers, booleans).
+    #[schema(value_type = Value)]
     pub specs: Value,
+    /// Where the result is POSTed: http(s), on the gateway's allowlist.
+    #[schema(format = "uri")]
     pub callback_url: String,
 }
 
 /// `POST /api/v1/jobs`: any configured kind.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({
+    "job_id": "JOB-772",
+    "kind": "product-description",
+    "input": {
+        "product_id": "PROD-AC15",
+        "product_name": "LG 1.5 Ton 5 Star Inverter Split AC",
+        "specs": {"capacity": "1.5 Ton", "rating": "5 Star"}
+    },
+    "callback_url": "http://127.0.0.1:9000/webhooks/description",
+    "metadata": {"batch": "onboarding-7"}
+})))]
 pub struct SubmitJob {
+    /// The caller's id for the job, to retry with; one is made when left out.
+    #[schema(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 128)]
     pub job_id: Option<String>,
+    /// A configured job kind: `product-description` and `return-analysis` are built in.
     pub kind: String,
+    /// The kind's input fields: text, numbers, booleans and flat lists or objects of them.
     pub input: Map<String, Value>,
+    /// Where the result is POSTed: http(s), on the gateway's allowlist.
+    #[schema(format = "uri")]
     pub callback_url: String,
+    /// Anything the caller wants back in the webhook.
     #[serde(default)]
     pub metadata: Map<String, Value>,
     /// A `whsec_` secret to sign this job's webhook with instead of the service's.

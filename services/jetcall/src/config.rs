@@ -158,6 +158,16 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// The largest body of `POST /api/v1/jobs/batch` accepted, in bytes.
     pub max_batch_bytes: usize,
+    /// API requests served at once; past it the gateway answers `429` with `Retry-After`
+    /// instead of queueing without bound.
+    pub max_in_flight: usize,
+    /// `GET /api/v1/jobs/{id}/events` streams open at once; they last, so they are counted
+    /// apart from `max_in_flight`.
+    pub max_event_streams: usize,
+    /// At start-up, jobs still `accepted` this long after submission whose request is not in
+    /// the `JOBS` stream (a gateway died between the two writes) are published again.
+    #[serde(with = "humantime_serde")]
+    pub sweep_after: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -168,6 +178,9 @@ impl Default for GatewayConfig {
             callback_allowlist: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             max_body_bytes: 256 * 1024,
             max_batch_bytes: 4 * 1024 * 1024,
+            max_in_flight: 2048,
+            max_event_streams: 1024,
+            sweep_after: Duration::from_secs(60),
         }
     }
 }
@@ -483,6 +496,14 @@ impl Config {
                 "gateway.max_batch_bytes",
                 "must be at least gateway.max_body_bytes, so any job a single submission takes fits in a batch",
             ));
+        }
+        for (key, value) in [
+            ("gateway.max_in_flight", self.gateway.max_in_flight),
+            ("gateway.max_event_streams", self.gateway.max_event_streams),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
         }
         crate::allowlist::Allowlist::parse(&self.gateway.callback_allowlist)
             .map_err(|err| ConfigError::invalid("gateway.callback_allowlist", err.to_string()))?;

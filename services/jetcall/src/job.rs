@@ -73,6 +73,18 @@ impl fmt::Display for JobId {
     }
 }
 
+impl utoipa::PartialSchema for JobId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        name_schema(
+            JobId::MAX_LEN,
+            "^[A-Za-z0-9_-]+$",
+            "A job's id: letters, digits, `_` and `-`.",
+        )
+    }
+}
+
+impl utoipa::ToSchema for JobId {}
+
 impl<'de> Deserialize<'de> for JobId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
@@ -112,6 +124,33 @@ impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+impl utoipa::PartialSchema for Kind {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        name_schema(
+            Kind::MAX_LEN,
+            "^[a-z0-9-]+$",
+            "A job kind such as `product-description`: lower-case letters, digits and `-`.",
+        )
+    }
+}
+
+impl utoipa::ToSchema for Kind {}
+
+/// The OpenAPI schema of a name: a string of 1 to `max` characters matching `pattern`.
+fn name_schema(
+    max: usize,
+    pattern: &str,
+    description: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .min_length(Some(1))
+        .max_length(Some(max))
+        .pattern(Some(pattern))
+        .description(Some(description))
+        .into()
 }
 
 impl<'de> Deserialize<'de> for Kind {

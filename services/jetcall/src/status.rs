@@ -9,7 +9,9 @@ use crate::config::Secret;
 use crate::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
 use crate::job::{JobId, Kind};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where a job is: `accepted` → `generating` → `completed` | `failed` → `delivered` |
+/// `undeliverable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Accepted,
@@ -60,31 +62,41 @@ impl Status {
 }
 
 /// One try at delivering the webhook.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeliveryAttempt {
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub at: OffsetDateTime,
     pub duration_ms: u64,
     /// The receiver's HTTP status, when it answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub status_code: Option<u16>,
     /// What kind of failure, when the attempt did not succeed: `http_status`, `timeout`,
     /// `connect`, `request` or `refused` (the URL or its address is not allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub error_kind: Option<String>,
     /// What went wrong, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub error: Option<String>,
     /// The start of the receiver's answer, on one line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub response_excerpt: Option<String>,
     /// Which delivery round the attempt belongs to: 0, then one more per redelivery.
     #[serde(default)]
+    #[schema(required = true)]
     pub round: u32,
 }
 
 /// What `GET /api/v1/jobs/{id}` returns and `nats kv get job_status <id>` shows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobStatus {
     /// First, so the start of the value (all that `nats kv history` shows) tells the state.
     pub status: Status,
@@ -97,26 +109,37 @@ pub struct JobStatus {
     /// A digest of the submission, to tell an idempotent retry from a conflicting reuse of the id.
     pub request_digest: String,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: OffsetDateTime,
     /// LLM attempts so far, across redeliveries and generator instances.
     #[serde(default)]
+    #[schema(required = true)]
     pub generation_attempts: u32,
+    /// The kind's output, once `completed`: text or JSON, per the kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Value, nullable = false)]
     pub result: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub usage: Option<Usage>,
+    /// Why the job `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub error: Option<JobError>,
     #[serde(
         default,
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = String, format = DateTime)]
     pub finished_at: Option<OffsetDateTime>,
+    /// Every delivery attempt, of every round, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deliveries: Vec<DeliveryAttempt>,
     #[serde(
@@ -124,13 +147,16 @@ pub struct JobStatus {
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = String, format = DateTime)]
     pub delivered_at: Option<OffsetDateTime>,
     /// Incremented by each redelivery an operator asks for; each round has a fresh schedule.
     #[serde(default)]
+    #[schema(required = true)]
     pub delivery_round: u32,
     /// The caller's own webhook secret, given at submission. Kept out of every event; the
-    /// gateway removes it from what it shows.
+    /// gateway removes it from what it shows, so the API's schema has no such field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub signing_secret: Option<Secret>,
 }
 

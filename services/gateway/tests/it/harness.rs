@@ -27,15 +27,24 @@ pub fn config(nats: &NatsServer, settings: &[(&str, Value)]) -> Config {
     testkit::config::config(&nats.url(), &[&fail_fast[..], settings].concat())
 }
 
+/// The stream and the bucket on `nats`, for a test to fill before a gateway starts.
+pub async fn provision(nats: &NatsServer, settings: &[(&str, Value)]) -> Topology {
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    jetcall::topology::provision(client, &config(nats, settings))
+        .await
+        .expect("provision")
+}
+
 impl Gateway {
     pub async fn start(settings: &[(&str, Value)]) -> Self {
+        Self::start_on(NatsServer::start(), settings).await
+    }
+
+    /// A gateway on a server that may already hold jobs.
+    pub async fn start_on(nats: NatsServer, settings: &[(&str, Value)]) -> Self {
         testkit::init_logs();
-        let nats = NatsServer::start();
         let config = config(&nats, settings);
-        let client = async_nats::connect(nats.url()).await.expect("connect");
-        let topology = jetcall::topology::provision(client, &config)
-            .await
-            .expect("provision");
+        let topology = provision(&nats, settings).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -135,12 +144,14 @@ impl Gateway {
         }
     }
 
-    pub async fn stop(self) {
+    /// Stops the gateway and hands back its server, for another one to start on.
+    pub async fn stop(self) -> NatsServer {
         self.stop.cancel();
         let result = tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .expect("gateway stops within 10 s");
         assert_eq!(result.expect("gateway task"), Ok(()));
+        self.nats
     }
 }
 

@@ -2,3 +2,8 @@ mod bad_input;
 mod batch;
 mod harness;
 mod lifecycle;
+mod live;
+mod openapi;
+mod properties;
+mod schemathesis;
+mod sweep;

@@ -1,0 +1,140 @@
+//! `GET /api/v1/jobs/{id}/events`: a job's status changes as server-sent events, from a watch
+//! on its key in the `job_status` bucket, ending once nothing more will happen to the job.
+
+use std::convert::Infallible;
+
+use async_nats::jetstream::kv;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{self, BoxStream, StreamExt};
+
+use jetcall::JobId;
+use jetcall::status::JobStatus;
+use jetcall::store::decode;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::shed::Permit;
+use crate::state::AppState;
+
+type Events = BoxStream<'static, Result<Event, Infallible>>;
+
+/// The job's current status first, then each change; the stream ends after a final state
+/// (`delivered`, `undeliverable`), when the job's record is removed, or when the gateway stops.
+///
+/// Each event's `id` is the document's revision in the bucket: a client that reconnects with
+/// `Last-Event-ID` resumes after it, and one that has already seen the final state gets
+/// `204 No Content`, which tells an `EventSource` to stop reconnecting.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/{job_id}/events",
+    operation_id = "job_events",
+    tag = "jobs",
+    params(
+        ("job_id" = JobId, Path, description = "The job's id"),
+        ("last-event-id" = Option<u64>, Header, description = "The `id` of the last event seen: only newer states are sent"),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events: `status` (data: the status document; id: its revision) now and at each change, until `delivered` or `undeliverable`; `removed` if the job's record is deleted", content_type = "text/event-stream", body = String),
+        (status = 204, description = "`Last-Event-ID` is the job's final state: nothing more will come"),
+        (status = 404, description = "No job has this id (`not_found`)", body = ErrorBody),
+        (status = 503, description = "NATS did not answer (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn job_events(
+    State(state): State<AppState>,
+    job_id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let job_id = &crate::routes::parse_path_id(job_id)?;
+    let permit = state.event_streams.try_enter("event streams")?;
+    let last_seen = headers
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    let (doc, revision) = state
+        .topology
+        .status
+        .get(job_id)
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no job with id `{job_id}`")))?;
+    let seen_current = last_seen.is_some_and(|seen| seen >= revision);
+    if seen_current && doc.status.is_final() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let current: Events = if seen_current {
+        stream::empty().boxed()
+    } else {
+        stream::iter([Ok(status_event(doc.clone(), revision))]).boxed()
+    };
+    let events = if doc.status.is_final() {
+        current
+    } else {
+        let watch = state
+            .topology
+            .status
+            .kv()
+            .watch_from_revision(job_id.as_str(), revision + 1)
+            .await
+            .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+        current
+            .chain(changes(job_id.clone(), watch, permit))
+            .boxed()
+    };
+    let events = events.take_until(state.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The job's changes after the revision already sent, until a final state or removal. The
+/// permit is held as long as the stream lives, so it counts against `max_event_streams`.
+fn changes(job_id: JobId, watch: kv::Watch, permit: Permit) -> Events {
+    stream::unfold(
+        // The watch, until the event that ends the stream has been sent.
+        (Some(watch), job_id, permit),
+        |(watch, job_id, permit)| async move {
+            let mut watch = watch?;
+            loop {
+                let entry = match watch.next().await {
+                    Some(Ok(entry)) => entry,
+                    Some(Err(err)) => {
+                        // The client reconnects with Last-Event-ID and resumes.
+                        tracing::warn!(%job_id, error = %err, "job event stream lost its watch");
+                        return None;
+                    }
+                    None => return None,
+                };
+                if entry.operation != kv::Operation::Put {
+                    let removed = Event::default()
+                        .event("removed")
+                        .id(entry.revision.to_string())
+                        .data(format!("job {job_id} is no longer recorded"));
+                    return Some((Ok(removed), (None, job_id, permit)));
+                }
+                // A document that does not decode is not a state the client can use; the
+                // next write will be.
+                let Ok(doc) = decode(&job_id, &entry.value) else {
+                    continue;
+                };
+                let next = (!doc.status.is_final()).then_some(watch);
+                let event = status_event(doc, entry.revision);
+                return Some((Ok(event), (next, job_id, permit)));
+            }
+        },
+    )
+    .boxed()
+}
+
+fn status_event(mut doc: JobStatus, revision: u64) -> Event {
+    doc.signing_secret = None;
+    let data = serde_json::to_string(&doc).unwrap_or_default();
+    Event::default()
+        .event("status")
+        .id(revision.to_string())
+        .data(data)
+}

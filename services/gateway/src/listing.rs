@@ -1,0 +1,231 @@
+//! `GET /api/v1/jobs?status=&kind=&limit=`: the jobs changed most recently, for operators.
+//!
+//! The `job_status` bucket has no index, so the listing reads the last `SCAN_REVISIONS` writes
+//! to it and keeps each job's newest. A job's newest revision is always later than its older
+//! ones, so every job written to in that span is seen in its current state; jobs untouched for
+//! longer are not listed, and the answer says whether the span reached back to the start.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use jetcall::JobId;
+use jetcall::events::JobError;
+use jetcall::status::Status;
+use jetcall::store::decode;
+
+use utoipa::{IntoParams, ToSchema};
+
+use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
+
+/// How many of the bucket's latest writes one listing reads: a bounded amount of work per
+/// call (a job takes about four writes from acceptance to delivery).
+pub const SCAN_REVISIONS: u64 = 20_000;
+pub const DEFAULT_LIMIT: usize = 50;
+pub const MAX_LIMIT: usize = 1_000;
+/// A read that stalls this long means NATS is not answering; the caller gets a 503.
+const STALL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct Filter {
+    /// Only jobs in this state.
+    pub status: Option<Status>,
+    /// Only jobs of this kind.
+    pub kind: Option<String>,
+    /// At most this many jobs: 1 to 1,000, 50 when left out.
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobSummary {
+    pub job_id: JobId,
+    pub status: Status,
+    pub kind: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: OffsetDateTime,
+    pub generation_attempts: u32,
+    pub delivery_attempts: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    /// Newest change first.
+    pub jobs: Vec<JobSummary>,
+    /// Writes to the bucket read to answer.
+    pub scanned: u64,
+    /// Whether those writes reach back to the oldest the bucket holds, so every job was seen.
+    pub complete: bool,
+}
+
+/// Recently changed jobs, newest first, for operators.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs",
+    operation_id = "list_jobs",
+    tag = "jobs",
+    params(Filter),
+    responses(
+        (status = 200, description = "Summaries of the jobs changed most recently, newest first; `complete` says whether every job in the bucket was considered", body = JobList),
+        (status = 422, description = "A filter is invalid (`invalid_field`, `unknown_kind`); `field` names it", body = ErrorBody),
+        (status = 503, description = "NATS did not answer (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn list_jobs(
+    State(state): State<AppState>,
+    filter: Result<Query<Filter>, QueryRejection>,
+) -> Result<Json<JobList>, ApiError> {
+    let Query(filter) = filter.map_err(|err| {
+        ApiError::invalid_field(
+            "query",
+            format!(
+                "filter with `status` (a job status), `kind` and `limit` (1 to {MAX_LIMIT}): {}",
+                err.body_text()
+            ),
+        )
+    })?;
+    list(&state, filter).await.map(Json)
+}
+
+async fn list(state: &AppState, filter: Filter) -> Result<JobList, ApiError> {
+    let limit = filter.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::invalid_field(
+            "limit",
+            format!("`limit` must be 1 to {MAX_LIMIT}"),
+        ));
+    }
+    if let Some(kind) = &filter.kind
+        && !state.config.kinds.contains_key(kind)
+    {
+        return Err(ApiError::UnknownKind {
+            kind: kind.chars().take(64).collect(),
+            known: state
+                .config
+                .kinds
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let unavailable = |err: String| ApiError::Unavailable(err);
+    let mut bucket = state.topology.status.kv().stream.clone();
+    let info = bucket
+        .info()
+        .await
+        .map_err(|err| unavailable(err.to_string()))?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    if info.state.messages == 0 {
+        return Ok(JobList {
+            jobs: Vec::new(),
+            scanned: 0,
+            complete: true,
+        });
+    }
+    let start = last.saturating_sub(SCAN_REVISIONS - 1).max(first);
+    let newest = latest_per_job(&bucket, start, last).await?;
+    let scanned = last - start + 1;
+
+    let mut jobs: Vec<JobSummary> = newest
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let value = value?;
+            let job_id = JobId::parse(&key).ok()?;
+            let doc = decode(&job_id, &value).ok()?;
+            let wanted = filter.status.is_none_or(|status| status == doc.status)
+                && filter
+                    .kind
+                    .as_deref()
+                    .is_none_or(|kind| kind == doc.kind.as_str());
+            wanted.then(|| JobSummary {
+                status: doc.status,
+                kind: doc.kind.to_string(),
+                created_at: doc.created_at,
+                updated_at: doc.updated_at,
+                generation_attempts: doc.generation_attempts,
+                delivery_attempts: doc.deliveries.len(),
+                error: doc.error,
+                job_id,
+            })
+        })
+        .collect();
+    jobs.sort_by_key(|job| std::cmp::Reverse(job.updated_at));
+    jobs.truncate(limit);
+    Ok(JobList {
+        jobs,
+        scanned,
+        complete: start == first,
+    })
+}
+
+/// Each key's newest value among the bucket's writes `start..=last`; `None` for a removed key.
+async fn latest_per_job(
+    bucket: &async_nats::jetstream::stream::Stream,
+    start: u64,
+    last: u64,
+) -> Result<HashMap<String, Option<Bytes>>, ApiError> {
+    let unavailable = |err: String| ApiError::Unavailable(err);
+    let reader = bucket
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|err| unavailable(err.to_string()))?;
+    let mut messages = reader
+        .messages()
+        .await
+        .map_err(|err| unavailable(err.to_string()))?;
+    let mut newest = HashMap::new();
+    loop {
+        let message = match tokio::time::timeout(STALL, messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(err))) => return Err(unavailable(err.to_string())),
+            Ok(None) => break,
+            Err(_) => {
+                return Err(unavailable(
+                    "the job_status bucket stopped answering".into(),
+                ));
+            }
+        };
+        let info = message.info().map_err(|err| unavailable(err.to_string()))?;
+        let sequence = info.stream_sequence;
+        // `$KV.job_status.<job id>`
+        let Some(key) = message.subject.splitn(3, '.').nth(2) else {
+            continue;
+        };
+        let removed = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get("KV-Operation"))
+            .is_some_and(|op| op.as_str() != "PUT");
+        let value = (!removed).then(|| message.payload.clone());
+        newest.insert(key.to_owned(), value);
+        // Writes made since the listing began are not waited for.
+        if sequence >= last || info.pending == 0 {
+            break;
+        }
+    }
+    Ok(newest)
+}

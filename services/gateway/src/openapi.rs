@@ -1,0 +1,135 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 description of the HTTP API, generated from the
+//! handlers' `#[utoipa::path(...)]` annotations and the `ToSchema` types they name.
+//!
+//! To document a route: annotate its handler with `#[utoipa::path(...)]` listing every status
+//! the handler itself can answer (error bodies are `ErrorBody`), mark it
+//! `security(("bearer" = []))` when it sits behind the API's middleware (the API key and the
+//! in-flight limit), and name it in `paths(...)` below. [`document`] adds the middleware's own
+//! answers, `401` and `429`, to every operation so marked, and drops the requirement (and the
+//! `401`) when no API key is configured, so the document says what this gateway does.
+
+use axum::Json;
+use axum::extract::State;
+use utoipa::OpenApi;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+
+use crate::error::{ErrorBody, ErrorType};
+use crate::state::AppState;
+use crate::{events, listing, metrics, routes};
+
+/// The name of the API-key security scheme, as `security(...)` names it.
+pub const BEARER: &str = "bearer";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Jetcall gateway",
+        description = "Submit AI jobs, answered `202` once they are durably in NATS JetStream; \
+                       the result arrives later as a signed webhook. Errors are JSON: \
+                       `{\"type\": \"<stable slug>\", \"message\", \"field\"?}`."
+    ),
+    paths(
+        routes::generate_description,
+        routes::submit_job,
+        routes::submit_batch,
+        routes::job_named_batch,
+        routes::job_status,
+        listing::list_jobs,
+        events::job_events,
+        routes::redeliver_job,
+        routes::redeliver_window,
+        routes::healthz,
+        routes::readyz,
+        metrics::serve,
+        serve,
+    ),
+    components(schemas(ErrorBody, ErrorType)),
+    tags(
+        (name = "jobs", description = "Submitting jobs and reading their status"),
+        (name = "deliveries", description = "Delivering webhooks again"),
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document this gateway serves: `api_keys` tells whether API keys are configured.
+pub fn document(api_keys: bool) -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            if operation.security.is_none() {
+                continue;
+            }
+            let responses = &mut operation.responses.responses;
+            if api_keys {
+                responses.entry("401".into()).or_insert_with(|| {
+                    error_response(
+                        "No API key, or an unknown one (`unauthorized`): send \
+                         `Authorization: Bearer <key>`",
+                        None,
+                    )
+                });
+            } else {
+                operation.security = None;
+            }
+            responses.entry("429".into()).or_insert_with(|| {
+                error_response(
+                    "The gateway is shedding load (`overloaded`); retry after `retry-after` seconds",
+                    Some("retry-after"),
+                )
+            });
+        }
+    }
+    if api_keys {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.security_schemes.insert(
+            BEARER.into(),
+            RefOr::T(SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer))),
+        );
+    }
+    doc
+}
+
+/// A JSON error response, with the header `header` in seconds when given.
+fn error_response(description: &str, header: Option<&str>) -> RefOr<utoipa::openapi::Response> {
+    let content = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name("ErrorBody")))
+        .build();
+    let mut response = ResponseBuilder::new()
+        .description(description)
+        .content("application/json", content);
+    if let Some(name) = header {
+        let seconds = utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Integer)
+            .minimum(Some(0));
+        response = response.header(
+            name,
+            HeaderBuilder::new()
+                .schema(Some(seconds))
+                .description(Some("Seconds to wait before retrying"))
+                .build(),
+        );
+    }
+    RefOr::T(response.build())
+}
+
+/// This document: every route, its parameters and bodies, and every status it answers.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)),
+)]
+pub async fn serve(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
+    Json(document(!state.api_key_digests.is_empty()))
+}
