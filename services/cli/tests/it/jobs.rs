@@ -1,0 +1,221 @@
+//! `jetcall status`, `list`, `watch` and `redeliver` against jobs moved on as the pipeline
+//! would move them.
+
+use serde_json::json;
+
+use jetcall::status::Status;
+
+use crate::harness::{CALLBACK, Running, Stack};
+
+async fn submit(stack: &Stack, id: &str) {
+    let run = stack
+        .run(&[
+            "submit",
+            "--kind",
+            "product-description",
+            "--callback-url",
+            CALLBACK,
+            "--job-id",
+            id,
+            "--field",
+            "product_id=PROD-AC15",
+            "--field",
+            "product_name=LG 1.5 Ton 5 Star Inverter Split AC",
+            "--field",
+            "specs=1.5 Ton",
+        ])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_summarises_a_job_and_names_a_missing_one() {
+    let stack = Stack::start(&[]).await;
+    submit(&stack, "STATUS-1").await;
+    stack.advance("STATUS-1", Status::Generating).await;
+
+    let run = stack.run(&["status", "STATUS-1"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines[0], "job         STATUS-1");
+    assert_eq!(lines[1], "status      generating");
+    assert_eq!(lines[2], "kind        product-description");
+    assert!(
+        run.stdout.contains(&format!("callback    {CALLBACK}")),
+        "{run:?}"
+    );
+
+    let missing = stack.run(&["status", "NO-SUCH-JOB"]).await;
+    assert_eq!(missing.code, Some(1), "{missing:?}");
+    assert_eq!(
+        missing.stderr.trim(),
+        "error: not_found: no job with id `NO-SUCH-JOB`"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_filters_by_status() {
+    let stack = Stack::start(&[]).await;
+    for id in ["LIST-1", "LIST-2", "LIST-3"] {
+        submit(&stack, id).await;
+    }
+    stack.advance("LIST-2", Status::Undeliverable).await;
+
+    let run = stack.run(&["list", "--status", "undeliverable"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and one job: {run:?}");
+    assert!(
+        lines[0].starts_with("JOB ID  STATUS         KIND"),
+        "{run:?}"
+    );
+    assert!(
+        lines[1].starts_with("LIST-2  undeliverable  product-description  "),
+        "{run:?}"
+    );
+
+    let json = stack
+        .run(&["--json", "list", "--status", "accepted"])
+        .await
+        .json();
+    let mut ids: Vec<&str> = json["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(|job| job["job_id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["LIST-1", "LIST-3"]);
+    assert_eq!(json["complete"], true);
+
+    let bad = stack.run(&["list", "--status", "lost"]).await;
+    assert_eq!(bad.code, Some(1), "{bad:?}");
+    assert!(bad.stderr.starts_with("error: invalid_field: "), "{bad:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_each_change_and_exits_once_the_job_is_delivered() {
+    let stack = Stack::start(&[]).await;
+    submit(&stack, "WATCH-1").await;
+
+    let mut watch = Running::spawn(stack.jetcall(&["watch", "WATCH-1"]));
+    // `time  id  status  what happened`
+    let words =
+        |line: &str| -> Vec<String> { line.split_whitespace().map(str::to_owned).collect() };
+    let first = watch.line().await;
+    assert_eq!(words(&first)[1..3], ["WATCH-1", "accepted"], "{first}");
+    for (next, word) in [
+        (Status::Generating, "generating"),
+        (Status::Completed, "completed"),
+        (Status::Delivered, "delivered"),
+    ] {
+        stack.advance("WATCH-1", next).await;
+        let line = watch.line().await;
+        assert_eq!(words(&line)[1..3], ["WATCH-1", word], "{line}");
+    }
+    assert_eq!(watch.exit_code().await, Some(0));
+
+    // Already at its end, and not delivered: one line, and a distinct exit code.
+    submit(&stack, "WATCH-2").await;
+    stack.advance("WATCH-2", Status::Undeliverable).await;
+    let run = stack.run(&["--json", "watch", "WATCH-2"]).await;
+    assert_eq!(run.code, Some(3), "{run:?}");
+    assert_eq!(run.json()["status"], "undeliverable");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_after_the_gateway_restarts_without_missing_a_change() {
+    let mut stack = Stack::start(&[]).await;
+    submit(&stack, "RESUME-1").await;
+    let mut watch = Running::spawn(stack.jetcall(&["watch", "RESUME-1"]));
+    assert!(watch.line().await.contains(" accepted "));
+
+    // The stream ends with the gateway; the job moves on while no gateway serves.
+    stack.stop_gateway().await;
+    stack.advance("RESUME-1", Status::Generating).await;
+    stack.start_gateway().await;
+    let line = watch.line().await;
+    assert!(line.contains(" generating "), "{line}");
+
+    stack.advance("RESUME-1", Status::Delivered).await;
+    let line = watch.line().await;
+    assert!(line.contains(" delivered "), "{line}");
+    assert_eq!(watch.exit_code().await, Some(0));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_without_an_id_prints_changes_among_recent_jobs() {
+    let stack = Stack::start(&[]).await;
+    submit(&stack, "POLL-1").await;
+    let mut watch = Running::spawn(stack.jetcall(&["watch", "--interval", "50ms"]));
+    let words =
+        |line: &str| -> Vec<String> { line.split_whitespace().map(str::to_owned).collect() };
+    let line = watch.line().await;
+    assert_eq!(words(&line)[1..3], ["POLL-1", "accepted"], "{line}");
+
+    submit(&stack, "POLL-2").await;
+    let line = watch.line().await;
+    assert_eq!(words(&line)[1..3], ["POLL-2", "accepted"], "{line}");
+    stack.advance("POLL-1", Status::Generating).await;
+    let line = watch.line().await;
+    assert_eq!(words(&line)[1..3], ["POLL-1", "generating"], "{line}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliver_refuses_a_job_that_is_not_undeliverable_and_requeues_one_that_is() {
+    let stack = Stack::start(&[]).await;
+    submit(&stack, "REDO-1").await;
+    let refused = stack.run(&["redeliver", "REDO-1"]).await;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .starts_with("error: not_undeliverable: job REDO-1 is accepted"),
+        "{refused:?}"
+    );
+
+    testkit::jobs::completed_job(&stack.topology, "REDO-2", CALLBACK)
+        .await
+        .expect("a completed job");
+    stack.advance("REDO-2", Status::Undeliverable).await;
+    let requeued = stack.run(&["redeliver", "REDO-2"]).await;
+    assert_eq!(requeued.code, Some(0), "{requeued:?}");
+    assert_eq!(
+        requeued.stdout.trim(),
+        "REDO-2: requeued as completed, delivery round 1"
+    );
+
+    // No dead letters in the last two hours: nothing to do, and the window is understood.
+    let window = stack.run(&["--json", "redeliver", "--since", "2h"]).await;
+    assert_eq!(window.code, Some(0), "{window:?}");
+    assert_eq!(window.json(), json!({"requeued": [], "skipped": []}));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_comes_from_the_flag_or_the_environment() {
+    let stack = Stack::start(&[("gateway.api_keys", json!(["s3cret-key"]))]).await;
+    let without = stack.run(&["status", "JOB-1"]).await;
+    assert_eq!(without.code, Some(1), "{without:?}");
+    assert!(
+        without.stderr.starts_with("error: unauthorized: "),
+        "{without:?}"
+    );
+
+    let flag = stack
+        .run(&["--api-key", "s3cret-key", "status", "JOB-1"])
+        .await;
+    assert!(flag.stderr.starts_with("error: not_found: "), "{flag:?}");
+
+    let mut command = stack.jetcall(&["status", "JOB-1"]);
+    command.env("JETCALL_API_KEY", "s3cret-key");
+    let env = crate::harness::run(&mut command).await;
+    assert!(env.stderr.starts_with("error: not_found: "), "{env:?}");
+    assert!(!env.stderr.contains("s3cret"), "the key is never printed");
+    stack.stop().await;
+}
