@@ -17,7 +17,6 @@ mod state;
 mod submission;
 mod sweep;
 
-use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -56,16 +55,16 @@ pub async fn run(
             "gateway.api_keys is empty: the API accepts requests without authentication"
         );
     }
-    let state = state::AppState {
-        allowlist: Arc::new(Allowlist::parse(&config.gateway.callback_allowlist)?),
-        api_key_digests: Arc::new(routes::api_key_digests(&config.gateway.api_keys)),
+    let state = state::AppState::new(state::Shared {
+        allowlist: Allowlist::parse(&config.gateway.callback_allowlist)?,
+        api_key_digests: routes::api_key_digests(&config.gateway.api_keys),
         in_flight: shed::Limit::new(config.gateway.max_in_flight),
         event_streams: shed::Limit::new(config.gateway.max_event_streams),
-        config: Arc::new(config),
+        config,
         topology,
         metrics: metrics::Metrics::default(),
         shutdown: shutdown.clone(),
-    };
+    });
     // Jobs a gateway recorded but died before publishing: repaired while this one serves.
     tokio::spawn(sweep::at_start(state.clone(), shutdown.clone()));
     tracing::info!(address = %listener.local_addr()?, "gateway listening");

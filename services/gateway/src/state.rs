@@ -1,19 +1,40 @@
 //! What every handler shares.
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use jetcall::Config;
 use jetcall::allowlist::Allowlist;
 use jetcall::topology::Topology;
 
+/// axum clones the state for every layer and handler a request passes through, so it is one
+/// pointer: cloning the NATS handles themselves (each stream handle carries its whole info)
+/// cost hundreds of allocations a request and most of the gateway's CPU.
 #[derive(Debug, Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
     pub topology: Topology,
-    pub allowlist: Arc<Allowlist>,
+    pub allowlist: Allowlist,
     /// SHA-256 digests of the configured API keys: compared instead of the keys themselves so
     /// the comparison takes the same time whatever the caller sends.
-    pub api_key_digests: Arc<Vec<[u8; 32]>>,
+    pub api_key_digests: Vec<[u8; 32]>,
     pub metrics: crate::metrics::Metrics,
     /// API requests being served (`gateway.max_in_flight`).
     pub in_flight: crate::shed::Limit,
