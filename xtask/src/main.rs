@@ -40,8 +40,8 @@ enum Command {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Measure generation and webhook delivery against a real nats-server and the release
-    /// builds, and write BENCHMARKS.md.
+    /// Measure acceptance, generation and webhook delivery against a real nats-server and
+    /// the release builds, and write BENCHMARKS.md.
     Bench {
         /// Small sizes, for checking that the benchmark runs; prints instead of writing.
         #[arg(long)]

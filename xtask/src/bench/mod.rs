@@ -3,6 +3,7 @@
 //! asserts nothing.
 
 mod callback;
+mod gateway;
 mod generator;
 
 use std::fmt::Write as _;
@@ -30,6 +31,7 @@ pub struct Sizes {
     pub rate_seconds: u32,
     pub generator_fast: generator::Run,
     pub generator_slow: generator::Run,
+    pub gateway: gateway::Run,
 }
 
 impl Sizes {
@@ -54,6 +56,15 @@ impl Sizes {
                 llm_delay: Duration::from_secs(2),
                 http2: true,
             },
+            gateway: gateway::Run {
+                jobs: 50_000,
+                connections: 256,
+                rate_per_second: 1_000,
+                rate_seconds: 20,
+                batch_jobs: 50_000,
+                batch_size: 1_000,
+                batches_in_flight: 4,
+            },
         }
     }
 
@@ -76,6 +87,15 @@ impl Sizes {
                 llm_delay: Duration::from_millis(200),
                 http2: true,
             },
+            gateway: gateway::Run {
+                jobs: 1_000,
+                connections: 256,
+                rate_per_second: 200,
+                rate_seconds: 2,
+                batch_jobs: 1_000,
+                batch_size: 250,
+                batches_in_flight: 2,
+            },
         }
     }
 }
@@ -83,6 +103,7 @@ impl Sizes {
 /// One service's benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Part {
+    Gateway,
     Generator,
     Callback,
 }
@@ -95,7 +116,15 @@ pub async fn run(
     only: Option<Part>,
 ) -> anyhow::Result<()> {
     let runs = |part: Part| only.is_none_or(|only| only == part);
-    let mut build = vec!["build", "--bin", "callback", "--bin", "generator"];
+    let mut build = vec![
+        "build",
+        "--bin",
+        "gateway",
+        "--bin",
+        "callback",
+        "--bin",
+        "generator",
+    ];
     if sizes.release {
         build.push("--release");
     }
@@ -110,6 +139,10 @@ pub async fn run(
     };
 
     let mut report = machine(nats_server).await?;
+    if runs(Part::Gateway) {
+        let acceptance = gateway::measure(&binary("gateway"), nats_server, sizes).await?;
+        report.push_str(&acceptance.section(sizes)?);
+    }
     if runs(Part::Generator) {
         let generation = generator::measure(&binary("generator"), nats_server, sizes).await?;
         report.push_str(&generation.section(sizes)?);
