@@ -90,7 +90,7 @@ async fn preload(topology: &Topology, prefix: &str, count: usize, url: &str) -> 
         .collect()
 }
 
-fn callback_env(secret: &str) -> Vec<(&'static str, String)> {
+pub(super) fn callback_env(secret: &str) -> Vec<(&'static str, String)> {
     vec![
         ("JETCALL_CONFIG", "/dev/null".into()),
         ("JETCALL_CALLBACK__SIGNING_SECRET", secret.to_owned()),

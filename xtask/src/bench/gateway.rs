@@ -43,6 +43,11 @@ const CALLBACK_URL: &str = "http://127.0.0.1:9/hook";
 
 /// The article's product-description job under `job_id`, in the `POST /api/v1/jobs` form.
 fn job(job_id: &str, n: usize) -> Value {
+    job_to(job_id, n, CALLBACK_URL)
+}
+
+/// The same, with its webhook going to `callback_url`.
+pub(super) fn job_to(job_id: &str, n: usize, callback_url: &str) -> Value {
     json!({
         "job_id": job_id,
         "kind": "product-description",
@@ -57,7 +62,7 @@ fn job(job_id: &str, n: usize) -> Value {
                 "features": "4-way swing, Wi-Fi control"
             }
         },
-        "callback_url": CALLBACK_URL
+        "callback_url": callback_url
     })
 }
 
@@ -91,7 +96,7 @@ impl Answers {
 }
 
 /// A client for one run: plain HTTP/1.1 with keep-alive, as most callers would send.
-fn client(connections: usize) -> anyhow::Result<reqwest::Client> {
+pub(super) fn client(connections: usize) -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .tcp_nodelay(true)
@@ -101,7 +106,7 @@ fn client(connections: usize) -> anyhow::Result<reqwest::Client> {
 }
 
 /// `POST`s `body` to `url` and reads the whole answer (so the connection can be reused).
-async fn post(
+pub(super) async fn post(
     client: &reqwest::Client,
     url: &str,
     body: Vec<u8>,
@@ -151,7 +156,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// The pid of our child process named `name` (the stack does not hand out nats-server's).
-fn child_pid(name: &str) -> Option<u32> {
+pub(super) fn child_pid(name: &str) -> Option<u32> {
     let me = std::process::id().to_string();
     std::fs::read_dir("/proc")
         .ok()?
@@ -408,7 +413,10 @@ async fn stored(topology: &Topology) -> anyhow::Result<u64> {
 
 /// Starts the gateway on a free loopback port and waits for its `/readyz`; returns its base
 /// URL and pid.
-async fn start_gateway(stack: &mut Stack, gateway: &Path) -> anyhow::Result<(String, u32)> {
+pub(super) async fn start_gateway(
+    stack: &mut Stack,
+    gateway: &Path,
+) -> anyhow::Result<(String, u32)> {
     let addr = free_addr(None)?;
     let env = [
         ("JETCALL_CONFIG", "/dev/null".to_owned()),

@@ -85,7 +85,7 @@ async fn messages(State(delay): State<Duration>) -> impl IntoResponse {
 /// The fake LLM on a loopback port; returns its base URL. It shares the benchmark's one
 /// thread on purpose: it stands in for a remote API, whose work costs this machine nothing,
 /// so it should take as little of the two cores from the generator as it can.
-async fn start_fake_llm(delay: Duration) -> anyhow::Result<String> {
+pub(super) async fn start_fake_llm(delay: Duration) -> anyhow::Result<String> {
     let app = Router::new()
         .route("/v1/messages", post(messages))
         .with_state(delay);
@@ -95,6 +95,27 @@ async fn start_fake_llm(delay: Duration) -> anyhow::Result<String> {
         let _ = axum::serve(listener, app).await;
     });
     Ok(url)
+}
+
+/// The generator's environment: the Messages API at `llm`, `run`'s concurrency and protocol,
+/// its admin endpoints on `listen`.
+pub(super) fn generator_env(llm: String, run: Run, listen: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("JETCALL_CONFIG", "/dev/null".to_owned()),
+        ("JETCALL_GENERATOR__PROVIDER", "anthropic".to_owned()),
+        ("ANTHROPIC_API_KEY", "sk-ant-bench-not-a-key".to_owned()),
+        ("ANTHROPIC_BASE_URL", llm),
+        (
+            "JETCALL_GENERATOR__CONCURRENCY",
+            run.concurrency.to_string(),
+        ),
+        (
+            "JETCALL_GENERATOR__MAX_ACK_PENDING",
+            run.concurrency.max(4096).to_string(),
+        ),
+        ("JETCALL_GENERATOR__LISTEN", listen.to_owned()),
+        ("JETCALL_ANTHROPIC__HTTP2", run.http2.to_string()),
+    ]
 }
 
 async fn preload(topology: &Topology, count: usize) -> anyhow::Result<()> {
@@ -138,22 +159,7 @@ async fn jobs_per_second(
     println!("==> loading {} requested jobs", run.jobs);
     preload(&setup.topology, run.jobs).await?;
 
-    let env = [
-        ("JETCALL_CONFIG", "/dev/null".to_owned()),
-        ("JETCALL_GENERATOR__PROVIDER", "anthropic".to_owned()),
-        ("ANTHROPIC_API_KEY", "sk-ant-bench-not-a-key".to_owned()),
-        ("ANTHROPIC_BASE_URL", llm),
-        (
-            "JETCALL_GENERATOR__CONCURRENCY",
-            run.concurrency.to_string(),
-        ),
-        (
-            "JETCALL_GENERATOR__MAX_ACK_PENDING",
-            run.concurrency.max(4096).to_string(),
-        ),
-        ("JETCALL_GENERATOR__LISTEN", "127.0.0.1:0".to_owned()),
-        ("JETCALL_ANTHROPIC__HTTP2", run.http2.to_string()),
-    ];
+    let env = generator_env(llm, run, "127.0.0.1:0");
     let pid = setup.stack.spawn_service("generator", generator, &env)?;
     let mut consumer = setup.topology.callback_consumer().await?;
     // Nobody consumes completions here, so they pile up as the callback consumer's pending.

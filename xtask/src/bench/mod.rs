@@ -5,6 +5,7 @@
 mod callback;
 mod gateway;
 mod generator;
+mod pipeline;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -32,6 +33,11 @@ pub struct Sizes {
     pub generator_fast: generator::Run,
     pub generator_slow: generator::Run,
     pub gateway: gateway::Run,
+    /// End to end with an LLM answering at once, and with a slow one.
+    pub pipeline_fast: pipeline::Run,
+    pub pipeline_slow: pipeline::Run,
+    /// Bare JetStream publishes (then consumed and acked) for the ceiling.
+    pub ceiling_messages: usize,
 }
 
 impl Sizes {
@@ -65,6 +71,19 @@ impl Sizes {
                 batch_size: 1_000,
                 batches_in_flight: 4,
             },
+            pipeline_fast: pipeline::Run {
+                jobs: 30_000,
+                connections: 256,
+                llm_delay: Duration::ZERO,
+                llm_concurrency: 256,
+            },
+            pipeline_slow: pipeline::Run {
+                jobs: 20_000,
+                connections: 256,
+                llm_delay: Duration::from_secs(2),
+                llm_concurrency: 4_096,
+            },
+            ceiling_messages: 200_000,
         }
     }
 
@@ -96,6 +115,19 @@ impl Sizes {
                 batch_size: 250,
                 batches_in_flight: 2,
             },
+            pipeline_fast: pipeline::Run {
+                jobs: 300,
+                connections: 64,
+                llm_delay: Duration::ZERO,
+                llm_concurrency: 64,
+            },
+            pipeline_slow: pipeline::Run {
+                jobs: 300,
+                connections: 64,
+                llm_delay: Duration::from_millis(200),
+                llm_concurrency: 256,
+            },
+            ceiling_messages: 2_000,
         }
     }
 }
@@ -106,6 +138,7 @@ pub enum Part {
     Gateway,
     Generator,
     Callback,
+    Pipeline,
 }
 
 /// Runs `only` one part or all; writes `BENCHMARKS.md` after a full-size run of all.
@@ -150,6 +183,17 @@ pub async fn run(
     if runs(Part::Callback) {
         let delivery = callback::measure(&binary("callback"), nats_server, sizes).await?;
         report.push_str(&delivery.section(sizes)?);
+    }
+    if runs(Part::Pipeline) {
+        let (gateway, generator, callback) =
+            (binary("gateway"), binary("generator"), binary("callback"));
+        let binaries = pipeline::Binaries {
+            gateway: &gateway,
+            generator: &generator,
+            callback: &callback,
+        };
+        let end_to_end = pipeline::measure(binaries, nats_server, sizes).await?;
+        report.push_str(&end_to_end.section()?);
     }
     if sizes.release && only.is_none() {
         let path = ws.root.join("BENCHMARKS.md");

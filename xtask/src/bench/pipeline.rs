@@ -1,0 +1,521 @@
+//! The whole pipeline, end to end: jobs submitted to the gateway, generated against a fake
+//! Messages API, delivered by the callback service to a receiver in this process; and, for
+//! comparison, what the same nats-server does with bare JetStream publishes and acks.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, stream};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::gateway::{client, job_to, start_gateway};
+use super::generator::{generator_env, start_fake_llm};
+use super::{Sizes, percentile, rss_mib, setup};
+use crate::poll;
+use crate::stack::{Stack, free_addr};
+
+/// One end-to-end run.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub jobs: usize,
+    /// Submissions in flight at once (keep-alive connections to the gateway).
+    pub connections: usize,
+    pub llm_delay: Duration,
+    /// LLM calls in flight in the generator.
+    pub llm_concurrency: usize,
+}
+
+/// When each job's webhook arrived, by job id.
+#[derive(Debug, Default)]
+struct Arrivals {
+    at: Mutex<HashMap<String, Instant>>,
+}
+
+#[derive(Deserialize)]
+struct WebhookJob {
+    job_id: String,
+}
+
+/// Records the arrival; signatures are not checked here (the demo and the tests do), so the
+/// receiver takes as little of the two cores as it can.
+async fn receive(State(arrivals): State<Arc<Arrivals>>, body: Bytes) -> StatusCode {
+    let now = Instant::now();
+    let Ok(webhook) = serde_json::from_slice::<WebhookJob>(&body) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    if let Ok(mut at) = arrivals.at.lock() {
+        at.entry(webhook.job_id).or_insert(now);
+    }
+    StatusCode::OK
+}
+
+async fn start_receiver(arrivals: Arc<Arrivals>) -> anyhow::Result<String> {
+    let app = Router::new()
+        .route("/hook", post(receive))
+        .with_state(arrivals);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
+
+/// The three service binaries measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Binaries<'a> {
+    pub gateway: &'a Path,
+    pub generator: &'a Path,
+    pub callback: &'a Path,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Memory {
+    gateway: f64,
+    generator: f64,
+    callback: f64,
+}
+
+impl Memory {
+    /// Current (`peak` false) or peak resident memory of each service, in MiB.
+    fn read(pids: [u32; 3], peak: bool) -> Self {
+        let of = |pid| rss_mib(pid).map_or(0.0, |(hwm, now)| if peak { hwm } else { now });
+        Self {
+            gateway: of(pids[0]),
+            generator: of(pids[1]),
+            callback: of(pids[2]),
+        }
+    }
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "gateway {:.1}, generator {:.1}, callback {:.1} MiB",
+            self.gateway, self.generator, self.callback
+        )
+    }
+}
+
+#[derive(Debug)]
+struct EndToEnd {
+    run: Run,
+    /// From the first submission to the last webhook.
+    seconds: f64,
+    accept_p50_ms: f64,
+    accept_p99_ms: f64,
+    e2e_p50_ms: f64,
+    e2e_p99_ms: f64,
+    refused: usize,
+    first_refusal: Option<String>,
+    /// From spawning the services to the gateway and the generator answering `/readyz`.
+    startup_ms: f64,
+    idle: Memory,
+    peak: Memory,
+    /// Messages JetStream stored (events and status writes) per job.
+    writes_per_job: f64,
+}
+
+impl EndToEnd {
+    fn per_second(&self) -> f64 {
+        self.run.jobs as f64 / self.seconds
+    }
+}
+
+impl std::fmt::Display for EndToEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} jobs, LLM {:?}: {:.0}/s end to end; accept p50 {:.2} ms p99 {:.2} ms; 202 to \
+             webhook p50 {:.1} ms p99 {:.1} ms; {} refused; {:.1} JetStream writes a job; \
+             start-up {:.0} ms; idle {}; peak {}",
+            self.run.jobs,
+            self.run.llm_delay,
+            self.per_second(),
+            self.accept_p50_ms,
+            self.accept_p99_ms,
+            self.e2e_p50_ms,
+            self.e2e_p99_ms,
+            self.refused,
+            self.writes_per_job,
+            self.startup_ms,
+            self.idle,
+            self.peak
+        )
+    }
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// Waits for `url` to answer 200, failing early if a service exits.
+async fn wait_ok(stack: &mut Stack, http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    poll::until(url, Duration::from_secs(30), async || {
+        stack.check_running()?;
+        let ok = http
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == StatusCode::OK);
+        Ok(ok.then_some(()))
+    })
+    .await
+}
+
+/// Messages stored so far in the `JOBS` stream and the `job_status` bucket.
+async fn jetstream_writes(topology: &jetcall::topology::Topology) -> anyhow::Result<u64> {
+    let jobs = topology.stream.get_info().await?.state.last_sequence;
+    let mut bucket = topology.status.kv().stream.clone();
+    let status = bucket.info().await?.state.last_sequence;
+    Ok(jobs + status)
+}
+
+async fn end_to_end(bins: Binaries<'_>, nats_server: &Path, run: Run) -> anyhow::Result<EndToEnd> {
+    let mut setup = setup(nats_server).await?;
+    let llm = start_fake_llm(run.llm_delay).await?;
+    let arrivals = Arc::new(Arrivals::default());
+    let hook = start_receiver(arrivals.clone()).await?;
+    let http = client(run.connections)?;
+
+    let spawned = Instant::now();
+    let generator_admin = free_addr(None)?;
+    let generator_run = super::generator::Run {
+        jobs: run.jobs,
+        concurrency: run.llm_concurrency,
+        llm_delay: run.llm_delay,
+        http2: true,
+    };
+    let generator = setup.stack.spawn_service(
+        "generator",
+        bins.generator,
+        &generator_env(llm, generator_run, &generator_admin.to_string()),
+    )?;
+    let callback = setup.stack.spawn_service(
+        "callback",
+        bins.callback,
+        &super::callback::callback_env(&setup.secret),
+    )?;
+    let (base, gateway) = start_gateway(&mut setup.stack, bins.gateway).await?;
+    wait_ok(
+        &mut setup.stack,
+        &http,
+        &format!("http://{generator_admin}/readyz"),
+    )
+    .await?;
+    let startup_ms = millis(spawned.elapsed());
+    let pids = [gateway, generator, callback];
+    let idle = Memory::read(pids, false);
+    let writes_before = jetstream_writes(&setup.topology).await?;
+
+    println!(
+        "==> {} jobs through the pipeline, {} submissions in flight, LLM {:?}",
+        run.jobs, run.connections, run.llm_delay
+    );
+    let url = format!("{base}/api/v1/jobs");
+    let started = Instant::now();
+    let answers: Vec<(usize, Instant, Result<Duration, String>)> =
+        futures::stream::iter(0..run.jobs)
+            .map(|n| {
+                let (http, url, hook) = (&http, &url, &hook);
+                async move {
+                    let sent = Instant::now();
+                    let body = serde_json::to_vec(&job_to(&format!("E-{n}"), n, hook))
+                        .map_err(|err| err.to_string());
+                    let answer = match body {
+                        Ok(body) => match super::gateway::post(http, url, body).await {
+                            Ok((StatusCode::ACCEPTED, _)) => Ok(sent.elapsed()),
+                            Ok((status, text)) => Err(format!("{status}: {text}")),
+                            Err(why) => Err(why),
+                        },
+                        Err(why) => Err(why),
+                    };
+                    (n, sent, answer)
+                }
+            })
+            .buffer_unordered(run.connections)
+            .collect()
+            .await;
+    let accepted = answers
+        .iter()
+        .filter(|(_, _, answer)| answer.is_ok())
+        .count();
+    let first_refusal = answers
+        .iter()
+        .find_map(|(_, _, answer)| answer.as_ref().err().cloned());
+
+    poll::until(
+        "every accepted job's webhook",
+        Duration::from_secs(900),
+        async || {
+            setup.stack.check_running()?;
+            let arrived = arrivals.at.lock().map_or(0, |at| at.len());
+            Ok((arrived >= accepted).then_some(()))
+        },
+    )
+    .await?;
+    let peak = Memory::read(pids, true);
+    let arrived = arrivals
+        .at
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the receiver's record is poisoned"))?
+        .clone();
+    let last = arrived.values().max().copied().unwrap_or(started);
+    let mut accept_ms = Vec::with_capacity(accepted);
+    let mut e2e_ms = Vec::with_capacity(accepted);
+    for (n, sent, answer) in &answers {
+        if let Ok(took) = answer {
+            accept_ms.push(millis(*took));
+            if let Some(at) = arrived.get(&format!("E-{n}")) {
+                e2e_ms.push(millis(at.duration_since(*sent)));
+            }
+        }
+    }
+    accept_ms.sort_by(f64::total_cmp);
+    e2e_ms.sort_by(f64::total_cmp);
+    let writes = jetstream_writes(&setup.topology).await? - writes_before;
+    setup.stack.shutdown().await?;
+    Ok(EndToEnd {
+        run,
+        seconds: last.duration_since(started).as_secs_f64().max(f64::EPSILON),
+        accept_p50_ms: percentile(&accept_ms, 0.50),
+        accept_p99_ms: percentile(&accept_ms, 0.99),
+        e2e_p50_ms: percentile(&e2e_ms, 0.50),
+        e2e_p99_ms: percentile(&e2e_ms, 0.99),
+        refused: run.jobs - accepted,
+        first_refusal,
+        startup_ms,
+        idle,
+        peak,
+        writes_per_job: writes as f64 / accepted.max(1) as f64,
+    })
+}
+
+/// Bare JetStream on the same kind of server: stored publishes and consumed acks a second.
+#[derive(Debug)]
+struct Ceiling {
+    messages: usize,
+    message_bytes: usize,
+    publish_per_second: f64,
+    consume_per_second: f64,
+}
+
+/// `messages` publishes of `message_bytes` each, 256 awaiting their ack at once (as the
+/// services pipeline theirs), then a pull consumer reading and acking them all.
+async fn ceiling(
+    nats_server: &Path,
+    messages: usize,
+    message_bytes: usize,
+) -> anyhow::Result<Ceiling> {
+    let stack = Stack::start(nats_server).await?;
+    let client = async_nats::connect(stack.nats_url()).await?;
+    let js = jetstream::new(client);
+    let bare = js
+        .create_stream(stream::Config {
+            name: "CEILING".into(),
+            subjects: vec!["ceiling.>".into()],
+            ..Default::default()
+        })
+        .await
+        .context("creating the CEILING stream")?;
+    let payload = Bytes::from(vec![b'x'; message_bytes]);
+
+    let started = Instant::now();
+    let stored: Vec<anyhow::Result<()>> = futures::stream::iter(0..messages)
+        .map(|n| {
+            let (js, payload) = (&js, payload.clone());
+            async move {
+                js.publish(format!("ceiling.{}", n % 16), payload)
+                    .await?
+                    .await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let publish_seconds = started.elapsed().as_secs_f64();
+    stored.into_iter().collect::<anyhow::Result<()>>()?;
+
+    let reader = bare
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("ceiling".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 4096,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut incoming = reader.messages().await?;
+    let mut acked = 0;
+    while acked < messages {
+        let message = incoming
+            .next()
+            .await
+            .context("the ceiling consumer ended")?
+            .map_err(|err| anyhow::anyhow!("reading the CEILING stream: {err}"))?;
+        message
+            .ack()
+            .await
+            .map_err(|err| anyhow::anyhow!("acking: {err}"))?;
+        acked += 1;
+    }
+    let consume_seconds = started.elapsed().as_secs_f64();
+    stack.shutdown().await?;
+    Ok(Ceiling {
+        messages,
+        message_bytes,
+        publish_per_second: messages as f64 / publish_seconds.max(f64::EPSILON),
+        consume_per_second: messages as f64 / consume_seconds.max(f64::EPSILON),
+    })
+}
+
+/// What the end-to-end benchmark measured.
+#[derive(Debug)]
+pub struct Figures {
+    fast: EndToEnd,
+    slow: EndToEnd,
+    ceiling: Ceiling,
+}
+
+pub async fn measure(
+    bins: Binaries<'_>,
+    nats_server: &Path,
+    sizes: Sizes,
+) -> anyhow::Result<Figures> {
+    let fast = end_to_end(bins, nats_server, sizes.pipeline_fast).await?;
+    println!("==> {fast}");
+    let slow = end_to_end(bins, nats_server, sizes.pipeline_slow).await?;
+    println!("==> {slow}");
+    // The size of a `jobs.requested` event for the article's job.
+    let message_bytes =
+        serde_json::to_vec(&job_to("E-0", 0, "http://127.0.0.1:9/hook"))?.len() + 64;
+    let ceiling = ceiling(nats_server, sizes.ceiling_messages, message_bytes).await?;
+    println!(
+        "==> bare JetStream: {:.0} publishes/s, {:.0} consumed and acked/s",
+        ceiling.publish_per_second, ceiling.consume_per_second
+    );
+    Ok(Figures {
+        fast,
+        slow,
+        ceiling,
+    })
+}
+
+impl Figures {
+    pub fn section(&self) -> anyhow::Result<String> {
+        let Figures {
+            fast,
+            slow,
+            ceiling,
+        } = self;
+        let mut text = String::new();
+        writeln!(text, "## The whole pipeline, end to end\n")?;
+        writeln!(text, "| measure | result | target |")?;
+        writeln!(text, "|---|---|---|")?;
+        writeln!(
+            text,
+            "| jobs per second, 202 to webhook received, {} jobs, {} submissions in flight, an LLM answering at once | **{:.0}/s** | ≥ 3,000/s |",
+            fast.run.jobs,
+            fast.run.connections,
+            fast.per_second()
+        )?;
+        writeln!(
+            text,
+            "| accept latency (submission to 202), p50 / p99 | {:.2} ms / {:.2} ms | |",
+            fast.accept_p50_ms, fast.accept_p99_ms
+        )?;
+        writeln!(
+            text,
+            "| end-to-end latency (submission to webhook received), p50 / p99 | {:.1} ms / {:.1} ms | |",
+            fast.e2e_p50_ms, fast.e2e_p99_ms
+        )?;
+        writeln!(
+            text,
+            "| jobs per second, {} jobs, an LLM taking {:?} a call, {} calls in flight | **{:.0}/s** | |",
+            slow.run.jobs,
+            slow.run.llm_delay,
+            slow.run.llm_concurrency,
+            slow.per_second()
+        )?;
+        writeln!(
+            text,
+            "| end-to-end latency in that run, p50 / p99 | {:.0} ms / {:.0} ms | |",
+            slow.e2e_p50_ms, slow.e2e_p99_ms
+        )?;
+        writeln!(
+            text,
+            "| peak RSS with the fast LLM | {} | |\n| peak RSS with the {:?} LLM | {} | |",
+            fast.peak, slow.run.llm_delay, slow.peak
+        )?;
+        writeln!(
+            text,
+            "| idle RSS after start-up | **{}** | ≤ 20 MB each |",
+            fast.idle
+        )?;
+        writeln!(
+            text,
+            "| start-up, spawn to the gateway and the generator ready | {:.0} ms | |",
+            fast.startup_ms
+        )?;
+        writeln!(
+            text,
+            "| JetStream writes per job (events in `JOBS` and revisions in `job_status`) | {:.1} | |",
+            fast.writes_per_job
+        )?;
+        writeln!(
+            text,
+            "| bare JetStream on the same server: stored publishes per second ({} messages of {} bytes, 256 awaiting acks) | {:.0}/s | |",
+            ceiling.messages, ceiling.message_bytes, ceiling.publish_per_second
+        )?;
+        writeln!(
+            text,
+            "| bare JetStream: messages consumed and acked per second (one pull consumer) | {:.0}/s | |",
+            ceiling.consume_per_second
+        )?;
+        let bound = ceiling.publish_per_second / fast.writes_per_job.max(1.0);
+        writeln!(
+            text,
+            "\nEach job costs {:.1} stored JetStream writes, so the server's bare publish rate \
+             bounds the pipeline at about {:.0} jobs/s on this machine; the pipeline reached \
+             {:.0}/s, {:.0} % of that bound, with every service, the load generator, the fake \
+             LLM and the receiver sharing the same two cores.",
+            fast.writes_per_job,
+            bound,
+            fast.per_second(),
+            100.0 * fast.per_second() / bound.max(f64::EPSILON)
+        )?;
+        for run in [fast, slow] {
+            if run.refused > 0 {
+                writeln!(
+                    text,
+                    "\n**{} submissions were refused** in the {:?} run; the first: {}",
+                    run.refused,
+                    run.run.llm_delay,
+                    run.first_refusal.as_deref().unwrap_or("?")
+                )?;
+            }
+        }
+        writeln!(
+            text,
+            "\nThe jobs go in through `POST /api/v1/jobs` from this process (HTTP/1.1, keep-alive), \
+             are generated against a fake Messages API in this process (HTTP/2) and delivered, \
+             signed, to a receiver in this process that records each job's first arrival (it \
+             does not check signatures, to leave the cores to the services; the demo and the \
+             tests do). Single nats-server with a file store.\n"
+        )?;
+        Ok(text)
+    }
+}
