@@ -50,6 +50,14 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// `kind` is not one of `config`'s kinds: the error names the ones that are.
+    pub fn unknown_kind(kind: &str, config: &jetcall::Config) -> Self {
+        Self::UnknownKind {
+            kind: kind.chars().take(64).collect(),
+            known: config.kinds.keys().cloned().collect::<Vec<_>>().join(", "),
+        }
+    }
+
     pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::InvalidField {
             field: field.into(),

@@ -116,16 +116,7 @@ async fn list(state: &AppState, filter: Filter) -> Result<JobList, ApiError> {
     if let Some(kind) = &filter.kind
         && !state.config.kinds.contains_key(kind)
     {
-        return Err(ApiError::UnknownKind {
-            kind: kind.chars().take(64).collect(),
-            known: state
-                .config
-                .kinds
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
+        return Err(ApiError::unknown_kind(kind, &state.config));
     }
     let unavailable = |err: String| ApiError::Unavailable(err);
     let mut bucket = state.topology.status.kv().stream.clone();

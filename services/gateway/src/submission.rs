@@ -112,16 +112,7 @@ impl SubmitJob {
         let kind = Kind::parse(&self.kind)
             .ok()
             .filter(|kind| state.config.kinds.contains_key(kind.as_str()))
-            .ok_or_else(|| ApiError::UnknownKind {
-                kind: self.kind.chars().take(64).collect(),
-                known: state
-                    .config
-                    .kinds
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
+            .ok_or_else(|| ApiError::unknown_kind(&self.kind, &state.config))?;
         let spec = &state.config.kinds[kind.as_str()];
         check_input(spec, &self.input)?;
         let callback_url = state

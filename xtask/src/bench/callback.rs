@@ -32,14 +32,14 @@ async fn completed_job(
 
 /// Arrival times by `webhook-id`, recorded by a receiver that answers 204 at once.
 #[derive(Debug, Clone, Default)]
-struct Arrivals(Arc<Mutex<HashMap<String, Instant>>>);
+pub(super) struct Arrivals(Arc<Mutex<HashMap<String, Instant>>>);
 
 impl Arrivals {
-    fn count(&self) -> usize {
+    pub(super) fn count(&self) -> usize {
         self.0.lock().map(|map| map.len()).unwrap_or(0)
     }
 
-    fn snapshot(&self) -> HashMap<String, Instant> {
+    pub(super) fn snapshot(&self) -> HashMap<String, Instant> {
         self.0.lock().map(|map| map.clone()).unwrap_or_default()
     }
 }
@@ -55,7 +55,7 @@ async fn receive(State(arrivals): State<Arrivals>, headers: HeaderMap) -> Status
 }
 
 /// A fast receiver on a loopback port; returns its callback URL.
-async fn start_receiver(arrivals: Arrivals) -> anyhow::Result<String> {
+pub(super) async fn start_receiver(arrivals: Arrivals) -> anyhow::Result<String> {
     let app = Router::new()
         .route("/hook", post(receive))
         .with_state(arrivals);

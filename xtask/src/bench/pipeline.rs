@@ -2,23 +2,18 @@
 //! Messages API, delivered by the callback service to a receiver in this process; and, for
 //! comparison, what the same nats-server does with bare JetStream publishes and acks.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, stream};
-use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::post;
 use futures::StreamExt;
-use serde::Deserialize;
 use tokio::time::Instant;
 
+use super::callback::{Arrivals, start_receiver};
 use super::gateway::{client, job_to, start_gateway};
 use super::generator::{generator_env, start_fake_llm};
 use super::{Sizes, percentile, rss_mib, setup};
@@ -34,42 +29,6 @@ pub struct Run {
     pub llm_delay: Duration,
     /// LLM calls in flight in the generator.
     pub llm_concurrency: usize,
-}
-
-/// When each job's webhook arrived, by job id.
-#[derive(Debug, Default)]
-struct Arrivals {
-    at: Mutex<HashMap<String, Instant>>,
-}
-
-#[derive(Deserialize)]
-struct WebhookJob {
-    job_id: String,
-}
-
-/// Records the arrival; signatures are not checked here (the demo and the tests do), so the
-/// receiver takes as little of the two cores as it can.
-async fn receive(State(arrivals): State<Arc<Arrivals>>, body: Bytes) -> StatusCode {
-    let now = Instant::now();
-    let Ok(webhook) = serde_json::from_slice::<WebhookJob>(&body) else {
-        return StatusCode::BAD_REQUEST;
-    };
-    if let Ok(mut at) = arrivals.at.lock() {
-        at.entry(webhook.job_id).or_insert(now);
-    }
-    StatusCode::OK
-}
-
-async fn start_receiver(arrivals: Arc<Arrivals>) -> anyhow::Result<String> {
-    let app = Router::new()
-        .route("/hook", post(receive))
-        .with_state(arrivals);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(url)
 }
 
 /// The three service binaries measured.
@@ -186,7 +145,7 @@ async fn jetstream_writes(topology: &jetcall::topology::Topology) -> anyhow::Res
 async fn end_to_end(bins: Binaries<'_>, nats_server: &Path, run: Run) -> anyhow::Result<EndToEnd> {
     let mut setup = setup(nats_server).await?;
     let llm = start_fake_llm(run.llm_delay).await?;
-    let arrivals = Arc::new(Arrivals::default());
+    let arrivals = Arrivals::default();
     let hook = start_receiver(arrivals.clone()).await?;
     let http = client(run.connections)?;
 
@@ -261,24 +220,20 @@ async fn end_to_end(bins: Binaries<'_>, nats_server: &Path, run: Run) -> anyhow:
         Duration::from_secs(900),
         async || {
             setup.stack.check_running()?;
-            let arrived = arrivals.at.lock().map_or(0, |at| at.len());
-            Ok((arrived >= accepted).then_some(()))
+            Ok((arrivals.count() >= accepted).then_some(()))
         },
     )
     .await?;
     let peak = Memory::read(pids, true);
-    let arrived = arrivals
-        .at
-        .lock()
-        .map_err(|_| anyhow::anyhow!("the receiver's record is poisoned"))?
-        .clone();
+    // By `webhook-id`, which is `msg_<job id>`.
+    let arrived = arrivals.snapshot();
     let last = arrived.values().max().copied().unwrap_or(started);
     let mut accept_ms = Vec::with_capacity(accepted);
     let mut e2e_ms = Vec::with_capacity(accepted);
     for (n, sent, answer) in &answers {
         if let Ok(took) = answer {
             accept_ms.push(millis(*took));
-            if let Some(at) = arrived.get(&format!("E-{n}")) {
+            if let Some(at) = arrived.get(&format!("msg_E-{n}")) {
                 e2e_ms.push(millis(at.duration_since(*sent)));
             }
         }
