@@ -108,7 +108,12 @@ impl Stack {
             }
             match name {
                 "gateway" => cmd.env("JETCALL_GATEWAY__LISTEN", gateway.to_string()),
-                "callback" => cmd.env("JETCALL_CALLBACK__SIGNING_SECRET", signing_secret),
+                "callback" => cmd
+                    .env("JETCALL_CALLBACK__SIGNING_SECRET", signing_secret)
+                    .env(
+                        "JETCALL_CALLBACK__LISTEN",
+                        free_addr(Some(8082))?.to_string(),
+                    ),
                 // The generator inherits ANTHROPIC_API_KEY, if any, like every variable.
                 _ => cmd.env(
                     "JETCALL_GENERATOR__LISTEN",

@@ -15,6 +15,7 @@ use jetcall::retry::parse_retry_after;
 use jetcall::signing::Signer;
 use jetcall::ssrf::{ForbiddenAddress, check_address};
 use jetcall::status::DeliveryAttempt;
+use jetcall::trace::{self, TraceParent};
 
 /// How much of a receiver's answer is kept in the attempt log.
 const EXCERPT_BYTES: usize = 256;
@@ -95,7 +96,8 @@ impl Sender {
         Ok(url)
     }
 
-    /// POSTs `body` to `url`, signed for `webhook_id`, and reports the attempt.
+    /// POSTs `body` to `url`, signed for `webhook_id`, with `trace` as its W3C `traceparent`
+    /// when given, and reports the attempt.
     pub async fn send(
         &self,
         url: &str,
@@ -103,6 +105,7 @@ impl Sender {
         body: &[u8],
         signer: &Signer,
         round: u32,
+        trace: Option<&TraceParent>,
     ) -> (Verdict, DeliveryAttempt) {
         let at = OffsetDateTime::now_utc();
         let started = Instant::now();
@@ -122,37 +125,30 @@ impl Sender {
                 Verdict::Stop(reason)
             }
             Ok(url) => {
-                self.post(url, webhook_id, body, signer, at, &mut attempt)
-                    .await
+                let timestamp = at.unix_timestamp();
+                let mut request = self
+                    .http
+                    .post(url)
+                    .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                    .header("webhook-id", webhook_id)
+                    .header("webhook-timestamp", timestamp.to_string())
+                    .header(
+                        "webhook-signature",
+                        signer.signature(webhook_id, timestamp, body),
+                    );
+                if let Some(trace) = trace {
+                    request = request.header(trace::HEADER, trace.to_string());
+                }
+                Self::post(request.body(body.to_vec()), &mut attempt).await
             }
         };
         attempt.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         (verdict, attempt)
     }
 
-    async fn post(
-        &self,
-        url: Url,
-        webhook_id: &str,
-        body: &[u8],
-        signer: &Signer,
-        at: OffsetDateTime,
-        attempt: &mut DeliveryAttempt,
-    ) -> Verdict {
-        let timestamp = at.unix_timestamp();
-        let result = self
-            .http
-            .post(url)
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header("webhook-id", webhook_id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header(
-                "webhook-signature",
-                signer.signature(webhook_id, timestamp, body),
-            )
-            .body(body.to_vec())
-            .send()
-            .await;
+    /// Sends the signed `request` and reads what the receiver's answer means.
+    async fn post(request: reqwest::RequestBuilder, attempt: &mut DeliveryAttempt) -> Verdict {
+        let result = request.send().await;
         let mut response = match result {
             Ok(response) => response,
             Err(err) => {

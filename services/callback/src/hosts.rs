@@ -127,6 +127,15 @@ impl Destination {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
+    /// Whether the circuit is open: not closed since it opened, cooldown over or not (until a
+    /// probe succeeds, the destination is still left alone but for that probe).
+    pub fn circuit_open(&self) -> bool {
+        self.open_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     fn is_idle(&self, per_host: usize) -> bool {
         self.slots.available_permits() == per_host && self.consecutive_failures() == 0
     }
@@ -145,6 +154,15 @@ impl Destinations {
             per_host,
             known: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How many destinations have their circuit open.
+    pub fn open_circuits(&self) -> usize {
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known
+            .values()
+            .filter(|destination| destination.circuit_open())
+            .count()
     }
 
     /// The state of `destination` (`host:port`).
@@ -264,5 +282,24 @@ mod tests {
             "a success closes it"
         );
         assert_eq!(destination.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn open_circuits_are_counted_until_they_close() {
+        let destinations = Destinations::new(1);
+        let now = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        let (dead, alive) = (destinations.get("dead:80"), destinations.get("alive:80"));
+        alive.record(false, Duration::ZERO, now, cooldown);
+        assert_eq!(destinations.open_circuits(), 0);
+        for _ in 0..BREAKER_THRESHOLD {
+            dead.record(false, Duration::ZERO, now, cooldown);
+        }
+        assert_eq!(destinations.open_circuits(), 1);
+        // The cooldown is over and a probe goes out: still open until it succeeds.
+        assert_eq!(dead.admit(now + cooldown, cooldown), None);
+        assert_eq!(destinations.open_circuits(), 1);
+        dead.record(true, Duration::from_millis(5), now + cooldown, cooldown);
+        assert_eq!(destinations.open_circuits(), 0);
     }
 }

@@ -4,13 +4,16 @@
 
 pub mod deliver;
 mod hosts;
+mod metrics;
 mod worker;
 
 use std::sync::Arc;
 
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
+use jetcall::admin::Admin;
 use jetcall::allowlist::Allowlist;
 use jetcall::connect::{ConnectError, connect, provision_with_retry};
 use jetcall::consume::consume;
@@ -37,11 +40,18 @@ pub enum CallbackError {
     Topology(#[from] jetcall::topology::TopologyError),
     #[error(transparent)]
     Consume(#[from] jetcall::consume::ConsumeError),
+    #[error("HTTP server failed: {0}")]
+    Serve(#[from] std::io::Error),
 }
 
 /// Delivers until `shutdown` is cancelled. Attempts still waiting for an answer then are
 /// abandoned and handed back to JetStream, so a dead receiver cannot delay a stop.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), CallbackError> {
+/// `/healthz`, `/readyz` and `/metrics` are served on `listener`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), CallbackError> {
     let secrets = config
         .callback
         .signing_secret
@@ -58,15 +68,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Call
     };
     let consumer = topology.callback_consumer().await?;
     let concurrency = config.callback.concurrency;
-    let worker = Worker {
-        destinations: Arc::new(hosts::Destinations::new(
-            config.callback.per_host_concurrency,
-        )),
+    let destinations = Arc::new(hosts::Destinations::new(
+        config.callback.per_host_concurrency,
+    ));
+    let metrics = metrics::Metrics::new(consumer.clone(), destinations.clone());
+    tracing::info!(address = %listener.local_addr()?, "callback health and metrics listening");
+    let server = Admin::new(client.clone(), metrics.lag(), Arc::new(metrics.clone()))
+        .spawn(listener, shutdown.clone());
+    // Shared, not cloned per message: a `Topology` clone copies NATS handles that each carry
+    // their stream's whole info.
+    let worker = Arc::new(Worker {
+        destinations,
         config: Arc::new(config),
         topology,
         sender,
         signer,
-    };
+        metrics,
+    });
     tracing::info!(
         concurrency,
         "callback consuming jobs.completed.> and jobs.failed.>"
@@ -78,19 +96,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Call
         shutdown,
         move |message, shutdown| {
             let worker = worker.clone();
+            // The worker logs how each completion ended, within the job's span.
             async move {
-                match worker.handle(&message, &shutdown).await {
-                    Ok(Step::Rejected(reason)) => {
-                        tracing::error!(%reason, subject = %message.subject, "completion dropped")
-                    }
-                    Ok(step) => tracing::debug!(?step, "completion handled"),
-                    Err(err) => tracing::warn!(error = %err, "completion left for redelivery"),
-                }
+                let _ = worker.handle(&message, &shutdown).await;
             }
         },
     )
     .await?;
     let _ = client.flush().await;
+    if let Ok(served) = server.await {
+        served?;
+    }
     tracing::info!("callback stopped");
     Ok(())
 }

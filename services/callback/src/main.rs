@@ -2,6 +2,9 @@
 async fn main() -> anyhow::Result<()> {
     let config = jetcall::Config::load()?;
     jetcall::telemetry::init(&config.log);
-    callback::run(config, jetcall::shutdown::on_signal()).await?;
+    let listener = tokio::net::TcpListener::bind(config.callback.listen)
+        .await
+        .map_err(|err| anyhow::anyhow!("binding {}: {err}", config.callback.listen))?;
+    callback::run(config, listener, jetcall::shutdown::on_signal()).await?;
     Ok(())
 }

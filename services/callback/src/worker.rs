@@ -11,21 +11,24 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{AckKind, Message};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use jetcall::Config;
 use jetcall::config::CallbackConfig;
 use jetcall::events::{DeliveryReport, JobFinished};
-use jetcall::publish::publish_event;
+use jetcall::publish::publish_event_with_headers;
 use jetcall::retry::delivery_delay;
 use jetcall::signing::Signer;
 use jetcall::status::{DeliveryAttempt, JobStatus, Status};
 use jetcall::store::Updated;
 use jetcall::subjects::Event;
 use jetcall::topology::Topology;
+use jetcall::trace::TraceParent;
 use jetcall::webhook;
 
 use crate::deliver::{Sender, Verdict};
 use crate::hosts::Destinations;
+use crate::metrics::Metrics;
 
 /// The shortest wait in JetStream for a delivery whose destination has no free slot.
 const PARKED_DELAY: Duration = Duration::from_secs(1);
@@ -76,6 +79,7 @@ pub struct Worker {
     pub sender: Sender,
     pub signer: Signer,
     pub destinations: Arc<Destinations>,
+    pub metrics: Metrics,
 }
 
 /// What follows an attempt: a final state, or a retry after a delay.
@@ -89,6 +93,12 @@ struct Decision {
 }
 
 impl Worker {
+    /// Processes one message to a `Step`, and logs how it ended. On an error nothing is
+    /// acked, so the completion is redelivered after `ack_wait`.
+    ///
+    /// The job is a span of the trace its message carries (`traceparent`; a new trace if it
+    /// has none): the webhook and the delivery report carry it on, and every line logged about
+    /// the job names it.
     pub async fn handle(
         &self,
         message: &Message,
@@ -98,9 +108,35 @@ impl Worker {
             Ok(job) => job,
             Err(err) => {
                 let _ = message.ack_with(AckKind::Term).await;
-                return Ok(Step::Rejected(format!("not a finished job: {err}")));
+                let reason = format!("not a finished job: {err}");
+                tracing::error!(%reason, subject = %message.subject, "completion dropped");
+                return Ok(Step::Rejected(reason));
             }
         };
+        let trace = TraceParent::continue_from(message.headers.as_ref());
+        let span = jetcall::job_span!(job.job_id, job.kind, trace);
+        async {
+            let handled = self.process(message, &job, &trace, shutdown).await;
+            match &handled {
+                Ok(Step::Rejected(reason)) => {
+                    tracing::error!(%reason, subject = %message.subject, "completion dropped")
+                }
+                Ok(step) => tracing::debug!(?step, "completion handled"),
+                Err(err) => tracing::warn!(error = %err, "completion left for redelivery"),
+            }
+            handled
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn process(
+        &self,
+        message: &Message,
+        job: &JobFinished,
+        trace: &TraceParent,
+        shutdown: &CancellationToken,
+    ) -> Result<Step, WorkerError> {
         // A slot first: a delivery that must wait for its destination goes back to JetStream
         // without costing a status read.
         let destination = self.destinations.get(&destination_of(&job.callback_url));
@@ -113,11 +149,16 @@ impl Worker {
                 let base = park_delay(stalled, self.config.callback.timeout);
                 let delay = base.mul_f64(1.0 + rand::random::<f64>());
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                self.metrics.parked("busy");
                 return Ok(Step::Parked(delay));
             }
         };
         let (doc, revision) = match self.topology.status.get(&job.job_id).await? {
             Some((doc, _)) if doc.status.is_final() => {
+                // Reported again: the attempt that finished the job may have stopped between
+                // recording it and reporting it (killed, or its publish refused while the
+                // stream elected a leader). The report's Nats-Msg-Id keeps it single.
+                self.report_again(job, &doc, trace).await?;
                 let _ = message.ack().await;
                 return Ok(Step::AlreadyDone(doc.status));
             }
@@ -130,8 +171,8 @@ impl Worker {
                 )));
             }
         };
-        let webhook_id = webhook::webhook_id(&job);
-        let payload = webhook::payload(&job);
+        let webhook_id = webhook::webhook_id(job);
+        let payload = webhook::payload(job);
         let round = doc.delivery_round;
         let cooldown = self.config.callback.breaker_cooldown;
         let (verdict, attempt) = match destination.admit(Instant::now(), cooldown) {
@@ -151,6 +192,7 @@ impl Worker {
                 if noted && waited < schedule {
                     let delay = remaining.mul_f64(1.0 + 0.5 * rand::random::<f64>());
                     let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    self.metrics.parked(CIRCUIT_OPEN);
                     return Ok(Step::Parked(delay));
                 }
                 circuit_open(round, remaining, destination.consecutive_failures())
@@ -159,9 +201,16 @@ impl Worker {
                 let _slot = slot;
                 let body = serde_json::to_vec(&payload).unwrap_or_default();
                 let signer = self.signer_for(&doc);
-                let send = self
-                    .sender
-                    .send(&job.callback_url, &webhook_id, &body, &signer, round);
+                let in_flight = self.metrics.attempt_started();
+                let started = Instant::now();
+                let send = self.sender.send(
+                    &job.callback_url,
+                    &webhook_id,
+                    &body,
+                    &signer,
+                    round,
+                    Some(trace),
+                );
                 // A dead receiver may take the whole timeout; a stopping service does not wait
                 // for it. The attempt is not recorded and the message goes straight back, so
                 // another instance tries again (the receiver may see it twice: at least once).
@@ -172,6 +221,8 @@ impl Worker {
                         return Ok(Step::Interrupted);
                     }
                 };
+                drop(in_flight);
+                self.metrics.attempt_finished(started.elapsed());
                 let receiver_failed = matches!(sent.0, Verdict::Retry { .. });
                 let took = Duration::from_millis(sent.1.duration_ms);
                 destination.record(!receiver_failed, took, Instant::now(), cooldown);
@@ -226,35 +277,35 @@ impl Worker {
             }
         };
 
+        let error_kind = attempt.error_kind.as_deref();
         match (decision.status, decision.delay) {
             (Some(Status::Delivered), _) => {
+                self.metrics.attempt_recorded("delivered", error_kind);
                 let count = attempts.len();
-                self.report(Event::Delivered, &job, webhook_id, attempts, None, payload)
-                    .await?;
+                let report = delivery_report(job, webhook_id, attempts, None, payload);
+                self.report(Event::Delivered, report, trace).await?;
                 let _ = message.ack().await;
-                tracing::info!(job_id = %job.job_id, attempts = count, "webhook delivered");
+                self.metrics.delivered(job.kind.as_str(), job.finished_at);
+                tracing::info!(attempts = count, "webhook delivered");
                 Ok(Step::Delivered)
             }
             (None, Some(delay)) => {
+                self.metrics.attempt_recorded("retry", error_kind);
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-                tracing::info!(job_id = %job.job_id, retry_in = ?delay, error = ?attempt.error, "webhook attempt failed");
+                tracing::info!(retry_in = ?delay, error = ?attempt.error, "webhook attempt failed");
                 Ok(Step::Retry(delay))
             }
             _ => {
+                self.metrics.attempt_recorded("undeliverable", error_kind);
                 let reason = decision
                     .reason
                     .unwrap_or_else(|| "attempts exhausted".into());
-                self.report(
-                    Event::Undeliverable,
-                    &job,
-                    webhook_id,
-                    attempts,
-                    Some(reason.clone()),
-                    payload,
-                )
-                .await?;
+                let report =
+                    delivery_report(job, webhook_id, attempts, Some(reason.clone()), payload);
+                self.report(Event::Undeliverable, report, trace).await?;
                 let _ = message.ack().await;
-                tracing::warn!(job_id = %job.job_id, %reason, "webhook undeliverable");
+                self.metrics.undeliverable(job.kind.as_str());
+                tracing::warn!(%reason, "webhook undeliverable");
                 Ok(Step::Undeliverable(reason))
             }
         }
@@ -268,40 +319,79 @@ impl Worker {
             .unwrap_or_else(|| self.signer.clone())
     }
 
+    /// The report of a job already `delivered` or `undeliverable`, rebuilt from its document;
+    /// an undeliverable job's reason from its last attempt.
+    async fn report_again(
+        &self,
+        job: &JobFinished,
+        doc: &JobStatus,
+        trace: &TraceParent,
+    ) -> Result<(), WorkerError> {
+        let (event, reason) = match doc.status {
+            Status::Delivered => (Event::Delivered, None),
+            _ => {
+                let last = doc.deliveries.last().and_then(|a| a.error.as_deref());
+                let reason = format!(
+                    "gave up after {} attempts; last: {}",
+                    doc.attempts_this_round(),
+                    last.unwrap_or("unknown error")
+                );
+                (Event::Undeliverable, Some(reason))
+            }
+        };
+        let attempts = doc.deliveries.clone();
+        let report = delivery_report(
+            job,
+            webhook::webhook_id(job),
+            attempts,
+            reason,
+            webhook::payload(job),
+        );
+        self.report(event, report, trace).await
+    }
+
+    /// Publishes how delivery went, in the job's trace.
     async fn report(
         &self,
         event: Event,
-        job: &JobFinished,
-        webhook_id: String,
-        attempts: Vec<DeliveryAttempt>,
-        reason: Option<String>,
-        payload: serde_json::Value,
+        report: DeliveryReport,
+        trace: &TraceParent,
     ) -> Result<(), WorkerError> {
-        let report = DeliveryReport {
-            job_id: job.job_id.clone(),
-            kind: job.kind.clone(),
-            webhook_id,
-            callback_url: job.callback_url.clone(),
-            attempts,
-            reason,
-            payload,
-            at: OffsetDateTime::now_utc(),
-        };
         // A redelivered job reports again: its msg id carries the round so it is not dropped
         // as a duplicate of the first report.
         let round = report.attempts.last().map_or(0, |attempt| attempt.round);
         let msg_id = match round {
-            0 => event.msg_id(&job.job_id),
-            n => format!("{}.{n}", event.msg_id(&job.job_id)),
+            0 => event.msg_id(&report.job_id),
+            n => format!("{}.{n}", event.msg_id(&report.job_id)),
         };
-        publish_event(
+        publish_event_with_headers(
             &self.topology.jetstream,
-            event.subject(&job.kind),
+            event.subject(&report.kind),
             &msg_id,
             &report,
+            trace.to_headers(),
         )
         .await?;
         Ok(())
+    }
+}
+
+fn delivery_report(
+    job: &JobFinished,
+    webhook_id: String,
+    attempts: Vec<DeliveryAttempt>,
+    reason: Option<String>,
+    payload: serde_json::Value,
+) -> DeliveryReport {
+    DeliveryReport {
+        job_id: job.job_id.clone(),
+        kind: job.kind.clone(),
+        webhook_id,
+        callback_url: job.callback_url.clone(),
+        attempts,
+        reason,
+        payload,
+        at: OffsetDateTime::now_utc(),
     }
 }
 

@@ -2,13 +2,15 @@
 
 use axum::http::StatusCode;
 use serde::Serialize;
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 use jetcall::events::JobRequested;
-use jetcall::publish::publish_event;
+use jetcall::publish::publish_event_with_headers;
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Created;
 use jetcall::subjects::Event;
+use jetcall::trace::TraceParent;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -29,18 +31,29 @@ pub struct Accepted {
 #[derive(Debug)]
 pub enum Recorded {
     /// The request is to be published: a new job (`new`), or a resubmission of one that is
-    /// still `accepted`, whose first publish may have been lost.
-    Publish { request: JobRequested, new: bool },
+    /// still `accepted`, whose first publish may have been lost. `trace` goes on the message:
+    /// the job's own trace, for a resubmission the one it was first submitted in.
+    Publish {
+        request: JobRequested,
+        new: bool,
+        trace: TraceParent,
+    },
     /// The job exists with the same content and has moved on; nothing is published.
     MovedOn(Box<JobStatus>),
 }
 
 /// Records the job as `accepted` unless its id is taken, and tells what is left to do. The
 /// idempotency rule of every submission lives here: the same content under an existing id is
-/// a retry, different content is a conflict. `Err` is the job's answer: 409 or 503.
-pub async fn record(state: &AppState, job: ValidJob) -> Result<Recorded, ApiError> {
+/// a retry, different content is a conflict. `Err` is the job's answer: 409 or 503. `trace`
+/// is the gateway's span for the job, kept in the status document.
+pub async fn record(
+    state: &AppState,
+    job: ValidJob,
+    trace: TraceParent,
+) -> Result<Recorded, ApiError> {
     let mut doc = JobStatus::accepted(&job.request, job.digest.clone());
     doc.signing_secret = job.signing_secret;
+    doc.trace_id = Some(trace.trace_id());
     let created = state
         .topology
         .status
@@ -51,6 +64,7 @@ pub async fn record(state: &AppState, job: ValidJob) -> Result<Recorded, ApiErro
         Created::New(_) => Ok(Recorded::Publish {
             request: job.request,
             new: true,
+            trace,
         }),
         Created::Exists(existing) if existing.request_digest != job.digest => {
             Err(ApiError::Conflict {
@@ -60,6 +74,7 @@ pub async fn record(state: &AppState, job: ValidJob) -> Result<Recorded, ApiErro
         Created::Exists(existing) if existing.status == Status::Accepted => Ok(Recorded::Publish {
             request: existing.request(),
             new: false,
+            trace: existing.trace().unwrap_or(trace),
         }),
         Created::Exists(existing) => Ok(Recorded::MovedOn(existing)),
     }
@@ -73,10 +88,31 @@ pub async fn record(state: &AppState, job: ValidJob) -> Result<Recorded, ApiErro
 /// and a request lost by a gateway that died between the two writes is repaired) and the answer
 /// is 202; once the job has moved on the answer is 200 with its status. Different content
 /// under an existing id is a 409.
-pub async fn accept(state: &AppState, job: ValidJob) -> Result<(StatusCode, Accepted), ApiError> {
-    match record(state, job).await? {
-        Recorded::Publish { request, new } => {
-            publish(state, &request).await?;
+///
+/// `trace` is the gateway's span for the job (a child of the caller's `traceparent`, or a new
+/// trace); it goes on the request's message and its id into the status document, and every
+/// line logged meanwhile names the job.
+pub async fn accept(
+    state: &AppState,
+    job: ValidJob,
+    trace: TraceParent,
+) -> Result<(StatusCode, Accepted), ApiError> {
+    let span = jetcall::job_span!(job.request.job_id, job.request.kind, trace);
+    accept_traced(state, job, trace).instrument(span).await
+}
+
+async fn accept_traced(
+    state: &AppState,
+    job: ValidJob,
+    trace: TraceParent,
+) -> Result<(StatusCode, Accepted), ApiError> {
+    match record(state, job, trace).await? {
+        Recorded::Publish {
+            request,
+            new,
+            trace,
+        } => {
+            publish(state, &request, Some(&trace)).await?;
             if new {
                 state.metrics.job_accepted(request.kind.as_str());
             }
@@ -105,13 +141,19 @@ fn accepted(job_id: &str) -> Accepted {
     }
 }
 
-/// Publishes the job's request and waits for JetStream's ack; anything short of it is a 503.
-pub async fn publish(state: &AppState, request: &JobRequested) -> Result<(), ApiError> {
-    publish_event(
+/// Publishes the job's request, with `trace` as its `traceparent`, and waits for JetStream's
+/// ack; anything short of it is a 503.
+pub async fn publish(
+    state: &AppState,
+    request: &JobRequested,
+    trace: Option<&TraceParent>,
+) -> Result<(), ApiError> {
+    publish_event_with_headers(
         &state.topology.jetstream,
         Event::Requested.subject(&request.kind),
         &Event::Requested.msg_id(&request.job_id),
         request,
+        trace.map(TraceParent::to_headers).unwrap_or_default(),
     )
     .await
     .map_err(|err| ApiError::Unavailable(err.to_string()))

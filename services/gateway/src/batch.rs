@@ -8,6 +8,7 @@ use std::collections::hash_map::Entry;
 use futures::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 use jetcall::status::Status;
@@ -15,8 +16,10 @@ use jetcall::status::Status;
 use crate::accept::{Recorded, publish, record};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::parse_job;
+use crate::keys::Caller;
 use crate::state::AppState;
 use crate::submission::{SubmitJob, ValidJob};
+use crate::trace::IncomingTrace;
 
 /// The most jobs one batch may hold.
 pub const MAX_JOBS: usize = 1_000;
@@ -83,7 +86,15 @@ type Answer = Result<(Outcome, Status), ApiError>;
 
 /// Validates, records and publishes every job of `batch`. `Err` is for the batch as a whole
 /// (empty or too long), before anything is written.
-pub async fn accept_batch(state: &AppState, batch: SubmitBatch) -> Result<BatchResult, ApiError> {
+///
+/// With the caller's `traceparent`, each job is a span of the caller's trace; without one,
+/// each job starts a trace of its own.
+pub async fn accept_batch(
+    state: &AppState,
+    batch: SubmitBatch,
+    incoming: IncomingTrace,
+    caller: Option<&Caller>,
+) -> Result<BatchResult, ApiError> {
     let count = batch.jobs.len();
     if count == 0 {
         return Err(ApiError::BatchEmpty { max: MAX_JOBS });
@@ -101,7 +112,7 @@ pub async fn accept_batch(state: &AppState, batch: SubmitBatch) -> Result<BatchR
     let mut valid: Vec<(usize, ValidJob)> = Vec::with_capacity(count);
     for (index, job) in batch.jobs.into_iter().enumerate() {
         let named = named_id(&job);
-        match parse_job::<SubmitJob>(job).and_then(|job| job.validate(state)) {
+        match parse_job::<SubmitJob>(job).and_then(|job| job.validate(state, caller)) {
             Err(err) => answers.push((index, named, Err(err))),
             Ok(job) => {
                 let id = job.request.job_id.to_string();
@@ -130,7 +141,13 @@ pub async fn accept_batch(state: &AppState, batch: SubmitBatch) -> Result<BatchR
     let settled: Vec<(usize, Option<String>, Answer)> = stream::iter(valid)
         .map(|(index, job)| async move {
             let id = job.request.job_id.to_string();
-            (index, Some(id), submit(state, job).await)
+            let trace = incoming.span_for_job();
+            let span = jetcall::job_span!(id, job.request.kind, trace);
+            (
+                index,
+                Some(id),
+                submit(state, job, trace).instrument(span).await,
+            )
         })
         .buffer_unordered(JOBS_IN_FLIGHT)
         .collect()
@@ -187,10 +204,14 @@ pub async fn accept_batch(state: &AppState, batch: SubmitBatch) -> Result<BatchR
 }
 
 /// One job, as `accept` takes it: recorded, then published unless it has moved on.
-async fn submit(state: &AppState, job: ValidJob) -> Answer {
-    match record(state, job).await? {
-        Recorded::Publish { request, new } => {
-            publish(state, &request).await?;
+async fn submit(state: &AppState, job: ValidJob, trace: jetcall::trace::TraceParent) -> Answer {
+    match record(state, job, trace).await? {
+        Recorded::Publish {
+            request,
+            new,
+            trace,
+        } => {
+            publish(state, &request, Some(&trace)).await?;
             if new {
                 state.metrics.job_accepted(request.kind.as_str());
             }

@@ -47,6 +47,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error("the gateway is serving as many {0} as it can; retry after a second")]
     Overloaded(&'static str),
+    #[error("this API key has used its request rate; retry after {} s", retry_after.as_secs())]
+    RateLimited { retry_after: std::time::Duration },
 }
 
 impl ApiError {
@@ -81,7 +83,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded(_) | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -104,6 +106,7 @@ impl ApiError {
             Self::MethodNotAllowed => ErrorType::MethodNotAllowed,
             Self::Unavailable(_) => ErrorType::Unavailable,
             Self::Overloaded(_) => ErrorType::Overloaded,
+            Self::RateLimited { .. } => ErrorType::RateLimited,
         }
     }
 
@@ -162,6 +165,8 @@ pub enum ErrorType {
     Unavailable,
     /// 429: the gateway is shedding load; retry after `Retry-After` seconds.
     Overloaded,
+    /// 429: the API key's `requests_per_second` is spent; retry after `Retry-After` seconds.
+    RateLimited,
 }
 
 /// Every error's body, and a rejected job's `error` in a batch's answer.
@@ -186,7 +191,14 @@ impl IntoResponse for ApiError {
             tracing::warn!(error = %self, "request failed");
         }
         let mut response = (status, Json(self.body())).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        if let Self::RateLimited { retry_after } = &self {
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from(seconds));
+        } else if status == StatusCode::SERVICE_UNAVAILABLE
+            || status == StatusCode::TOO_MANY_REQUESTS
+        {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
@@ -199,6 +211,7 @@ impl IntoResponse for ApiError {
                 | Self::PayloadTooLarge { .. }
                 | Self::Unauthorized
                 | Self::Overloaded(_)
+                | Self::RateLimited { .. }
         ) {
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,

@@ -7,6 +7,7 @@ mod batch;
 mod error;
 mod events;
 mod extract;
+mod keys;
 mod listing;
 mod metrics;
 mod openapi;
@@ -16,7 +17,7 @@ mod shed;
 mod state;
 mod submission;
 mod sweep;
-
+mod trace;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +32,7 @@ pub use error::ApiError;
 pub enum GatewayError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("invalid configuration: `gateway.callback_allowlist`: {0}")]
+    #[error("invalid configuration: a callback allowlist: {0}")]
     Allowlist(#[from] jetcall::allowlist::AllowlistError),
     #[error("HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
@@ -57,7 +58,7 @@ pub async fn run(
     }
     let state = state::AppState::new(state::Shared {
         allowlist: Allowlist::parse(&config.gateway.callback_allowlist)?,
-        api_key_digests: routes::api_key_digests(&config.gateway.api_keys),
+        keys: keys::Keys::new(&config.gateway.api_keys)?,
         in_flight: shed::Limit::new(config.gateway.max_in_flight),
         event_streams: shed::Limit::new(config.gateway.max_event_streams),
         config,

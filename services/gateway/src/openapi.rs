@@ -83,7 +83,8 @@ pub fn document(api_keys: bool) -> utoipa::openapi::OpenApi {
             }
             responses.entry("429".into()).or_insert_with(|| {
                 error_response(
-                    "The gateway is shedding load (`overloaded`); retry after `retry-after` seconds",
+                    "The gateway is shedding load (`overloaded`), or the API key has spent its \
+                     `requests_per_second` (`rate_limited`); retry after `retry-after` seconds",
                     Some("retry-after"),
                 )
             });
@@ -131,5 +132,5 @@ fn error_response(description: &str, header: Option<&str>) -> RefOr<utoipa::open
     responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)),
 )]
 pub async fn serve(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
-    Json(document(!state.api_key_digests.is_empty()))
+    Json(document(!state.keys.is_empty()))
 }

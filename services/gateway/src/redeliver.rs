@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use jetcall::JobId;
 use jetcall::events::DeliveryReport;
-use jetcall::publish::publish_event;
+use jetcall::publish::publish_event_with_headers;
 use jetcall::status::Status;
 use jetcall::store::Updated;
 use jetcall::subjects::Event;
@@ -56,11 +56,15 @@ pub async fn redeliver(state: &AppState, job_id: &JobId) -> Result<Requeued, Api
     // A fresh msg id per round: the first publish of this event is long past, and would
     // otherwise make JetStream drop this one as a duplicate.
     let msg_id = format!("{}.redeliver.{}", kind.msg_id(job_id), doc.delivery_round);
-    publish_event(
+    // In the job's own trace, so the redelivered webhook carries it as the first did.
+    publish_event_with_headers(
         &state.topology.jetstream,
         kind.subject(&event.kind),
         &msg_id,
         &event,
+        doc.trace()
+            .map(|trace| trace.to_headers())
+            .unwrap_or_default(),
     )
     .await
     .map_err(|err| ApiError::Unavailable(err.to_string()))?;

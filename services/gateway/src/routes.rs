@@ -1,15 +1,16 @@
 //! The HTTP routes.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use jetcall::JobId;
@@ -19,11 +20,13 @@ use crate::accept::{Accepted, accept};
 use crate::batch::{self, BatchResult, SubmitBatch};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{BatchBody, JsonBody};
+use crate::keys::Caller;
 use crate::metrics;
 use crate::openapi;
 use crate::redeliver;
 use crate::state::AppState;
 use crate::submission::{GenerateDescription, SubmitJob};
+use crate::trace::IncomingTrace;
 use crate::{events, listing, shed};
 
 pub fn router(state: AppState) -> Router {
@@ -92,10 +95,12 @@ pub fn router(state: AppState) -> Router {
 )]
 pub(crate) async fn generate_description(
     State(state): State<AppState>,
+    trace: IncomingTrace,
+    caller: Option<Extension<Arc<Caller>>>,
     JsonBody(body): JsonBody<GenerateDescription>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let job = SubmitJob::from(body).validate(&state)?;
-    let (status, accepted) = accept(&state, job).await?;
+    let job = SubmitJob::from(body).validate(&state, caller.as_deref().map(Arc::as_ref))?;
+    let (status, accepted) = accept(&state, job, trace.span_for_job()).await?;
     Ok((status, Json(accepted)))
 }
 
@@ -123,10 +128,12 @@ pub(crate) async fn generate_description(
 )]
 pub(crate) async fn submit_job(
     State(state): State<AppState>,
+    trace: IncomingTrace,
+    caller: Option<Extension<Arc<Caller>>>,
     JsonBody(body): JsonBody<SubmitJob>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let job = body.validate(&state)?;
-    let (status, accepted) = accept(&state, job).await?;
+    let job = body.validate(&state, caller.as_deref().map(Arc::as_ref))?;
+    let (status, accepted) = accept(&state, job, trace.span_for_job()).await?;
     Ok((status, Json(accepted)))
 }
 
@@ -151,9 +158,14 @@ pub(crate) async fn submit_job(
 )]
 pub(crate) async fn submit_batch(
     State(state): State<AppState>,
+    trace: IncomingTrace,
+    caller: Option<Extension<Arc<Caller>>>,
     BatchBody(body): BatchBody<SubmitBatch>,
 ) -> Result<Json<BatchResult>, ApiError> {
-    Ok(Json(batch::accept_batch(&state, body).await?))
+    let caller = caller.as_deref().map(Arc::as_ref);
+    Ok(Json(
+        batch::accept_batch(&state, body, trace, caller).await?,
+    ))
 }
 
 /// A job's status document: where it is, its result or error, and its delivery attempts.
@@ -339,31 +351,28 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if state.api_key_digests.is_empty() {
+/// With keys configured, only a known key gets through, within its own request rate; the
+/// caller travels on as a request extension for the key's callback allowlist.
+async fn require_api_key(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if state.keys.is_empty() {
         return next.run(request).await;
     }
-    let presented = request
+    let caller = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-        .map(|key| Sha256::digest(key.trim().as_bytes()));
-    let authorised = presented.is_some_and(|digest| {
-        // Visit every configured key so the time taken does not tell which one matched.
-        state.api_key_digests.iter().fold(false, |found, known| {
-            found | (known.as_slice() == digest.as_slice())
-        })
-    });
-    if authorised {
-        next.run(request).await
-    } else {
-        ApiError::Unauthorized.into_response()
+        .and_then(|key| state.keys.identify(key.trim()));
+    let Some(caller) = caller else {
+        return ApiError::Unauthorized.into_response();
+    };
+    if let Err(limited) = caller.spend() {
+        return limited.into_response();
     }
-}
-
-pub fn api_key_digests(keys: &[jetcall::config::Secret]) -> Vec<[u8; 32]> {
-    keys.iter()
-        .map(|key| Sha256::digest(key.expose().as_bytes()).into())
-        .collect()
+    request.extensions_mut().insert(caller);
+    next.run(request).await
 }

@@ -32,9 +32,8 @@ pub struct Shared {
     pub config: Config,
     pub topology: Topology,
     pub allowlist: Allowlist,
-    /// SHA-256 digests of the configured API keys: compared instead of the keys themselves so
-    /// the comparison takes the same time whatever the caller sends.
-    pub api_key_digests: Vec<[u8; 32]>,
+    /// The configured API keys; empty when the API is open.
+    pub keys: crate::keys::Keys,
     pub metrics: crate::metrics::Metrics,
     /// API requests being served (`gateway.max_in_flight`).
     pub in_flight: crate::shed::Limit,

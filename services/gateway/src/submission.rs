@@ -13,6 +13,7 @@ use jetcall::signing::SigningKey;
 use jetcall::{JobId, Kind};
 
 use crate::error::ApiError;
+use crate::keys::Caller;
 use crate::state::AppState;
 
 /// Longest accepted text in a single input field, so one field cannot fill a status document.
@@ -103,7 +104,9 @@ pub struct ValidJob {
 }
 
 impl SubmitJob {
-    pub fn validate(self, state: &AppState) -> Result<ValidJob, ApiError> {
+    /// `caller` is the API key the job came with, when keys are configured: its own callback
+    /// allowlist applies on top of the gateway's.
+    pub fn validate(self, state: &AppState, caller: Option<&Caller>) -> Result<ValidJob, ApiError> {
         let job_id = match &self.job_id {
             Some(id) => JobId::parse(id)
                 .map_err(|err| ApiError::invalid_field("job_id", format!("`job_id` {err}")))?,
@@ -119,6 +122,9 @@ impl SubmitJob {
             .allowlist
             .check(&self.callback_url)
             .map_err(|err| ApiError::InvalidCallbackUrl(err.to_string()))?;
+        if let Some(caller) = caller {
+            caller.admits(&self.callback_url)?;
+        }
 
         if let Some(secret) = &self.signing_secret {
             SigningKey::parse(secret).map_err(|err| {

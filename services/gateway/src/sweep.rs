@@ -268,7 +268,7 @@ async fn republish(state: &AppState, job_id: String) -> Outcome {
             return Outcome::Failed;
         }
     };
-    match accept::publish(state, &doc.request()).await {
+    match accept::publish(state, &doc.request(), doc.trace().as_ref()).await {
         Ok(()) => {
             tracing::debug!(%job_id, "sweep: request published again");
             Outcome::Republished

@@ -2,7 +2,6 @@
 //! `generator`, calls the LLM, records the outcome and publishes `jobs.completed.<kind>` or
 //! `jobs.failed.<kind>`.
 
-mod admin;
 pub mod limiter;
 mod metrics;
 mod output;
@@ -15,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
+use jetcall::admin::Admin;
 use jetcall::connect::{ConnectError, connect, provision_with_retry};
 use jetcall::consume::consume;
 use jetcall::gate::Gate;
@@ -78,18 +78,11 @@ pub async fn run(
         ),
     };
     let gate = Gate::new(config.generator.probe_interval);
-    let metrics = metrics::Metrics::default();
-    let admin = admin::router(admin::AdminState {
-        client: client.clone(),
-        gate: gate.clone(),
-        metrics: metrics.clone(),
-    });
+    let metrics = metrics::Metrics::new(consumer.clone());
     tracing::info!(address = %listener.local_addr()?, "generator health and metrics listening");
-    let server = tokio::spawn(
-        axum::serve(listener, admin)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    let server = Admin::new(client.clone(), metrics.lag(), Arc::new(metrics.clone()))
+        .with_gate(gate.clone())
+        .spawn(listener, shutdown.clone());
     // Shared, not cloned per message: a Topology clone copies cached stream info.
     let worker = Arc::new(Worker {
         config: Arc::new(config),
@@ -107,14 +100,9 @@ pub async fn run(
         shutdown,
         move |message, shutdown| {
             let worker = worker.clone();
+            // The worker logs how each request ended, within the job's span.
             async move {
-                match worker.handle(&message, &shutdown).await {
-                    Ok(Step::Rejected(reason)) => {
-                        tracing::error!(%reason, subject = %message.subject, "request dropped")
-                    }
-                    Ok(step) => tracing::debug!(?step, "request handled"),
-                    Err(err) => tracing::warn!(error = %err, "request left for redelivery"),
-                }
+                let _ = worker.handle(&message, &shutdown).await;
             }
         },
     )

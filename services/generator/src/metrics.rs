@@ -10,7 +10,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use async_nats::jetstream::consumer::PullConsumer;
+
 use jetcall::events::Usage;
+use jetcall::metrics::ConsumerLag;
 
 use crate::provider::{Generation, LlmError};
 
@@ -48,13 +51,15 @@ struct Inner {
     tokens: Family<TokenLabels, Counter>,
     jobs: Family<JobLabels, Counter>,
     paused: Gauge,
+    lag: ConsumerLag,
 }
 
 #[derive(Debug, Clone)]
 pub struct Metrics(Arc<Inner>);
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// The registry, with the lag of `consumer` (the `generator` consumer) in it.
+    pub fn new(consumer: PullConsumer) -> Self {
         let mut registry = Registry::with_prefix("jetcall_generator");
         let calls = Family::<CallLabels, Counter>::default();
         registry.register(
@@ -91,6 +96,7 @@ impl Default for Metrics {
             "1 while consumption is paused by a provider configuration fault",
             paused.clone(),
         );
+        let lag = ConsumerLag::register(&mut registry, consumer);
         Self(Arc::new(Inner {
             registry,
             calls,
@@ -99,11 +105,15 @@ impl Default for Metrics {
             tokens,
             jobs,
             paused,
+            lag,
         }))
     }
-}
 
-impl Metrics {
+    /// The consumer's lag gauges, refreshed by each scrape.
+    pub fn lag(&self) -> ConsumerLag {
+        self.0.lag.clone()
+    }
+
     /// Counts a call in flight until the guard is dropped.
     pub fn call_started(&self) -> InFlight {
         self.0.in_flight.inc();
@@ -158,9 +168,10 @@ impl Metrics {
     pub fn set_paused(&self, paused: bool) {
         self.0.paused.set(i64::from(paused));
     }
+}
 
-    /// The OpenMetrics text exposition.
-    pub fn render(&self) -> String {
+impl jetcall::admin::Exposition for Metrics {
+    fn render(&self) -> String {
         jetcall::metrics::render(&self.0.registry)
     }
 }

@@ -10,16 +10,18 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{AckKind, Message};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use jetcall::Config;
 use jetcall::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
 use jetcall::gate::Gate;
 use jetcall::kinds::KindSpec;
-use jetcall::publish::publish_event;
+use jetcall::publish::publish_event_with_headers;
 use jetcall::retry::llm_backoff;
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Updated;
 use jetcall::topology::Topology;
+use jetcall::trace::TraceParent;
 
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
@@ -65,8 +67,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Processes one message to a `Step`. On an error nothing is acked, so the request is
-    /// redelivered after `ack_wait`.
+    /// Processes one message to a `Step`, and logs how it ended. On an error nothing is
+    /// acked, so the request is redelivered after `ack_wait`.
+    ///
+    /// The job is a span of the trace its message carries (`traceparent`; a new trace if it
+    /// has none), passed on to the event it leads to, and every line logged about it names
+    /// the job.
     pub async fn handle(
         &self,
         message: &Message,
@@ -77,15 +83,40 @@ impl Worker {
             Err(err) => {
                 let reason = format!("not a job request: {err}");
                 let _ = message.ack_with(AckKind::Term).await;
+                tracing::error!(%reason, subject = %message.subject, "request dropped");
                 return Ok(Step::Rejected(reason));
             }
         };
+        let trace = TraceParent::continue_from(message.headers.as_ref());
+        let span = jetcall::job_span!(request.job_id, request.kind, trace);
+        async {
+            let handled = self.process(message, &request, &trace, shutdown).await;
+            match &handled {
+                Ok(Step::Rejected(reason)) => {
+                    tracing::error!(%reason, subject = %message.subject, "request dropped")
+                }
+                Ok(step) => tracing::debug!(?step, "request handled"),
+                Err(err) => tracing::warn!(error = %err, "request left for redelivery"),
+            }
+            handled
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn process(
+        &self,
+        message: &Message,
+        request: &JobRequested,
+        trace: &TraceParent,
+        shutdown: &CancellationToken,
+    ) -> Result<Step, WorkerError> {
         let Some(spec) = self.config.kinds.get(request.kind.as_str()) else {
             let outcome = failure(
                 "unknown_kind",
                 format!("no kind `{}` is configured", request.kind),
             );
-            return Box::pin(self.finish(message, &request, outcome, None)).await;
+            return Box::pin(self.finish(message, request, trace, outcome, None)).await;
         };
 
         let max_attempts = self.config.generator.max_attempts;
@@ -106,7 +137,7 @@ impl Worker {
         let current = match started {
             Updated::Written(doc, revision) => Some((*doc, revision)),
             Updated::Unchanged(doc) => {
-                return Box::pin(self.already_generated(message, &doc)).await;
+                return Box::pin(self.already_generated(message, &doc, trace)).await;
             }
             Updated::Missing => {
                 let _ = message.ack_with(AckKind::Term).await;
@@ -121,12 +152,12 @@ impl Worker {
                 "attempts_exhausted",
                 format!("gave up after {max_attempts} attempts"),
             );
-            return Box::pin(self.finish(message, &request, outcome, current)).await;
+            return Box::pin(self.finish(message, request, trace, outcome, current)).await;
         }
 
         // Boxed once here: passed by value, it would be held twice (the argument, then the
         // pinned copy polled).
-        let call = Box::pin(self.generate(&request, spec));
+        let call = Box::pin(self.generate(request, spec));
         let Some(result) = self.with_progress_acks(message, call, shutdown).await else {
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return Ok(Step::Interrupted);
@@ -138,11 +169,11 @@ impl Worker {
                     model: generation.model,
                     usage: generation.usage,
                 };
-                return Box::pin(self.finish(message, &request, outcome, current)).await;
+                return Box::pin(self.finish(message, request, trace, outcome, current)).await;
             }
             Err(err) => err,
         };
-        tracing::warn!(job_id = %request.job_id, attempt, error = %error, "generation failed");
+        tracing::warn!(attempt, error = %error, "generation failed");
         match error.disposition {
             Disposition::Retry { retry_after } if attempt < max_attempts => {
                 let delay = retry_after.unwrap_or_else(|| llm_backoff(attempt, rand::random()));
@@ -163,7 +194,7 @@ impl Worker {
             }
             Disposition::Retry { .. } | Disposition::Permanent => {
                 let outcome = failure(&error.error_type, error.message);
-                Box::pin(self.finish(message, &request, outcome, current)).await
+                Box::pin(self.finish(message, request, trace, outcome, current)).await
             }
         }
     }
@@ -195,7 +226,7 @@ impl Worker {
                     return Ok((result, generation));
                 }
                 Err(err) if !retried => {
-                    tracing::warn!(job_id = %request.job_id, error = %err, "unusable answer; asking once more");
+                    tracing::warn!(error = %err, "unusable answer; asking once more");
                     retried = true;
                 }
                 Err(err) => {
@@ -294,11 +325,12 @@ impl Worker {
         }
     }
 
-    /// Records the outcome, publishes it and acks the request.
+    /// Records the outcome, publishes it (in `trace`) and acks the request.
     async fn finish(
         &self,
         message: &Message,
         request: &JobRequested,
+        trace: &TraceParent,
         outcome: Outcome,
         current: Option<(JobStatus, u64)>,
     ) -> Result<Step, WorkerError> {
@@ -333,16 +365,16 @@ impl Worker {
         match recorded {
             Updated::Written(doc, _) => {
                 if let Some(event) = doc.finished_event() {
-                    self.publish(&event).await?;
+                    self.publish(&event, trace).await?;
                 }
-                tracing::info!(job_id = %request.job_id, status = status.as_str(), "job generated");
+                tracing::info!(status = status.as_str(), "job generated");
                 self.metrics
                     .job_finished(request.kind.as_str(), status.as_str());
                 let _ = message.ack().await;
                 Ok(Step::Finished(status))
             }
             // Another instance got there first; its outcome stands.
-            Updated::Unchanged(doc) => Box::pin(self.already_generated(message, &doc)).await,
+            Updated::Unchanged(doc) => Box::pin(self.already_generated(message, &doc, trace)).await,
             Updated::Missing => {
                 let _ = message.ack_with(AckKind::Term).await;
                 Ok(Step::Rejected(format!(
@@ -360,22 +392,25 @@ impl Worker {
         &self,
         message: &Message,
         doc: &JobStatus,
+        trace: &TraceParent,
     ) -> Result<Step, WorkerError> {
         let undelivered = matches!(doc.status, Status::Completed | Status::Failed);
         if let Some(event) = doc.finished_event().filter(|_| undelivered) {
-            self.publish(&event).await?;
+            self.publish(&event, trace).await?;
         }
         let _ = message.ack().await;
         Ok(Step::AlreadyDone(doc.status))
     }
 
-    async fn publish(&self, event: &JobFinished) -> Result<(), WorkerError> {
+    /// Publishes `event` with this service's span of the job's trace as its `traceparent`.
+    async fn publish(&self, event: &JobFinished, trace: &TraceParent) -> Result<(), WorkerError> {
         let kind = event.event();
-        publish_event(
+        publish_event_with_headers(
             &self.topology.jetstream,
             kind.subject(&event.kind),
             &kind.msg_id(&event.job_id),
             event,
+            trace.to_headers(),
         )
         .await?;
         Ok(())

@@ -37,6 +37,41 @@ impl ConfigError {
     }
 }
 
+/// An API key: `"the-key"`, or `{ key = "the-key", name = "catalogue",
+/// callback_allowlist = ["hooks.shop.example"], requests_per_second = 50 }` for a caller held
+/// to fewer callback hosts than the gateway allows, or to a request rate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ApiKey {
+    Key(Secret),
+    Scoped(ScopedApiKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedApiKey {
+    pub key: Secret,
+    /// Names the caller in logs (the key never appears).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Narrows `gateway.callback_allowlist` for this key's jobs: a callback URL must pass both.
+    #[serde(default)]
+    pub callback_allowlist: Option<Vec<String>>,
+    /// API requests a second this key may make to one gateway instance, with a burst of as
+    /// many; past it `429 rate_limited`.
+    #[serde(default)]
+    pub requests_per_second: Option<std::num::NonZeroU32>,
+}
+
+impl ApiKey {
+    pub fn secret(&self) -> &Secret {
+        match self {
+            Self::Key(key) => key,
+            Self::Scoped(scoped) => &scoped.key,
+        }
+    }
+}
+
 /// A string that must never reach a log line, such as an API key or a signing secret.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -108,6 +143,17 @@ pub struct NatsConfig {
     /// The window in which a republished event with the same `Nats-Msg-Id` is stored once.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
+    /// The NATS user this service connects as, when the server requires one (see
+    /// `nats/accounts.conf`); `password` goes with it.
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    /// A PEM file with the CA that signed the server's certificate, for a `tls://` URL to a
+    /// server whose certificate the system's roots do not cover.
+    pub tls_ca: Option<PathBuf>,
+    /// Create or update the stream, the consumers and the buckets at start. `false` for a
+    /// user that may only use them: the service then waits until they exist, and an operator
+    /// creates them (`jetcall topology`, as a user that may).
+    pub provision: bool,
 }
 
 impl Default for NatsConfig {
@@ -118,6 +164,10 @@ impl Default for NatsConfig {
             request_timeout: Duration::from_secs(5),
             max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
+            user: None,
+            password: None,
+            tls_ca: None,
+            provision: true,
         }
     }
 }
@@ -150,8 +200,9 @@ impl Default for LogConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
-    /// Bearer keys accepted by the API; empty means no authentication (the gateway warns).
-    pub api_keys: Vec<Secret>,
+    /// Bearer keys accepted by the API, each alone or with limits of its own; empty means no
+    /// authentication (the gateway warns).
+    pub api_keys: Vec<ApiKey>,
     /// Hosts callers may name in `callback_url`: exact hosts, `*.domain` patterns and CIDRs.
     pub callback_allowlist: Vec<String>,
     /// The largest request body accepted, in bytes.
@@ -337,6 +388,8 @@ pub struct CallbackConfig {
     /// Deliveries the `callback` consumer hands out unacknowledged, including those waiting
     /// for a retry; large, so a backlog of retries never starves fresh completions.
     pub max_ack_pending: i64,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub listen: SocketAddr,
 }
 
 impl Default for CallbackConfig {
@@ -351,6 +404,7 @@ impl Default for CallbackConfig {
             breaker_cooldown: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(3600),
             max_ack_pending: 20_000,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
         }
     }
 }
@@ -434,6 +488,24 @@ impl Config {
                 "must be at least 2m so a retried publish is stored once",
             ));
         }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return Err(ConfigError::invalid(
+                if self.nats.user.is_some() {
+                    "nats.password"
+                } else {
+                    "nats.user"
+                },
+                "must be set together with the other of nats.user and nats.password",
+            ));
+        }
+        if let Some(ca) = &self.nats.tls_ca
+            && !ca.is_file()
+        {
+            return Err(ConfigError::invalid(
+                "nats.tls_ca",
+                format!("names {}, which is not a file", ca.display()),
+            ));
+        }
         if self.generator.concurrency == 0 {
             return Err(ConfigError::invalid(
                 "generator.concurrency",
@@ -503,6 +575,20 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        for (index, key) in self.gateway.api_keys.iter().enumerate() {
+            if let ApiKey::Scoped(ScopedApiKey {
+                callback_allowlist: Some(allowlist),
+                ..
+            }) = key
+            {
+                crate::allowlist::Allowlist::parse(allowlist).map_err(|err| {
+                    ConfigError::invalid(
+                        format!("gateway.api_keys[{index}].callback_allowlist"),
+                        err.to_string(),
+                    )
+                })?;
             }
         }
         crate::allowlist::Allowlist::parse(&self.gateway.callback_allowlist)

@@ -3,6 +3,7 @@
 //!
 //! Only this crate spells NATS subjects and payload shapes; services depend on it for both.
 
+pub mod admin;
 pub mod allowlist;
 pub mod config;
 pub mod connect;
@@ -23,6 +24,7 @@ pub mod store;
 pub mod subjects;
 pub mod telemetry;
 pub mod topology;
+pub mod trace;
 pub mod webhook;
 
 pub use config::Config;

@@ -1,5 +1,6 @@
 //! Publishing an event and waiting for JetStream to store it.
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 use serde::Serialize;
 
@@ -18,12 +19,26 @@ pub async fn publish_event<T: Serialize>(
     msg_id: &str,
     event: &T,
 ) -> Result<(), PublishError> {
+    publish_event_with_headers(jetstream, subject, msg_id, event, HeaderMap::new()).await
+}
+
+/// [`publish_event`] with `headers` on the message as well, such as a job's `traceparent`
+/// (see [`crate::trace`]).
+pub async fn publish_event_with_headers<T: Serialize>(
+    jetstream: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    event: &T,
+    headers: HeaderMap,
+) -> Result<(), PublishError> {
     let failed = |message: String| PublishError {
         subject: subject.clone(),
         message,
     };
     let payload = serde_json::to_vec(event).map_err(|err| failed(err.to_string()))?;
+    // Headers first: `message_id` adds to them.
     let message = PublishMessage::build()
+        .headers(headers)
         .payload(payload.into())
         .message_id(msg_id);
     jetstream

@@ -153,6 +153,16 @@ pub struct JobStatus {
     #[serde(default)]
     #[schema(required = true)]
     pub delivery_round: u32,
+    /// The W3C trace the job was submitted in (the `traceparent` the gateway got, or the one
+    /// it started): every event and the webhook carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        nullable = false,
+        min_length = 32,
+        max_length = 32,
+        pattern = "^[0-9a-f]{32}$"
+    )]
+    pub trace_id: Option<String>,
     /// The caller's own webhook secret, given at submission. Kept out of every event; the
     /// gateway removes it from what it shows, so the API's schema has no such field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,6 +191,7 @@ impl JobStatus {
             deliveries: Vec::new(),
             delivered_at: None,
             delivery_round: 0,
+            trace_id: None,
             signing_secret: None,
         }
     }
@@ -236,6 +247,12 @@ impl JobStatus {
         self.delivered_at = None;
         self.updated_at = now;
         true
+    }
+
+    /// A new span in the job's trace, for an event published again (by the start-up sweep, a
+    /// redelivery) away from the message that carried the trace.
+    pub fn trace(&self) -> Option<crate::trace::TraceParent> {
+        crate::trace::TraceParent::in_trace(self.trace_id.as_deref()?)
     }
 
     /// The request event that this job was accepted with, for a republish.

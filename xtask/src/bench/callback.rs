@@ -94,6 +94,7 @@ pub(super) fn callback_env(secret: &str) -> Vec<(&'static str, String)> {
     vec![
         ("JETCALL_CONFIG", "/dev/null".into()),
         ("JETCALL_CALLBACK__SIGNING_SECRET", secret.to_owned()),
+        ("JETCALL_CALLBACK__LISTEN", "127.0.0.1:0".into()),
     ]
 }
 

@@ -1,2 +1,4 @@
+mod logs;
+mod metrics;
 mod restart;
 mod ssrf;

@@ -17,7 +17,9 @@ fn signer() -> Signer {
 }
 
 async fn deliver(sender: &Sender, url: &str) -> (Verdict, jetcall::status::DeliveryAttempt) {
-    sender.send(url, "msg_test", b"{}", &signer(), 0).await
+    sender
+        .send(url, "msg_test", b"{}", &signer(), 0, None)
+        .await
 }
 
 #[tokio::test]

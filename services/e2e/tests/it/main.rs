@@ -1,3 +1,4 @@
 mod delivery;
+mod observability;
 mod pipeline;
 mod scenarios;

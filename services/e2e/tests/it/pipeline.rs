@@ -23,6 +23,8 @@ pub struct Pipeline {
     pub http: reqwest::Client,
     pub topology: Topology,
     services: Vec<(&'static str, Service)>,
+    /// Each generator's and callback's `/healthz`, `/readyz` and `/metrics` base URL.
+    admin_urls: Vec<(&'static str, String)>,
 }
 
 /// Configuration for a test: the given NATS server, a fresh signing secret, and `settings`
@@ -61,6 +63,7 @@ impl Pipeline {
             http: reqwest::Client::new(),
             topology,
             services: Vec::new(),
+            admin_urls: Vec::new(),
         };
         let token = CancellationToken::new();
         let handle = tokio::spawn({
@@ -82,6 +85,7 @@ impl Pipeline {
         let token = CancellationToken::new();
         let (config, stop) = (self.config.clone(), token.clone());
         let listener = testkit::loopback_listener();
+        self.admin_urls.push(("generator", admin_url(&listener)));
         let handle = tokio::spawn(async move {
             generator::run(config, listener, stop)
                 .await
@@ -93,11 +97,25 @@ impl Pipeline {
     pub fn start_callback(&mut self) {
         let token = CancellationToken::new();
         let (config, stop) = (self.config.clone(), token.clone());
-        let handle =
-            tokio::spawn(
-                async move { callback::run(config, stop).await.map_err(|e| e.to_string()) },
-            );
+        let listener = testkit::loopback_listener();
+        self.admin_urls.push(("callback", admin_url(&listener)));
+        let handle = tokio::spawn(async move {
+            callback::run(config, listener, stop)
+                .await
+                .map_err(|e| e.to_string())
+        });
         self.services.push(("callback", (token, handle)));
+    }
+
+    /// The base URL of the admin surface of the `service` (generator or callback) started
+    /// last.
+    pub fn admin_url(&self, service: &str) -> &str {
+        self.admin_urls
+            .iter()
+            .rev()
+            .find(|(name, _)| *name == service)
+            .map(|(_, url)| url.as_str())
+            .unwrap_or_else(|| panic!("no {service} was started"))
     }
 
     async fn wait_ready(&self) {
@@ -111,6 +129,14 @@ impl Pipeline {
             },
         )
         .await;
+    }
+
+    /// The text of the `service`'s `/metrics`.
+    pub async fn metrics(&self, service: &str) -> String {
+        let url = format!("{}/metrics", self.admin_url(service));
+        let response = self.http.get(url).send().await.expect("GET /metrics");
+        assert_eq!(response.status(), StatusCode::OK, "{service} /metrics");
+        response.text().await.expect("the metrics text")
     }
 
     pub fn nats_url(&self) -> String {
@@ -175,4 +201,8 @@ impl Pipeline {
             );
         }
     }
+}
+
+fn admin_url(listener: &tokio::net::TcpListener) -> String {
+    format!("http://{}", listener.local_addr().expect("local address"))
 }

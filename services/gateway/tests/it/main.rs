@@ -1,6 +1,7 @@
 mod bad_input;
 mod batch;
 mod harness;
+mod keys;
 mod lifecycle;
 mod live;
 mod openapi;

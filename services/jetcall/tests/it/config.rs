@@ -162,6 +162,16 @@ fn bad_values_name_their_key() {
             r#"["1s","often"]"#,
             "callback.retry_schedule",
         ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"["k1", {key="k2", callback_allowlist=["ftp://x"]}]"#,
+            "gateway.api_keys[1].callback_allowlist",
+        ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k", requests_per_second=0}]"#,
+            "api_keys",
+        ),
         ("JETCALL_GATEWAY__LISTN", "127.0.0.1:1", "listn"),
     ];
     for (variable, value, key) in cases {
@@ -196,6 +206,35 @@ fn a_kind_added_in_the_file_needs_no_code() {
             config.kinds.contains_key("product-description"),
             "built-ins stay"
         );
+        Ok(())
+    });
+}
+
+#[test]
+fn nats_credentials_come_in_pairs_and_a_named_ca_must_exist() {
+    for (variable, value, key) in [
+        ("JETCALL_NATS__USER", "gateway", "nats.password"),
+        ("JETCALL_NATS__PASSWORD", "secret", "nats.user"),
+        ("JETCALL_NATS__TLS_CA", "/nonexistent/ca.pem", "nats.tls_ca"),
+    ] {
+        let message = load_err(|jail| {
+            jail.set_env(variable, value);
+            Ok(())
+        });
+        assert!(message.contains(key), "{variable}={value}: {message}");
+    }
+    Jail::expect_with(|jail| {
+        jail.set_env("JETCALL_NATS__USER", "gateway");
+        jail.set_env("JETCALL_NATS__PASSWORD", "pw-8f3a2c");
+        jail.set_env("JETCALL_NATS__PROVISION", "false");
+        let config = Config::load().expect("a user with a password");
+        assert_eq!(config.nats.user.as_deref(), Some("gateway"));
+        assert_eq!(
+            config.nats.password.as_ref().map(|p| p.expose()),
+            Some("pw-8f3a2c")
+        );
+        assert!(!config.nats.provision);
+        assert!(!format!("{config:?}").contains("pw-8f3a2c"), "{config:?}");
         Ok(())
     });
 }
