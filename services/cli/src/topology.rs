@@ -65,11 +65,11 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, TopologyError> {
 /// Connects once, without the services' patient retrying: a CLI says at once that NATS is
 /// not there.
 pub async fn connect(config: &Config) -> Result<async_nats::Client, TopologyError> {
-    async_nats::ConnectOptions::new()
+    // The services' options (credentials, TLS, request timeout) without their retrying.
+    jetcall::connect::options(config)
         .name("jetcall-cli")
         .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(config.nats.request_timeout))
-        .connect(config.nats.url.as_str())
+        .connect(jetcall::connect::servers(&config.nats.url))
         .await
         .map_err(|err| TopologyError::Unreachable {
             url: config.nats.url.clone(),

@@ -167,3 +167,38 @@ pub async fn provision(
         limits,
     })
 }
+
+/// Finds the stream, the buckets and both consumers as an operator created them, creating and
+/// changing nothing: for a service whose NATS user may use the topology but not define it
+/// (`nats.provision = false`). Fails while any part is missing.
+pub async fn attach(
+    client: async_nats::Client,
+    config: &Config,
+) -> Result<Topology, TopologyError> {
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(config.nats.request_timeout)
+        .build(client);
+    let stream = jetstream
+        .get_stream(STREAM)
+        .await
+        .map_err(|err| failed("stream `JOBS`")(err.to_string()))?;
+    let kv = jetstream
+        .get_key_value(STATUS_BUCKET)
+        .await
+        .map_err(|err| failed("bucket `job_status`")(err.to_string()))?;
+    let limits = jetstream
+        .get_key_value(LIMITS_BUCKET)
+        .await
+        .map_err(|err| failed("bucket `llm_limits`")(err.to_string()))?;
+    let topology = Topology {
+        jetstream,
+        stream,
+        status: StatusStore::new(kv),
+        limits,
+    };
+    // Both consumers, whichever service this is: a service that starts while the operator is
+    // still creating the topology waits for all of it.
+    topology.generator_consumer().await?;
+    topology.callback_consumer().await?;
+    Ok(topology)
+}
