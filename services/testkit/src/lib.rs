@@ -13,13 +13,15 @@ pub mod metrics;
 pub mod nats;
 pub mod procs;
 pub mod receiver;
+pub mod service;
 pub mod wait;
 
 pub use blackhole::Blackhole;
 pub use fake_anthropic::FakeAnthropic;
 pub use fake_openai::FakeOpenAi;
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 pub use receiver::WebhookReceiver;
+pub use service::{ServiceProcess, service_binary};
 pub use wait::wait_until;
 
 /// Serves `app` on a free loopback port for as long as the test runs; `what` names it if the

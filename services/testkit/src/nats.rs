@@ -1,4 +1,5 @@
-//! A real `nats-server` per test: JetStream on a temporary store, random loopback ports.
+//! A real `nats-server` per test: JetStream on a temporary store, random loopback ports; or a
+//! three-node cluster of them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,6 +13,14 @@ pub struct NatsServer {
     child: Option<Child>,
     store: TempDir,
     port: u16,
+    /// Set by `start_with_config`: the configuration file and the environment it reads.
+    configured: Option<Configured>,
+}
+
+#[derive(Debug)]
+struct Configured {
+    file: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 /// The server binary: `JETCALL_NATS_SERVER` (set by `cargo xtask test`) or `nats-server` on
@@ -53,12 +62,46 @@ impl NatsServer {
             .prefix("jetcall-nats-")
             .tempdir()
             .expect("temporary store directory");
-        let (child, port) = spawn(store.path(), None);
+        let (child, port) = spawn(store.path(), None, None);
         Self {
             child: Some(child),
             store,
             port,
+            configured: None,
         }
+    }
+
+    /// Starts a server as `start` does (loopback, random port, fresh store, JetStream) with
+    /// `config`, nats-server configuration text such as the shipped `nats/accounts.conf`, as
+    /// its configuration file, and `env` in its environment for the `$NAME` references the
+    /// configuration makes. Its log is kept: see `log`.
+    pub fn start_with_config(config: &str, env: &[(&str, &str)]) -> Self {
+        let store = tempfile::Builder::new()
+            .prefix("jetcall-nats-")
+            .tempdir()
+            .expect("temporary store directory");
+        let file = store.path().join("nats-server.conf");
+        std::fs::write(&file, config).expect("write the server configuration");
+        let configured = Configured {
+            file,
+            env: env
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+        };
+        let (child, port) = spawn(store.path(), None, Some(&configured));
+        Self {
+            child: Some(child),
+            store,
+            port,
+            configured: Some(configured),
+        }
+    }
+
+    /// What the server has logged so far; empty unless it was started with
+    /// `start_with_config`.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.store.path().join("nats-server.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -76,7 +119,7 @@ impl NatsServer {
     /// Starts the server again on the same port and store, after `kill`.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, _) = spawn(self.store.path(), Some(self.port));
+        let (child, _) = spawn(self.store.path(), Some(self.port), self.configured.as_ref());
         self.child = Some(child);
     }
 }
@@ -87,7 +130,7 @@ impl Drop for NatsServer {
     }
 }
 
-fn spawn(store: &Path, port: Option<u16>) -> (Child, u16) {
+fn spawn(store: &Path, port: Option<u16>, configured: Option<&Configured>) -> (Child, u16) {
     let ports_dir = store.join("ports");
     let _ = std::fs::remove_dir_all(&ports_dir);
     std::fs::create_dir_all(&ports_dir).expect("ports directory");
@@ -102,6 +145,17 @@ fn spawn(store: &Path, port: Option<u16>) -> (Child, u16) {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    if let Some(configured) = configured {
+        // Flags win over the file, so the address, port and store above still apply.
+        command
+            .arg("-c")
+            .arg(&configured.file)
+            .arg("-l")
+            .arg(store.join("nats-server.log"))
+            .envs(configured.env.iter().map(|(name, value)| (name, value)))
+            // What it says before its log is open: why it refuses the configuration.
+            .stderr(std::fs::File::create(store.join("nats-server.stderr")).expect("stderr file"));
+    }
     crate::procs::die_with_parent(&mut command);
     let mut child = command
         .spawn()
@@ -115,7 +169,9 @@ fn spawn(store: &Path, port: Option<u16>) -> (Child, u16) {
             return (child, port);
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("nats-server exited at start-up with {status}");
+            let said =
+                std::fs::read_to_string(store.join("nats-server.stderr")).unwrap_or_default();
+            panic!("nats-server exited at start-up with {status} {said}");
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -143,4 +199,133 @@ pub async fn count_messages(stream: &async_nats::jetstream::stream::Stream, filt
         .expect("stream info with subjects");
     let counts: Vec<(String, usize)> = subjects.try_collect().await.expect("subject counts");
     counts.into_iter().map(|(_, count)| count).sum()
+}
+
+/// A cluster of `nats-server`s on loopback, each with JetStream on its own temporary store,
+/// routed to one another: what `nats.replicas = 3` needs. Each node can be killed (SIGKILL)
+/// and started again on its own ports and store. Killed when dropped.
+#[derive(Debug)]
+pub struct NatsCluster {
+    /// The nodes' configurations and stores, removed when dropped.
+    _dir: TempDir,
+    nodes: Vec<ClusterNode>,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    name: String,
+    port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes named `n1`, `n2`, ... on free loopback ports. Their routes are up
+    /// and JetStream elects its meta leader shortly after; a client's first JetStream request
+    /// may have to wait for it.
+    pub fn start(size: usize) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("jetcall-nats-cluster-")
+            .tempdir()
+            .expect("temporary cluster directory");
+        let ports: Vec<(u16, u16)> = (0..size)
+            .map(|_| (crate::free_port(), crate::free_port()))
+            .collect();
+        let routes = ports
+            .iter()
+            .map(|(_, route)| format!("\"nats-route://127.0.0.1:{route}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let nodes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, route))| {
+                let name = format!("n{}", i + 1);
+                let store = dir.path().join(&name);
+                let config = dir.path().join(format!("{name}.conf"));
+                let text = format!(
+                    "server_name: {name}\n\
+                     listen: \"127.0.0.1:{port}\"\n\
+                     jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\n\
+                     cluster {{\n  name: jetcall-test\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n}}\n",
+                    store = store.display(),
+                );
+                std::fs::write(&config, text).expect("write a node's configuration");
+                ClusterNode {
+                    name,
+                    port: *port,
+                    config,
+                    child: None,
+                }
+            })
+            .collect();
+        let mut cluster = Self { _dir: dir, nodes };
+        for i in 0..size {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let mut command = Command::new(nats_server_binary());
+        command
+            .arg("-c")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        crate::procs::die_with_parent(&mut command);
+        let mut child = command.spawn().unwrap_or_else(|err| {
+            panic!("could not start {}: {err}", nats_server_binary().display())
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server {} exited at start-up with {status}", node.name);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("nats-server {} did not start within 20 s", node.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        node.child = Some(child);
+    }
+
+    /// Every node's client URL, comma separated: the value for `nats.url`.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("nats://127.0.0.1:{}", node.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node called `name` (`n1`, ...), as a server names itself in stream info.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| node.name == name)
+    }
+
+    /// SIGKILLs node `i`, as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again on its ports and store, after `kill`.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
 }

@@ -1,4 +1,6 @@
-//! A webhook receiver on loopback that records every delivery and answers as scripted.
+//! A webhook receiver on loopback that records every delivery and answers as scripted. It can
+//! be stopped (connections are then refused) and started again on the same port, as a
+//! receiver that goes down for a while.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -12,6 +14,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 /// One request the receiver got.
 #[derive(Debug, Clone)]
@@ -60,22 +64,87 @@ struct Inner {
     deliveries: Vec<Delivery>,
     /// Answers to give, in order, before the default 204.
     script: VecDeque<Reply>,
+    /// How long each request is held, once recorded, before it is answered.
+    delay: Duration,
+}
+
+/// The server while it runs: the signal that stops it and its task.
+#[derive(Debug)]
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
 }
 
 #[derive(Debug, Clone)]
 pub struct WebhookReceiver {
     addr: SocketAddr,
     inner: Arc<Mutex<Inner>>,
+    running: Arc<Mutex<Option<Running>>>,
 }
 
 impl WebhookReceiver {
     pub async fn start() -> Self {
-        let inner = Arc::new(Mutex::new(Inner::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind webhook receiver");
+        let addr = listener.local_addr().expect("local addr");
+        let receiver = Self {
+            addr,
+            inner: Arc::new(Mutex::new(Inner::default())),
+            running: Arc::new(Mutex::new(None)),
+        };
+        receiver.serve(listener);
+        receiver
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
         let app = Router::new()
             .route("/{*path}", post(receive))
-            .with_state(inner.clone());
-        let addr = crate::serve(app, "webhook receiver").await;
-        Self { addr, inner }
+            .with_state(self.inner.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        let previous = self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .replace(Running { stop, task });
+        assert!(
+            previous.is_none(),
+            "the webhook receiver was already running"
+        );
+    }
+
+    /// Stops listening and closes every connection once its request is answered: until
+    /// `restart`, a delivery's connection is refused, as at a receiver that is down.
+    pub async fn stop(&self) {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(Running { stop, task }) = running {
+            let _ = stop.send(());
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("the webhook receiver closes its connections within 10 s")
+                .expect("the webhook receiver's task");
+        }
+    }
+
+    /// Listens again on the same port after `stop`, with everything recorded so far kept.
+    pub async fn restart(&self) {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .unwrap_or_else(|err| {
+                panic!("bind the webhook receiver again on {}: {err}", self.addr)
+            });
+        self.serve(listener);
     }
 
     pub fn port(&self) -> u16 {
@@ -100,6 +169,12 @@ impl WebhookReceiver {
             .extend(statuses.iter().map(|status| Reply::status(*status)));
     }
 
+    /// Hold every request this long, once recorded, before answering it: a receiver that
+    /// takes its time, so deliveries are in flight when a test interrupts them.
+    pub fn set_delay(&self, delay: Duration) {
+        self.lock().delay = delay;
+    }
+
     /// Answer the next request with `reply`, after any already scripted.
     pub fn reply_next(&self, reply: Reply) {
         self.lock().script.push_back(reply);
@@ -107,6 +182,19 @@ impl WebhookReceiver {
 
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.lock().deliveries.clone()
+    }
+
+    /// How many requests arrived so far, without copying them.
+    pub fn count(&self) -> usize {
+        self.lock().deliveries.len()
+    }
+
+    /// Waits until at least `count` deliveries arrived, copying none of them.
+    pub async fn wait_for_count(&self, count: usize, timeout: Duration) {
+        crate::wait_until(&format!("{count} webhook deliveries"), timeout, || async {
+            (self.count() >= count).then_some(())
+        })
+        .await
     }
 
     /// Waits until at least `count` deliveries arrived, and returns them all.
@@ -124,15 +212,21 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut inner = inner
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    inner.deliveries.push(Delivery {
-        headers,
-        body,
-        at: Instant::now(),
-    });
-    let Some(reply) = inner.script.pop_front() else {
+    let (reply, delay) = {
+        let mut inner = inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        inner.deliveries.push(Delivery {
+            headers,
+            body,
+            at: Instant::now(),
+        });
+        (inner.script.pop_front(), inner.delay)
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let Some(reply) = reply else {
         return StatusCode::NO_CONTENT.into_response();
     };
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -1,0 +1,303 @@
+//! The whole deployment as real processes on loopback: nats-server (one, or a three-node
+//! cluster), the gateway, generator and callback binaries (one or more of each), a fake Claude
+//! and a recording webhook receiver in the test's process.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use jetcall::signing::SigningKey;
+use jetcall::topology::Topology;
+use testkit::fake_anthropic::API_KEY;
+use testkit::{
+    FakeAnthropic, NatsCluster, NatsServer, ServiceProcess, WebhookReceiver, service_binary,
+    wait_until,
+};
+
+/// The generator's `ack_wait`: short, so a killed generator's jobs come back quickly, and
+/// shorter than the stalled LLM calls of the flaky-model scenario.
+pub const ACK_WAIT: Duration = Duration::from_secs(2);
+/// LLM calls in flight per generator: few, so a run lasts long enough to be interrupted.
+const GENERATOR_CONCURRENCY: usize = 16;
+/// Every answer of the fake Claude takes this long, unless scripted otherwise.
+const LLM_DELAY: Duration = Duration::from_millis(100);
+/// The receiver takes this long to answer each webhook, so a few deliveries are always in
+/// flight for a fault to interrupt.
+const RECEIVER_DELAY: Duration = Duration::from_millis(50);
+/// Long enough to outlast the receiver's downtime, short enough that a dead endpoint's jobs
+/// are given up within a scenario (4.5 s of retries).
+const RETRY_SCHEDULE: [&str; 7] = ["100ms", "200ms", "400ms", "800ms", "1s", "1s", "1s"];
+/// Deliveries in flight per destination and callback instance (the default), which bounds
+/// the deliveries a fault can leave made but unrecorded.
+pub const PER_HOST_CONCURRENCY: usize = 32;
+const READY: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub enum Nats {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Nats {
+    pub fn url(&self) -> String {
+        match self {
+            Nats::Single(server) => server.url(),
+            Nats::Cluster(cluster) => cluster.url(),
+        }
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// A three-node cluster with replicas 3 instead of one nats-server.
+    pub cluster: bool,
+    /// Instances of each service.
+    pub instances: usize,
+}
+
+impl Shape {
+    pub const SINGLE: Shape = Shape {
+        cluster: false,
+        instances: 1,
+    };
+}
+
+/// A service binary with an HTTP port of its own: the gateway's API, the generator's and the
+/// callback's health and metrics.
+#[derive(Debug)]
+pub struct Served {
+    pub process: ServiceProcess,
+    pub url: String,
+}
+
+#[derive(Debug)]
+pub struct Stack {
+    pub nats: Nats,
+    pub llm: FakeAnthropic,
+    pub receiver: WebhookReceiver,
+    pub secret: String,
+    /// The test's own view of NATS, for status documents and stream counts.
+    pub topology: Topology,
+    pub gateways: Vec<Served>,
+    pub generators: Vec<Served>,
+    pub callbacks: Vec<Served>,
+    pub http: reqwest::Client,
+    /// A loopback port nothing listens on: a deliberately dead webhook endpoint.
+    pub dead_url: String,
+}
+
+/// The configuration every process shares, as dotted keys.
+fn settings(
+    nats_url: &str,
+    replicas: usize,
+    llm: &FakeAnthropic,
+    secret: &str,
+) -> Vec<(&'static str, Value)> {
+    vec![
+        ("nats.url", json!(nats_url)),
+        ("nats.replicas", json!(replicas)),
+        ("nats.request_timeout", json!("2s")),
+        ("generator.provider", json!("anthropic")),
+        ("anthropic.api_key", json!(API_KEY)),
+        ("anthropic.base_url", json!(llm.base_url())),
+        (
+            "generator.ack_wait",
+            json!(format!("{}ms", ACK_WAIT.as_millis())),
+        ),
+        ("generator.concurrency", json!(GENERATOR_CONCURRENCY)),
+        ("callback.signing_secret", json!(secret)),
+        ("callback.retry_schedule", json!(RETRY_SCHEDULE)),
+        ("callback.timeout", json!("2s")),
+        ("callback.breaker_cooldown", json!("1s")),
+        ("callback.per_host_concurrency", json!(PER_HOST_CONCURRENCY)),
+    ]
+}
+
+/// `JETCALL_<SECTION>__<KEY>` variables for `settings`; strings quoted, so a comma-separated
+/// URL list stays one string.
+fn environment(settings: &[(&str, Value)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = settings
+        .iter()
+        .map(|(key, value)| {
+            let name = format!("JETCALL_{}", key.replace('.', "__").to_ascii_uppercase());
+            (name, value.to_string())
+        })
+        .collect();
+    env.extend(
+        [
+            ("JETCALL_CONFIG", "/dev/null"),
+            ("RUST_LOG", "info,async_nats=warn"),
+            ("NO_COLOR", "1"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    env
+}
+
+impl Stack {
+    pub async fn start(shape: Shape) -> Self {
+        testkit::init_logs();
+        let (nats, replicas) = if shape.cluster {
+            (Nats::Cluster(NatsCluster::start(3)), 3)
+        } else {
+            (Nats::Single(NatsServer::start()), 1)
+        };
+        let llm = FakeAnthropic::start().await;
+        llm.set_delay(LLM_DELAY);
+        let receiver = WebhookReceiver::start().await;
+        receiver.set_delay(RECEIVER_DELAY);
+        let secret = SigningKey::generate();
+        let settings = settings(&nats.url(), replicas, &llm, &secret);
+        let config = testkit::config::config(&nats.url(), &settings);
+
+        // Provisioned here first, which also waits for a cluster's JetStream to be up.
+        let client = jetcall::connect::connect(&config, "jetcall-fault-suite")
+            .await
+            .expect("connect to NATS");
+        let topology = tokio::time::timeout(
+            READY,
+            jetcall::connect::provision_with_retry(&client, &config, &CancellationToken::new()),
+        )
+        .await
+        .expect("JetStream ready within 30 s")
+        .expect("provision");
+
+        let env = environment(&settings);
+        let with = |extra: (&str, String)| {
+            let mut env = env.clone();
+            env.push((extra.0.to_owned(), extra.1));
+            env
+        };
+        let served = |binary: &str, name: &str, listen_key: &str| {
+            let port = testkit::free_port();
+            let process = ServiceProcess::start(
+                name,
+                service_binary(binary),
+                with((listen_key, format!("127.0.0.1:{port}"))),
+            );
+            Served {
+                process,
+                url: format!("http://127.0.0.1:{port}"),
+            }
+        };
+        let label = |service: &str, i: usize| match shape.instances {
+            1 => service.to_owned(),
+            _ => format!("{service}-{}", i + 1),
+        };
+        let gateways = (0..shape.instances)
+            .map(|i| served("gateway", &label("gateway", i), "JETCALL_GATEWAY__LISTEN"))
+            .collect();
+        let generators = (0..shape.instances)
+            .map(|i| {
+                served(
+                    "generator",
+                    &label("generator", i),
+                    "JETCALL_GENERATOR__LISTEN",
+                )
+            })
+            .collect();
+        let callbacks = (0..shape.instances)
+            .map(|i| {
+                served(
+                    "callback",
+                    &label("callback", i),
+                    "JETCALL_CALLBACK__LISTEN",
+                )
+            })
+            .collect();
+
+        let stack = Self {
+            nats,
+            llm,
+            receiver,
+            secret,
+            topology,
+            gateways,
+            generators,
+            callbacks,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("HTTP client"),
+            dead_url: format!("http://127.0.0.1:{}/dead", testkit::free_port()),
+        };
+        for i in 0..stack.gateways.len() {
+            stack.wait_gateway_ready(i).await;
+        }
+        for i in 0..stack.generators.len() {
+            stack.wait_generator_ready(i).await;
+        }
+        for i in 0..stack.callbacks.len() {
+            stack.wait_callback_ready(i).await;
+        }
+        stack
+    }
+
+    async fn wait_ready(&self, what: &str, url: &str) {
+        wait_until(&format!("{what} to be ready"), READY, || async {
+            let response = self.http.get(url).send().await.ok()?;
+            (response.status() == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn wait_gateway_ready(&self, i: usize) {
+        let gateway = &self.gateways[i];
+        self.wait_ready(gateway.process.name(), &format!("{}/readyz", gateway.url))
+            .await;
+    }
+
+    pub async fn wait_generator_ready(&self, i: usize) {
+        let generator = &self.generators[i];
+        self.wait_ready(
+            generator.process.name(),
+            &format!("{}/readyz", generator.url),
+        )
+        .await;
+    }
+
+    pub async fn wait_callback_ready(&self, i: usize) {
+        let callback = &self.callbacks[i];
+        self.wait_ready(callback.process.name(), &format!("{}/readyz", callback.url))
+            .await;
+    }
+
+    /// `/metrics` of generator `i`.
+    pub async fn generator_metrics(&self, i: usize) -> String {
+        self.http
+            .get(format!("{}/metrics", self.generators[i].url))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The last lines every service logged, for a failure message.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.gateways
+            .iter()
+            .chain(&self.generators)
+            .chain(&self.callbacks)
+            .map(|served| served.process.tail(lines))
+            .collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // TEST_LOG asks for all of the services' logs, even when the scenario passes.
+        if std::env::var_os("TEST_LOG").is_some() {
+            eprintln!("--- the services' logs ---\n{}", self.log_tails(usize::MAX));
+        } else if std::thread::panicking() {
+            eprintln!(
+                "--- the services' last log lines ---\n{}",
+                self.log_tails(40)
+            );
+        }
+    }
+}
