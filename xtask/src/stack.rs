@@ -20,8 +20,11 @@ const GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct Stack {
-    nats: Proc,
+    /// The nats-server this stack started; `None` for one started by someone else (a cluster).
+    nats: Option<Proc>,
     services: Vec<Proc>,
+    /// Set for every service `spawn_service` starts, under its own `envs`.
+    common_env: Vec<(String, String)>,
     nats_url: String,
     gateway: Option<SocketAddr>,
     // Last, so that on an error path it is deleted only after the processes writing to
@@ -66,8 +69,30 @@ impl Stack {
         // The temporary directory goes with this error, so the log is quoted, not named.
         .with_context(|| format!("nats-server did not start:\n{}", nats.log_tail(20)))?;
         Ok(Self {
-            nats,
+            nats: Some(nats),
             services: Vec::new(),
+            common_env: Vec::new(),
+            nats_url,
+            gateway: None,
+            dir,
+        })
+    }
+
+    /// A stack whose services use the NATS server(s) at `nats_url`, started by the caller,
+    /// each service also given `common_env` (e.g. the replicas of a cluster).
+    pub fn beside(nats_url: String, common_env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("jetcall-bench-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        std::fs::create_dir(dir.path().join("logs")).context("creating the logs directory")?;
+        Ok(Self {
+            nats: None,
+            services: Vec::new(),
+            common_env: common_env
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                .collect(),
             nats_url,
             gateway: None,
             dir,
@@ -138,6 +163,7 @@ impl Stack {
         cmd.current_dir(self.dir.path())
             .env("NATS_URL", &self.nats_url)
             .env("RUST_LOG", "warn")
+            .envs(self.common_env.iter().map(|(key, value)| (key, value)))
             .envs(envs.iter().map(|(key, value)| (*key, value.as_str())));
         let log = self.logs_dir().join(format!("{name}.log"));
         let proc = Proc::spawn(name, cmd, log)?;
@@ -167,7 +193,9 @@ impl Stack {
 
     /// Fails if any process has exited.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
-        self.nats.check_running()?;
+        if let Some(nats) = &mut self.nats {
+            nats.check_running()?;
+        }
         self.services.iter_mut().try_for_each(Proc::check_running)
     }
 
@@ -184,8 +212,10 @@ impl Stack {
     /// Prints the end of each service's log, and of nats-server's if it has stopped
     /// (while it runs its log is a start-up banner), for a failure report.
     pub fn print_log_tails(&mut self) {
-        let nats_stopped = self.nats.check_running().is_err();
-        let nats = nats_stopped.then_some(&self.nats);
+        let nats = self
+            .nats
+            .as_mut()
+            .and_then(|nats| nats.check_running().is_err().then_some(&*nats));
         for proc in self.services.iter().chain(nats) {
             eprintln!(
                 "---- last lines of {} ({}) ----\n{}",
@@ -210,9 +240,11 @@ impl Stack {
                 problems.push(format!("{error:#}"));
             }
         }
-        let nats = self.nats.terminate();
-        if let Err(error) = nats.and(self.nats.finish(GRACE).await) {
-            problems.push(format!("{error:#}"));
+        if let Some(nats) = &mut self.nats {
+            let stopped = nats.terminate();
+            if let Err(error) = stopped.and(nats.finish(GRACE).await) {
+                problems.push(format!("{error:#}"));
+            }
         }
         let dir = self.dir.path().display().to_string();
         if let Err(error) = self.dir.close() {

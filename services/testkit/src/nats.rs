@@ -209,6 +209,7 @@ pub struct NatsCluster {
     /// The nodes' configurations and stores, removed when dropped.
     _dir: TempDir,
     nodes: Vec<ClusterNode>,
+    binary: PathBuf,
 }
 
 #[derive(Debug)]
@@ -224,6 +225,11 @@ impl NatsCluster {
     /// and JetStream elects its meta leader shortly after; a client's first JetStream request
     /// may have to wait for it.
     pub fn start(size: usize) -> Self {
+        Self::start_with(nats_server_binary(), size)
+    }
+
+    /// `start`, with the nats-server at `binary`.
+    pub fn start_with(binary: PathBuf, size: usize) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("jetcall-nats-cluster-")
             .tempdir()
@@ -259,7 +265,11 @@ impl NatsCluster {
                 }
             })
             .collect();
-        let mut cluster = Self { _dir: dir, nodes };
+        let mut cluster = Self {
+            _dir: dir,
+            nodes,
+            binary,
+        };
         for i in 0..size {
             cluster.spawn(i);
         }
@@ -268,7 +278,7 @@ impl NatsCluster {
 
     fn spawn(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let mut command = Command::new(nats_server_binary());
+        let mut command = Command::new(&self.binary);
         command
             .arg("-c")
             .arg(&node.config)
@@ -276,9 +286,9 @@ impl NatsCluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         crate::procs::die_with_parent(&mut command);
-        let mut child = command.spawn().unwrap_or_else(|err| {
-            panic!("could not start {}: {err}", nats_server_binary().display())
-        });
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("could not start {}: {err}", self.binary.display()));
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
             if let Ok(Some(status)) = child.try_wait() {

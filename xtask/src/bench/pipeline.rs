@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::callback::{Arrivals, start_receiver};
 use super::gateway::{client, job_to, start_gateway};
 use super::generator::{generator_env, start_fake_llm};
-use super::{Sizes, percentile, rss_mib, setup};
+use super::{Setup, Sizes, percentile, rss_mib, setup};
 use crate::poll;
 use crate::stack::{Stack, free_addr};
 
@@ -142,8 +142,53 @@ async fn jetstream_writes(topology: &jetcall::topology::Topology) -> anyhow::Res
     Ok(jobs + status)
 }
 
-async fn end_to_end(bins: Binaries<'_>, nats_server: &Path, run: Run) -> anyhow::Result<EndToEnd> {
-    let mut setup = setup(nats_server).await?;
+/// Where the pipeline's NATS runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nats {
+    Single,
+    /// Three nodes on loopback, the stream and the buckets with 3 replicas.
+    Cluster,
+}
+
+/// A three-node cluster and a stack beside it, the topology provisioned with 3 replicas once
+/// the cluster has elected its JetStream leader. The cluster lives as long as the `Setup`.
+async fn cluster_setup(nats_server: &Path) -> anyhow::Result<(testkit::NatsCluster, Setup)> {
+    let cluster = testkit::NatsCluster::start_with(nats_server.to_owned(), 3);
+    let url = cluster.url();
+    let config = testkit::config::config(&url, &[("nats.replicas", serde_json::json!(3))]);
+    let client = async_nats::connect(jetcall::connect::servers(&url)).await?;
+    let topology = poll::until(
+        "the cluster to elect its JetStream leader",
+        Duration::from_secs(60),
+        async || {
+            Ok(jetcall::topology::provision(client.clone(), &config)
+                .await
+                .ok())
+        },
+    )
+    .await?;
+    let stack = Stack::beside(url, &[("JETCALL_NATS__REPLICAS", "3")])?;
+    let setup = Setup {
+        stack,
+        topology,
+        secret: jetcall::signing::SigningKey::generate(),
+    };
+    Ok((cluster, setup))
+}
+
+async fn end_to_end(
+    bins: Binaries<'_>,
+    nats_server: &Path,
+    nats: Nats,
+    run: Run,
+) -> anyhow::Result<EndToEnd> {
+    let (_cluster, mut setup) = match nats {
+        Nats::Single => (None, setup(nats_server).await?),
+        Nats::Cluster => {
+            let (cluster, setup) = cluster_setup(nats_server).await?;
+            (Some(cluster), setup)
+        }
+    };
     let llm = start_fake_llm(run.llm_delay).await?;
     let arrivals = Arrivals::default();
     let hook = start_receiver(arrivals.clone()).await?;
@@ -342,6 +387,8 @@ async fn ceiling(
 pub struct Figures {
     fast: EndToEnd,
     slow: EndToEnd,
+    /// `fast` again on a three-node cluster with 3 replicas.
+    cluster: EndToEnd,
     ceiling: Ceiling,
 }
 
@@ -350,10 +397,12 @@ pub async fn measure(
     nats_server: &Path,
     sizes: Sizes,
 ) -> anyhow::Result<Figures> {
-    let fast = end_to_end(bins, nats_server, sizes.pipeline_fast).await?;
+    let fast = end_to_end(bins, nats_server, Nats::Single, sizes.pipeline_fast).await?;
     println!("==> {fast}");
-    let slow = end_to_end(bins, nats_server, sizes.pipeline_slow).await?;
+    let slow = end_to_end(bins, nats_server, Nats::Single, sizes.pipeline_slow).await?;
     println!("==> {slow}");
+    let cluster = end_to_end(bins, nats_server, Nats::Cluster, sizes.pipeline_fast).await?;
+    println!("==> three-node cluster: {cluster}");
     // The size of a `jobs.requested` event for the article's job.
     let message_bytes =
         serde_json::to_vec(&job_to("E-0", 0, "http://127.0.0.1:9/hook"))?.len() + 64;
@@ -365,6 +414,7 @@ pub async fn measure(
     Ok(Figures {
         fast,
         slow,
+        cluster,
         ceiling,
     })
 }
@@ -374,6 +424,7 @@ impl Figures {
         let Figures {
             fast,
             slow,
+            cluster,
             ceiling,
         } = self;
         let mut text = String::new();
@@ -409,6 +460,16 @@ impl Figures {
             text,
             "| end-to-end latency in that run, p50 / p99 | {:.0} ms / {:.0} ms | |",
             slow.e2e_p50_ms, slow.e2e_p99_ms
+        )?;
+        writeln!(
+            text,
+            "| the first run on a three-node cluster (3 replicas, all on this machine): jobs per second | **{:.0}/s** | |",
+            cluster.per_second()
+        )?;
+        writeln!(
+            text,
+            "| on the cluster: accept p50 / p99, end-to-end p50 / p99 | {:.2} ms / {:.2} ms, {:.1} ms / {:.1} ms | |",
+            cluster.accept_p50_ms, cluster.accept_p99_ms, cluster.e2e_p50_ms, cluster.e2e_p99_ms
         )?;
         writeln!(
             text,
@@ -452,7 +513,7 @@ impl Figures {
             fast.per_second(),
             100.0 * fast.per_second() / bound.max(f64::EPSILON)
         )?;
-        for run in [fast, slow] {
+        for run in [fast, slow, cluster] {
             if run.refused > 0 {
                 writeln!(
                     text,
@@ -469,7 +530,8 @@ impl Figures {
              are generated against a fake Messages API in this process (HTTP/2) and delivered, \
              signed, to a receiver in this process that records each job's first arrival (it \
              does not check signatures, to leave the cores to the services; the demo and the \
-             tests do). Single nats-server with a file store.\n"
+             tests do). One nats-server with a file store, except for the cluster rows: three \
+             nats-servers on loopback, each with its own store, on the same two cores.\n"
         )?;
         Ok(text)
     }
