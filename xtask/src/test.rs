@@ -14,14 +14,16 @@ pub async fn run(ws: &Workspace, cargo_test_args: &[String]) -> anyhow::Result<(
     let nats_server = tools::nats_server(ws).await?;
     let nats_cli = tools::nats_cli(ws).await?;
     let schemathesis = tools::schemathesis(ws).await?;
+    let python = tools::python_with_nats_py(ws).await?;
     // The integration tests start their own nats-server and drive the nats CLI (and the
-    // gateway's, schemathesis); these name the exact binaries, and PATH serves anything that
-    // looks the NATS tools up by name.
+    // gateway's, schemathesis; the end-to-end subscriber's, Python with nats-py); these name
+    // the exact binaries, and PATH serves anything that looks the NATS tools up by name.
     let path = path_with(&[&nats_server, &nats_cli])?;
     let with_tools = |mut cmd: tokio::process::Command| {
         cmd.env("JETCALL_NATS_SERVER", &nats_server)
             .env("JETCALL_NATS_CLI", &nats_cli)
             .env("JETCALL_SCHEMATHESIS", &schemathesis)
+            .env("JETCALL_PYTHON", &python)
             .env("PATH", &path);
         cmd
     };

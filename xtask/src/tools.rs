@@ -1,5 +1,5 @@
 //! Finding, or installing (with `go install`, or pip into a venv), the tools the demo and tests
-//! need: the NATS server and CLI, and schemathesis.
+//! need: the NATS server and CLI, schemathesis, and Python with nats-py.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,9 @@ const NATS_SERVER_MODULE: &str = "github.com/nats-io/nats-server/v2@v2.15.2";
 const NATS_CLI_MODULE: &str = "github.com/nats-io/natscli/nats@v0.5.0";
 /// The API fuzzer the gateway's tests run against `/openapi.json` (its `st` CLI).
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+/// The NATS client library for Python, which the external-subscriber test uses to consume
+/// `jobs.completed.>` with a durable consumer of its own, as another team's service would.
+const NATS_PY: &str = "nats-py==2.16.0";
 
 /// The callback consumer needs `filter_subjects`; older servers (Debian ships 2.9)
 /// accept the consumer and silently ignore the filters.
@@ -115,23 +118,7 @@ pub async fn schemathesis(ws: &Workspace) -> anyhow::Result<PathBuf> {
             Err(error) => println!("==> not using {}: {error:#}", st.display()),
         }
     }
-    let Some(python) = on_path("python3") else {
-        bail!(
-            "schemathesis not found and python3 is not installed: install Python 3 (with its \
-             venv module), or set JETCALL_SCHEMATHESIS to an `st` binary"
-        );
-    };
-    let pip = venv.join("bin").join("pip");
-    if !pip.is_file() {
-        println!("==> creating a Python venv in {}", venv.display());
-        let mut cmd = Command::new(&python);
-        cmd.arg("-m").arg("venv").arg(&venv);
-        procs::run(
-            &mut cmd,
-            "python3 -m venv (on Debian: apt-get install python3-venv)",
-        )
-        .await?;
-    }
+    let pip = venv_pip(ws, "schemathesis", "JETCALL_SCHEMATHESIS to an `st` binary").await?;
     println!(
         "==> installing {SCHEMATHESIS} into {} (pip: about half a minute)",
         venv.display()
@@ -151,6 +138,94 @@ pub async fn schemathesis(ws: &Workspace) -> anyhow::Result<PathBuf> {
     );
     announce("schemathesis", &st, &version);
     Ok(st)
+}
+
+/// A Python with nats-py, for the test whose subscriber is written against another client
+/// library: `JETCALL_PYTHON`, else the venv's Python with the pinned nats-py, installed there
+/// with pip when missing or of another version.
+pub async fn python_with_nats_py(ws: &Workspace) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("JETCALL_PYTHON") {
+        let path = std::path::absolute(&path).context("resolving JETCALL_PYTHON")?;
+        let version = nats_py_version(&path)
+            .await
+            .with_context(|| format!("JETCALL_PYTHON={}", path.display()))?;
+        announce("Python with nats-py", &path, &version);
+        return Ok(path);
+    }
+    let python = ws.tools_venv().join("bin").join("python");
+    let wanted = NATS_PY.split("==").nth(1).unwrap_or(NATS_PY);
+    if python.is_file() {
+        match nats_py_version(&python).await {
+            Ok(version) if version == wanted => {
+                announce("Python with nats-py", &python, &version);
+                return Ok(python);
+            }
+            Ok(version) => {
+                println!("==> nats-py {version} in the venv, not {wanted}: reinstalling")
+            }
+            Err(error) => println!("==> {}: {error:#}: installing it", python.display()),
+        }
+    }
+    let pip = venv_pip(ws, "nats-py", "JETCALL_PYTHON to a Python with nats-py").await?;
+    println!(
+        "==> installing {NATS_PY} into {}",
+        ws.tools_venv().display()
+    );
+    let mut cmd = Command::new(&pip);
+    cmd.args(["install", "--quiet", "--disable-pip-version-check", NATS_PY]);
+    procs::run(&mut cmd, &format!("pip install {NATS_PY}")).await?;
+    let version = nats_py_version(&python).await?;
+    ensure!(
+        version == wanted,
+        "`pip install {NATS_PY}` produced nats-py {version}"
+    );
+    announce("Python with nats-py", &python, &version);
+    Ok(python)
+}
+
+/// The version of nats-py that `python` imports.
+async fn nats_py_version(python: &Path) -> anyhow::Result<String> {
+    let output = Command::new(python)
+        .args([
+            "-c",
+            "import importlib.metadata, nats; print(importlib.metadata.version('nats-py'))",
+        ])
+        .output()
+        .await
+        .with_context(|| format!("running {}", python.display()))?;
+    // The traceback's last line says what is wrong ("No module named 'nats'", ...).
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.success(),
+        "it has no nats-py ({})",
+        stderr.lines().last().unwrap_or_default().trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The pip of the tools' venv, creating the venv with `python3 -m venv` when missing. `what`
+/// and `instead` go into the error when there is no python3.
+async fn venv_pip(ws: &Workspace, what: &str, instead: &str) -> anyhow::Result<PathBuf> {
+    let venv = ws.tools_venv();
+    let pip = venv.join("bin").join("pip");
+    if pip.is_file() {
+        return Ok(pip);
+    }
+    let Some(python) = on_path("python3") else {
+        bail!(
+            "{what} not found and python3 is not installed: install Python 3 (with its venv \
+             module), or set {instead}"
+        );
+    };
+    println!("==> creating a Python venv in {}", venv.display());
+    let mut cmd = Command::new(&python);
+    cmd.arg("-m").arg("venv").arg(&venv);
+    procs::run(
+        &mut cmd,
+        "python3 -m venv (on Debian: apt-get install python3-venv)",
+    )
+    .await?;
+    Ok(pip)
 }
 
 fn announce(tool: &str, path: &Path, version: &str) {

@@ -44,7 +44,8 @@ impl Workspace {
         self.target_dir.join("tools").join("bin")
     }
 
-    /// The Python venv that holds schemathesis: in the target directory too.
+    /// The Python venv that holds the test tools (schemathesis, nats-py): in the target
+    /// directory too.
     pub fn tools_venv(&self) -> PathBuf {
         self.target_dir.join("tools").join("venv")
     }

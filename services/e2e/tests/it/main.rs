@@ -2,3 +2,5 @@ mod delivery;
 mod observability;
 mod pipeline;
 mod scenarios;
+mod subscriber;
+mod terminal;

@@ -298,6 +298,188 @@ async fn operators_can_follow_a_job_with_the_nats_cli() {
     pipeline.stop().await;
 }
 
+/// Runs the `nats` CLI against the pipeline's server on a terminal, as an operator does, for
+/// the commands that need one, and returns what it wrote.
+fn nats_cli_on_terminal(pipeline: &Pipeline, args: &[&str]) -> String {
+    let server = pipeline.nats_url();
+    let args = [&["--server", server.as_str()], args].concat();
+    let (status, output) = crate::terminal::run(&testkit::nats::nats_cli_binary(), &args, WAIT);
+    assert!(status.success(), "nats {args:?} ({status}): {output}");
+    output
+}
+
+/// Whether some connection to the pipeline's server has a plain (core NATS) subscription on
+/// `subject`, from the server's own connection report (`$SYS.REQ.ACCOUNT.PING.CONNZ`, which
+/// any account may ask about itself).
+async fn has_subscription(client: &async_nats::Client, subject: &str) -> bool {
+    let Ok(reply) = client
+        .request(
+            "$SYS.REQ.ACCOUNT.PING.CONNZ",
+            r#"{"subscriptions": true}"#.into(),
+        )
+        .await
+    else {
+        return false;
+    };
+    let Ok(report) = serde_json::from_slice::<Value>(&reply.payload) else {
+        return false;
+    };
+    report["data"]["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|connection| connection["subscriptions_list"].as_array())
+        .flatten()
+        .any(|sub| sub == subject)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_can_watch_completions_and_dead_letters_with_the_nats_cli() {
+    let receiver = WebhookReceiver::start().await;
+    let gone = WebhookReceiver::start().await;
+    gone.fail_next(&[410]);
+    let pipeline = Pipeline::start(&[]).await;
+
+    // `nats sub 'jobs.completed.>'`, as the README has it, started before the job.
+    let sub = tokio::process::Command::new(testkit::nats::nats_cli_binary())
+        .arg("--server")
+        .arg(pipeline.nats_url())
+        .args(["sub", "jobs.completed.>", "--count", "1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run nats sub");
+    let client = async_nats::connect(pipeline.nats_url())
+        .await
+        .expect("connect to NATS");
+    testkit::wait_until("`nats sub` to be subscribed", WAIT, || async {
+        has_subscription(&client, "jobs.completed.>")
+            .await
+            .then_some(())
+    })
+    .await;
+    let (status, body) = pipeline
+        .post(
+            "/api/v1/generate-description",
+            &article_job(&receiver.url("/cb")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let output = tokio::time::timeout(WAIT, sub.wait_with_output())
+        .await
+        .expect("`nats sub --count 1` to exit after the completion")
+        .expect("the output of nats sub");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "nats sub: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        printed.contains(r#"Received on "jobs.completed.product-description""#),
+        "{printed}"
+    );
+    assert!(printed.contains(r#""job_id":"JOB-771""#), "{printed}");
+    assert!(
+        printed.contains("LG 1.5 Ton 5 Star Inverter Split AC"),
+        "{printed}"
+    );
+    pipeline.wait_for_status("JOB-771", "delivered", WAIT).await;
+
+    // A dead letter: the receiver answers 410 Gone.
+    let mut dead = article_job(&gone.url("/cb"));
+    dead["job_id"] = json!("JOB-410");
+    let (status, body) = pipeline.post("/api/v1/generate-description", &dead).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    pipeline
+        .wait_for_status("JOB-410", "undeliverable", WAIT)
+        .await;
+    let dead_letters = nats_cli_on_terminal(
+        &pipeline,
+        &[
+            "stream",
+            "view",
+            "JOBS",
+            "--subject",
+            "jobs.undeliverable.>",
+        ],
+    );
+    assert!(
+        dead_letters.contains("jobs.undeliverable.product-description"),
+        "{dead_letters}"
+    );
+    assert!(
+        dead_letters.contains(r#""job_id":"JOB-410""#),
+        "{dead_letters}"
+    );
+    assert!(
+        dead_letters.contains(r#""status_code":410"#),
+        "the attempt log: {dead_letters}"
+    );
+    assert!(!dead_letters.contains("JOB-771"), "{dead_letters}");
+    // The same without a terminal, as a script reads them.
+    let scripted = nats_cli(
+        &pipeline,
+        &[
+            "sub",
+            "jobs.undeliverable.>",
+            "--stream",
+            "JOBS",
+            "--all",
+            "--terminate-at-end",
+        ],
+    );
+    assert!(scripted.contains(r#""job_id":"JOB-410""#), "{scripted}");
+    assert!(!scripted.contains("JOB-771"), "{scripted}");
+
+    // Both jobs' events of one kind, from the last hour.
+    let of_kind = nats_cli_on_terminal(
+        &pipeline,
+        &[
+            "stream",
+            "view",
+            "JOBS",
+            "--subject",
+            "jobs.*.product-description",
+            "--since",
+            "1h",
+        ],
+    );
+    for subject in [
+        "jobs.requested.product-description",
+        "jobs.completed.product-description",
+        "jobs.delivered.product-description",
+        "jobs.undeliverable.product-description",
+    ] {
+        assert!(of_kind.contains(subject), "{subject}: {of_kind}");
+    }
+
+    // The fields the README's troubleshooting paragraph reads, under the consumers' names.
+    for consumer in ["generator", "callback"] {
+        let info = nats_cli(&pipeline, &["consumer", "info", "JOBS", consumer]);
+        for field in [
+            "Unprocessed Messages",
+            "Outstanding Acks",
+            "Redelivered Messages",
+        ] {
+            assert!(info.contains(field), "{consumer} lacks {field}: {info}");
+        }
+    }
+    let report = nats_cli(&pipeline, &["consumer", "report", "JOBS"]);
+    assert!(
+        report.contains("generator") && report.contains("callback"),
+        "{report}"
+    );
+    let keys = nats_cli(&pipeline, &["kv", "ls", "job_status"]);
+    assert!(
+        keys.contains("JOB-771") && keys.contains("JOB-410"),
+        "{keys}"
+    );
+    pipeline.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_services_ride_over_a_nats_server_restart() {
     let receiver = WebhookReceiver::start().await;
