@@ -5,6 +5,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.callback.listen)
         .await
         .map_err(|err| anyhow::anyhow!("binding {}: {err}", config.callback.listen))?;
-    callback::run(config, listener, jetcall::shutdown::on_signal()).await?;
+    let stopped = callback::run(config, listener, jetcall::shutdown::on_signal()).await;
+    // The last spans, if they are exported over OTLP.
+    jetcall::telemetry::shutdown().await;
+    stopped?;
     Ok(())
 }

@@ -12,6 +12,9 @@ async fn main() -> anyhow::Result<()> {
                 config.gateway.listen
             )
         })?;
-    gateway::run(config, listener, jetcall::shutdown::on_signal()).await?;
+    let stopped = gateway::run(config, listener, jetcall::shutdown::on_signal()).await;
+    // The last spans, if they are exported over OTLP.
+    jetcall::telemetry::shutdown().await;
+    stopped?;
     Ok(())
 }

@@ -5,6 +5,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.generator.listen)
         .await
         .map_err(|err| anyhow::anyhow!("binding {}: {err}", config.generator.listen))?;
-    generator::run(config, listener, jetcall::shutdown::on_signal()).await?;
+    let stopped = generator::run(config, listener, jetcall::shutdown::on_signal()).await;
+    // The last spans, if they are exported over OTLP.
+    jetcall::telemetry::shutdown().await;
+    stopped?;
     Ok(())
 }

@@ -2,8 +2,8 @@
 //!
 //! Layers, later ones winning: built-in defaults → `jetcall.toml` (or the file named by
 //! `JETCALL_CONFIG`) → the ecosystem's own variables (`NATS_URL`, `ANTHROPIC_API_KEY`,
-//! `ANTHROPIC_BASE_URL`) → `JETCALL_<SECTION>__<KEY>`. Every service loads the whole file so
-//! one `jetcall.toml` serves a whole deployment.
+//! `ANTHROPIC_BASE_URL`, `OTEL_EXPORTER_OTLP_ENDPOINT`) → `JETCALL_<SECTION>__<KEY>`. Every
+//! service loads the whole file so one `jetcall.toml` serves a whole deployment.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -185,6 +185,10 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter such as `info` or `info,gateway=debug`; `RUST_LOG` wins when set.
     pub level: String,
+    /// The base URL of an OTLP/HTTP collector, such as `http://127.0.0.1:4318`: spans (each
+    /// job's `job` span in the job's W3C trace) are POSTed as protobuf to `<it>/v1/traces`.
+    /// Unset (the default), nothing is exported. `OTEL_EXPORTER_OTLP_ENDPOINT` sets it too.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for LogConfig {
@@ -192,6 +196,7 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -432,6 +437,11 @@ impl Config {
             .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
             .merge(
                 Env::raw()
+                    .only(&["OTEL_EXPORTER_OTLP_ENDPOINT"])
+                    .map(|_| "log.otlp_endpoint".into()),
+            )
+            .merge(
+                Env::raw()
                     .only(&["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"])
                     .map(|key| {
                         let field = key.as_str().trim_start_matches("ANTHROPIC_");
@@ -467,6 +477,11 @@ impl Config {
             .openai
             .api_key
             .filter(|key| !key.expose().trim().is_empty());
+        // `OTEL_EXPORTER_OTLP_ENDPOINT=` (set but empty) means no exporter.
+        config.log.otlp_endpoint = config
+            .log
+            .otlp_endpoint
+            .filter(|endpoint| !endpoint.trim().is_empty());
         config.merge_builtin_kinds();
         config.validate()?;
         Ok(config)
@@ -593,6 +608,16 @@ impl Config {
         }
         crate::allowlist::Allowlist::parse(&self.gateway.callback_allowlist)
             .map_err(|err| ConfigError::invalid("gateway.callback_allowlist", err.to_string()))?;
+        if let Some(endpoint) = &self.log.otlp_endpoint {
+            let parsed = url::Url::parse(endpoint)
+                .map_err(|err| ConfigError::invalid("log.otlp_endpoint", err.to_string()))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(ConfigError::invalid(
+                    "log.otlp_endpoint",
+                    "must be an http:// or https:// URL (OTLP/HTTP; gRPC is not supported)",
+                ));
+            }
+        }
         url::Url::parse(&self.anthropic.base_url)
             .map_err(|err| ConfigError::invalid("anthropic.base_url", err.to_string()))?;
         url::Url::parse(&self.openai.base_url)

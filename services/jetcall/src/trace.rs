@@ -15,11 +15,29 @@ const SAMPLED: u8 = 0x01;
 
 /// One span's place in a trace, as the `traceparent` header spells it:
 /// `00-<trace id: 32 hex>-<span id: 16 hex>-<flags: 2 hex>`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// A [`child`](Self::child) also remembers its parent's span id (not part of the header, nor
+/// of equality), so an exported span can name its parent.
+#[derive(Clone, Copy)]
 pub struct TraceParent {
     trace_id: [u8; 16],
     span_id: [u8; 8],
     flags: u8,
+    parent_span_id: Option<[u8; 8]>,
+}
+
+impl PartialEq for TraceParent {
+    fn eq(&self, other: &Self) -> bool {
+        (self.trace_id, self.span_id, self.flags) == (other.trace_id, other.span_id, other.flags)
+    }
+}
+
+impl Eq for TraceParent {}
+
+impl std::hash::Hash for TraceParent {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.trace_id, self.span_id, self.flags).hash(state);
+    }
 }
 
 impl TraceParent {
@@ -53,6 +71,7 @@ impl TraceParent {
             trace_id,
             span_id,
             flags,
+            parent_span_id: None,
         })
     }
 
@@ -62,6 +81,7 @@ impl TraceParent {
             trace_id: nonzero(),
             span_id: nonzero(),
             flags: SAMPLED,
+            parent_span_id: None,
         }
     }
 
@@ -69,6 +89,7 @@ impl TraceParent {
     pub fn child(&self) -> Self {
         Self {
             span_id: nonzero(),
+            parent_span_id: Some(self.span_id),
             ..*self
         }
     }
@@ -81,6 +102,7 @@ impl TraceParent {
             trace_id,
             span_id: nonzero(),
             flags: SAMPLED,
+            parent_span_id: None,
         })
     }
 
@@ -114,6 +136,22 @@ impl TraceParent {
 
     pub fn sampled(&self) -> bool {
         self.flags & SAMPLED != 0
+    }
+
+    /// The trace id's 16 bytes.
+    pub fn trace_id_bytes(&self) -> [u8; 16] {
+        self.trace_id
+    }
+
+    /// This span's id as 8 bytes.
+    pub fn span_id_bytes(&self) -> [u8; 8] {
+        self.span_id
+    }
+
+    /// The span this one continues (the `traceparent` it was received with), when it is a
+    /// [`child`](Self::child) of one.
+    pub fn parent_span_id_bytes(&self) -> Option<[u8; 8]> {
+        self.parent_span_id
     }
 }
 
@@ -236,6 +274,8 @@ mod tests {
         assert_eq!(child.trace_id(), parent.trace_id());
         assert_ne!(child.span_id(), parent.span_id());
         assert_eq!(child.sampled(), parent.sampled());
+        assert_eq!(child.parent_span_id_bytes(), Some(parent.span_id_bytes()));
+        assert_eq!(parent.parent_span_id_bytes(), None);
         assert_eq!(TraceParent::parse(&child.to_string()), Some(child));
     }
 

@@ -43,6 +43,10 @@ fn defaults_are_the_documented_ones() {
             "{day:?}"
         );
         assert!(config.callback.signing_secret.is_none());
+        assert!(
+            config.log.otlp_endpoint.is_none(),
+            "no OTLP export by default"
+        );
         assert!(config.kinds.contains_key("product-description"));
         assert!(config.kinds.contains_key("return-analysis"));
         Ok(())
@@ -127,6 +131,34 @@ fn an_empty_api_key_is_no_key() {
 }
 
 #[test]
+fn the_otel_endpoint_variable_sets_the_otlp_endpoint() {
+    Jail::expect_with(|jail| {
+        jail.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        let config = Config::load().expect("loads");
+        assert_eq!(
+            config.log.otlp_endpoint.as_deref(),
+            Some("http://collector:4318")
+        );
+        jail.set_env(
+            "JETCALL_LOG__OTLP_ENDPOINT",
+            "http://jetcall-collector:4318",
+        );
+        let config = Config::load().expect("loads");
+        assert_eq!(
+            config.log.otlp_endpoint.as_deref(),
+            Some("http://jetcall-collector:4318"),
+            "the JETCALL_ variable wins"
+        );
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", "");
+        assert!(Config::load().expect("loads").log.otlp_endpoint.is_none());
+        Ok(())
+    });
+}
+
+#[test]
 fn secrets_are_not_printed() {
     Jail::expect_with(|jail| {
         jail.set_env("ANTHROPIC_API_KEY", "sk-ant-very-secret");
@@ -173,6 +205,16 @@ fn bad_values_name_their_key() {
             "api_keys",
         ),
         ("JETCALL_GATEWAY__LISTN", "127.0.0.1:1", "listn"),
+        (
+            "JETCALL_LOG__OTLP_ENDPOINT",
+            "grpc://127.0.0.1:4317",
+            "log.otlp_endpoint",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "not a url",
+            "log.otlp_endpoint",
+        ),
     ];
     for (variable, value, key) in cases {
         let message = load_err(|jail| {
