@@ -1,5 +1,5 @@
 mod logs;
 mod metrics;
+mod otlp;
 mod restart;
 mod ssrf;
-mod otlp;
