@@ -105,7 +105,7 @@ async fn run_bench(quick: bool, only: Option<bench::Part>) -> anyhow::Result<()>
 async fn rerun_optimised(ws: &Workspace) -> anyhow::Result<()> {
     println!("==> cargo build --release --package xtask");
     procs::run(
-        &mut ws.cargo(&["build", "--release", "--package", "xtask"]),
+        &mut ws.cargo(["build", "--release", "--package", "xtask"]),
         "building xtask with optimisations",
     )
     .await?;

@@ -34,6 +34,9 @@ pub struct Destination {
     last_success: Mutex<Instant>,
     /// A moving average of successful attempts' durations, in microseconds; 0 before any.
     typical_answer_us: AtomicU64,
+    per_host: u32,
+    /// When the last delivery parked here is due back: the next one is spaced after it.
+    last_return: Mutex<Instant>,
 }
 
 impl Destination {
@@ -44,7 +47,37 @@ impl Destination {
             open_until: Mutex::new(None),
             last_success: Mutex::new(Instant::now()),
             typical_answer_us: AtomicU64::new(0),
+            per_host: u32::try_from(per_host).unwrap_or(u32::MAX).max(1),
+            last_return: Mutex::new(Instant::now()),
         }
+    }
+
+    /// How long a delivery that cannot go out now waits in JetStream: at least `earliest`,
+    /// and after the deliveries parked here before it, spaced by the time this destination
+    /// takes per delivery (its typical answer, or `timeout` while it fails or has never
+    /// answered, over its slots), but never more than `longest`.
+    ///
+    /// Without the spacing a dead receiver's backlog came back all at once, every few
+    /// seconds, and cycling it through JetStream and the status bucket slowed the healthy
+    /// receivers' deliveries (BENCHMARKS.md); spaced, each parked delivery returns about when
+    /// a slot can be expected to be free for it.
+    pub fn return_after(
+        &self,
+        earliest: Duration,
+        now: Instant,
+        timeout: Duration,
+        longest: Duration,
+    ) -> Duration {
+        let per_delivery = match self.typical_answer_us.load(Ordering::Relaxed) {
+            us if us > 0 && self.consecutive_failures() == 0 => Duration::from_micros(us),
+            _ => timeout,
+        } / self.per_host;
+        let mut last = self.last_return.lock().unwrap_or_else(|p| p.into_inner());
+        let due = (now + earliest)
+            .max(*last + per_delivery)
+            .min(now + longest);
+        *last = due;
+        due.saturating_duration_since(now)
     }
 
     /// Whether a request may go out now: `None` if so, else how much longer the circuit stays
@@ -184,6 +217,41 @@ mod tests {
     use super::*;
 
     const NO_WAIT: Duration = Duration::ZERO;
+
+    #[test]
+    fn parked_deliveries_come_back_spaced_by_what_the_destination_can_take() {
+        let (timeout, longest) = (Duration::from_secs(10), Duration::from_secs(60));
+        let earliest = Duration::from_secs(5);
+        let now = Instant::now();
+
+        // Never answered: a slot frees at most every timeout / slots (10 s / 4).
+        let dead = Destination::new(4);
+        let returns: Vec<_> = (0..30)
+            .map(|_| dead.return_after(earliest, now, timeout, longest))
+            .collect();
+        assert_eq!(returns[0], earliest);
+        assert_eq!(returns[1], earliest + Duration::from_millis(2500));
+        assert_eq!(returns[2], earliest + Duration::from_secs(5));
+        assert_eq!(returns[29], longest, "never later than `longest`");
+
+        // Answering in 40 ms: four slots take a delivery every 10 ms.
+        let quick = Destination::new(4);
+        quick.record(true, Duration::from_millis(40), now, timeout);
+        let first = quick.return_after(earliest, now, timeout, longest);
+        let second = quick.return_after(earliest, now, timeout, longest);
+        assert_eq!(second - first, Duration::from_millis(10));
+        // Failing now: back to the timeout's pace.
+        quick.record(false, Duration::ZERO, now, timeout);
+        let third = quick.return_after(earliest, now, timeout, longest);
+        assert_eq!(third - second, Duration::from_millis(2500));
+
+        // Later parks start from their own moment once the earlier ones are due.
+        let later = now + Duration::from_secs(600);
+        assert_eq!(
+            dead.return_after(earliest, later, timeout, longest),
+            earliest
+        );
+    }
 
     #[tokio::test]
     async fn each_destination_gets_its_own_bound() {

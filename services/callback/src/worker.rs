@@ -27,7 +27,7 @@ use jetcall::trace::TraceParent;
 use jetcall::webhook;
 
 use crate::deliver::{Sender, Verdict};
-use crate::hosts::Destinations;
+use crate::hosts::{Destination, Destinations};
 use crate::metrics::Metrics;
 
 /// The shortest wait in JetStream for a delivery whose destination has no free slot.
@@ -146,8 +146,8 @@ impl Worker {
         {
             Ok(slot) => slot,
             Err(stalled) => {
-                let base = park_delay(stalled, self.config.callback.timeout);
-                let delay = base.mul_f64(1.0 + rand::random::<f64>());
+                let earliest = park_delay(stalled, self.config.callback.timeout);
+                let delay = self.park(&destination, earliest);
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 self.metrics.parked("busy");
                 return Ok(Step::Parked(delay));
@@ -190,12 +190,13 @@ impl Worker {
                     .unwrap_or_default();
                 let schedule: Duration = self.config.callback.retry_schedule.iter().sum();
                 if noted && waited < schedule {
-                    let delay = remaining.mul_f64(1.0 + 0.5 * rand::random::<f64>());
+                    let delay = self.park(&destination, remaining);
                     let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                     self.metrics.parked(CIRCUIT_OPEN);
                     return Ok(Step::Parked(delay));
                 }
-                circuit_open(round, remaining, destination.consecutive_failures())
+                let delay = self.park(&destination, remaining);
+                circuit_open(round, remaining, delay, destination.consecutive_failures())
             }
             None => {
                 let _slot = slot;
@@ -311,6 +312,18 @@ impl Worker {
         }
     }
 
+    /// How long a delivery that cannot go out to `destination` now waits in JetStream: at
+    /// least `earliest`, spaced after the others parked there ([`Destination::return_after`]),
+    /// at most four timeouts or cooldowns, with a little jitter so that instances that park
+    /// at the same moment do not return together.
+    fn park(&self, destination: &Destination, earliest: Duration) -> Duration {
+        let callback = &self.config.callback;
+        let longest = 4 * callback.timeout.max(callback.breaker_cooldown);
+        destination
+            .return_after(earliest, Instant::now(), callback.timeout, longest)
+            .mul_f64(1.0 + 0.1 * rand::random::<f64>())
+    }
+
     /// The caller's own secret when it gave one at submission, else the service's.
     fn signer_for(&self, doc: &JobStatus) -> Signer {
         doc.signing_secret
@@ -411,7 +424,12 @@ fn destination_of(callback_url: &str) -> String {
 
 /// The attempt recorded, without a request, for a destination whose circuit is open: it
 /// moves the job along its schedule, and asks for no retry before the circuit closes.
-fn circuit_open(round: u32, remaining: Duration, failures: u32) -> (Verdict, DeliveryAttempt) {
+fn circuit_open(
+    round: u32,
+    remaining: Duration,
+    retry_after: Duration,
+    failures: u32,
+) -> (Verdict, DeliveryAttempt) {
     let attempt = DeliveryAttempt {
         at: OffsetDateTime::now_utc(),
         duration_ms: 0,
@@ -424,9 +442,6 @@ fn circuit_open(round: u32, remaining: Duration, failures: u32) -> (Verdict, Del
         response_excerpt: None,
         round,
     };
-    // Spread over half the remaining time again, or every delivery held back would return
-    // the moment the circuit closes.
-    let retry_after = remaining.mul_f64(1.0 + 0.5 * rand::random::<f64>());
     (
         Verdict::Retry {
             retry_after: Some(retry_after),

@@ -94,7 +94,7 @@ where
                 }
             }
         };
-        let message = match next {
+        let mut message = match next {
             Some(Ok(message)) => message,
             Some(Err(err)) => {
                 // Missed heartbeats (a NATS restart, a pull the server no longer knows) land
@@ -109,6 +109,10 @@ where
             None if admission == Admission::Probe => continue,
             None => break,
         };
+        // The payload is a slice of the connection's 64 KiB read buffer, which stays allocated
+        // while any message read into it lives: a job held for a 2 s LLM call pinned all the
+        // traffic read meanwhile. Its own copy frees the buffer at once.
+        message.message.payload = bytes::Bytes::copy_from_slice(&message.payload);
         // `map`, not an async block awaiting `work`: such a block would hold the future twice
         // (captured, then moved into the await), doubling every task's size.
         let work = handle(message, handlers_stop.clone());
