@@ -60,7 +60,12 @@ pub fn init(config: &LogConfig) {
         ),
         LogFormat::Text => (
             None,
-            Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
+            // Colours only for a person at a terminal, not escape codes in a log file.
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            ),
         ),
     };
     let mut failure = None;
