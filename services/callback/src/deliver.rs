@@ -68,6 +68,9 @@ impl Sender {
             .timeout(config.timeout)
             // A redirect could lead anywhere, including to an address we would refuse.
             .redirect(reqwest::redirect::Policy::none())
+            // Every request a receiver sees is one attempt in the job's log: no retry hidden
+            // inside the HTTP client.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .no_proxy()
             .dns_resolver(Arc::new(CheckedResolver {
                 allowlist: allowlist.clone(),

@@ -399,9 +399,6 @@ pub async fn measure(
 ) -> anyhow::Result<Figures> {
     let fast = end_to_end(bins, nats_server, Nats::Single, sizes.pipeline_fast).await?;
     println!("==> {fast}");
-    if std::env::var_os("XX_FAST_ONLY").is_some() {
-        anyhow::bail!("fast only");
-    }
     let slow = end_to_end(bins, nats_server, Nats::Single, sizes.pipeline_slow).await?;
     println!("==> {slow}");
     let cluster = end_to_end(bins, nats_server, Nats::Cluster, sizes.pipeline_fast).await?;

@@ -34,9 +34,13 @@ impl ClientPool {
         let clients = concurrency.div_ceil(STREAMS_PER_CONNECTION).max(1);
         let clients = (0..clients)
             .map(|_| {
+                // Every retry is ours, counted against `generator.max_attempts`; reqwest's
+                // own would also keep a copy of each request in flight (heaptrack: 3 MB at
+                // 10,000 calls).
                 let builder = reqwest::Client::builder()
                     .timeout(timeout)
-                    .pool_max_idle_per_host(concurrency);
+                    .pool_max_idle_per_host(concurrency)
+                    .retry(reqwest::retry::never().max_retries_per_request(0));
                 let builder = if h2c {
                     builder.http2_prior_knowledge()
                 } else {
