@@ -269,8 +269,10 @@ async fn machine(nats_server: &Path) -> anyhow::Result<String> {
         text,
         "Measured with `cargo xtask bench` on {date}: {cpu}, {cores} cores, {memory} GiB; \
          {nats_version}; everything (nats-server with a file store, the release builds of the \
-         services, the load generator, the fake LLM and the receivers) on this one machine, \
-         over loopback. The figures report; nothing asserts them.\n"
+         services, and the load generator, the fake LLM and the receivers in a release build \
+         of xtask) on this one machine, over loopback. The figures report; nothing asserts \
+         them. This machine is a shared virtual one: the same run varies by 10 to 20 % from \
+         one time to the next.\n"
     )?;
     Ok(text)
 }
