@@ -1,5 +1,8 @@
 use anyhow::Context as _;
 
+#[global_allocator]
+static ALLOCATOR: jetcall::allocator::Jemalloc = jetcall::allocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = jetcall::Config::load()?;

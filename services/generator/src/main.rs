@@ -1,3 +1,6 @@
+#[global_allocator]
+static ALLOCATOR: jetcall::allocator::Jemalloc = jetcall::allocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = jetcall::Config::load()?;

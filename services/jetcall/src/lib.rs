@@ -4,6 +4,7 @@
 //! Only this crate spells NATS subjects and payload shapes; services depend on it for both.
 
 pub mod admin;
+pub mod allocator;
 pub mod allowlist;
 pub mod config;
 pub mod connect;
