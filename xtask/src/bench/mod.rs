@@ -36,6 +36,8 @@ pub struct Sizes {
     /// End to end with an LLM answering at once, and with a slow one.
     pub pipeline_fast: pipeline::Run,
     pub pipeline_slow: pipeline::Run,
+    /// How many times the fast end-to-end run is repeated for its median.
+    pub pipeline_repeats: usize,
     /// Bare JetStream publishes (then consumed and acked) for the ceiling.
     pub ceiling_messages: usize,
 }
@@ -83,6 +85,7 @@ impl Sizes {
                 llm_delay: Duration::from_secs(2),
                 llm_concurrency: 4_096,
             },
+            pipeline_repeats: 3,
             ceiling_messages: 200_000,
         }
     }
@@ -127,6 +130,7 @@ impl Sizes {
                 llm_delay: Duration::from_millis(200),
                 llm_concurrency: 256,
             },
+            pipeline_repeats: 1,
             ceiling_messages: 2_000,
         }
     }
