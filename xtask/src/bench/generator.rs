@@ -241,7 +241,7 @@ impl Figures {
         if slow.peak_rss_mib > 200.0 / 1.048_576 {
             writeln!(
                 text,
-                "\n**The 200 MB target is not met.** heaptrack at 10,000 calls in flight put \
+                "\n**The 200 MB target is not met.** heaptrack at 10,000 calls in flight (on glibc's malloc) put \
                  the heap's peak at 163 MB, about 16 KB a call, and the rest of the RSS is the \
                  allocator's. About 8 KB of a call is reqwest's and hyper's: hyper-util's boxed \
                  request future (2.6 KB), reqwest's pending request (1.4 KB), hyper's HTTP/2 \
