@@ -18,3 +18,14 @@ pub fn config(nats_url: &str, settings: &[(&str, Value)]) -> Config {
     }
     Config::from_figment(figment).unwrap_or_else(|err| panic!("invalid test configuration: {err}"))
 }
+
+/// Connects to `config`'s NATS and creates the stream, consumers and bucket it describes, as
+/// every service does at start-up, for a test to fill or read before (or without) starting one.
+pub async fn provision(config: &Config) -> jetcall::topology::Topology {
+    let client = async_nats::connect(config.nats.url.as_str())
+        .await
+        .expect("connect to NATS");
+    jetcall::topology::provision(client, config)
+        .await
+        .expect("provision the topology")
+}

@@ -18,10 +18,7 @@ async fn every_json_line_about_a_job_carries_its_id() {
     testkit::init_logs();
     let nats = NatsServer::start();
     let config = testkit::config::config(&nats.url(), &[]);
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let topology = jetcall::topology::provision(client, &config)
-        .await
-        .expect("provision");
+    let topology = testkit::config::provision(&config).await;
     let flaky = WebhookReceiver::start().await;
     flaky.fail_next(&[500]);
     let gone = WebhookReceiver::start().await;

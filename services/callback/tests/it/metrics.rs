@@ -33,10 +33,7 @@ impl Running {
         let secret = SigningKey::generate();
         let base = [("callback.signing_secret", Value::from(secret))];
         let config = testkit::config::config(&nats.url(), &[&base[..], settings].concat());
-        let client = async_nats::connect(nats.url()).await.expect("connect");
-        let topology = jetcall::topology::provision(client, &config)
-            .await
-            .expect("provision");
+        let topology = testkit::config::provision(&config).await;
         let listener = testkit::loopback_listener();
         let admin = format!("http://{}", listener.local_addr().expect("local address"));
         let stop = CancellationToken::new();

@@ -169,10 +169,7 @@ async fn the_job_span_is_exported_in_the_callers_trace_only_when_configured() {
     testkit::init_logs();
     let nats = NatsServer::start();
     let config = testkit::config::config(&nats.url(), &[]);
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let topology = jetcall::topology::provision(client, &config)
-        .await
-        .expect("provision");
+    let topology = testkit::config::provision(&config).await;
     let receiver = WebhookReceiver::start().await;
     let (collector, endpoint) = Collector::start().await;
 

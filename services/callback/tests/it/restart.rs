@@ -34,10 +34,7 @@ async fn a_killed_callback_service_loses_no_delivery() {
     testkit::init_logs();
     let nats = NatsServer::start();
     let config = testkit::config::config(&nats.url(), &[]);
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let topology = jetcall::topology::provision(client, &config)
-        .await
-        .expect("provision");
+    let topology = testkit::config::provision(&config).await;
     let receiver = WebhookReceiver::start().await;
     // Two failures per job on average: a backlog of retries.
     receiver.fail_next(&[500; 2 * JOBS]);

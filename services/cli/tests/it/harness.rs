@@ -77,10 +77,7 @@ impl Stack {
         testkit::init_logs();
         let nats = NatsServer::start();
         let config = testkit::config::config(&nats.url(), settings);
-        let client = async_nats::connect(nats.url()).await.expect("connect");
-        let topology = jetcall::topology::provision(client, &config)
-            .await
-            .expect("provision");
+        let topology = testkit::config::provision(&config).await;
         let listener = testkit::loopback_listener();
         let address = listener.local_addr().expect("address");
         let mut stack = Self {

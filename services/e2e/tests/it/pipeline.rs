@@ -44,12 +44,7 @@ impl Pipeline {
         let secret = SigningKey::generate();
         let config = test_config(&nats, &secret, settings);
 
-        let client = async_nats::connect(nats.url())
-            .await
-            .expect("connect to NATS");
-        let topology = jetcall::topology::provision(client, &config)
-            .await
-            .expect("provision");
+        let topology = testkit::config::provision(&config).await;
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -380,12 +380,7 @@ async fn an_unconfirmed_publish_rejects_the_job_and_a_retry_repairs_it() {
     }
     assert_eq!(in_kv(&gateway, "JOB-0").await, Some(Status::Accepted));
 
-    let client = async_nats::connect(gateway.nats.url())
-        .await
-        .expect("connect");
-    jetcall::topology::provision(client, &config)
-        .await
-        .expect("provision again");
+    testkit::config::provision(&config).await;
     let (status, body) = gateway.post(BATCH, &batch(&jobs)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(

@@ -29,10 +29,7 @@ pub fn config(nats: &NatsServer, settings: &[(&str, Value)]) -> Config {
 
 /// The stream and the bucket on `nats`, for a test to fill before a gateway starts.
 pub async fn provision(nats: &NatsServer, settings: &[(&str, Value)]) -> Topology {
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    jetcall::topology::provision(client, &config(nats, settings))
-        .await
-        .expect("provision")
+    testkit::config::provision(&config(nats, settings)).await
 }
 
 impl Gateway {

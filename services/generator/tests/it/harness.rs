@@ -39,10 +39,7 @@ impl Harness {
         ];
         let config =
             testkit::config::config(&nats.url(), &[&claude_settings[..], settings].concat());
-        let client = async_nats::connect(nats.url()).await.expect("connect");
-        let topology = jetcall::topology::provision(client, &config)
-            .await
-            .expect("provision");
+        let topology = testkit::config::provision(&config).await;
         Self {
             nats,
             claude,
