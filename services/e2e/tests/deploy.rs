@@ -571,29 +571,8 @@ fn the_demo_receiver_accepts_signed_webhooks_and_refuses_others() {
     );
     let secret = environment(receiver)["SIGNING_SECRET"].clone();
 
-    let port = testkit::free_port();
-    let mut child = Command::new("python3")
-        .args(["-u", "-c", script])
-        .env("SIGNING_SECRET", &secret)
-        .env("HOST", "127.0.0.1")
-        .env("PORT", port.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 runs the demo receiver (cargo xtask test needs Python 3 anyway)");
+    let (mut child, port) = start_demo_receiver(script, &secret);
     let mut printed = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the demo receiver exited with {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the demo receiver did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 
     let body = br#"{"type":"job.completed","job_id":"JOB-771"}"#;
     let signer = Signer::from_secrets([secret.as_str()]).expect("the secret");
@@ -636,4 +615,45 @@ fn the_demo_receiver_accepts_signed_webhooks_and_refuses_others() {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The compose file's demo receiver `script`, run with `python3` on a free loopback port,
+/// once it listens. A port found free can be taken by a parallel test before Python binds
+/// it, so that one failure gets another port; any other exit is the test's failure.
+fn start_demo_receiver(script: &str, secret: &str) -> (std::process::Child, u16) {
+    for _ in 0..3 {
+        let port = testkit::free_port();
+        let mut child = Command::new("python3")
+            .args(["-u", "-c", script])
+            .env("SIGNING_SECRET", secret)
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the demo receiver (cargo xtask test needs Python 3 anyway)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (child, port);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                if stderr.contains("Address already in use") {
+                    break;
+                }
+                panic!("the demo receiver exited with {status}:\n{stderr}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the demo receiver did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("the demo receiver found no free port in three tries");
 }
