@@ -34,7 +34,7 @@ pub struct Destination {
     last_success: Mutex<Instant>,
     /// A moving average of successful attempts' durations, in microseconds; 0 before any.
     typical_answer_us: AtomicU64,
-    per_host: u32,
+    per_host: usize,
     /// When the last delivery parked here is due back: the next one is spaced after it.
     last_return: Mutex<Instant>,
 }
@@ -47,7 +47,7 @@ impl Destination {
             open_until: Mutex::new(None),
             last_success: Mutex::new(Instant::now()),
             typical_answer_us: AtomicU64::new(0),
-            per_host: u32::try_from(per_host).unwrap_or(u32::MAX).max(1),
+            per_host,
             last_return: Mutex::new(Instant::now()),
         }
     }
@@ -71,7 +71,7 @@ impl Destination {
         let per_delivery = match self.typical_answer_us.load(Ordering::Relaxed) {
             us if us > 0 && self.consecutive_failures() == 0 => Duration::from_micros(us),
             _ => timeout,
-        } / self.per_host;
+        } / u32::try_from(self.per_host).unwrap_or(u32::MAX).max(1);
         let mut last = self.last_return.lock().unwrap_or_else(|p| p.into_inner());
         let due = (now + earliest)
             .max(*last + per_delivery)
@@ -169,8 +169,8 @@ impl Destination {
             .is_some()
     }
 
-    fn is_idle(&self, per_host: usize) -> bool {
-        self.slots.available_permits() == per_host && self.consecutive_failures() == 0
+    fn is_idle(&self) -> bool {
+        self.slots.available_permits() == self.per_host && self.consecutive_failures() == 0
     }
 }
 
@@ -202,8 +202,7 @@ impl Destinations {
     pub fn get(&self, destination: &str) -> Arc<Destination> {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.len() >= MAX_TRACKED && !known.contains_key(destination) {
-            let per_host = self.per_host;
-            known.retain(|_, state| !state.is_idle(per_host));
+            known.retain(|_, state| !state.is_idle());
         }
         known
             .entry(destination.to_owned())
