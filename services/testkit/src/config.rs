@@ -22,7 +22,10 @@ pub fn config(nats_url: &str, settings: &[(&str, Value)]) -> Config {
 /// Connects to `config`'s NATS and creates the stream, consumers and bucket it describes, as
 /// every service does at start-up, for a test to fill or read before (or without) starting one.
 pub async fn provision(config: &Config) -> jetcall::topology::Topology {
-    let client = async_nats::connect(config.nats.url.as_str())
+    // The services' own connection settings (user, TLS, several URLs), without their endless
+    // retrying: a test fails at once when its server is not there.
+    let client = jetcall::connect::options(config)
+        .connect(jetcall::connect::servers(&config.nats.url))
         .await
         .expect("connect to NATS");
     jetcall::topology::provision(client, config)
