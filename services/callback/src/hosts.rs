@@ -34,6 +34,10 @@ pub struct Destination {
     last_success: Mutex<Instant>,
     /// A moving average of successful attempts' durations, in microseconds; 0 before any.
     typical_answer_us: AtomicU64,
+    /// A moving average of every finished attempt's duration, failures included (a receiver
+    /// answering 500 at once frees its slots at once; a silent one only at the timeout), in
+    /// microseconds; 0 before any.
+    typical_attempt_us: AtomicU64,
     per_host: usize,
     /// When the last delivery parked here is due back: the next one is spaced after it.
     last_return: Mutex<Instant>,
@@ -47,6 +51,7 @@ impl Destination {
             open_until: Mutex::new(None),
             last_success: Mutex::new(Instant::now()),
             typical_answer_us: AtomicU64::new(0),
+            typical_attempt_us: AtomicU64::new(0),
             per_host,
             last_return: Mutex::new(Instant::now()),
         }
@@ -54,8 +59,8 @@ impl Destination {
 
     /// How long a delivery that cannot go out now waits in JetStream: at least `earliest`,
     /// and after the deliveries parked here before it, spaced by the time this destination
-    /// takes per delivery (its typical answer, or `timeout` while it fails or has never
-    /// answered, over its slots), but never more than `longest`.
+    /// takes per delivery (its typical attempt, successful or not, or `timeout` before any
+    /// has finished, over its slots), but never more than `longest`.
     ///
     /// Without the spacing a dead receiver's backlog came back all at once, every few
     /// seconds, and cycling it through JetStream and the status bucket slowed the healthy
@@ -68,9 +73,9 @@ impl Destination {
         timeout: Duration,
         longest: Duration,
     ) -> Duration {
-        let per_delivery = match self.typical_answer_us.load(Ordering::Relaxed) {
-            us if us > 0 && self.consecutive_failures() == 0 => Duration::from_micros(us),
-            _ => timeout,
+        let per_delivery = match self.typical_attempt_us.load(Ordering::Relaxed) {
+            0 => timeout,
+            us => Duration::from_micros(us),
         } / u32::try_from(self.per_host).unwrap_or(u32::MAX).max(1);
         let mut last = self.last_return.lock().unwrap_or_else(|p| p.into_inner());
         let due = (now + earliest)
@@ -132,19 +137,10 @@ impl Destination {
     /// Records an attempt's outcome and how long it `took`; `BREAKER_THRESHOLD` failures in a
     /// row open the circuit for `cooldown`.
     pub fn record(&self, succeeded: bool, took: Duration, now: Instant, cooldown: Duration) {
+        let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        moving_average(&self.typical_attempt_us, took);
         if succeeded {
-            let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
-            let _ = self.typical_answer_us.fetch_update(
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-                |typical| {
-                    Some(if typical == 0 {
-                        took
-                    } else {
-                        (typical * 7 + took) / 8
-                    })
-                },
-            );
+            moving_average(&self.typical_answer_us, took);
             *self.last_success.lock().unwrap_or_else(|p| p.into_inner()) = now;
             self.consecutive_failures.store(0, Ordering::Relaxed);
             *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -172,6 +168,17 @@ impl Destination {
     fn is_idle(&self) -> bool {
         self.slots.available_permits() == self.per_host && self.consecutive_failures() == 0
     }
+}
+
+/// Folds `sample` into the moving average kept in `average` (0: none yet).
+fn moving_average(average: &AtomicU64, sample: u64) {
+    let _ = average.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |typical| {
+        Some(if typical == 0 {
+            sample
+        } else {
+            (typical * 7 + sample) / 8
+        })
+    });
 }
 
 #[derive(Debug)]
@@ -239,10 +246,21 @@ mod tests {
         let first = quick.return_after(earliest, now, timeout, longest);
         let second = quick.return_after(earliest, now, timeout, longest);
         assert_eq!(second - first, Duration::from_millis(10));
-        // Failing now: back to the timeout's pace.
-        quick.record(false, Duration::ZERO, now, timeout);
+        // Failing at once (a 500 in no time): its slots still free quickly.
+        quick.record(false, Duration::from_millis(40), now, timeout);
         let third = quick.return_after(earliest, now, timeout, longest);
-        assert_eq!(third - second, Duration::from_millis(2500));
+        assert_eq!(third - second, Duration::from_millis(10));
+        // Silent until the timeout, attempt after attempt: the pace slows towards the
+        // timeout's (the average of 40 ms and four 10 s attempts, over four slots).
+        let fourth = (0..4).fold(third, |_, _| {
+            quick.record(false, timeout, now, timeout);
+            quick.return_after(earliest, now, timeout, longest)
+        });
+        assert!(
+            fourth - third > Duration::from_millis(1000),
+            "{:?}",
+            fourth - third
+        );
 
         // Later parks start from their own moment once the earlier ones are due.
         let later = now + Duration::from_secs(600);
