@@ -311,10 +311,14 @@ pub struct AnthropicConfig {
     /// Sampling temperature, 0 to 1; the API's default when unset.
     pub temperature: Option<f64>,
     /// Speak HTTP/2 to a plain-`http` base URL without negotiating it (h2c), for a local
-    /// server that supports it. An `https` base URL negotiates HTTP/2 by itself.
+    /// server that supports it. An `https` base URL negotiates HTTP/2 by itself, and falls
+    /// back to HTTP/1.1 if the server declines it.
     pub http2: bool,
     /// The most output tokens any call may ask for; a kind's `max_tokens` above it is lowered.
     pub max_tokens: Option<u32>,
+    /// A PEM file of CA certificates trusted besides the Mozilla roots, for an `https` API
+    /// behind a private CA (a company gateway, a self-hosted server).
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for AnthropicConfig {
@@ -327,6 +331,7 @@ impl Default for AnthropicConfig {
             temperature: None,
             http2: false,
             max_tokens: None,
+            tls_ca: None,
         }
     }
 }
@@ -350,6 +355,8 @@ pub struct OpenAiConfig {
     pub http2: bool,
     /// As `anthropic.max_tokens`; small local models often need a low one.
     pub max_tokens: Option<u32>,
+    /// As `anthropic.tls_ca`.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for OpenAiConfig {
@@ -362,6 +369,7 @@ impl Default for OpenAiConfig {
             temperature: None,
             http2: false,
             max_tokens: None,
+            tls_ca: None,
         }
     }
 }
@@ -513,13 +521,19 @@ impl Config {
                 "must be set together with the other of nats.user and nats.password",
             ));
         }
-        if let Some(ca) = &self.nats.tls_ca
-            && !ca.is_file()
-        {
-            return Err(ConfigError::invalid(
-                "nats.tls_ca",
-                format!("names {}, which is not a file", ca.display()),
-            ));
+        for (key, ca) in [
+            ("nats.tls_ca", &self.nats.tls_ca),
+            ("anthropic.tls_ca", &self.anthropic.tls_ca),
+            ("openai.tls_ca", &self.openai.tls_ca),
+        ] {
+            if let Some(ca) = ca
+                && !ca.is_file()
+            {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("names {}, which is not a file", ca.display()),
+                ));
+            }
         }
         if self.generator.concurrency == 0 {
             return Err(ConfigError::invalid(

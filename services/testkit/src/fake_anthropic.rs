@@ -15,6 +15,7 @@ use axum::routing::post;
 use serde_json::{Value, json};
 
 use crate::llm_script::{Answer, LlmScript};
+use crate::tls::{Alpn, PrivateCa};
 
 pub const API_KEY: &str = "sk-ant-test-key";
 
@@ -24,6 +25,8 @@ pub use crate::llm_script::{Recorded, Scripted, first_user_line};
 pub struct FakeAnthropic {
     addr: SocketAddr,
     script: Arc<LlmScript>,
+    /// Set when it serves HTTPS: the CA its certificate chains to.
+    tls: Option<Arc<PrivateCa>>,
 }
 
 /// The script's controls (`push`, `set_cycle`, `requests`, ...) on the server itself.
@@ -38,17 +41,41 @@ impl Deref for FakeAnthropic {
 impl FakeAnthropic {
     pub async fn start() -> Self {
         let script = Arc::new(LlmScript::new(Some(API_KEY)));
-        let app = Router::new()
-            .route("/v1/messages", post(messages))
-            .with_state(script.clone());
-        let addr = crate::serve(app, "fake Anthropic").await;
-        Self { addr, script }
+        let addr = crate::serve(app(&script), "fake Anthropic").await;
+        Self {
+            addr,
+            script,
+            tls: None,
+        }
+    }
+
+    /// Over HTTPS, as the real API, with a certificate from a private CA ([`Self::ca_file`]).
+    pub async fn start_tls(alpn: Alpn) -> Self {
+        let script = Arc::new(LlmScript::new(Some(API_KEY)));
+        let (addr, ca) = crate::tls::serve_tls(app(&script), alpn, "fake Anthropic").await;
+        Self {
+            addr,
+            script,
+            tls: Some(Arc::new(ca)),
+        }
     }
 
     /// The value for `anthropic.base_url` / `ANTHROPIC_BASE_URL`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
+
+    /// The CA to trust (`anthropic.tls_ca`) when it serves HTTPS.
+    pub fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(|ca| ca.ca_file())
+    }
+}
+
+fn app(script: &Arc<LlmScript>) -> Router {
+    Router::new()
+        .route("/v1/messages", post(messages))
+        .with_state(script.clone())
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {

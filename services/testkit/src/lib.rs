@@ -14,6 +14,7 @@ pub mod nats;
 pub mod procs;
 pub mod receiver;
 pub mod service;
+pub mod tls;
 pub mod wait;
 
 pub use blackhole::Blackhole;

@@ -1,9 +1,9 @@
-//! The Anthropic Messages API over reqwest: `POST {base_url}/v1/messages`.
+//! The Anthropic Messages API: `POST {base_url}/v1/messages`.
 
 use std::time::Duration;
 
-use reqwest::StatusCode;
-use reqwest::header::HeaderMap;
+use hyper::StatusCode;
+use hyper::header::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use jetcall::config::{AnthropicConfig, Secret};
@@ -12,7 +12,7 @@ use jetcall::events::Usage;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Disposition, Generation, GenerationRequest, LlmError, http};
+use super::{Disposition, Generation, GenerationRequest, LlmError, ProviderSetupError, http};
 
 const API_VERSION: &str = "2023-06-01";
 
@@ -69,9 +69,9 @@ struct ErrorDetail {
 
 #[derive(Debug, Clone)]
 pub struct Anthropic {
-    http: http::ClientPool,
-    url: String,
-    api_key: Secret,
+    http: http::Transport,
+    /// `x-api-key` and `anthropic-version`, the same on every call.
+    headers: HeaderMap,
     default_model: String,
     temperature: Option<f64>,
     max_tokens: Option<u32>,
@@ -82,12 +82,21 @@ impl Anthropic {
         config: &AnthropicConfig,
         api_key: Secret,
         concurrency: usize,
-    ) -> Result<Self, reqwest::Error> {
-        let http = http::ClientPool::new(config.timeout, concurrency, config.http2)?;
+    ) -> Result<Self, ProviderSetupError> {
+        let url = format!("{}/v1/messages", config.base_url.trim_end_matches('/'));
+        let http = http::Transport::new(http::Settings {
+            url,
+            timeout: config.timeout,
+            concurrency,
+            h2c: config.http2,
+            tls_ca: config.tls_ca.as_deref(),
+        })?;
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", http::secret_header(&api_key)?);
+        headers.insert("anthropic-version", HeaderValue::from_static(API_VERSION));
         Ok(Self {
             http,
-            url: format!("{}/v1/messages", config.base_url.trim_end_matches('/')),
-            api_key,
+            headers,
             default_model: config.model.clone(),
             temperature: config.temperature,
             max_tokens: config.max_tokens,
@@ -106,23 +115,12 @@ impl Anthropic {
                 content: &user,
             }],
         };
-        let response = self
-            .http
-            .client()
-            .post(&self.url)
-            .header("x-api-key", self.api_key.expose())
-            .header("anthropic-version", API_VERSION)
-            .json(&body)
-            .send()
-            .await
-            .map_err(http::transport_error)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(http::transport_error)?;
+        let answer = self.http.post(&self.headers, http::json(&body)?).await?;
+        let (status, headers) = (answer.status, answer.headers);
         if !status.is_success() {
-            return Err(api_error(status, &headers, &bytes));
+            return Err(api_error(status, &headers, &answer.body));
         }
-        let reply: MessagesResponse = serde_json::from_slice(&bytes).map_err(|err| {
+        let reply: MessagesResponse = serde_json::from_slice(&answer.body).map_err(|err| {
             LlmError::new(
                 Disposition::Retry { retry_after: None },
                 "invalid_response",
@@ -186,7 +184,6 @@ fn slow_down(headers: &HeaderMap, now: OffsetDateTime) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
 
     fn error_body(kind: &str) -> Vec<u8> {
         format!(r#"{{"type":"error","error":{{"type":"{kind}","message":"m"}}}}"#).into_bytes()

@@ -1,6 +1,7 @@
 //! LLM providers: where a job's prompt goes and what comes back.
 
 mod anthropic;
+mod h2;
 mod http;
 mod offline;
 mod openai;
@@ -85,8 +86,10 @@ pub enum ProviderSetupError {
         "invalid configuration: `generator.provider` is `anthropic` but no API key is set (anthropic.api_key / ANTHROPIC_API_KEY)"
     )]
     MissingApiKey,
-    #[error("could not build the HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Transport(#[from] http::TransportError),
+    #[error("the API key cannot be sent as an HTTP header (it holds characters a header cannot)")]
+    InvalidApiKey,
 }
 
 #[derive(Debug, Clone)]

@@ -1,18 +1,18 @@
-//! Any OpenAI-compatible Chat Completions API over reqwest: `POST {base_url}/chat/completions`.
+//! Any OpenAI-compatible Chat Completions API: `POST {base_url}/chat/completions`.
 //! OpenAI itself, and local servers such as Ollama, vLLM and llama.cpp, which may need no key,
 //! leave out `usage`, or answer with a looser error body.
 
 use std::time::Duration;
 
-use reqwest::StatusCode;
-use reqwest::header::HeaderMap;
+use hyper::StatusCode;
+use hyper::header::{AUTHORIZATION, HeaderMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use jetcall::config::{OpenAiConfig, Secret};
 use jetcall::events::Usage;
 
-use super::{Disposition, Generation, GenerationRequest, LlmError, http};
+use super::{Disposition, Generation, GenerationRequest, LlmError, ProviderSetupError, http};
 
 #[derive(Debug, Serialize)]
 struct ChatRequest<'a> {
@@ -61,21 +61,32 @@ struct ApiUsage {
 
 #[derive(Debug, Clone)]
 pub struct OpenAi {
-    http: http::ClientPool,
-    url: String,
-    api_key: Option<Secret>,
+    http: http::Transport,
+    /// `authorization`, when a key is configured.
+    headers: HeaderMap,
     default_model: String,
     temperature: Option<f64>,
     max_tokens: Option<u32>,
 }
 
 impl OpenAi {
-    pub fn new(config: &OpenAiConfig, concurrency: usize) -> Result<Self, reqwest::Error> {
-        let http = http::ClientPool::new(config.timeout, concurrency, config.http2)?;
+    pub fn new(config: &OpenAiConfig, concurrency: usize) -> Result<Self, ProviderSetupError> {
+        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
+        let http = http::Transport::new(http::Settings {
+            url,
+            timeout: config.timeout,
+            concurrency,
+            h2c: config.http2,
+            tls_ca: config.tls_ca.as_deref(),
+        })?;
+        let mut headers = HeaderMap::new();
+        if let Some(key) = &config.api_key {
+            let bearer = Secret::new(format!("Bearer {}", key.expose()));
+            headers.insert(AUTHORIZATION, http::secret_header(&bearer)?);
+        }
         Ok(Self {
             http,
-            url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
-            api_key: config.api_key.clone(),
+            headers,
             default_model: config.model.clone(),
             temperature: config.temperature,
             max_tokens: config.max_tokens,
@@ -90,18 +101,12 @@ impl OpenAi {
             max_tokens: request.max_tokens(self.max_tokens),
             ..body
         };
-        let mut call = self.http.client().post(&self.url).json(&body);
-        if let Some(key) = &self.api_key {
-            call = call.bearer_auth(key.expose());
-        }
-        let response = call.send().await.map_err(http::transport_error)?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(http::transport_error)?;
+        let answer = self.http.post(&self.headers, http::json(&body)?).await?;
+        let (status, headers) = (answer.status, answer.headers);
         if !status.is_success() {
-            return Err(api_error(status, &headers, &bytes));
+            return Err(api_error(status, &headers, &answer.body));
         }
-        let mut generation = parse_success(&bytes, model)?;
+        let mut generation = parse_success(&answer.body, model)?;
         generation.slow_down = slow_down(&headers);
         Ok(generation)
     }

@@ -29,9 +29,13 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(settings: &[(&str, Value)]) -> Self {
+        Self::start_with(FakeAnthropic::start().await, settings).await
+    }
+
+    /// As [`Harness::start`], against a Claude started by the test (over HTTPS, say).
+    pub async fn start_with(claude: FakeAnthropic, settings: &[(&str, Value)]) -> Self {
         testkit::init_logs();
         let nats = NatsServer::start();
-        let claude = FakeAnthropic::start().await;
         let claude_settings = [
             ("generator.provider", Value::from("anthropic")),
             ("anthropic.api_key", Value::from(API_KEY)),

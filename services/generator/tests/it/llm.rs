@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use jetcall::Kind;
+use testkit::FakeAnthropic;
 use testkit::fake_anthropic::{API_KEY, Recorded, Scripted};
+use testkit::tls::Alpn;
 use testkit::wait_until;
 
 use testkit::metrics::sample;
@@ -47,6 +49,73 @@ async fn http2_can_be_spoken_to_a_plain_http_server() {
         .map(|r| r.version)
         .collect();
     assert_eq!(versions, vec![reqwest::Version::HTTP_2; 3]);
+}
+
+/// Submits `count` jobs and waits for each to complete; the HTTP versions Claude was asked in.
+async fn complete_jobs(harness: &Harness, prefix: &str, count: usize) -> Vec<reqwest::Version> {
+    let (generator, _) = harness.run_generator();
+    for i in 0..count {
+        harness.submit(&format!("{prefix}-{i}")).await;
+    }
+    for i in 0..count {
+        harness
+            .wait_for_status(&format!("{prefix}-{i}"), "completed")
+            .await;
+    }
+    generator.stop().await;
+    harness
+        .claude
+        .requests()
+        .iter()
+        .map(|r| r.version)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_api_is_spoken_to_over_http2_trusting_a_configured_ca() {
+    let claude = FakeAnthropic::start_tls(Alpn::Http2).await;
+    let ca = claude.ca_file().expect("an HTTPS fake");
+    let harness = Harness::start_with(claude, &[("anthropic.tls_ca", json!(ca))]).await;
+    let versions = complete_jobs(&harness, "TLS2", 3).await;
+    assert_eq!(versions, vec![reqwest::Version::HTTP_2; 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_api_that_declines_http2_is_spoken_to_over_http11() {
+    let claude = FakeAnthropic::start_tls(Alpn::Http1Only).await;
+    let ca = claude.ca_file().expect("an HTTPS fake");
+    let harness = Harness::start_with(claude, &[("anthropic.tls_ca", json!(ca))]).await;
+    let versions = complete_jobs(&harness, "TLS1", 3).await;
+    assert_eq!(versions, vec![reqwest::Version::HTTP_11; 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_api_whose_certificate_is_not_trusted_gets_no_request() {
+    let harness = Harness::start_with(FakeAnthropic::start_tls(Alpn::Http2).await, &[]).await;
+    let (generator, address) = harness.run_generator();
+    harness.submit("UNTRUSTED-1").await;
+    let refused = wait_until(
+        "a failed call to be counted",
+        Duration::from_secs(30),
+        || async {
+            let (_, metrics) = get(address, "/metrics").await;
+            sample(
+                &metrics,
+                "jetcall_generator_llm_calls_total",
+                &["outcome=\"connection_error\""],
+            )
+            .filter(|count| *count >= 1.0)
+        },
+    )
+    .await;
+    generator.stop().await;
+    assert!(refused >= 1.0);
+    assert!(harness.claude.requests().is_empty());
+    let doc = harness
+        .status("UNTRUSTED-1")
+        .await
+        .expect("status document");
+    assert_ne!(doc.status.as_str(), "completed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,6 +258,16 @@ fn nats_credentials_come_in_pairs_and_a_named_ca_must_exist() {
         ("JETCALL_NATS__USER", "gateway", "nats.password"),
         ("JETCALL_NATS__PASSWORD", "secret", "nats.user"),
         ("JETCALL_NATS__TLS_CA", "/nonexistent/ca.pem", "nats.tls_ca"),
+        (
+            "JETCALL_ANTHROPIC__TLS_CA",
+            "/nonexistent/ca.pem",
+            "anthropic.tls_ca",
+        ),
+        (
+            "JETCALL_OPENAI__TLS_CA",
+            "/nonexistent/ca.pem",
+            "openai.tls_ca",
+        ),
     ] {
         let message = load_err(|jail| {
             jail.set_env(variable, value);
