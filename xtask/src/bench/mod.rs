@@ -59,7 +59,7 @@ impl Sizes {
                 http2: true,
             },
             generator_slow: generator::Run {
-                jobs: 40_000,
+                jobs: 100_000,
                 concurrency: 10_000,
                 llm_delay: Duration::from_secs(2),
                 http2: true,
