@@ -15,7 +15,7 @@ use axum::routing::post;
 use serde_json::{Value, json};
 
 use crate::llm_script::{Answer, LlmScript};
-use crate::tls::{Alpn, PrivateCa};
+use crate::tls::{PrivateCa, Serving};
 
 pub const API_KEY: &str = "sk-ant-test-key";
 
@@ -50,9 +50,9 @@ impl FakeAnthropic {
     }
 
     /// Over HTTPS, as the real API, with a certificate from a private CA ([`Self::ca_file`]).
-    pub async fn start_tls(alpn: Alpn) -> Self {
+    pub async fn start_tls(serving: Serving) -> Self {
         let script = Arc::new(LlmScript::new(Some(API_KEY)));
-        let (addr, ca) = crate::tls::serve_tls(app(&script), alpn, "fake Anthropic").await;
+        let (addr, ca) = crate::tls::serve_tls(app(&script), serving, "fake Anthropic").await;
         Self {
             addr,
             script,

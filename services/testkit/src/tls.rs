@@ -4,11 +4,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::ring;
@@ -20,6 +22,38 @@ pub enum Alpn {
     Http2,
     /// As an older server or proxy: HTTP/1.1 only.
     Http1Only,
+}
+
+/// How an HTTPS fake serves its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serving {
+    pub alpn: Alpn,
+    /// Closes each connection gracefully (an HTTP/2 GOAWAY) once it has taken this many
+    /// requests, as nginx does after `keepalive_requests`.
+    pub requests_per_connection: Option<usize>,
+}
+
+impl Serving {
+    pub fn http2() -> Self {
+        Self {
+            alpn: Alpn::Http2,
+            requests_per_connection: None,
+        }
+    }
+
+    pub fn http1_only() -> Self {
+        Self {
+            alpn: Alpn::Http1Only,
+            requests_per_connection: None,
+        }
+    }
+
+    pub fn closing_after(self, requests: usize) -> Self {
+        Self {
+            requests_per_connection: Some(requests),
+            ..self
+        }
+    }
 }
 
 /// An HTTPS server's trust material; the CA's PEM file lives as long as this does.
@@ -36,8 +70,8 @@ impl PrivateCa {
 }
 
 /// Serves `app` over HTTPS on a free loopback port with a certificate from a new private CA.
-pub async fn serve_tls(app: axum::Router, alpn: Alpn, what: &str) -> (SocketAddr, PrivateCa) {
-    let (ca, config) = certificates(alpn, what);
+pub async fn serve_tls(app: axum::Router, serving: Serving, what: &str) -> (SocketAddr, PrivateCa) {
+    let (ca, config) = certificates(serving.alpn, what);
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -48,16 +82,41 @@ pub async fn serve_tls(app: axum::Router, alpn: Alpn, what: &str) -> (SocketAddr
             let (acceptor, app) = (acceptor.clone(), app.clone());
             tokio::spawn(async move {
                 // A client that refuses our certificate ends here, as it should.
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
-                    .await;
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve_connection(tls, app, serving.requests_per_connection).await;
+                }
             });
         }
     });
     (addr, ca)
+}
+
+async fn serve_connection<S>(io: S, app: axum::Router, limit: Option<usize>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let taken = Arc::new(AtomicUsize::new(0));
+    let enough = Arc::new(Notify::new());
+    let app = {
+        let (taken, enough) = (taken.clone(), enough.clone());
+        app.layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                if Some(taken.fetch_add(1, Ordering::SeqCst) + 1) == limit {
+                    enough.notify_one();
+                }
+                next.run(request)
+            },
+        ))
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = enough.notified() => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
 }
 
 fn certificates(alpn: Alpn, what: &str) -> (PrivateCa, ServerConfig) {

@@ -7,14 +7,16 @@
 //! budget (`cargo xtask bench`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use ::h2::Reason;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::client::conn::http2::{Builder, SendRequest};
-use hyper::header::HeaderMap;
-use hyper::{Request, StatusCode, Uri};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -32,6 +34,10 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// before the connection counts as dead: a silently dropped connection must not hold its
 /// calls until their timeout.
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// How many times a call the server did not process is sent, in all, before it counts as a
+/// connection error: connections closing one after another is a server in trouble.
+const UNPROCESSED_TRIES: usize = 3;
 
 /// What an API answered.
 #[derive(Debug)]
@@ -58,6 +64,9 @@ pub enum CallError {
     NotHttp2 { authority: String },
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    /// The server refused the call before processing it: safe to send again.
+    #[error("refused unprocessed: {0}")]
+    Unprocessed(hyper::Error),
     #[error("the answer is larger than {MAX_BODY} bytes")]
     TooLarge,
     #[error("no answer within {0:?}")]
@@ -105,13 +114,22 @@ impl std::fmt::Debug for Target {
 
 type Sender = SendRequest<Full<Bytes>>;
 
+/// An open connection: its handle, and a serial number that tells it from the connection
+/// that may replace it in the same slot.
+#[derive(Debug, Clone)]
+struct Open {
+    serial: u64,
+    sender: Sender,
+}
+
 /// Connections to one API, taken in turn.
 #[derive(Debug)]
 pub struct Connections {
     target: Target,
     timeout: Duration,
-    slots: Box<[Mutex<Option<Sender>>]>,
+    slots: Box<[Mutex<Option<Open>>]>,
     next: AtomicUsize,
+    opened: AtomicU64,
 }
 
 impl Connections {
@@ -123,17 +141,32 @@ impl Connections {
             timeout,
             slots: (0..count).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
+            opened: AtomicU64::new(0),
         })
     }
 
-    /// Sends `request` and reads the whole answer, all within the timeout.
-    pub async fn call(&self, request: Request<Full<Bytes>>) -> Result<Answer, CallError> {
+    /// POSTs `body` to `uri` and reads the whole answer, all within the timeout. A call the
+    /// server refused unprocessed (a connection closing gracefully, a refused stream) is sent
+    /// again on a fresh connection, up to [`UNPROCESSED_TRIES`] times in all: it cannot be paid
+    /// for twice, and it is no failure of the job.
+    pub async fn post(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Answer, CallError> {
         let exchange = async {
-            let mut sender = self.sender().await?;
-            let response = sender.send_request(request);
-            // The call's stream lives in the connection; the sender is only a handle to it.
-            drop(sender);
-            let (parts, body) = response.await?.into_parts();
+            let mut tries = 1;
+            let response = loop {
+                match self.send(request(uri, headers, body.clone())).await {
+                    Err(CallError::Unprocessed(err)) if tries < UNPROCESSED_TRIES => {
+                        tracing::debug!(error = %err, "the LLM API did not take the call; sending it again");
+                        tries += 1;
+                    }
+                    sent => break sent?,
+                }
+            };
+            let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
                 .await
@@ -153,20 +186,50 @@ impl Connections {
             .unwrap_or(Err(CallError::Timeout(self.timeout)))
     }
 
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, CallError> {
+        let (turn, open) = self.open_in_turn().await?;
+        let serial = open.serial;
+        let response = {
+            let mut sender = open.sender;
+            // The call's stream lives in the connection; the sender is only a handle to it.
+            sender.try_send_request(request)
+        };
+        let mut refused = match response.await {
+            Ok(response) => return Ok(response),
+            Err(refused) => refused,
+        };
+        // Handed back: it never left (the connection closed while it waited to go out).
+        let never_sent = refused.take_message().is_some();
+        let err = refused.into_error();
+        if !never_sent && !unprocessed(&err) {
+            return Err(CallError::Http(err));
+        }
+        // The connection takes no new calls: the next call in this slot opens another.
+        let mut slot = self.slots[turn].lock().await;
+        if slot.as_ref().is_some_and(|open| open.serial == serial) {
+            *slot = None;
+        }
+        Err(CallError::Unprocessed(err))
+    }
+
     /// The next connection in turn, opened first if it is not open. Calls that land on a
     /// connection being opened wait for it rather than opening their own.
-    async fn sender(&self) -> Result<Sender, CallError> {
+    async fn open_in_turn(&self) -> Result<(usize, Open), CallError> {
         let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[turn].lock().await;
-        if let Some(sender) = slot.as_ref().filter(|sender| !sender.is_closed()) {
-            return Ok(sender.clone());
+        if let Some(open) = slot.as_ref().filter(|open| !open.sender.is_closed()) {
+            return Ok((turn, open.clone()));
         }
         *slot = None;
         // Boxed: opening a connection (TLS included) takes kilobytes of state, which every
         // call in flight would otherwise carry.
         let sender = Box::pin(self.connect()).await?;
-        *slot = Some(sender.clone());
-        Ok(sender)
+        let open = Open {
+            serial: self.opened.fetch_add(1, Ordering::Relaxed),
+            sender,
+        };
+        *slot = Some(open.clone());
+        Ok((turn, open))
     }
 
     async fn connect(&self) -> Result<Sender, CallError> {
@@ -203,6 +266,30 @@ impl Connections {
             }
         }
     }
+}
+
+fn request(uri: &Uri, headers: &HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri.clone();
+    *request.headers_mut() = headers.clone();
+    request
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    request
+}
+
+/// Whether the server says it did not process the call: it refused the stream, or it is
+/// closing the connection gracefully (GOAWAY with NO_ERROR) and the call came after its last
+/// stream. reqwest treats the same answers as safe to retry.
+fn unprocessed(err: &hyper::Error) -> bool {
+    let Some(h2) =
+        std::error::Error::source(err).and_then(|cause| cause.downcast_ref::<::h2::Error>())
+    else {
+        return false;
+    };
+    h2.reason() == Some(Reason::REFUSED_STREAM)
+        || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(Reason::NO_ERROR))
 }
 
 async fn handshake<S>(io: S) -> Result<Sender, CallError>

@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use hyper::{Method, StatusCode, Uri};
+use hyper::{StatusCode, Uri};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::CertificateDer;
@@ -118,14 +117,7 @@ impl Transport {
         if let Some(direct) = route.direct.as_ref()
             && !route.declined.load(Ordering::Relaxed)
         {
-            let mut request = hyper::Request::new(Full::new(body.clone()));
-            *request.method_mut() = Method::POST;
-            *request.uri_mut() = route.uri.clone();
-            *request.headers_mut() = headers.clone();
-            request
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            match direct.call(request).await {
+            match direct.post(&route.uri, headers, body.clone()).await {
                 Ok(answer) => return Ok(answer),
                 Err(h2::CallError::NotHttp2 { authority }) => {
                     if !route.declined.swap(true, Ordering::Relaxed) {

@@ -9,7 +9,7 @@ use serde_json::json;
 use jetcall::Kind;
 use testkit::FakeAnthropic;
 use testkit::fake_anthropic::{API_KEY, Recorded, Scripted};
-use testkit::tls::Alpn;
+use testkit::tls::Serving;
 use testkit::wait_until;
 
 use testkit::metrics::sample;
@@ -51,12 +51,13 @@ async fn http2_can_be_spoken_to_a_plain_http_server() {
     assert_eq!(versions, vec![reqwest::Version::HTTP_2; 3]);
 }
 
-/// Submits `count` jobs and waits for each to complete; the HTTP versions Claude was asked in.
+/// Submits `count` jobs, then starts a generator (which takes them in a burst) and waits for
+/// each to complete; the HTTP versions Claude was asked in.
 async fn complete_jobs(harness: &Harness, prefix: &str, count: usize) -> Vec<reqwest::Version> {
-    let (generator, _) = harness.run_generator();
     for i in 0..count {
         harness.submit(&format!("{prefix}-{i}")).await;
     }
+    let (generator, _) = harness.run_generator();
     for i in 0..count {
         harness
             .wait_for_status(&format!("{prefix}-{i}"), "completed")
@@ -73,7 +74,7 @@ async fn complete_jobs(harness: &Harness, prefix: &str, count: usize) -> Vec<req
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_api_is_spoken_to_over_http2_trusting_a_configured_ca() {
-    let claude = FakeAnthropic::start_tls(Alpn::Http2).await;
+    let claude = FakeAnthropic::start_tls(Serving::http2()).await;
     let ca = claude.ca_file().expect("an HTTPS fake");
     let harness = Harness::start_with(claude, &[("anthropic.tls_ca", json!(ca))]).await;
     let versions = complete_jobs(&harness, "TLS2", 3).await;
@@ -82,7 +83,7 @@ async fn an_https_api_is_spoken_to_over_http2_trusting_a_configured_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_api_that_declines_http2_is_spoken_to_over_http11() {
-    let claude = FakeAnthropic::start_tls(Alpn::Http1Only).await;
+    let claude = FakeAnthropic::start_tls(Serving::http1_only()).await;
     let ca = claude.ca_file().expect("an HTTPS fake");
     let harness = Harness::start_with(claude, &[("anthropic.tls_ca", json!(ca))]).await;
     let versions = complete_jobs(&harness, "TLS1", 3).await;
@@ -90,8 +91,41 @@ async fn an_https_api_that_declines_http2_is_spoken_to_over_http11() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_a_closing_connection_did_not_take_go_out_again_unpaid_for() {
+    let claude = FakeAnthropic::start_tls(Serving::http2().closing_after(3)).await;
+    // Answers at staggered times, so calls start while a closing connection still carries
+    // others, which is when the server refuses them.
+    claude.set_cycle(
+        [0, 30, 60, 90]
+            .map(|ms| Some(Scripted::Delay(Duration::from_millis(ms))))
+            .to_vec(),
+    );
+    let ca = claude.ca_file().expect("an HTTPS fake");
+    let harness = Harness::start_with(
+        claude,
+        &[
+            ("anthropic.tls_ca", json!(ca)),
+            // One connection for every call, so each GOAWAY meets calls already on their way.
+            ("generator.concurrency", json!(4)),
+        ],
+    )
+    .await;
+    let jobs = 40;
+    let versions = complete_jobs(&harness, "GOAWAY", jobs).await;
+    // Each job paid for once, on its first attempt: no call was lost to a closing connection.
+    assert_eq!(versions.len(), jobs);
+    for i in 0..jobs {
+        let doc = harness
+            .status(&format!("GOAWAY-{i}"))
+            .await
+            .expect("status");
+        assert_eq!(doc.generation_attempts, 1, "GOAWAY-{i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_api_whose_certificate_is_not_trusted_gets_no_request() {
-    let harness = Harness::start_with(FakeAnthropic::start_tls(Alpn::Http2).await, &[]).await;
+    let harness = Harness::start_with(FakeAnthropic::start_tls(Serving::http2()).await, &[]).await;
     let (generator, address) = harness.run_generator();
     harness.submit("UNTRUSTED-1").await;
     let refused = wait_until(
