@@ -288,8 +288,9 @@ fn unprocessed(err: &hyper::Error) -> bool {
     else {
         return false;
     };
-    h2.reason() == Some(Reason::REFUSED_STREAM)
-        || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(Reason::NO_ERROR))
+    let refused_stream = h2.is_reset() && h2.reason() == Some(Reason::REFUSED_STREAM);
+    let graceful_close = h2.is_go_away() && h2.reason() == Some(Reason::NO_ERROR);
+    h2.is_remote() && (refused_stream || graceful_close)
 }
 
 async fn handshake<S>(io: S) -> Result<Sender, CallError>
