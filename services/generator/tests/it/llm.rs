@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use jetcall::Kind;
 use testkit::FakeAnthropic;
@@ -72,44 +72,40 @@ async fn complete_jobs(harness: &Harness, prefix: &str, count: usize) -> Vec<req
         .collect()
 }
 
+/// A harness whose Claude serves HTTPS as `serving` says, its CA trusted (`anthropic.tls_ca`).
+async fn https_harness(serving: Serving, settings: &[(&str, Value)]) -> Harness {
+    let claude = FakeAnthropic::start_tls(serving).await;
+    let ca = claude.ca_file().expect("an HTTPS fake");
+    let trust = [("anthropic.tls_ca", json!(ca))];
+    Harness::start_with(claude, &[&trust[..], settings].concat()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_api_is_spoken_to_over_http2_trusting_a_configured_ca() {
-    let claude = FakeAnthropic::start_tls(Serving::http2()).await;
-    let ca = claude.ca_file().expect("an HTTPS fake");
-    let harness = Harness::start_with(claude, &[("anthropic.tls_ca", json!(ca))]).await;
+    let harness = https_harness(Serving::http2(), &[]).await;
     let versions = complete_jobs(&harness, "TLS2", 3).await;
     assert_eq!(versions, vec![reqwest::Version::HTTP_2; 3]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_api_that_declines_http2_is_spoken_to_over_http11() {
-    let claude = FakeAnthropic::start_tls(Serving::http1_only()).await;
-    let ca = claude.ca_file().expect("an HTTPS fake");
-    let harness = Harness::start_with(claude, &[("anthropic.tls_ca", json!(ca))]).await;
+    let harness = https_harness(Serving::http1_only(), &[]).await;
     let versions = complete_jobs(&harness, "TLS1", 3).await;
     assert_eq!(versions, vec![reqwest::Version::HTTP_11; 3]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_a_closing_connection_did_not_take_go_out_again_unpaid_for() {
-    let claude = FakeAnthropic::start_tls(Serving::http2().closing_after(3)).await;
+    // One connection for every call, so each GOAWAY meets calls already on their way.
+    let settings = [("generator.concurrency", json!(4))];
+    let harness = https_harness(Serving::http2().closing_after(3), &settings).await;
     // Answers at staggered times, so calls start while a closing connection still carries
     // others, which is when the server refuses them.
-    claude.set_cycle(
+    harness.claude.set_cycle(
         [0, 30, 60, 90]
             .map(|ms| Some(Scripted::Delay(Duration::from_millis(ms))))
             .to_vec(),
     );
-    let ca = claude.ca_file().expect("an HTTPS fake");
-    let harness = Harness::start_with(
-        claude,
-        &[
-            ("anthropic.tls_ca", json!(ca)),
-            // One connection for every call, so each GOAWAY meets calls already on their way.
-            ("generator.concurrency", json!(4)),
-        ],
-    )
-    .await;
     let jobs = 40;
     let versions = complete_jobs(&harness, "GOAWAY", jobs).await;
     // Each job paid for once, on its first attempt: no call was lost to a closing connection.
