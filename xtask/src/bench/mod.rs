@@ -56,13 +56,13 @@ impl Sizes {
                 jobs: 20_000,
                 concurrency: 256,
                 llm_delay: Duration::ZERO,
-                http2: true,
+                protocol: generator::Protocol::H2c,
             },
             generator_slow: generator::Run {
                 jobs: 100_000,
                 concurrency: 10_000,
                 llm_delay: Duration::from_secs(2),
-                http2: true,
+                protocol: generator::Protocol::H2c,
             },
             gateway: gateway::Run {
                 jobs: 50_000,
@@ -101,13 +101,13 @@ impl Sizes {
                 jobs: 500,
                 concurrency: 256,
                 llm_delay: Duration::ZERO,
-                http2: true,
+                protocol: generator::Protocol::H2c,
             },
             generator_slow: generator::Run {
                 jobs: 500,
                 concurrency: 500,
                 llm_delay: Duration::from_millis(200),
-                http2: true,
+                protocol: generator::Protocol::H2c,
             },
             gateway: gateway::Run {
                 jobs: 1_000,

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::callback::{Arrivals, start_receiver};
 use super::gateway::{client, job_to, start_gateway};
-use super::generator::{generator_env, start_fake_llm};
+use super::generator::{Protocol, generator_env, start_fake_llm};
 use super::{Setup, Sizes, percentile, rss_mib, setup};
 use crate::poll;
 use crate::stack::{Stack, free_addr};
@@ -189,7 +189,7 @@ async fn end_to_end(
             (Some(cluster), setup)
         }
     };
-    let llm = start_fake_llm(run.llm_delay).await?;
+    let llm = start_fake_llm(run.llm_delay, Protocol::H2c).await?;
     let arrivals = Arrivals::default();
     let hook = start_receiver(arrivals.clone()).await?;
     let http = client(run.connections)?;
@@ -200,12 +200,12 @@ async fn end_to_end(
         jobs: run.jobs,
         concurrency: run.llm_concurrency,
         llm_delay: run.llm_delay,
-        http2: true,
+        protocol: Protocol::H2c,
     };
     let generator = setup.stack.spawn_service(
         "generator",
         bins.generator,
-        &generator_env(llm, generator_run, &generator_admin.to_string()),
+        &generator_env(&llm, generator_run, &generator_admin.to_string()),
     )?;
     let callback = setup.stack.spawn_service(
         "callback",
