@@ -307,8 +307,10 @@ impl Figures {
             text,
             "\nA call in flight holds its job's task, the request message, the status document \
              kept for the outcome's write, and an HTTP/2 stream on one of {} connections \
-             (hyper's connection API, one connection per 100 calls). Through pooled reqwest \
-             clients, as before, a call held about 8 KB more (222 to 232 MiB at 10,000).",
+             (the h2 crate, one connection per 100 calls). Pooled reqwest clients held about \
+             8 KB more a call (222 to 232 MiB at 10,000), and hyper's HTTP/2 client, which \
+             spawns a task per request, about 3 KB more (163 to 173 MiB; 198 to 200 MiB over \
+             TLS).",
             slow.run.concurrency.div_ceil(100)
         )?;
         writeln!(

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use hyper::StatusCode;
-use hyper::header::{HeaderMap, HeaderValue};
+use ::http::StatusCode;
+use ::http::header::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use jetcall::config::{AnthropicConfig, Secret};

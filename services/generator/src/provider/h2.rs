@@ -1,23 +1,22 @@
-//! HTTP/2 to one API through hyper's connection API: a fixed set of connections, each carrying
-//! up to [`STREAMS_PER_CONNECTION`] calls, reopened when they close.
+//! HTTP/2 to one API with the h2 crate: a fixed set of connections, each carrying up to
+//! [`STREAMS_PER_CONNECTION`] calls, reopened when they close.
 //!
-//! A pooled reqwest client holds about 8 KB per call in flight (its pending request, hyper-util's
-//! boxed pool checkout and request futures); a call here holds the h2 stream and hyper's small
-//! response future, which is what keeps 10,000 calls in flight within the generator's memory
-//! budget (`cargo xtask bench`).
+//! A call in flight holds its h2 stream and the small futures here, nothing more. Pooled
+//! reqwest clients held about 8 KB more per call (their pending request, hyper-util's boxed
+//! futures), and hyper's own HTTP/2 client spawns a task of about 3 KB per request: at
+//! 10,000 calls in flight those were the difference between the generator's memory budget
+//! and 50 to 80 MB over it (`cargo xtask bench`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ::h2::Reason;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::client::conn::http2::{Builder, SendRequest};
-use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ::h2::client::{self, SendRequest};
+use ::h2::{Reason, RecvStream};
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_rustls::TlsConnector;
@@ -30,10 +29,15 @@ pub const STREAMS_PER_CONNECTION: usize = 100;
 /// The largest answer body read; an LLM's JSON answer is far smaller.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
-/// How often an idle-looking connection is pinged, and how long a ping may go unanswered
-/// before the connection counts as dead: a silently dropped connection must not hold its
-/// calls until their timeout.
+/// TCP keep-alive: after this long without traffic the kernel probes the peer, and again at
+/// this interval, so a silently dropped connection does not hold its calls until their
+/// timeout.
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// Flow-control windows we grant the server, as hyper's defaults: an allowance, not memory
+/// set aside, so answers are not held back on their way to us.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 
 /// How many times a call the server did not process is sent, in all, before it counts as a
 /// connection error: connections closing one after another is a server in trouble.
@@ -62,11 +66,12 @@ pub enum CallError {
     /// The server completed TLS without agreeing to HTTP/2.
     #[error("{authority} does not speak HTTP/2")]
     NotHttp2 { authority: String },
-    #[error("{0}")]
-    Http(#[from] hyper::Error),
-    /// The server refused the call before processing it: safe to send again.
+    #[error("HTTP/2: {0}")]
+    Http2(#[from] ::h2::Error),
+    /// The server did not process the call (it was never sent, or refused): safe to send
+    /// again.
     #[error("refused unprocessed: {0}")]
-    Unprocessed(hyper::Error),
+    Unprocessed(::h2::Error),
     #[error("the answer is larger than {MAX_BODY} bytes")]
     TooLarge,
     #[error("no answer within {0:?}")]
@@ -112,14 +117,15 @@ impl std::fmt::Debug for Target {
     }
 }
 
-type Sender = SendRequest<Full<Bytes>>;
+type Sender = SendRequest<Bytes>;
 
-/// An open connection: its handle, and a serial number that tells it from the connection
-/// that may replace it in the same slot.
+/// An open connection: its handle, whether it has closed, and a serial number that tells it
+/// from the connection that may replace it in the same slot.
 #[derive(Debug, Clone)]
 struct Open {
     serial: u64,
     sender: Sender,
+    closed: Arc<AtomicBool>,
 }
 
 /// Connections to one API, taken in turn.
@@ -158,7 +164,10 @@ impl Connections {
         let exchange = async {
             let mut tries = 1;
             let response = loop {
-                match self.send(request(uri, headers, body.clone())).await {
+                match self
+                    .send(request(uri, headers, body.len()), body.clone())
+                    .await
+                {
                     Err(CallError::Unprocessed(err)) if tries < UNPROCESSED_TRIES => {
                         tracing::debug!(error = %err, "the LLM API did not take the call; sending it again");
                         tries += 1;
@@ -166,19 +175,11 @@ impl Connections {
                     sent => break sent?,
                 }
             };
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_BODY)
-                .collect()
-                .await
-                .map_err(|err| match err.downcast::<hyper::Error>() {
-                    Ok(err) => CallError::Http(*err),
-                    Err(_) => CallError::TooLarge,
-                })?
-                .to_bytes();
+            let (parts, mut stream) = response.into_parts();
             Ok(Answer {
                 status: parts.status,
                 headers: parts.headers,
-                body,
+                body: read_body(&mut stream).await?,
             })
         };
         tokio::time::timeout(self.timeout, exchange)
@@ -186,27 +187,21 @@ impl Connections {
             .unwrap_or(Err(CallError::Timeout(self.timeout)))
     }
 
-    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, CallError> {
+    async fn send(
+        &self,
+        request: Request<()>,
+        body: Bytes,
+    ) -> Result<Response<RecvStream>, CallError> {
         let (turn, open) = self.open_in_turn().await?;
-        let serial = open.serial;
-        let response = {
-            let mut sender = open.sender;
-            // The call's stream lives in the connection; the sender is only a handle to it.
-            sender.try_send_request(request)
-        };
-        let mut refused = match response.await {
+        let sent = send_on(open.sender, request, body).await;
+        let err = match sent {
             Ok(response) => return Ok(response),
-            Err(refused) => refused,
+            Err(Refusal::Processed(err)) => return Err(CallError::Http2(err)),
+            Err(Refusal::Unprocessed(err)) => err,
         };
-        // Handed back: it never left (the connection closed while it waited to go out).
-        let never_sent = refused.take_message().is_some();
-        let err = refused.into_error();
-        if !never_sent && !unprocessed(&err) {
-            return Err(CallError::Http(err));
-        }
         // The connection takes no new calls: the next call in this slot opens another.
         let mut slot = self.slots[turn].lock().await;
-        if slot.as_ref().is_some_and(|open| open.serial == serial) {
+        if slot.as_ref().is_some_and(|now| now.serial == open.serial) {
             *slot = None;
         }
         Err(CallError::Unprocessed(err))
@@ -217,22 +212,26 @@ impl Connections {
     async fn open_in_turn(&self) -> Result<(usize, Open), CallError> {
         let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[turn].lock().await;
-        if let Some(open) = slot.as_ref().filter(|open| !open.sender.is_closed()) {
+        if let Some(open) = slot
+            .as_ref()
+            .filter(|open| !open.closed.load(Ordering::Relaxed))
+        {
             return Ok((turn, open.clone()));
         }
         *slot = None;
         // Boxed: opening a connection (TLS included) takes kilobytes of state, which every
         // call in flight would otherwise carry.
-        let sender = Box::pin(self.connect()).await?;
+        let (sender, closed) = Box::pin(self.connect()).await?;
         let open = Open {
             serial: self.opened.fetch_add(1, Ordering::Relaxed),
             sender,
+            closed,
         };
         *slot = Some(open.clone());
         Ok((turn, open))
     }
 
-    async fn connect(&self) -> Result<Sender, CallError> {
+    async fn connect(&self) -> Result<(Sender, Arc<AtomicBool>), CallError> {
         let target = &self.target;
         let tcp = TcpStream::connect((target.host.as_str(), target.port))
             .await
@@ -242,6 +241,10 @@ impl Connections {
             })?;
         // Each call is a few small frames that should leave at once.
         let _ = tcp.set_nodelay(true);
+        let keepalive = TcpKeepalive::new()
+            .with_time(KEEP_ALIVE)
+            .with_interval(KEEP_ALIVE);
+        let _ = SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         match &target.tls {
             None => handshake(tcp).await,
             Some(tls) => {
@@ -268,45 +271,89 @@ impl Connections {
     }
 }
 
-fn request(uri: &Uri, headers: &HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
-    let mut request = Request::new(Full::new(body));
+fn request(uri: &Uri, headers: &HeaderMap, length: usize) -> Request<()> {
+    let mut request = Request::new(());
     *request.method_mut() = Method::POST;
     *request.uri_mut() = uri.clone();
     *request.headers_mut() = headers.clone();
+    let headers = request.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
     request
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    request
+}
+
+/// Why a call failed, and whether the server can have processed it.
+enum Refusal {
+    Processed(::h2::Error),
+    Unprocessed(::h2::Error),
+}
+
+/// Sends one call on a connection and waits for its answer's head.
+async fn send_on(
+    sender: Sender,
+    request: Request<()>,
+    body: Bytes,
+) -> Result<Response<RecvStream>, Refusal> {
+    // Until a stream is opened nothing has left: a connection closing or closed refuses here.
+    let mut sender = sender.ready().await.map_err(Refusal::Unprocessed)?;
+    let (response, mut stream) = sender
+        .send_request(request, body.is_empty())
+        .map_err(Refusal::Unprocessed)?;
+    drop(sender);
+    let refusal = |err: ::h2::Error| {
+        if unprocessed(&err) {
+            Refusal::Unprocessed(err)
+        } else {
+            Refusal::Processed(err)
+        }
+    };
+    if !body.is_empty() {
+        // A body of a few kilobytes, already in memory: h2 sends it as the server's window
+        // allows.
+        stream.send_data(body, true).map_err(refusal)?;
+    }
+    response.await.map_err(refusal)
+}
+
+async fn read_body(stream: &mut RecvStream) -> Result<Bytes, CallError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = stream.data().await {
+        let chunk = chunk?;
+        // Read at once, so the server may send as much again.
+        let _ = stream.flow_control().release_capacity(chunk.len());
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(CallError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// Whether the server says it did not process the call: it refused the stream, or it is
 /// closing the connection gracefully (GOAWAY with NO_ERROR) and the call came after its last
 /// stream. reqwest treats the same answers as safe to retry.
-fn unprocessed(err: &hyper::Error) -> bool {
-    let Some(h2) =
-        std::error::Error::source(err).and_then(|cause| cause.downcast_ref::<::h2::Error>())
-    else {
-        return false;
-    };
-    let refused_stream = h2.is_reset() && h2.reason() == Some(Reason::REFUSED_STREAM);
-    let graceful_close = h2.is_go_away() && h2.reason() == Some(Reason::NO_ERROR);
-    h2.is_remote() && (refused_stream || graceful_close)
+fn unprocessed(err: &::h2::Error) -> bool {
+    let refused_stream = err.is_reset() && err.reason() == Some(Reason::REFUSED_STREAM);
+    let graceful_close = err.is_go_away() && err.reason() == Some(Reason::NO_ERROR);
+    err.is_remote() && (refused_stream || graceful_close)
 }
 
-async fn handshake<S>(io: S) -> Result<Sender, CallError>
+async fn handshake<S>(io: S) -> Result<(Sender, Arc<AtomicBool>), CallError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEP_ALIVE)
-        .keep_alive_timeout(KEEP_ALIVE)
-        .handshake(TokioIo::new(io))
+    let (sender, connection) = client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake(io)
         .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let closing = closed.clone();
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "HTTP/2 connection to the LLM closed");
         }
+        closing.store(true, Ordering::Relaxed);
     });
-    Ok(sender)
+    Ok((sender, closed))
 }

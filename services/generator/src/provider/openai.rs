@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use hyper::StatusCode;
-use hyper::header::{AUTHORIZATION, HeaderMap};
+use ::http::StatusCode;
+use ::http::header::{AUTHORIZATION, HeaderMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
