@@ -33,6 +33,8 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// this interval, so a silently dropped connection does not hold its calls until their
 /// timeout.
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// Unanswered probes before the kernel gives the connection up: about 80 s in all.
+const KEEP_ALIVE_PROBES: u32 = 3;
 
 /// Flow-control windows we grant the server, as hyper's defaults: an allowance, not memory
 /// set aside, so answers are not held back on their way to us.
@@ -243,7 +245,8 @@ impl Connections {
         let _ = tcp.set_nodelay(true);
         let keepalive = TcpKeepalive::new()
             .with_time(KEEP_ALIVE)
-            .with_interval(KEEP_ALIVE);
+            .with_interval(KEEP_ALIVE)
+            .with_retries(KEEP_ALIVE_PROBES);
         let _ = SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         match &target.tls {
             None => handshake(tcp).await,
