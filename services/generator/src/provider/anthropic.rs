@@ -92,7 +92,7 @@ impl Anthropic {
             tls_ca: config.tls_ca.as_deref(),
         })?;
         let mut headers = HeaderMap::new();
-        headers.insert("x-api-key", http::secret_header(&api_key)?);
+        headers.insert("x-api-key", http::secret_header(api_key.expose())?);
         headers.insert("anthropic-version", HeaderValue::from_static(API_VERSION));
         Ok(Self {
             http,

@@ -90,18 +90,14 @@ pub struct Target {
 }
 
 impl Target {
-    /// `uri` must be absolute, `http` or `https`; `tls` is used for `https`.
-    pub fn new(uri: &Uri, tls: TlsConnector) -> Option<Self> {
-        let https = match uri.scheme_str()? {
-            "https" => true,
-            "http" => false,
-            _ => return None,
-        };
+    /// The host and port of `uri`, an absolute URL; `tls` for an `https` one, `None` for h2c.
+    pub fn new(uri: &Uri, tls: Option<TlsConnector>) -> Option<Self> {
         let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        let default_port = if tls.is_some() { 443 } else { 80 };
         Some(Self {
             host: host.to_owned(),
-            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
-            tls: https.then_some(tls),
+            port: uri.port_u16().unwrap_or(default_port),
+            tls,
         })
     }
 

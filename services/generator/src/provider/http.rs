@@ -16,8 +16,6 @@ use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
-use jetcall::config::Secret;
-
 use super::h2::{self, Answer};
 use super::{Disposition, LlmError, ProviderSetupError};
 
@@ -82,7 +80,9 @@ impl Transport {
             _ => return Err(TransportError::Url(format!("{url}: not an http(s) URL"))),
         };
         let direct = if (https || h2c) && !proxy_configured(https) {
-            let target = h2::Target::new(&uri, tls_connector(&extra_roots)?)
+            // TLS (its root store of some 150 CAs) only for an `https` API.
+            let tls = https.then(|| tls_connector(&extra_roots)).transpose()?;
+            let target = h2::Target::new(&uri, tls)
                 .ok_or_else(|| TransportError::Url(format!("{url}: no host")))?;
             Some(h2::Connections::new(target, timeout, concurrency))
         } else {
@@ -266,10 +266,9 @@ impl ClientPool {
     }
 }
 
-/// A secret as a header value, kept out of debug output.
-pub fn secret_header(secret: &Secret) -> Result<HeaderValue, ProviderSetupError> {
-    let mut value =
-        HeaderValue::from_str(secret.expose()).map_err(|_| ProviderSetupError::InvalidApiKey)?;
+/// A header value that carries a secret, kept out of debug output.
+pub fn secret_header(secret: &str) -> Result<HeaderValue, ProviderSetupError> {
+    let mut value = HeaderValue::from_str(secret).map_err(|_| ProviderSetupError::InvalidApiKey)?;
     value.set_sensitive(true);
     Ok(value)
 }

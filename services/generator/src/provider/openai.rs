@@ -9,7 +9,7 @@ use ::http::header::{AUTHORIZATION, HeaderMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use jetcall::config::{OpenAiConfig, Secret};
+use jetcall::config::OpenAiConfig;
 use jetcall::events::Usage;
 
 use super::{Disposition, Generation, GenerationRequest, LlmError, ProviderSetupError, http};
@@ -81,7 +81,7 @@ impl OpenAi {
         })?;
         let mut headers = HeaderMap::new();
         if let Some(key) = &config.api_key {
-            let bearer = Secret::new(format!("Bearer {}", key.expose()));
+            let bearer = format!("Bearer {}", key.expose());
             headers.insert(AUTHORIZATION, http::secret_header(&bearer)?);
         }
         Ok(Self {
