@@ -101,6 +101,22 @@ impl ServiceProcess {
         self.child = Some(child);
     }
 
+    /// SIGSTOP: the process keeps its sockets, so connections are taken and requests sent,
+    /// but answers nothing until it is killed.
+    pub fn freeze(&self) {
+        let Some(child) = &self.child else {
+            panic!("{} is not running", self.name);
+        };
+        let stopped = Command::new("kill")
+            .args(["-STOP", &child.id().to_string()])
+            .status();
+        assert!(
+            stopped.as_ref().is_ok_and(|status| status.success()),
+            "SIGSTOP {}: {stopped:?}",
+            self.name
+        );
+    }
+
     /// SIGKILL, as a crash or the OOM killer would, and reaps the process.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -38,7 +38,9 @@ const SETTLE: Duration = Duration::from_secs(90);
 pub enum Trigger {
     /// Once the receiver has had this many deliveries.
     Delivered(usize),
-    /// Once this many jobs were accepted, at a moment a POST awaits its answer.
+    /// Once this many jobs were accepted, with POSTs awaiting their answers: the gateways are
+    /// frozen (SIGSTOP) until one is, so the fault, which must kill them, meets requests in
+    /// flight rather than racing them to their answers.
     Accepted(usize),
     /// No single fault: the scenario's faults are there from the start.
     Never,
@@ -286,9 +288,14 @@ pub async fn run(stack: &mut Stack, plan: &Plan, fault: impl AsyncFnOnce(&mut St
             }
             Trigger::Accepted(count) => {
                 wait_until(&format!("{count} jobs accepted"), SETTLE, || async {
-                    let accepted = progress.accepted.load(Ordering::SeqCst);
-                    let posting = progress.posting.load(Ordering::SeqCst);
-                    (accepted >= count && posting > 0).then_some(())
+                    (progress.accepted.load(Ordering::SeqCst) >= count).then_some(())
+                })
+                .await;
+                for gateway in &stack.gateways {
+                    gateway.process.freeze();
+                }
+                wait_until("a POST to await a frozen gateway", SETTLE, || async {
+                    (progress.posting.load(Ordering::SeqCst) > 0).then_some(())
                 })
                 .await;
             }
