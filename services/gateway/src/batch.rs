@@ -34,9 +34,11 @@ const JOBS_IN_FLIGHT: usize = 256;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBatch {
-    /// 1 to 1,000 jobs, each what `POST /api/v1/jobs` takes. A job that does not fit is
-    /// rejected alone, in its entry of `results`.
-    #[schema(value_type = Vec<SubmitJob>, min_items = 1, max_items = 1000)]
+    /// 1 to 1,000 jobs, each what `POST /api/v1/jobs` takes (`SubmitJob`). Any JSON value is
+    /// taken as an item: one that is not a valid job is rejected alone, in its entry of
+    /// `results`, so the schema of an item is `SubmitJob` by contract but any value by what
+    /// the request accepts.
+    #[schema(value_type = Vec<Value>, min_items = 1, max_items = 1000)]
     pub jobs: Vec<Value>,
 }
 

@@ -33,13 +33,14 @@ type Events = BoxStream<'static, Result<Event, Infallible>>;
     operation_id = "job_events",
     tag = "jobs",
     params(
-        ("job_id" = JobId, Path, description = "The job's id"),
-        ("last-event-id" = Option<u64>, Header, description = "The `id` of the last event seen: only newer states are sent"),
+        ("job_id" = JobId, Path, description = "The job's id", example = "JOB-771"),
+        ("last-event-id" = Option<i64>, Header, minimum = 0, nullable = false, description = "The `id` of the last event seen: only newer states are sent"),
     ),
     responses(
-        (status = 200, description = "Server-sent events: `status` (data: the status document; id: its revision) now and at each change, until `delivered` or `undeliverable`; `removed` if the job's record is deleted", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events: `status` (data: the status document as JSON; id: its revision) now and at each change, until `delivered` or `undeliverable`; `removed` (data: a sentence) if the job's record is deleted", content(("text/event-stream", item_schema = ref("#/components/schemas/JobEvent")))),
         (status = 204, description = "`Last-Event-ID` is the job's final state: nothing more will come"),
         (status = 404, description = "No job has this id (`not_found`)", body = ErrorBody),
+        (status = 422, description = "`Last-Event-ID` is not an event id this stream sends (`invalid_field`)", body = ErrorBody),
         (status = 503, description = "NATS did not answer (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
     ),
     security(("bearer" = [])),
@@ -51,10 +52,7 @@ pub(crate) async fn job_events(
 ) -> Result<Response, ApiError> {
     let job_id = &crate::routes::parse_path_id(job_id)?;
     let permit = state.event_streams.try_enter("event streams")?;
-    let last_seen = headers
-        .get("last-event-id")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse::<u64>().ok());
+    let last_seen = last_event_id(&headers)?;
     let (doc, revision) = state
         .topology
         .status
@@ -89,6 +87,27 @@ pub(crate) async fn job_events(
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// The revision a reconnecting client saw last. Only ids this stream sent are taken: a value
+/// that is not one is refused rather than read as "from the start", which would replay
+/// states the client may already have acted on.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse::<i64>().ok())
+        .and_then(|revision| u64::try_from(revision).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid_field(
+                "last-event-id",
+                "`Last-Event-ID` must be the `id` of an event of this stream",
+            )
+        })
 }
 
 /// The job's changes after the revision already sent, until a final state or removal. The

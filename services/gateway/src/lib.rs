@@ -7,6 +7,7 @@ mod batch;
 mod error;
 mod events;
 mod extract;
+mod input_schema;
 mod keys;
 mod listing;
 mod metrics;

@@ -42,6 +42,7 @@ pub struct Filter {
     /// Only jobs in this state.
     pub status: Option<Status>,
     /// Only jobs of this kind.
+    #[param(value_type = Option<jetcall::Kind>)]
     pub kind: Option<String>,
     /// At most this many jobs: 1 to 1,000, 50 when left out.
     #[param(minimum = 1, maximum = 1000)]

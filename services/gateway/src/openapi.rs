@@ -1,4 +1,4 @@
-//! `GET /openapi.json`: the OpenAPI 3.1 description of the HTTP API, generated from the
+//! `GET /openapi.json`: the OpenAPI 3.2 description of the HTTP API, generated from the
 //! handlers' `#[utoipa::path(...)]` annotations and the `ToSchema` types they name.
 //!
 //! To document a route: annotate its handler with `#[utoipa::path(...)]` listing every status
@@ -10,14 +10,17 @@
 
 use axum::Json;
 use axum::extract::State;
+use serde_json::{Value, json};
 use utoipa::OpenApi;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::openapi::{ContentBuilder, OpenApiVersion, Ref, RefOr, ResponseBuilder};
 
 use crate::error::{ErrorBody, ErrorType};
+use jetcall::Config;
+
 use crate::state::AppState;
-use crate::{events, listing, metrics, routes};
+use crate::{events, input_schema, listing, metrics, routes};
 
 /// The name of the API-key security scheme, as `security(...)` names it.
 pub const BEARER: &str = "bearer";
@@ -54,9 +57,31 @@ pub const BEARER: &str = "bearer";
 )]
 pub struct ApiDoc;
 
-/// The document this gateway serves: `api_keys` tells whether API keys are configured.
-pub fn document(api_keys: bool) -> utoipa::openapi::OpenApi {
+/// The document this gateway serves: `api_keys` tells whether API keys are configured; the
+/// configuration's kinds are the only values a `Kind` may take here, and what each requires of
+/// a job's input is part of the bodies' schemas. Finished as JSON, because the hand-made
+/// schemas use keywords (`const`, `contentSchema`) that utoipa's types do not model.
+pub fn document(api_keys: bool, config: &Config) -> Value {
     let mut doc = ApiDoc::openapi();
+    // 3.2 is the version that can say what each event of a `text/event-stream` is
+    // (`itemSchema`); every 3.1 construct the rest of the document uses means the same in it.
+    doc.openapi = OpenApiVersion::Version32;
+    add_middleware_answers(&mut doc, api_keys);
+    let mut doc = serde_json::to_value(&doc).expect("the OpenAPI document serialises");
+    let schemas = &mut doc["components"]["schemas"];
+    schemas[JOB_EVENT] = job_event_schema();
+    schemas["Kind"] = configured_kinds(config.kinds.keys().map(String::as_str));
+    for (name, schema) in input_schema::components(config) {
+        schemas[name] = schema;
+    }
+    input_schema::constrain_submit_job(&mut schemas["SubmitJob"]);
+    input_schema::constrain_generate_description(&mut schemas["GenerateDescription"], config);
+    doc
+}
+
+/// The API middleware's own answers, `401` and `429`, on every operation behind it; without
+/// API keys, no security requirement.
+fn add_middleware_answers(doc: &mut utoipa::openapi::OpenApi, api_keys: bool) {
     for item in doc.paths.paths.values_mut() {
         let operations = [
             &mut item.get,
@@ -97,7 +122,59 @@ pub fn document(api_keys: bool) -> utoipa::openapi::OpenApi {
             RefOr::T(SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer))),
         );
     }
-    doc
+}
+
+/// `Kind` as this gateway takes it: one of its configured kinds.
+fn configured_kinds<'k>(kinds: impl IntoIterator<Item = &'k str>) -> Value {
+    let mut kinds: Vec<&str> = kinds.into_iter().collect();
+    kinds.sort_unstable();
+    json!({
+        "type": "string",
+        "enum": kinds,
+        "description": "A job kind this gateway is configured with"
+    })
+}
+
+/// The schema the job event stream's `itemSchema` names.
+pub const JOB_EVENT: &str = "JobEvent";
+
+/// One server-sent event of `GET /api/v1/jobs/{job_id}/events`, as a parsed event
+/// (`event`, `id`, `data`): a `status` event's `data` is the status document as JSON, which
+/// `contentMediaType` and `contentSchema` say, so a validator checks it too; `removed`
+/// carries a sentence.
+fn job_event_schema() -> Value {
+    let revision = json!({
+        "type": "string",
+        "pattern": "^[0-9]+$",
+        "description": "The document's revision in the `job_status` bucket; send it back as `Last-Event-ID` to resume after it"
+    });
+    json!({
+        "description": "One server-sent event of a job's stream",
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["event", "id", "data"],
+                "properties": {
+                    "event": {"type": "string", "enum": ["status"]},
+                    "id": revision,
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": "#/components/schemas/JobStatus"}
+                    }
+                }
+            },
+            {
+                "type": "object",
+                "required": ["event", "id", "data"],
+                "properties": {
+                    "event": {"type": "string", "enum": ["removed"]},
+                    "id": revision,
+                    "data": {"type": "string", "description": "Why nothing more will come"}
+                }
+            }
+        ]
+    })
 }
 
 /// A JSON error response, with the header `header` in seconds when given.
@@ -129,8 +206,8 @@ fn error_response(description: &str, header: Option<&str>) -> RefOr<utoipa::open
     path = "/openapi.json",
     operation_id = "openapi",
     tag = "operations",
-    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)),
+    responses((status = 200, description = "The OpenAPI 3.2 document", body = Object)),
 )]
-pub async fn serve(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
-    Json(document(!state.keys.is_empty()))
+pub async fn serve(State(state): State<AppState>) -> Json<Value> {
+    Json(document(!state.keys.is_empty(), &state.config))
 }

@@ -173,7 +173,7 @@ pub(crate) async fn submit_batch(
     get,
     path = "/api/v1/jobs/{job_id}",
     tag = "jobs",
-    params(("job_id" = JobId, Path, description = "The job's id")),
+    params(("job_id" = JobId, Path, description = "The job's id", example = "JOB-771")),
     responses(
         (status = 200, description = "The job's status document", body = JobStatus),
         (status = 404, description = "No job has this id (`not_found`)", body = ErrorBody),

@@ -17,7 +17,7 @@ use crate::keys::Caller;
 use crate::state::AppState;
 
 /// Longest accepted text in a single input field, so one field cannot fill a status document.
-const MAX_FIELD_CHARS: usize = 32 * 1024;
+pub(crate) const MAX_FIELD_CHARS: usize = 32 * 1024;
 
 /// `POST /api/v1/generate-description`: the article's body, unchanged. Unknown fields are
 /// refused so that a misspelt field is an error rather than silently dropped.
@@ -28,7 +28,7 @@ const MAX_FIELD_CHARS: usize = 32 * 1024;
     "product_id": "PROD-AC15",
     "product_name": "LG 1.5 Ton 5 Star Inverter Split AC",
     "specs": "1.5 Ton, 5 Star, Dual Inverter",
-    "callback_url": "http://127.0.0.1:9000/webhooks/description"
+    "callback_url": "https://hooks.shopmax.example/webhooks/description"
 })))]
 pub struct GenerateDescription {
     /// The caller's id for the job, to retry with; one is made when left out.
@@ -55,7 +55,7 @@ pub struct GenerateDescription {
         "product_name": "LG 1.5 Ton 5 Star Inverter Split AC",
         "specs": {"capacity": "1.5 Ton", "rating": "5 Star"}
     },
-    "callback_url": "http://127.0.0.1:9000/webhooks/description",
+    "callback_url": "https://hooks.shopmax.example/webhooks/description",
     "metadata": {"batch": "onboarding-7"}
 })))]
 pub struct SubmitJob {
@@ -63,6 +63,7 @@ pub struct SubmitJob {
     #[schema(pattern = r"^[A-Za-z0-9_-]+$", min_length = 1, max_length = 128)]
     pub job_id: Option<String>,
     /// A configured job kind: `product-description` and `return-analysis` are built in.
+    #[schema(value_type = jetcall::Kind)]
     pub kind: String,
     /// The kind's input fields: text, numbers, booleans and flat lists or objects of them.
     pub input: Map<String, Value>,

@@ -1,5 +1,5 @@
 //! Which callback URLs a caller may name: http(s) only, no userinfo, and a host on the
-//! allowlist of exact hosts, `*.domain` patterns and CIDRs.
+//! allowlist of exact hosts, `*.domain` patterns, CIDRs, and `*` for any host name.
 
 use std::net::IpAddr;
 
@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use url::{Host, Url};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("allowlist entry `{entry}` is neither a host, a `*.domain` pattern nor a CIDR")]
+#[error("allowlist entry `{entry}` is neither a host, a `*.domain` pattern, `*` nor a CIDR")]
 pub struct AllowlistError {
     pub entry: String,
 }
@@ -29,6 +29,10 @@ pub enum CallbackUrlError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
+    /// `*`: any host name, for a service whose callers register webhooks anywhere public. The
+    /// addresses a name resolves to are still checked at delivery, and an IP address as the
+    /// host still needs an entry of its own.
+    AnyName,
     Host(String),
     Suffix(String),
     Net(IpNet),
@@ -72,6 +76,7 @@ impl Allowlist {
 
     fn allows_domain(&self, domain: &str) -> bool {
         self.entries.iter().any(|entry| match entry {
+            Entry::AnyName => true,
             Entry::Host(host) => host == domain,
             Entry::Suffix(suffix) => {
                 domain.len() > suffix.len() + 1
@@ -86,7 +91,7 @@ impl Allowlist {
         self.entries.iter().any(|entry| match entry {
             Entry::Ip(allowed) => *allowed == ip,
             Entry::Net(net) => net.contains(&ip),
-            Entry::Host(_) | Entry::Suffix(_) => false,
+            Entry::AnyName | Entry::Host(_) | Entry::Suffix(_) => false,
         })
     }
 }
@@ -96,6 +101,9 @@ fn parse_entry(entry: &str) -> Result<Entry, AllowlistError> {
         entry: entry.to_owned(),
     };
     let entry_lower = entry.trim().to_ascii_lowercase();
+    if entry_lower == "*" {
+        return Ok(Entry::AnyName);
+    }
     if entry_lower.contains('/') {
         return entry_lower.parse().map(Entry::Net).map_err(|_| invalid());
     }
@@ -189,6 +197,27 @@ mod tests {
             list().check("not a url"),
             Err(CallbackUrlError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_star_admits_every_name_and_no_address() {
+        let any_name = Allowlist::parse(&["*"]).expect("valid allowlist");
+        for url in [
+            "https://hooks.shop.example/x",
+            "http://0.com/",
+            "http://localhost/",
+        ] {
+            assert!(any_name.check(url).is_ok(), "{url} refused");
+        }
+        for (url, host) in [
+            ("http://127.0.0.1/", "127.0.0.1"),
+            ("http://[::1]/", "[::1]"),
+        ] {
+            assert_eq!(
+                any_name.check(url).err(),
+                Some(CallbackUrlError::NotAllowed(host.into()))
+            );
+        }
     }
 
     #[test]

@@ -26,13 +26,16 @@ impl std::fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
+    /// The shortest key taken: 192 bits.
+    pub const MIN_BYTES: usize = 24;
+
     /// Accepts `whsec_<base64>`, or bare base64 as other Standard Webhooks libraries do.
     pub fn parse(secret: &str) -> Result<Self, SigningKeyError> {
         let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret);
         let bytes = STANDARD
             .decode(encoded)
             .map_err(|err| SigningKeyError::NotBase64(err.to_string()))?;
-        if bytes.len() < 24 {
+        if bytes.len() < Self::MIN_BYTES {
             return Err(SigningKeyError::TooShort(bytes.len()));
         }
         Ok(Self(bytes))

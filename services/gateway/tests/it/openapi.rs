@@ -102,7 +102,7 @@ async fn fetch_doc(gateway: &Gateway) -> Value {
     let content_type = content_type(&response);
     let doc: Value = response.json().await.expect("JSON");
     check(&doc, "get", "/openapi.json", 200, &content_type, &doc);
-    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(doc["openapi"], "3.2.0");
     doc
 }
 
