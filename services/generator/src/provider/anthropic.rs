@@ -104,7 +104,6 @@ impl Anthropic {
     }
 
     pub async fn generate(&self, request: GenerationRequest<'_>) -> Result<Generation, LlmError> {
-        let user = request.spec.render(request.input);
         let body = MessagesRequest {
             model: request.spec.model.as_deref().unwrap_or(&self.default_model),
             max_tokens: request.max_tokens(self.max_tokens),
@@ -112,7 +111,7 @@ impl Anthropic {
             system: &request.spec.system,
             messages: [MessageParam {
                 role: "user",
-                content: &user,
+                content: request.prompt,
             }],
         };
         let answer = self.http.post(&self.headers, http::json(&body)?).await?;

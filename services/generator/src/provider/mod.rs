@@ -23,6 +23,9 @@ pub use openai::OpenAi;
 pub struct GenerationRequest<'a> {
     pub spec: &'a KindSpec,
     pub input: &'a Map<String, Value>,
+    /// The user message: `input` rendered once by the kind's template, within
+    /// `generator.max_prompt_bytes`.
+    pub prompt: &'a str,
 }
 
 impl GenerationRequest<'_> {
@@ -149,6 +152,7 @@ mod tests {
         let request = GenerationRequest {
             spec,
             input: &input,
+            prompt: "",
         };
         assert_eq!(request.max_tokens(None), spec.max_tokens);
         assert_eq!(request.max_tokens(Some(256)), 256);

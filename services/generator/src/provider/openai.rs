@@ -94,9 +94,8 @@ impl OpenAi {
     }
 
     pub async fn generate(&self, request: GenerationRequest<'_>) -> Result<Generation, LlmError> {
-        let user = request.spec.render(request.input);
         let model = request.spec.model.as_deref().unwrap_or(&self.default_model);
-        let body = chat_request(request, model, &user, self.temperature);
+        let body = chat_request(request, model, request.prompt, self.temperature);
         let body = ChatRequest {
             max_tokens: request.max_tokens(self.max_tokens),
             ..body
@@ -247,8 +246,12 @@ mod tests {
         let spec = &kinds["product-description"];
         let input = json!({"product_id": "P-1", "product_name": "Fan", "specs": "3 blades"});
         let input = input.as_object().expect("object");
-        let user = spec.render(input);
-        let request = GenerationRequest { spec, input };
+        let user = spec.render(input, usize::MAX).expect("no bound");
+        let request = GenerationRequest {
+            spec,
+            input,
+            prompt: &user,
+        };
         let body =
             serde_json::to_value(chat_request(request, "gpt-4o-mini", &user, None)).expect("JSON");
         assert_eq!(
