@@ -229,8 +229,13 @@ impl Worker {
                     },
                 )
                 .await?;
-            used.input_tokens += generation.usage.input_tokens;
-            used.output_tokens += generation.usage.output_tokens;
+            // Saturating: the counts are the provider's word.
+            used.input_tokens = used
+                .input_tokens
+                .saturating_add(generation.usage.input_tokens);
+            used.output_tokens = used
+                .output_tokens
+                .saturating_add(generation.usage.output_tokens);
             match to_result(&spec.output, &generation.text) {
                 Ok(result) => {
                     generation.usage = used;
@@ -289,7 +294,10 @@ impl Worker {
         if let Some(limiter) = &self.limiter {
             let learned = match &result {
                 Ok(generation) => {
-                    let used = generation.usage.input_tokens + generation.usage.output_tokens;
+                    let used = generation
+                        .usage
+                        .input_tokens
+                        .saturating_add(generation.usage.output_tokens);
                     let charged = Box::pin(limiter.charge(used.saturating_sub(estimate))).await;
                     match generation.slow_down {
                         Some(wait) => charged.and(Box::pin(limiter.pause(wait)).await),

@@ -18,6 +18,11 @@ pub use anthropic::Anthropic;
 pub use offline::Offline;
 pub use openai::OpenAi;
 
+/// The longest any answer of a provider may hold calls back: a `retry-after` on a failed call,
+/// a rate-limit reset on a nearly spent budget, a pause every instance takes. The README
+/// promises at most a minute; a longer wait is re-read from the next answer instead.
+pub const MAX_PROVIDER_WAIT: Duration = Duration::from_secs(60);
+
 /// One job's worth of generation work.
 #[derive(Debug, Clone, Copy)]
 pub struct GenerationRequest<'a> {
