@@ -19,6 +19,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::provider::MAX_PROVIDER_WAIT;
+
 const MICROS_PER_MINUTE: f64 = 60_000_000.0;
 const MICROS_PER_SECOND: i64 = 1_000_000;
 
@@ -77,18 +79,21 @@ impl Gcra {
 
     /// The earliest moment from `start` that a call fits.
     fn allowed(self, tat: i64, start: i64) -> i64 {
-        start.max(tat - self.tolerance)
+        start.max(tat.saturating_sub(self.tolerance))
     }
 
+    /// Saturating: the units are a provider's usage report and the times come from any
+    /// instance's writes, neither trusted to stay small.
     fn spend(self, tat: i64, at: i64, units: u64) -> i64 {
-        tat.max(at) + (units as f64 * self.interval) as i64
+        tat.max(at)
+            .saturating_add((units as f64 * self.interval) as i64)
     }
 }
 
 impl Budget {
     /// Reserves a call costing `tokens` at `now`: the moment it may start and the new budget.
     pub fn reserve(self, rates: Rates, now: i64, tokens: u64) -> (i64, Budget) {
-        let start = now.max(self.not_before);
+        let start = now.max(self.paused_until(now));
         let requests = Gcra::new(rates.requests_per_minute.into());
         let token_limit = Gcra::new(rates.tokens_per_minute).map(|gcra| Gcra {
             // A second's worth of tokens, which may be fewer than one call needs.
@@ -116,6 +121,13 @@ impl Budget {
             },
             _ => self,
         }
+    }
+
+    /// When the pause ends, seen at `now`: never more than [`MAX_PROVIDER_WAIT`] ahead, even
+    /// if an instance (an older version, a clock far ahead) stored a later moment.
+    fn paused_until(self, now: i64) -> i64 {
+        self.not_before
+            .min(now.saturating_add(micros(MAX_PROVIDER_WAIT)))
     }
 
     pub fn pause_until(self, until: i64) -> Budget {
@@ -276,7 +288,7 @@ impl Limiter {
         if !rates.limited() {
             // Only a pause to honour; it may be pushed on while we wait.
             loop {
-                let not_before = self.seen().0.not_before;
+                let not_before = self.seen().0.paused_until(now_micros());
                 let wait = until(not_before);
                 if wait.is_zero() {
                     return Ok(());
@@ -301,9 +313,10 @@ impl Limiter {
             .await
     }
 
-    /// Holds every instance back for `wait`, after a 429 or a nearly spent budget.
+    /// Holds every instance back for `wait` (at most [`MAX_PROVIDER_WAIT`]), after a 429 or a
+    /// nearly spent budget.
     pub async fn pause(&self, wait: Duration) -> Result<(), LimiterError> {
-        let until = now_micros() + i64::try_from(wait.as_micros()).unwrap_or(i64::MAX / 2);
+        let until = now_micros().saturating_add(micros(wait.min(MAX_PROVIDER_WAIT)));
         if self.seen().0.not_before >= until {
             return Ok(());
         }
@@ -322,7 +335,11 @@ fn now_micros() -> i64 {
 
 /// How long from now until `moment` (zero when it has passed).
 fn until(moment: i64) -> Duration {
-    Duration::from_micros(u64::try_from(moment - now_micros()).unwrap_or(0))
+    Duration::from_micros(u64::try_from(moment.saturating_sub(now_micros())).unwrap_or(0))
+}
+
+fn micros(wait: Duration) -> i64 {
+    i64::try_from(wait.as_micros()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -392,6 +409,41 @@ mod tests {
         let budget = Budget::default().pause_until(now + 5 * SECOND);
         let (at, _) = budget.reserve(rates, now, 0);
         assert_eq!(at, now + 5 * SECOND);
+    }
+
+    #[test]
+    fn extreme_budgets_and_costs_saturate_instead_of_overflowing() {
+        let rates = Rates {
+            requests_per_minute: 600,
+            tokens_per_minute: 60_000,
+        };
+        let now = 1_000 * SECOND;
+        let (_, spent) = Budget::default().reserve(rates, now, u64::MAX);
+        let (at, _) = spent.reserve(rates, now, u64::MAX);
+        assert!(at >= now);
+        let hostile = Budget {
+            requests_tat: i64::MIN,
+            tokens_tat: i64::MAX,
+            not_before: i64::MIN,
+        };
+        let _ = hostile.reserve(rates, now, 1);
+        let _ = hostile.charge(rates, now, u64::MAX);
+    }
+
+    #[test]
+    fn a_pause_beyond_the_documented_bound_holds_back_for_the_bound_only() {
+        let rates = Rates {
+            requests_per_minute: 6_000,
+            tokens_per_minute: 0,
+        };
+        let now = 1_000 * SECOND;
+        let budget = Budget::default().pause_until(now + 86_400 * SECOND);
+        let (at, _) = budget.reserve(rates, now, 0);
+        assert_eq!(at, now + 60 * SECOND);
+        let (at, _) = Budget::default()
+            .pause_until(i64::MAX)
+            .reserve(rates, now, 0);
+        assert_eq!(at, now + 60 * SECOND);
     }
 
     #[test]

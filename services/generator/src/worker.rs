@@ -155,9 +155,18 @@ impl Worker {
             return Box::pin(self.finish(message, request, trace, outcome, current)).await;
         }
 
+        // Rendered once, bounded, before any call: a job whose input makes too long a prompt
+        // fails as its own fault, and never reaches the model.
+        let prompt = match spec.render(&request.input, self.config.generator.max_prompt_bytes) {
+            Ok(prompt) => prompt,
+            Err(err) => {
+                let outcome = failure("invalid_input", err.to_string());
+                return Box::pin(self.finish(message, request, trace, outcome, current)).await;
+            }
+        };
         // Boxed once here: passed by value, it would be held twice (the argument, then the
         // pinned copy polled).
-        let call = Box::pin(self.generate(request, spec));
+        let call = Box::pin(self.generate(request, spec, &prompt));
         let Some(result) = self.with_progress_acks(message, call, shutdown).await else {
             let _ = message.ack_with(AckKind::Nak(None)).await;
             return Ok(Step::Interrupted);
@@ -205,6 +214,7 @@ impl Worker {
         &self,
         request: &JobRequested,
         spec: &KindSpec,
+        prompt: &str,
     ) -> Result<(serde_json::Value, Generation), LlmError> {
         let mut used = Usage::default();
         let mut retried = false;
@@ -215,11 +225,17 @@ impl Worker {
                     GenerationRequest {
                         spec,
                         input: &request.input,
+                        prompt,
                     },
                 )
                 .await?;
-            used.input_tokens += generation.usage.input_tokens;
-            used.output_tokens += generation.usage.output_tokens;
+            // Saturating: the counts are the provider's word.
+            used.input_tokens = used
+                .input_tokens
+                .saturating_add(generation.usage.input_tokens);
+            used.output_tokens = used
+                .output_tokens
+                .saturating_add(generation.usage.output_tokens);
             match to_result(&spec.output, &generation.text) {
                 Ok(result) => {
                     generation.usage = used;
@@ -248,7 +264,7 @@ impl Worker {
         request: GenerationRequest<'_>,
     ) -> Result<Generation, LlmError> {
         let estimate = if self.config.generator.tokens_per_minute > 0 {
-            ((request.spec.system.len() + request.spec.render(request.input).len()) / 4) as u64
+            ((request.spec.system.len() + request.prompt.len()) / 4) as u64
         } else {
             0
         };
@@ -278,7 +294,10 @@ impl Worker {
         if let Some(limiter) = &self.limiter {
             let learned = match &result {
                 Ok(generation) => {
-                    let used = generation.usage.input_tokens + generation.usage.output_tokens;
+                    let used = generation
+                        .usage
+                        .input_tokens
+                        .saturating_add(generation.usage.output_tokens);
                     let charged = Box::pin(limiter.charge(used.saturating_sub(estimate))).await;
                     match generation.slow_down {
                         Some(wait) => charged.and(Box::pin(limiter.pause(wait)).await),

@@ -272,6 +272,9 @@ pub struct GeneratorConfig {
     /// LLM tokens (input and output) per minute across every generator instance; 0 for no
     /// limit.
     pub tokens_per_minute: u64,
+    /// The longest user message a job's input may make of its kind's template, in bytes; a
+    /// job over it fails as `invalid_input` without an LLM call.
+    pub max_prompt_bytes: usize,
     /// While the provider refuses our credentials, how often one request probes whether the
     /// configuration has been fixed.
     #[serde(with = "humantime_serde")]
@@ -290,6 +293,8 @@ impl Default for GeneratorConfig {
             max_ack_pending: 4096,
             requests_per_minute: 0,
             tokens_per_minute: 0,
+            // Claude's whole context (200,000 tokens) is about 800 KB of text.
+            max_prompt_bytes: 1024 * 1024,
             probe_interval: Duration::from_secs(30),
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
         }
@@ -559,6 +564,20 @@ impl Config {
             return Err(ConfigError::invalid(
                 "generator.concurrency",
                 "must not exceed generator.max_ack_pending, or the extra slots never get a job",
+            ));
+        }
+        let longest_template = self
+            .kinds
+            .values()
+            .map(|spec| spec.template.len())
+            .max()
+            .unwrap_or(0);
+        if self.generator.max_prompt_bytes < longest_template {
+            return Err(ConfigError::invalid(
+                "generator.max_prompt_bytes",
+                format!(
+                    "must be at least the longest kind's template ({longest_template} bytes), or every job of it fails"
+                ),
             ));
         }
         if self.generator.probe_interval < Duration::from_secs(1) {

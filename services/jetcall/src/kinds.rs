@@ -68,16 +68,72 @@ impl KindSpec {
             .collect()
     }
 
-    /// The user message for `input`.
-    pub fn render(&self, input: &Map<String, Value>) -> String {
-        let mut text = self.template.clone();
-        for (field, value) in input {
-            let placeholder = format!("{{{{{field}}}}}");
-            if text.contains(&placeholder) {
-                text = text.replace(&placeholder, &render_value(value));
+    /// The user message for `input`, at most `max_bytes` long.
+    ///
+    /// One pass over the template: each `{{field}}` in it becomes that field's value, and no
+    /// value is searched for placeholders, so `{{` in a job's input is only text. (Filled field
+    /// after field, a value holding other fields' placeholders multiplied the prompt: 10 KB of
+    /// input made hundreds of megabytes.) A placeholder naming no field of the input is left as
+    /// written. The length is checked before each piece is added, so an oversized prompt is
+    /// never built.
+    pub fn render(
+        &self,
+        input: &Map<String, Value>,
+        max_bytes: usize,
+    ) -> Result<String, RenderError> {
+        let mut prompt = Prompt {
+            text: String::with_capacity(self.template.len().min(max_bytes)),
+            max_bytes,
+        };
+        let mut rest = self.template.as_str();
+        while let Some(open) = rest.find("{{") {
+            let after = &rest[open + 2..];
+            let Some(close) = after.find("}}") else {
+                break;
+            };
+            match input.get(&after[..close]) {
+                Some(value) => {
+                    prompt.push(&rest[..open])?;
+                    prompt.push(&render_value(value))?;
+                    rest = &after[close + 2..];
+                }
+                // Not a field: keep its first brace and look again from the next, so that
+                // `{{{field}}}` still finds `{{field}}`.
+                None => {
+                    prompt.push(&rest[..=open])?;
+                    rest = &rest[open + 1..];
+                }
             }
         }
-        text
+        prompt.push(rest)?;
+        Ok(prompt.text)
+    }
+}
+
+/// Why a job's prompt was not made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error(
+        "the job's input makes a prompt longer than {max_bytes} bytes (generator.max_prompt_bytes)"
+    )]
+    TooLong { max_bytes: usize },
+}
+
+/// A prompt being rendered, refused as soon as it would pass its bound.
+struct Prompt {
+    text: String,
+    max_bytes: usize,
+}
+
+impl Prompt {
+    fn push(&mut self, piece: &str) -> Result<(), RenderError> {
+        if piece.len() > self.max_bytes - self.text.len() {
+            return Err(RenderError::TooLong {
+                max_bytes: self.max_bytes,
+            });
+        }
+        self.text.push_str(piece);
+        Ok(())
     }
 }
 
@@ -158,6 +214,10 @@ mod tests {
         value.as_object().cloned().unwrap_or_default()
     }
 
+    fn render(spec: &KindSpec, input: &Map<String, Value>) -> String {
+        spec.render(input, usize::MAX).expect("no bound")
+    }
+
     #[test]
     fn builtin_kinds_are_valid() {
         for (name, spec) in builtin_kinds() {
@@ -168,14 +228,79 @@ mod tests {
     #[test]
     fn render_fills_every_placeholder_and_lists_object_specs() {
         let spec = &builtin_kinds()["product-description"];
-        let text = spec.render(&input(json!({
+        let text = render(
+            spec,
+            &input(json!({
             "product_id": "PROD-AC15",
             "product_name": "LG AC",
             "specs": {"energy_rating": "5 Star"}
-        })));
+            })),
+        );
         assert!(text.contains("LG AC (catalogue id PROD-AC15)"), "{text}");
         assert!(text.contains("- energy rating: 5 Star"), "{text}");
         assert!(!text.contains("{{"), "{text}");
+    }
+
+    #[test]
+    fn a_value_holding_another_fields_placeholder_stays_literal() {
+        let spec = &builtin_kinds()["product-description"];
+        let text = render(
+            spec,
+            &input(json!({
+                "product_id": "{{specs}}",
+                "product_name": "{{product_id}} AC",
+                "specs": "{{product_name}}"
+            })),
+        );
+        assert!(
+            text.contains("for {{product_id}} AC (catalogue id {{specs}})"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Specifications:\n{{product_name}}\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_template_bomb_renders_to_the_size_of_its_input() {
+        let spec = &builtin_kinds()["product-description"];
+        let bomb = input(json!({
+            "product_id": "{{product_name}}".repeat(50),
+            "product_name": "{{specs}}".repeat(50),
+            "specs": "x".repeat(50)
+        }));
+        let values: usize = bomb.values().filter_map(Value::as_str).map(str::len).sum();
+        let text = render(spec, &bomb);
+        assert!(text.len() <= spec.template.len() + values, "{}", text.len());
+    }
+
+    #[test]
+    fn a_prompt_over_its_bound_is_refused_and_one_at_it_is_made() {
+        let spec = &builtin_kinds()["product-description"];
+        let job = input(json!({"product_id": "P", "product_name": "N", "specs": "S"}));
+        let full = render(spec, &job);
+        assert_eq!(spec.render(&job, full.len()), Ok(full.clone()));
+        assert_eq!(
+            spec.render(&job, full.len() - 1),
+            Err(RenderError::TooLong {
+                max_bytes: full.len() - 1
+            })
+        );
+        let huge =
+            input(json!({"product_id": "P", "product_name": "N", "specs": "x".repeat(10_000)}));
+        let refused = spec.render(&huge, 1024).expect_err("over the bound");
+        assert!(refused.to_string().contains("generator.max_prompt_bytes"));
+    }
+
+    #[test]
+    fn placeholders_that_name_no_field_are_left_as_written() {
+        let spec = KindSpec {
+            template: "{{a}} {{missing}} {{{a}}} {{b".into(),
+            ..builtin_kinds()["product-description"].clone()
+        };
+        let text = render(&spec, &input(json!({"a": "A"})));
+        assert_eq!(text, "A {{missing}} {A} {{b");
     }
 
     #[test]

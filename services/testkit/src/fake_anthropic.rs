@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::llm_script::{Answer, LlmScript};
+use crate::llm_script::{Answer, LlmScript, add_headers};
 use crate::tls::{PrivateCa, Serving};
 
 pub const API_KEY: &str = "sk-ant-test-key";
@@ -232,7 +232,12 @@ async fn answer(script: &LlmScript, headers: &HeaderMap, body: &Value) -> Respon
         Answer::Error {
             status,
             retry_after,
-        } => error_for(status, retry_after),
+            headers,
+        } => {
+            let mut response = error_for(status, retry_after);
+            add_headers(&mut response, headers);
+            response
+        }
         Answer::Text(text) => {
             let text =
                 text.unwrap_or_else(|| format!("Fake Claude reply to: {}", first_user_line(body)));

@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::llm_script::{Answer, LlmScript};
+use crate::llm_script::{Answer, LlmScript, add_headers};
 /// The same script and record as the fake Anthropic API.
 pub use crate::llm_script::{Recorded, Scripted, first_user_line};
 
@@ -275,7 +275,12 @@ async fn answer(script: &LlmScript, headers: &HeaderMap, body: &Value) -> Respon
         Answer::Error {
             status,
             retry_after,
-        } => error_for(status, retry_after),
+            headers,
+        } => {
+            let mut response = error_for(status, retry_after);
+            add_headers(&mut response, headers);
+            response
+        }
         Answer::Text(text) => {
             let text =
                 text.unwrap_or_else(|| format!("Fake GPT reply to: {}", first_user_line(body)));

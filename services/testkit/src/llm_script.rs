@@ -17,6 +17,12 @@ pub enum Scripted {
         status: u16,
         retry_after: Option<u64>,
     },
+    /// As `Error`, with these headers as sent, unchecked: a provider's `retry-after` or
+    /// rate-limit headers at their most hostile (`inf`, `1e400`, a day).
+    ErrorWithHeaders {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+    },
     /// A normal answer whose text is this.
     Text(String),
     /// Wait this long before answering normally.
@@ -62,12 +68,23 @@ pub fn first_user_line(body: &Value) -> String {
     text.lines().next().unwrap_or_default().to_owned()
 }
 
+/// Adds `headers` to `response`; a value a header cannot hold is left out.
+pub(crate) fn add_headers(response: &mut Response, headers: Vec<(&'static str, String)>) {
+    for (name, value) in headers {
+        if let Ok(value) = axum::http::HeaderValue::try_from(value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+}
+
 /// How to answer a request that passed validation, after any delay has been waited out.
 #[derive(Debug)]
 pub(crate) enum Answer {
     Error {
         status: u16,
         retry_after: Option<u64>,
+        /// Sent after the error's own headers, replacing any of the same name.
+        headers: Vec<(&'static str, String)>,
     },
     /// The text to answer with; `None` for the server's default text.
     Text(Option<String>),
@@ -189,6 +206,12 @@ impl LlmScript {
             }) => Answer::Error {
                 status,
                 retry_after,
+                headers: Vec::new(),
+            },
+            Some(Scripted::ErrorWithHeaders { status, headers }) => Answer::Error {
+                status,
+                retry_after: None,
+                headers,
             },
             Some(Scripted::Text(text)) => Answer::Text(Some(text)),
             Some(Scripted::Delay(extra)) => {

@@ -45,6 +45,24 @@ async fn an_accepted_job_is_recorded_and_published_once() {
     gateway.stop().await;
 }
 
+/// The generator fills the template in one pass, so a value's `{{placeholder}}` is only text
+/// to it: the gateway takes such a body as it is, and the job's input keeps it verbatim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_holding_template_placeholders_are_accepted_verbatim() {
+    let gateway = Gateway::start(&[]).await;
+    let mut body = article_job("JOB-BRACES");
+    body["product_name"] = json!("{{specs}}{{product_id}} AC");
+    body["specs"] = json!({"note": "{{product_name}}", "{{key}}": "}}{{"});
+    let (status, answer) = gateway.post(PATH, &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+
+    let (status, doc) = gateway.get("/api/v1/jobs/JOB-BRACES").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["input"]["product_name"], "{{specs}}{{product_id}} AC");
+    assert_eq!(doc["input"]["specs"]["{{key}}"], "}}{{");
+    gateway.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_without_an_id_gets_one() {
     let gateway = Gateway::start(&[]).await;

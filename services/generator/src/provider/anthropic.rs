@@ -12,7 +12,10 @@ use jetcall::events::Usage;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Disposition, Generation, GenerationRequest, LlmError, ProviderSetupError, http};
+use super::{
+    Disposition, Generation, GenerationRequest, LlmError, MAX_PROVIDER_WAIT, ProviderSetupError,
+    http,
+};
 
 const API_VERSION: &str = "2023-06-01";
 
@@ -104,7 +107,6 @@ impl Anthropic {
     }
 
     pub async fn generate(&self, request: GenerationRequest<'_>) -> Result<Generation, LlmError> {
-        let user = request.spec.render(request.input);
         let body = MessagesRequest {
             model: request.spec.model.as_deref().unwrap_or(&self.default_model),
             max_tokens: request.max_tokens(self.max_tokens),
@@ -112,7 +114,7 @@ impl Anthropic {
             system: &request.spec.system,
             messages: [MessageParam {
                 role: "user",
-                content: &user,
+                content: request.prompt,
             }],
         };
         let answer = self.http.post(&self.headers, http::json(&body)?).await?;
@@ -178,7 +180,7 @@ fn slow_down(headers: &HeaderMap, now: OffsetDateTime) -> Option<Duration> {
                 .flatten()
         })
         .max()
-        .map(|wait| wait.min(http::MAX_SLOW_DOWN))
+        .map(|wait| wait.min(MAX_PROVIDER_WAIT))
 }
 
 #[cfg(test)]
@@ -242,6 +244,28 @@ mod tests {
             http::retry_after(&headers),
             Some(Duration::from_millis(150))
         );
+    }
+
+    #[test]
+    fn a_reset_far_away_or_unreadable_is_bounded_or_ignored() {
+        let now = OffsetDateTime::parse("2026-12-03T09:00:00Z", &Rfc3339).expect("time");
+        let spent = |reset: &'static str| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in [
+                ("anthropic-ratelimit-requests-limit", "100"),
+                ("anthropic-ratelimit-requests-remaining", "1"),
+                ("anthropic-ratelimit-requests-reset", reset),
+            ] {
+                headers.insert(name, HeaderValue::from_static(value));
+            }
+            slow_down(&headers, now)
+        };
+        assert_eq!(spent("2026-12-03T09:00:20Z"), Some(Duration::from_secs(20)));
+        assert_eq!(spent("2026-12-04T09:00:00Z"), Some(MAX_PROVIDER_WAIT));
+        assert_eq!(spent("9999-12-31T23:59:59Z"), Some(MAX_PROVIDER_WAIT));
+        assert_eq!(spent("2026-12-03T08:59:00Z"), None);
+        assert_eq!(spent("inf"), None);
+        assert_eq!(spent("+999999-01-01T00:00:00Z"), None);
     }
 
     #[test]

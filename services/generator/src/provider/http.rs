@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ::http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use ::http::{StatusCode, Uri};
@@ -17,11 +17,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use super::h2::{self, Answer};
-use super::{Disposition, LlmError, ProviderSetupError};
-
-/// The longest a provider's rate-limit headers may hold every instance back at once; a reset
-/// further away is re-read from the next answer instead.
-pub const MAX_SLOW_DOWN: Duration = Duration::from_secs(60);
+use super::{Disposition, LlmError, MAX_PROVIDER_WAIT, ProviderSetupError};
 
 /// A provider's way to its API endpoint.
 ///
@@ -352,22 +348,39 @@ fn should_retry_header(headers: &HeaderMap) -> Option<bool> {
     }
 }
 
-/// `retry-after-ms`, else `retry-after` in seconds; an HTTP-date is left to our own backoff.
+/// How long the provider asks us to wait before the next call: `retry-after-ms`, else
+/// `retry-after` in seconds or as an HTTP-date; at most [`MAX_PROVIDER_WAIT`].
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) =
-        header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return (ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+    retry_after_at(headers, SystemTime::now())
+}
+
+/// [`retry_after`] with the clock given. The headers are the provider's word, not to be
+/// trusted with our time: what is no finite wait of zero or more (`inf`, `NaN`, `1e400`,
+/// `-5`, text) is ignored, leaving the SDKs' backoff, and a longer wait is cut to the bound.
+fn retry_after_at(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let millis = header_str(headers, "retry-after-ms").and_then(|ms| bounded_wait(ms, 1000.0));
+    if millis.is_some() {
+        return millis;
     }
-    header_str(headers, "retry-after")
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|secs| *secs >= 0.0)
-        .map(Duration::from_secs_f64)
+    let value = header_str(headers, "retry-after")?;
+    bounded_wait(value, 1.0).or_else(|| {
+        jetcall::retry::parse_retry_after(value, now).map(|wait| wait.min(MAX_PROVIDER_WAIT))
+    })
+}
+
+/// A number of `units_per_second` as a wait of at most [`MAX_PROVIDER_WAIT`]; `None` unless it
+/// is a finite number of zero or more. Bounded before it becomes a `Duration`, which panics
+/// on what it cannot hold.
+fn bounded_wait(text: &str, units_per_second: f64) -> Option<Duration> {
+    let seconds = text.trim().parse::<f64>().ok()? / units_per_second;
+    (seconds.is_finite() && seconds >= 0.0)
+        .then(|| Duration::from_secs_f64(seconds.min(MAX_PROVIDER_WAIT.as_secs_f64())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::MAX_PROVIDER_WAIT;
 
     /// Each of 10,000 calls in flight holds this future: opening a connection (TLS state) and
     /// the reqwest fallback are boxed so that neither sizes it (unboxed, it was 8.7 KB).
@@ -385,6 +398,78 @@ mod tests {
         let call = transport.post(&headers, Vec::new());
         let size = std::mem::size_of_val(&call);
         assert!(size <= 2048, "a call's future is {size} bytes");
+    }
+
+    fn retry_after_of(name: &'static str, value: &'static str) -> Option<Duration> {
+        let mut headers = HeaderMap::new();
+        headers.insert(name, HeaderValue::from_static(value));
+        retry_after(&headers)
+    }
+
+    #[test]
+    fn a_retry_after_that_is_no_finite_wait_is_ignored() {
+        for value in [
+            "inf", "-inf", "infinity", "NaN", "1e400", "-5", "-0.5", "soon", "",
+        ] {
+            assert_eq!(
+                retry_after_of("retry-after", value),
+                None,
+                "retry-after: {value}"
+            );
+            assert_eq!(
+                retry_after_of("retry-after-ms", value),
+                None,
+                "retry-after-ms: {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_retry_after_is_capped_at_the_documented_minute() {
+        assert_eq!(
+            retry_after_of("retry-after", "86400"),
+            Some(MAX_PROVIDER_WAIT)
+        );
+        assert_eq!(
+            retry_after_of("retry-after", "18446744073709551616"),
+            Some(MAX_PROVIDER_WAIT)
+        );
+        assert_eq!(
+            retry_after_of("retry-after-ms", "1e300"),
+            Some(MAX_PROVIDER_WAIT)
+        );
+        assert_eq!(
+            retry_after_of("retry-after-ms", "9223372036854775807"),
+            Some(MAX_PROVIDER_WAIT)
+        );
+        assert_eq!(
+            retry_after_of("retry-after", "2.5"),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(retry_after_of("retry-after", "0"), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn an_http_date_retry_after_is_honoured_within_the_bound() {
+        // RFC 9110's example date, 784111777 s after the epoch.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "retry-after",
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        let at = |unix: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(unix);
+        assert_eq!(
+            retry_after_at(&headers, at(784_111_777 - 30)),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after_at(&headers, at(784_111_777 - 86_400)),
+            Some(MAX_PROVIDER_WAIT)
+        );
+        assert_eq!(
+            retry_after_at(&headers, at(784_111_777 + 5)),
+            Some(Duration::ZERO)
+        );
     }
 
     #[test]

@@ -18,11 +18,19 @@ pub use anthropic::Anthropic;
 pub use offline::Offline;
 pub use openai::OpenAi;
 
+/// The longest any answer of a provider may hold calls back: a `retry-after` on a failed call,
+/// a rate-limit reset on a nearly spent budget, a pause every instance takes. The README
+/// promises at most a minute; a longer wait is re-read from the next answer instead.
+pub const MAX_PROVIDER_WAIT: Duration = Duration::from_secs(60);
+
 /// One job's worth of generation work.
 #[derive(Debug, Clone, Copy)]
 pub struct GenerationRequest<'a> {
     pub spec: &'a KindSpec,
     pub input: &'a Map<String, Value>,
+    /// The user message: `input` rendered once by the kind's template, within
+    /// `generator.max_prompt_bytes`.
+    pub prompt: &'a str,
 }
 
 impl GenerationRequest<'_> {
@@ -149,6 +157,7 @@ mod tests {
         let request = GenerationRequest {
             spec,
             input: &input,
+            prompt: "",
         };
         assert_eq!(request.max_tokens(None), spec.max_tokens);
         assert_eq!(request.max_tokens(Some(256)), 256);

@@ -19,7 +19,7 @@ impl Offline {
             OutputSpec::Json { required, .. } => answer_json(required, request.input),
         };
         let usage = Usage {
-            input_tokens: count_words(&request.spec.render(request.input)),
+            input_tokens: count_words(request.prompt),
             output_tokens: count_words(&text),
         };
         Generation {
@@ -96,6 +96,7 @@ mod tests {
         let out = Offline.generate(GenerationRequest {
             spec: &kinds["product-description"],
             input: input.as_object().expect("object"),
+            prompt: "Write a product description for LG 1.5 Ton AC",
         });
         assert!(
             out.text.starts_with("Beat the heat with the LG 1.5 Ton AC"),
@@ -115,6 +116,7 @@ mod tests {
         let out = Offline.generate(GenerationRequest {
             spec: &kinds["return-analysis"],
             input: input.as_object().expect("object"),
+            prompt: "Order: O-1",
         });
         let answer: Value = serde_json::from_str(&out.text).expect("JSON");
         assert_eq!(answer["decision"], "inspect");

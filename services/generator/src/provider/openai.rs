@@ -94,9 +94,8 @@ impl OpenAi {
     }
 
     pub async fn generate(&self, request: GenerationRequest<'_>) -> Result<Generation, LlmError> {
-        let user = request.spec.render(request.input);
         let model = request.spec.model.as_deref().unwrap_or(&self.default_model);
-        let body = chat_request(request, model, &user, self.temperature);
+        let body = chat_request(request, model, request.prompt, self.temperature);
         let body = ChatRequest {
             max_tokens: request.max_tokens(self.max_tokens),
             ..body
@@ -210,7 +209,7 @@ fn slow_down(headers: &HeaderMap) -> Option<Duration> {
                 .filter(|wait| !wait.is_zero())
         })
         .max()
-        .map(|wait| wait.min(http::MAX_SLOW_DOWN))
+        .map(|wait| wait.min(super::MAX_PROVIDER_WAIT))
 }
 
 /// A Go `time.Duration` as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1s`, `6m0s`,
@@ -226,7 +225,7 @@ fn parse_go_duration(text: &str) -> Option<Duration> {
 mod tests {
     use super::*;
     use jetcall::kinds::builtin_kinds;
-    use reqwest::header::HeaderValue;
+    use reqwest::header::{HeaderName, HeaderValue};
     use serde_json::json;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -247,8 +246,12 @@ mod tests {
         let spec = &kinds["product-description"];
         let input = json!({"product_id": "P-1", "product_name": "Fan", "specs": "3 blades"});
         let input = input.as_object().expect("object");
-        let user = spec.render(input);
-        let request = GenerationRequest { spec, input };
+        let user = spec.render(input, usize::MAX).expect("no bound");
+        let request = GenerationRequest {
+            spec,
+            input,
+            prompt: &user,
+        };
         let body =
             serde_json::to_value(chat_request(request, "gpt-4o-mini", &user, None)).expect("JSON");
         assert_eq!(
@@ -449,7 +452,10 @@ mod tests {
             ("x-ratelimit-remaining-tokens", "10000"),
             ("x-ratelimit-reset-tokens", "1m30.5s"),
         ]);
-        assert_eq!(slow_down(&low_tokens), Some(http::MAX_SLOW_DOWN));
+        assert_eq!(
+            slow_down(&low_tokens),
+            Some(super::super::MAX_PROVIDER_WAIT)
+        );
 
         let both_low = headers(&[
             ("x-ratelimit-limit-requests", "100"),
@@ -467,5 +473,27 @@ mod tests {
             ("x-ratelimit-reset-requests", "soon"),
         ]);
         assert_eq!(slow_down(&unreadable_reset), None);
+
+        for (reset, wait) in [
+            ("876000h", Some(super::super::MAX_PROVIDER_WAIT)),
+            ("99999999999999999999999h", None),
+            ("inf", None),
+            ("-5s", None),
+        ] {
+            let spent = HeaderMap::from_iter(
+                [
+                    ("x-ratelimit-limit-requests", "100"),
+                    ("x-ratelimit-remaining-requests", "1"),
+                    ("x-ratelimit-reset-requests", reset),
+                ]
+                .map(|(name, value)| {
+                    (
+                        HeaderName::from_static(name),
+                        HeaderValue::from_static(value),
+                    )
+                }),
+            );
+            assert_eq!(slow_down(&spent), wait, "{reset}");
+        }
     }
 }

@@ -1,4 +1,5 @@
 mod harness;
+mod hostile;
 mod limits;
 mod llm;
 mod openai;
