@@ -2,4 +2,5 @@ mod harness;
 mod limits;
 mod llm;
 mod openai;
+mod paid_once;
 mod redelivery;
