@@ -19,10 +19,10 @@ fn job_ids(prefix: &str, count: usize) -> Vec<String> {
 /// Every job's prompt reached the LLM exactly once, and nothing else did.
 fn assert_each_prompt_paid_once(harness: &Harness, jobs: &[String]) {
     let calls = harness.claude.calls_per_prompt();
-    let paid_twice: Vec<_> = calls.iter().filter(|(_, n)| **n > 1).collect();
+    let paid_twice: Vec<_> = calls.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(
         paid_twice.is_empty(),
-        "{} calls for {} prompts; paid more than once: {paid_twice:?}",
+        "{} calls for {} prompts; paid more than once (the first five): {paid_twice:?}",
         harness.claude.calls(),
         jobs.len()
     );
@@ -74,7 +74,9 @@ async fn a_rate_limited_backlog_pays_for_each_prompt_once() {
     assert_each_prompt_paid_once(&harness, &jobs);
 }
 
-/// Messages fetched while every slot is busy wait behind calls slower than `ack_wait`.
+/// Messages fetched while every slot is busy wait behind calls slower than `ack_wait`, and
+/// are redelivered while their first copy is still being answered: calls of uneven length
+/// (every third one takes 4 s) let the second copy find a free slot meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_behind_calls_slower_than_ack_wait_pays_for_each_prompt_once() {
     let harness = Harness::start(&[
@@ -82,8 +84,13 @@ async fn a_backlog_behind_calls_slower_than_ack_wait_pays_for_each_prompt_once()
         ("generator.concurrency", json!(4)),
     ])
     .await;
-    harness.claude.set_delay(Duration::from_millis(2500));
-    let jobs = job_ids("SLOW", 20);
+    harness.claude.set_delay(Duration::from_millis(1200));
+    harness.claude.set_cycle(vec![
+        Some(Scripted::Delay(Duration::from_secs(4))),
+        None,
+        None,
+    ]);
+    let jobs = job_ids("SLOW", 24);
     for job in &jobs {
         harness.submit(job).await;
     }
@@ -100,12 +107,13 @@ async fn a_backlog_behind_calls_slower_than_ack_wait_pays_for_each_prompt_once()
 /// redelivered copies find the calls' leases and wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_during_long_calls_pays_for_each_prompt_once() {
+    // Free slots, so a redelivered copy starts at once beside its first.
     let mut harness = Harness::start(&[
         ("generator.ack_wait", json!("2s")),
-        ("generator.concurrency", json!(8)),
+        ("generator.concurrency", json!(16)),
     ])
     .await;
-    harness.claude.set_delay(Duration::from_secs(6));
+    harness.claude.set_delay(Duration::from_secs(8));
     let jobs = job_ids("RESTART", 8);
     for job in &jobs {
         harness.submit(job).await;
@@ -115,6 +123,10 @@ async fn a_nats_restart_during_long_calls_pays_for_each_prompt_once() {
         (harness.claude.calls() == jobs.len()).then_some(())
     })
     .await;
+    // The outage is the fault injected: longer than ack_wait, so the calls' progress acks
+    // are lost and JetStream redelivers their requests while the calls go on.
+    harness.nats.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
     harness.nats.restart();
     for job in &jobs {
         wait_for_completion(&harness, job).await;
