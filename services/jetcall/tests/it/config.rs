@@ -35,6 +35,7 @@ fn defaults_are_the_documented_ones() {
         );
         assert_eq!(config.generator.provider, ProviderChoice::Auto);
         assert_eq!(config.generator.concurrency, 256);
+        assert_eq!(config.generator.shutdown_grace, Duration::from_secs(25));
         assert_eq!(config.anthropic.base_url, "https://api.anthropic.com");
         assert_eq!(config.callback.timeout, Duration::from_secs(15));
         let day: Duration = config.callback.retry_schedule.iter().sum();
@@ -179,6 +180,11 @@ fn bad_values_name_their_key() {
             "generator.concurrency",
         ),
         ("JETCALL_GENERATOR__PROVIDER", "gpt", "generator.provider"),
+        (
+            "JETCALL_GENERATOR__SHUTDOWN_GRACE",
+            "1h",
+            "generator.shutdown_grace",
+        ),
         (
             "JETCALL_CALLBACK__SIGNING_SECRET",
             "whsec_!!",
