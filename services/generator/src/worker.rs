@@ -327,6 +327,9 @@ impl Worker {
     ) -> Result<(serde_json::Value, Generation), LlmError> {
         let mut used = Usage::default();
         let mut retried = false;
+        // Once an answer is paid for, shutdown no longer stops the call that mends it: a
+        // hand-back then would count as unpaid what was paid.
+        let paid_for = CancellationToken::new();
         loop {
             let mut generation = self
                 .call_llm(
@@ -335,7 +338,7 @@ impl Worker {
                         spec,
                         input: &request.input,
                     },
-                    stopping,
+                    if retried { &paid_for } else { stopping },
                 )
                 .await?;
             used.input_tokens += generation.usage.input_tokens;

@@ -205,3 +205,53 @@ async fn shutdown_hands_back_a_call_that_outlives_the_grace() {
     second.stop().await;
     assert_eq!(harness.claude.calls(), 2);
 }
+
+/// Calls still waiting for their turn in the rate limit when shutdown comes are never sent:
+/// handed back at once, with their attempt given back, for another instance to make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hands_back_the_calls_still_waiting_for_the_rate_limit_unpaid() {
+    let harness = Harness::start(&[
+        ("generator.requests_per_minute", json!(60)),
+        ("generator.concurrency", json!(4)),
+    ])
+    .await;
+    let jobs = job_ids("QUEUED", 4);
+    for job in &jobs {
+        harness.submit(job).await;
+    }
+    let (first, _) = harness.run_generator();
+    wait_until(
+        "the first call to start",
+        Duration::from_secs(30),
+        || async { (harness.claude.calls() >= 1).then_some(()) },
+    )
+    .await;
+    first.stop().await;
+    let called = harness.claude.calls_per_prompt();
+    assert!(called.len() < jobs.len(), "one call a second: {called:?}");
+    for job in &jobs {
+        let doc = harness.status(job).await.expect("document");
+        let was_called = called
+            .keys()
+            .any(|prompt| prompt.contains(&format!(" {job} ")));
+        if was_called {
+            assert_eq!(
+                doc.status.as_str(),
+                "completed",
+                "{job}: called, so recorded"
+            );
+        } else {
+            assert_eq!(doc.status.as_str(), "generating", "{job}");
+            assert_eq!(doc.generation_attempts, 0, "{job}: no call, no attempt");
+            assert!(doc.lease.is_none(), "{job}: its lease was released");
+        }
+    }
+
+    let (second, _) = harness.run_generator();
+    for job in &jobs {
+        wait_for_completion(&harness, job).await;
+    }
+    harness.wait_until_consumer_idle().await;
+    second.stop().await;
+    assert_each_prompt_paid_once(&harness, &jobs);
+}
