@@ -91,6 +91,8 @@ pub async fn run(
         gate: gate.clone(),
         limiter,
         metrics,
+        // Unique per process: a restarted generator must not pass for the one that died.
+        instance: format!("generator-{:016x}", rand::random::<u64>()),
     });
     tracing::info!(concurrency, "generator consuming jobs.requested.>");
     consume(

@@ -1,13 +1,17 @@
 //! Handling one `jobs.requested.<kind>` message, from status `generating` to the ack.
 //!
-//! Order of writes: the status document moves to `completed`/`failed` (holding the result)
-//! before the event is published, and the request is acked last. A crash anywhere leaves
-//! enough behind for the redelivered request to finish the job without a second LLM call.
+//! Order of writes: the status document moves to `generating` under a lease (this call's
+//! claim on the attempt, renewed with every progress ack), then to `completed`/`failed`
+//! (holding the result, the lease dropped) before the event is published, and the request is
+//! acked last. A crash anywhere leaves enough behind for the redelivered request to finish
+//! the job without a second LLM call; a copy delivered while the lease lives waits.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, Message};
+use futures::FutureExt;
+use futures::future::FusedFuture;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -18,7 +22,7 @@ use jetcall::gate::Gate;
 use jetcall::kinds::KindSpec;
 use jetcall::publish::publish_event_with_headers;
 use jetcall::retry::llm_backoff;
-use jetcall::status::{JobStatus, Status};
+use jetcall::status::{Claim, JobStatus, Lease, Status};
 use jetcall::store::Updated;
 use jetcall::topology::Topology;
 use jetcall::trace::TraceParent;
@@ -30,6 +34,22 @@ use crate::provider::{Disposition, Generation, GenerationRequest, LlmError, Prov
 
 /// How long every instance holds off after a 429 that named no wait.
 const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(1);
+
+/// The shortest lease: a NATS outage of a few seconds, when no renewal gets through, must not
+/// let a second delivery start a second call beside a living one.
+const MIN_LEASE: Duration = Duration::from_secs(15);
+
+/// The error type of a call that never reached the provider because shutdown came first.
+const NOT_SENT: &str = "not_sent";
+
+/// How a held call ended.
+enum Held<T> {
+    Done(T),
+    /// Its lease was taken over or the job finished elsewhere: it must not record.
+    LeaseLost,
+    /// Shutdown's grace ran out first.
+    Abandoned,
+}
 
 /// How handling one message ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +64,8 @@ pub enum Step {
     Rejected(String),
     /// Shutdown interrupted the call; handed back at once for another instance.
     Interrupted,
+    /// Another call holds the job's lease; handed back to look again after this delay.
+    Held(Duration),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +86,8 @@ pub struct Worker {
     /// `None` for a provider with no rate limits to respect (`offline`).
     pub limiter: Option<Limiter>,
     pub metrics: Metrics,
+    /// This process, as the owner of the leases it takes.
+    pub instance: String,
 }
 
 impl Worker {
@@ -116,43 +140,44 @@ impl Worker {
                 "unknown_kind",
                 format!("no kind `{}` is configured", request.kind),
             );
-            return Box::pin(self.finish(message, request, trace, outcome, None)).await;
+            return Box::pin(self.finish(message, request, trace, outcome, None, None)).await;
         };
 
         let max_attempts = self.config.generator.max_attempts;
-        let mut attempt = 0;
         let now = OffsetDateTime::now_utc();
+        let mut claim = Claim::Generated;
         // Boxed here and below: only the LLM call's state stays in the task while it waits,
         // which keeps 10,000 calls in flight within a small heap.
         let started = Box::pin(self.topology.status.update(&request.job_id, |doc| {
-            if doc.status.is_generated() || !doc.advance(Status::Generating, now) {
-                return false;
-            }
-            doc.generation_attempts += 1;
-            attempt = doc.generation_attempts;
-            true
+            claim = doc.claim(&self.instance, now, self.lease_duration());
+            matches!(claim, Claim::Taken(_))
         }))
         .await?;
         // The document as written, so recording the outcome needs no second read.
-        let current = match started {
-            Updated::Written(doc, revision) => Some((*doc, revision)),
-            Updated::Unchanged(doc) => {
-                return Box::pin(self.already_generated(message, &doc, trace)).await;
+        let (current, lease) = match (started, claim) {
+            (Updated::Written(doc, revision), Claim::Taken(lease)) => {
+                (Some((*doc, revision)), lease)
             }
-            Updated::Missing => {
+            (Updated::Missing, _) => {
                 let _ = message.ack_with(AckKind::Term).await;
                 return Ok(Step::Rejected(format!(
                     "job {} has no status document",
                     request.job_id
                 )));
             }
+            (_, Claim::Held(left)) => return Ok(self.wait_for_holder(message, left).await),
+            (Updated::Unchanged(doc) | Updated::Written(doc, _), _) => {
+                return Box::pin(self.already_generated(message, &doc, trace)).await;
+            }
         };
+        let attempt = lease.attempt;
         if attempt > max_attempts {
             let outcome = failure(
                 "attempts_exhausted",
                 format!("gave up after {max_attempts} attempts"),
             );
-            return Box::pin(self.finish(message, request, trace, outcome, current)).await;
+            return Box::pin(self.finish(message, request, trace, outcome, current, Some(&lease)))
+                .await;
         }
 
         // Rendered once, bounded, before any call: a job whose input makes too long a prompt
@@ -161,15 +186,24 @@ impl Worker {
             Ok(prompt) => prompt,
             Err(err) => {
                 let outcome = failure("invalid_input", err.to_string());
-                return Box::pin(self.finish(message, request, trace, outcome, current)).await;
+                return Box::pin(self.finish(
+                    message,
+                    request,
+                    trace,
+                    outcome,
+                    current,
+                    Some(&lease),
+                ))
+                .await;
             }
         };
         // Boxed once here: passed by value, it would be held twice (the argument, then the
         // pinned copy polled).
-        let call = Box::pin(self.generate(request, spec, &prompt));
-        let Some(result) = self.with_progress_acks(message, call, shutdown).await else {
-            let _ = message.ack_with(AckKind::Nak(None)).await;
-            return Ok(Step::Interrupted);
+        let call = Box::pin(self.generate(request, spec, &prompt, shutdown));
+        let result = match self.hold(message, request, &lease, call, shutdown).await {
+            Held::Done(result) => result,
+            Held::LeaseLost => return Box::pin(self.lost_lease(message, request, trace)).await,
+            Held::Abandoned => return self.hand_back(message, request, &lease).await,
         };
         let error = match result {
             Ok((result, generation)) => {
@@ -178,14 +212,33 @@ impl Worker {
                     model: generation.model,
                     usage: generation.usage,
                 };
-                return Box::pin(self.finish(message, request, trace, outcome, current)).await;
+                return Box::pin(self.finish(
+                    message,
+                    request,
+                    trace,
+                    outcome,
+                    current,
+                    Some(&lease),
+                ))
+                .await;
             }
             Err(err) => err,
         };
+        if error.error_type == NOT_SENT {
+            // Never sent, so never paid: the attempt is given back with the message.
+            Box::pin(self.topology.status.update(&request.job_id, |doc| {
+                doc.generation_attempts = doc.generation_attempts.saturating_sub(1);
+                doc.release_lease(&lease)
+            }))
+            .await?;
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+            return Ok(Step::Interrupted);
+        }
         tracing::warn!(attempt, error = %error, "generation failed");
         match error.disposition {
             Disposition::Retry { retry_after } if attempt < max_attempts => {
                 let delay = retry_after.unwrap_or_else(|| llm_backoff(attempt, rand::random()));
+                self.release(request, &lease).await?;
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 Ok(Step::Retry(delay))
             }
@@ -194,6 +247,7 @@ impl Worker {
                 // fault: give back the attempt it did not really make.
                 Box::pin(self.topology.status.update(&request.job_id, |doc| {
                     doc.generation_attempts = doc.generation_attempts.saturating_sub(1);
+                    doc.release_lease(&lease);
                     true
                 }))
                 .await?;
@@ -203,7 +257,79 @@ impl Worker {
             }
             Disposition::Retry { .. } | Disposition::Permanent => {
                 let outcome = failure(&error.error_type, error.message);
-                Box::pin(self.finish(message, request, trace, outcome, current)).await
+                Box::pin(self.finish(message, request, trace, outcome, current, Some(&lease))).await
+            }
+        }
+    }
+
+    /// How long a lease lasts: two `ack_wait`s, so it outlives the missed renewals that let
+    /// JetStream redeliver the request, and at least `MIN_LEASE`.
+    fn lease_duration(&self) -> Duration {
+        (self.config.generator.ack_wait * 2).max(MIN_LEASE)
+    }
+
+    /// Another call holds the job: hand this copy back until that call's lease would have
+    /// run out. If the holder finishes first, its ack settles the message and this copy
+    /// never comes back.
+    async fn wait_for_holder(&self, message: &Message, left: Duration) -> Step {
+        let delay = left.max(Duration::from_secs(1));
+        let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+        tracing::info!(?delay, "another call holds the job's lease; waiting");
+        Step::Held(delay)
+    }
+
+    /// Gives up this call's lease, so the request handed back is taken up at once.
+    async fn release(&self, request: &JobRequested, lease: &Lease) -> Result<(), WorkerError> {
+        Box::pin(
+            self.topology
+                .status
+                .update(&request.job_id, |doc| doc.release_lease(lease)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Shutdown's grace ran out mid-call: hand the request back at once for another instance.
+    async fn hand_back(
+        &self,
+        message: &Message,
+        request: &JobRequested,
+        lease: &Lease,
+    ) -> Result<Step, WorkerError> {
+        // Handed back even if the release cannot be written: the lease then runs out.
+        let released = self.release(request, lease).await;
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+        released.map(|()| Step::Interrupted)
+    }
+
+    /// The call lost its lease: the job finished elsewhere (settle this copy), or another
+    /// call took it over (wait for that one).
+    async fn lost_lease(
+        &self,
+        message: &Message,
+        request: &JobRequested,
+        trace: &TraceParent,
+    ) -> Result<Step, WorkerError> {
+        tracing::warn!("the call lost its lease; its answer is not recorded");
+        let now = OffsetDateTime::now_utc();
+        match Box::pin(self.topology.status.get(&request.job_id)).await? {
+            Some((doc, _)) if doc.status.is_generated() => {
+                Box::pin(self.already_generated(message, &doc, trace)).await
+            }
+            Some((doc, _)) => {
+                let left = doc
+                    .lease
+                    .filter(|lease| lease.is_live(now))
+                    .and_then(|lease| (lease.expires_at - now).try_into().ok())
+                    .unwrap_or_default();
+                Ok(self.wait_for_holder(message, left).await)
+            }
+            None => {
+                let _ = message.ack_with(AckKind::Term).await;
+                Ok(Step::Rejected(format!(
+                    "job {} has no status document",
+                    request.job_id
+                )))
             }
         }
     }
@@ -215,9 +341,13 @@ impl Worker {
         request: &JobRequested,
         spec: &KindSpec,
         prompt: &str,
+        stopping: &CancellationToken,
     ) -> Result<(serde_json::Value, Generation), LlmError> {
         let mut used = Usage::default();
         let mut retried = false;
+        // Once an answer is paid for, shutdown no longer stops the call that mends it: a
+        // hand-back then would count as unpaid what was paid.
+        let paid_for = CancellationToken::new();
         loop {
             let mut generation = self
                 .call_llm(
@@ -227,6 +357,7 @@ impl Worker {
                         input: &request.input,
                         prompt,
                     },
+                    if retried { &paid_for } else { stopping },
                 )
                 .await?;
             // Saturating: the counts are the provider's word.
@@ -257,19 +388,34 @@ impl Worker {
     }
 
     /// One LLM call within the shared rate limits; the gate and the limiter learn from its
-    /// answer.
+    /// answer. A call still waiting for its turn when shutdown comes is never sent (`NOT_SENT`).
     async fn call_llm(
         &self,
         kind: &str,
         request: GenerationRequest<'_>,
+        stopping: &CancellationToken,
     ) -> Result<Generation, LlmError> {
         let estimate = if self.config.generator.tokens_per_minute > 0 {
             ((request.spec.system.len() + request.prompt.len()) / 4) as u64
         } else {
             0
         };
+        let not_sent = || {
+            LlmError::new(
+                Disposition::Retry { retry_after: None },
+                NOT_SENT,
+                "shutting down before the call was sent",
+            )
+        };
+        if stopping.is_cancelled() {
+            return Err(not_sent());
+        }
         if let Some(limiter) = &self.limiter {
-            Box::pin(limiter.acquire(estimate)).await.map_err(|err| {
+            let acquired = tokio::select! {
+                acquired = Box::pin(limiter.acquire(estimate)) => acquired,
+                _ = stopping.cancelled() => return Err(not_sent()),
+            };
+            acquired.map_err(|err| {
                 LlmError::new(
                     Disposition::Retry { retry_after: None },
                     "rate_limiter_unavailable",
@@ -322,26 +468,67 @@ impl Worker {
         result
     }
 
-    /// Runs `call`, telling JetStream every half `ack_wait` that the message is still being
-    /// worked on. `None` when shutdown came first.
-    async fn with_progress_acks<T>(
+    /// Runs `call` (the rate limiter's wait included) holding the message and the job's
+    /// lease: every half `ack_wait` a progress ack tells JetStream the message is still being
+    /// worked on, and the lease is renewed by compare-and-set. A renewal that finds the lease
+    /// taken over, or the job finished, ends the call unrecorded; one that cannot reach NATS
+    /// is tried again at the next tick, the lease being long enough to ride out the outage.
+    /// After shutdown (the pull has stopped) the call has `generator.shutdown_grace` to end.
+    async fn hold<T>(
         &self,
         message: &Message,
+        request: &JobRequested,
+        lease: &Lease,
         call: impl std::future::Future<Output = T>,
-        shutdown: &CancellationToken,
-    ) -> Option<T> {
+        stopping: &CancellationToken,
+    ) -> Held<T> {
         let period = self.config.generator.ack_wait / 2;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tokio::pin!(call);
+        let mut renewal = std::pin::pin!(futures::future::Fuse::terminated());
+        // Armed only once shutdown starts; until then it never fires.
+        let grace = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
+        tokio::pin!(grace);
+        let mut grace_started = false;
         loop {
             tokio::select! {
-                result = &mut call => return Some(result),
+                result = &mut call => return Held::Done(result),
                 _ = ticker.tick() => {
                     let _ = message.ack_with(AckKind::Progress).await;
+                    if renewal.is_terminated() {
+                        renewal.set(self.renew(request, lease).fuse());
+                    }
                 }
-                _ = shutdown.cancelled() => return None,
+                renewed = renewal.as_mut() => match renewed {
+                    Ok(true) => {}
+                    Ok(false) => return Held::LeaseLost,
+                    Err(err) => tracing::warn!(error = %err, "could not renew the job's lease"),
+                },
+                _ = stopping.cancelled(), if !grace_started => {
+                    grace_started = true;
+                    grace.as_mut().reset(
+                        tokio::time::Instant::now() + self.config.generator.shutdown_grace,
+                    );
+                }
+                _ = &mut grace, if grace_started => return Held::Abandoned,
             }
         }
+    }
+
+    /// Moves the lease on; false when it is no longer this call's.
+    async fn renew(
+        &self,
+        request: &JobRequested,
+        lease: &Lease,
+    ) -> Result<bool, jetcall::store::StoreError> {
+        let expires_at = OffsetDateTime::now_utc() + self.lease_duration();
+        let renewed = Box::pin(
+            self.topology
+                .status
+                .update(&request.job_id, |doc| doc.renew_lease(lease, expires_at)),
+        )
+        .await?;
+        Ok(matches!(renewed, Updated::Written(..)))
     }
 
     /// Records the outcome, publishes it (in `trace`) and acks the request.
@@ -352,6 +539,7 @@ impl Worker {
         trace: &TraceParent,
         outcome: Outcome,
         current: Option<(JobStatus, u64)>,
+        lease: Option<&Lease>,
     ) -> Result<Step, WorkerError> {
         let finished_at = OffsetDateTime::now_utc();
         let status = match &outcome {
@@ -362,9 +550,10 @@ impl Worker {
             .topology
             .status
             .update_from(&request.job_id, current, |doc| {
-                if !doc.advance(status, finished_at) || doc.status.is_final() {
+                if !doc.may_record(lease, finished_at) || !doc.advance(status, finished_at) {
                     return false;
                 }
+                doc.lease = None;
                 match &outcome {
                     Outcome::Completed {
                         result,
@@ -392,8 +581,12 @@ impl Worker {
                 let _ = message.ack().await;
                 Ok(Step::Finished(status))
             }
-            // Another instance got there first; its outcome stands.
-            Updated::Unchanged(doc) => Box::pin(self.already_generated(message, &doc, trace)).await,
+            // Another call got there first; its outcome stands.
+            Updated::Unchanged(doc) if doc.status.is_generated() => {
+                Box::pin(self.already_generated(message, &doc, trace)).await
+            }
+            // Another call holds the lease now; this answer is not recorded.
+            Updated::Unchanged(_) => Box::pin(self.lost_lease(message, request, trace)).await,
             Updated::Missing => {
                 let _ = message.ack_with(AckKind::Term).await;
                 Ok(Step::Rejected(format!(

@@ -279,6 +279,10 @@ pub struct GeneratorConfig {
     /// configuration has been fixed.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// On SIGTERM, how long LLM calls already made may run on to be recorded before what is
+    /// left is handed back; below the orchestrator's stop timeout (compose: 30 s).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub listen: SocketAddr,
 }
@@ -296,6 +300,7 @@ impl Default for GeneratorConfig {
             // Claude's whole context (200,000 tokens) is about 800 KB of text.
             max_prompt_bytes: 1024 * 1024,
             probe_interval: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(25),
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
         }
     }
@@ -584,6 +589,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "generator.probe_interval",
                 "must be at least 1s",
+            ));
+        }
+        if self.generator.shutdown_grace > Duration::from_secs(600) {
+            return Err(ConfigError::invalid(
+                "generator.shutdown_grace",
+                "must be at most 10m: a stop that waits longer is taken for a hang and killed",
             ));
         }
         if self.callback.concurrency == 0 {

@@ -93,6 +93,42 @@ pub struct DeliveryAttempt {
     pub round: u32,
 }
 
+/// A generator's claim on a job's current attempt: while it lives, no other delivery of the
+/// job's request calls the LLM. Renewed with the request's progress acks; a lease left by a
+/// generator that died runs out and may be taken over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Lease {
+    /// The generator process holding it.
+    pub owner: String,
+    /// The attempt it was taken for: a second delivery in the same process is not its holder.
+    pub attempt: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: OffsetDateTime,
+}
+
+impl Lease {
+    pub fn is_live(&self, now: OffsetDateTime) -> bool {
+        self.expires_at > now
+    }
+
+    /// Whether both name the same call; renewals move `expires_at` on.
+    pub fn same_holder(&self, other: &Lease) -> bool {
+        self.owner == other.owner && self.attempt == other.attempt
+    }
+}
+
+/// What a delivery of a job's request may do, given the job's status document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The job is generated: nothing to call.
+    Generated,
+    /// Another call holds a live lease: wait this long, then look again.
+    Held(std::time::Duration),
+    /// Taken: the document now holds this lease, for a new attempt.
+    Taken(Lease),
+}
+
 /// What `GET /api/v1/jobs/{id}` returns and `nats kv get job_status <id>` shows.
 ///
 /// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
@@ -118,6 +154,10 @@ pub struct JobStatus {
     #[serde(default)]
     #[schema(required = true)]
     pub generation_attempts: u32,
+    /// While `generating`: the call that holds the current attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub lease: Option<Lease>,
     /// The kind's output, once `completed`: text or JSON, per the kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Value, nullable = false)]
@@ -183,6 +223,7 @@ impl JobStatus {
             created_at: request.requested_at,
             updated_at: request.requested_at,
             generation_attempts: 0,
+            lease: None,
             result: None,
             model: None,
             usage: None,
@@ -267,6 +308,74 @@ impl JobStatus {
         }
     }
 
+    /// Starts a new generation attempt under a lease for `owner` lasting `lease_for`, unless
+    /// the job is generated or another call's lease is still live. One paid call per
+    /// attempt rests on this: a redelivered request never starts a second call beside a
+    /// living one.
+    pub fn claim(
+        &mut self,
+        owner: &str,
+        now: OffsetDateTime,
+        lease_for: std::time::Duration,
+    ) -> Claim {
+        if self.status.is_generated() {
+            return Claim::Generated;
+        }
+        if let Some(lease) = self.lease.as_ref().filter(|lease| lease.is_live(now)) {
+            let left = (lease.expires_at - now).try_into().unwrap_or_default();
+            return Claim::Held(left);
+        }
+        // Not generated, so `generating` is forward or the same state.
+        self.advance(Status::Generating, now);
+        self.generation_attempts += 1;
+        let lease = Lease {
+            owner: owner.to_owned(),
+            attempt: self.generation_attempts,
+            expires_at: now + lease_for,
+        };
+        self.lease = Some(lease.clone());
+        Claim::Taken(lease)
+    }
+
+    /// Whether a call holding `mine` (or no lease, `None`) may record an outcome: the job is
+    /// not generated yet, and no other call holds a live lease. An outcome never replaces
+    /// another: `completed → completed` would overwrite the result that was delivered.
+    pub fn may_record(&self, mine: Option<&Lease>, now: OffsetDateTime) -> bool {
+        if self.status.is_generated() {
+            return false;
+        }
+        match &self.lease {
+            Some(lease) if lease.is_live(now) => mine.is_some_and(|mine| lease.same_holder(mine)),
+            _ => true,
+        }
+    }
+
+    /// Moves the lease on to `expires_at` if it is still `mine` and the job still waits for
+    /// it; false when the call has lost it.
+    pub fn renew_lease(&mut self, mine: &Lease, expires_at: OffsetDateTime) -> bool {
+        match &mut self.lease {
+            Some(lease) if lease.same_holder(mine) && self.status == Status::Generating => {
+                lease.expires_at = expires_at;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives up the lease if it is still `mine`, so the request handed back is taken up at
+    /// once rather than after the lease runs out; false when there was nothing to release.
+    pub fn release_lease(&mut self, mine: &Lease) -> bool {
+        if self
+            .lease
+            .as_ref()
+            .is_some_and(|lease| lease.same_holder(mine))
+        {
+            self.lease = None;
+            return true;
+        }
+        false
+    }
+
     /// Moves to `next` if that is forward (or the same state), stamping the time. Returns
     /// whether it did; callers skip their write when it did not.
     pub fn advance(&mut self, next: Status, now: OffsetDateTime) -> bool {
@@ -303,6 +412,79 @@ mod tests {
         assert!(!Failed.may_become(Completed));
         assert!(!Delivered.may_become(Undeliverable));
         assert!(!Undeliverable.may_become(Delivered));
+    }
+
+    fn accepted_job() -> JobStatus {
+        let request = JobRequested {
+            job_id: JobId::parse("JOB-1").expect("id"),
+            kind: Kind::product_description(),
+            input: Map::new(),
+            callback_url: "http://127.0.0.1:9/cb".into(),
+            metadata: Map::new(),
+            requested_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        JobStatus::accepted(&request, "digest".into())
+    }
+
+    const MINUTE: std::time::Duration = std::time::Duration::from_secs(60);
+
+    #[test]
+    fn a_second_delivery_waits_out_a_live_lease_and_counts_no_attempt() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let mut doc = accepted_job();
+        let Claim::Taken(first) = doc.claim("a", now, MINUTE) else {
+            panic!("the first delivery takes the job");
+        };
+        assert_eq!(first.attempt, 1);
+        let later = now + time::Duration::seconds(20);
+        for owner in ["a", "b"] {
+            assert_eq!(
+                doc.claim(owner, later, MINUTE),
+                Claim::Held(std::time::Duration::from_secs(40))
+            );
+        }
+        assert_eq!(doc.generation_attempts, 1);
+    }
+
+    #[test]
+    fn an_expired_lease_is_taken_over_as_a_new_attempt() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let mut doc = accepted_job();
+        assert!(matches!(doc.claim("a", now, MINUTE), Claim::Taken(_)));
+        let Claim::Taken(second) = doc.claim("b", now + MINUTE, MINUTE) else {
+            panic!("an expired lease is taken over");
+        };
+        assert_eq!((second.owner.as_str(), second.attempt), ("b", 2));
+    }
+
+    #[test]
+    fn a_generated_job_is_never_claimed_nor_recorded_again() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let mut doc = accepted_job();
+        let Claim::Taken(lease) = doc.claim("a", now, MINUTE) else {
+            panic!("taken");
+        };
+        assert!(doc.may_record(Some(&lease), now));
+        doc.advance(Completed, now);
+        doc.lease = None;
+        assert_eq!(doc.claim("a", now, MINUTE), Claim::Generated);
+        assert!(!doc.may_record(Some(&lease), now), "completed → completed");
+        assert!(!doc.may_record(None, now));
+    }
+
+    #[test]
+    fn a_call_that_lost_its_lease_neither_renews_nor_records() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let mut doc = accepted_job();
+        let Claim::Taken(lost) = doc.claim("a", now, MINUTE) else {
+            panic!("taken");
+        };
+        assert!(doc.renew_lease(&lost, now + MINUTE));
+        let Claim::Taken(_) = doc.claim("b", now + MINUTE * 2, MINUTE) else {
+            panic!("taken over");
+        };
+        assert!(!doc.renew_lease(&lost, now + MINUTE * 3));
+        assert!(!doc.may_record(Some(&lost), now + MINUTE * 2));
     }
 
     #[test]

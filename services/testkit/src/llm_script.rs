@@ -1,7 +1,7 @@
 //! What the fake LLM servers share: a script of answers, a repeating cycle, a default delay
 //! and text, the accepted key, and a record of every request with the status it got.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -148,6 +148,16 @@ impl LlmScript {
     /// Every request so far, in the order they arrived.
     pub fn requests(&self) -> Vec<Recorded> {
         self.lock().requests.clone()
+    }
+
+    /// How many requests each prompt got (its first line, which names the job): the calls
+    /// a job was paid for.
+    pub fn calls_per_prompt(&self) -> BTreeMap<String, usize> {
+        let mut calls = BTreeMap::new();
+        for request in &self.lock().requests {
+            *calls.entry(request.prompt()).or_insert(0) += 1;
+        }
+        calls
     }
 
     /// Requests received so far, including those still being answered.

@@ -3,4 +3,5 @@ mod hostile;
 mod limits;
 mod llm;
 mod openai;
+mod paid_once;
 mod redelivery;

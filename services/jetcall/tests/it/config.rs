@@ -36,6 +36,7 @@ fn defaults_are_the_documented_ones() {
         assert_eq!(config.generator.provider, ProviderChoice::Auto);
         assert_eq!(config.generator.concurrency, 256);
         assert_eq!(config.generator.max_prompt_bytes, 1024 * 1024);
+        assert_eq!(config.generator.shutdown_grace, Duration::from_secs(25));
         assert_eq!(config.anthropic.base_url, "https://api.anthropic.com");
         assert_eq!(config.callback.timeout, Duration::from_secs(15));
         let day: Duration = config.callback.retry_schedule.iter().sum();
@@ -184,6 +185,11 @@ fn bad_values_name_their_key() {
             "JETCALL_GENERATOR__MAX_PROMPT_BYTES",
             "100",
             "generator.max_prompt_bytes",
+        ),
+        (
+            "JETCALL_GENERATOR__SHUTDOWN_GRACE",
+            "1h",
+            "generator.shutdown_grace",
         ),
         (
             "JETCALL_CALLBACK__SIGNING_SECRET",
