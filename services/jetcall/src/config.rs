@@ -546,6 +546,12 @@ impl Config {
             .openai
             .api_key
             .filter(|key| !key.expose().trim().is_empty());
+        // `JETCALL_CALLBACK__SECRETS_KEY=` (set but empty, as compose passes an unset one)
+        // means no key.
+        config.callback.secrets_key = config
+            .callback
+            .secrets_key
+            .filter(|key| !key.expose().trim().is_empty());
         // `OTEL_EXPORTER_OTLP_ENDPOINT=` (set but empty) means no exporter.
         config.log.otlp_endpoint = config
             .log

@@ -106,6 +106,9 @@ pub struct JobStatus {
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub metadata: Map<String, Value>,
     /// A digest of the submission, to tell an idempotent retry from a conflicting reuse of the id.
+    /// Every stored document has one; the API's view of a job does not, and the `jetcall` CLI
+    /// reads that view into this type.
+    #[serde(default)]
     pub request_digest: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
