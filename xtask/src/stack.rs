@@ -125,9 +125,12 @@ impl Stack {
             let mut cmd = Command::new(ws.debug_bin(name));
             // The services read `jetcall.toml` from their working directory; the demo
             // must not pick up whatever one lies where the user happens to be.
+            // The demo's receiver listens on loopback, which the default allowlist refuses;
+            // the callback reads the allowlist too, to check addresses at delivery.
             cmd.current_dir(self.dir.path())
                 .env("NATS_URL", &self.nats_url)
-                .env("JETCALL_LOG__FORMAT", "text");
+                .env("JETCALL_LOG__FORMAT", "text")
+                .env("JETCALL_GATEWAY__CALLBACK_ALLOWLIST", r#"["127.0.0.1"]"#);
             if std::env::var_os("RUST_LOG").is_none() {
                 cmd.env("RUST_LOG", "info");
             }

@@ -1,5 +1,6 @@
 //! One webhook delivery attempt over HTTP, with the delivery-time SSRF checks.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -9,8 +10,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use time::OffsetDateTime;
 use url::{Host, Url};
 
-use jetcall::allowlist::Allowlist;
-use jetcall::config::CallbackConfig;
+use jetcall::allowlist::{Allowlist, address_exemptions};
+use jetcall::config::{CallbackConfig, GatewayConfig};
 use jetcall::retry::parse_retry_after;
 use jetcall::signing::Signer;
 use jetcall::ssrf::{ForbiddenAddress, check_address};
@@ -59,11 +60,27 @@ impl Resolve for CheckedResolver {
 pub struct Sender {
     http: reqwest::Client,
     allowlist: Arc<Allowlist>,
+    /// Whose address and CIDR entries let a non-public address through
+    /// (`jetcall::allowlist::address_exemptions`).
+    exemptions: Arc<Allowlist>,
 }
 
 impl Sender {
+    /// A sender for which `allowlist` both admits URLs and exempts the addresses it names: the
+    /// rule when the API has no keys.
     pub fn new(config: &CallbackConfig, allowlist: Allowlist) -> Result<Self, reqwest::Error> {
+        Self::with_exemptions(config, allowlist.clone(), allowlist)
+    }
+
+    /// A sender whose URLs pass `allowlist` and whose non-public addresses must be named in
+    /// `exemptions`: one per tenant policy, since the check lives in the client's resolver.
+    pub fn with_exemptions(
+        config: &CallbackConfig,
+        allowlist: Allowlist,
+        exemptions: Allowlist,
+    ) -> Result<Self, reqwest::Error> {
         let allowlist = Arc::new(allowlist);
+        let exemptions = Arc::new(exemptions);
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             // A redirect could lead anywhere, including to an address we would refuse.
@@ -73,12 +90,16 @@ impl Sender {
             .retry(reqwest::retry::never().max_retries_per_request(0))
             .no_proxy()
             .dns_resolver(Arc::new(CheckedResolver {
-                allowlist: allowlist.clone(),
+                allowlist: exemptions.clone(),
             }))
             .pool_max_idle_per_host(config.per_host_concurrency)
             .user_agent(concat!("jetcall-callback/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { http, allowlist })
+        Ok(Self {
+            http,
+            allowlist,
+            exemptions,
+        })
     }
 
     /// Checks `url` as it would be at submission, and an address written into it directly,
@@ -94,7 +115,7 @@ impl Sender {
             _ => None,
         };
         if let Some(ip) = literal {
-            check_address(ip, &self.allowlist).map_err(|err| err.to_string())?;
+            check_address(ip, &self.exemptions).map_err(|err| err.to_string())?;
         }
         Ok(url)
     }
@@ -169,7 +190,7 @@ impl Sender {
                     "request"
                 };
                 attempt.error_kind = Some(kind.into());
-                attempt.error = Some(error_chain(&err));
+                attempt.error = Some(error_chain(err));
                 return Verdict::Retry { retry_after: None };
             }
         };
@@ -198,6 +219,49 @@ impl Sender {
     }
 }
 
+/// A sender for each tenant policy: which non-public addresses a job may reach depends on the
+/// key that submitted it (`jetcall::allowlist::address_exemptions`).
+#[derive(Debug)]
+pub struct Senders {
+    /// Tenants whose key has an allowlist of its own, so exemptions of its own.
+    by_tenant: HashMap<String, Sender>,
+    /// Everyone else: without keys the one tenant, with the gateway's exemptions; with keys,
+    /// keys without a list of their own (and tenants no key names any more), with none.
+    others: Sender,
+}
+
+impl Senders {
+    pub fn new(config: &CallbackConfig, gateway: &GatewayConfig) -> Result<Self, SendersError> {
+        let allowlist = Allowlist::parse(&gateway.callback_allowlist)?;
+        let mut by_tenant = HashMap::new();
+        for (index, key) in gateway.api_keys.iter().enumerate() {
+            let tenant = key.tenant(index);
+            if key.callback_allowlist().is_some() && !by_tenant.contains_key(&tenant) {
+                let exemptions = address_exemptions(gateway, Some(&tenant))?;
+                let sender = Sender::with_exemptions(config, allowlist.clone(), exemptions)?;
+                by_tenant.insert(tenant, sender);
+            }
+        }
+        let exemptions = address_exemptions(gateway, None)?;
+        let others = Sender::with_exemptions(config, allowlist, exemptions)?;
+        Ok(Self { by_tenant, others })
+    }
+
+    pub fn for_tenant(&self, tenant: Option<&str>) -> &Sender {
+        tenant
+            .and_then(|tenant| self.by_tenant.get(tenant))
+            .unwrap_or(&self.others)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendersError {
+    #[error("invalid configuration: a callback allowlist: {0}")]
+    Allowlist(#[from] jetcall::allowlist::AllowlistError),
+    #[error("could not build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
 /// The refusal our resolver raised, if that is why the request failed.
 fn forbidden_address(err: &reqwest::Error) -> Option<ForbiddenAddress> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
@@ -211,9 +275,12 @@ fn forbidden_address(err: &reqwest::Error) -> Option<ForbiddenAddress> {
 }
 
 /// reqwest's own message is often just "error sending request"; the cause is further down.
-fn error_chain(err: &reqwest::Error) -> String {
+/// Without the URL, which reqwest puts in its message: its query or userinfo may be the
+/// receiver's credential, and this text goes into the attempt log and the service's log.
+fn error_chain(err: reqwest::Error) -> String {
+    let err = err.without_url();
     let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
+    let mut source = std::error::Error::source(&err);
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());

@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
 use jetcall::admin::Admin;
-use jetcall::allowlist::Allowlist;
 use jetcall::connect::{ConnectError, connect, provision_with_retry};
 use jetcall::consume::consume;
 use jetcall::signing::Signer;
@@ -30,10 +29,10 @@ pub enum CallbackError {
     MissingSigningSecret,
     #[error("invalid configuration: `callback.signing_secret` {0}")]
     BadSigningSecret(#[from] jetcall::signing::SigningKeyError),
-    #[error("invalid configuration: `gateway.callback_allowlist`: {0}")]
-    Allowlist(#[from] jetcall::allowlist::AllowlistError),
-    #[error("could not build the HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Senders(#[from] deliver::SendersError),
+    #[error("invalid configuration: `callback.secrets_key` {0}")]
+    SecretsKey(#[from] jetcall::sealing::SealingError),
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error(transparent)]
@@ -58,8 +57,13 @@ pub async fn run(
         .as_ref()
         .ok_or(CallbackError::MissingSigningSecret)?;
     let signer = Signer::from_secrets(secrets.to_vec().into_iter().map(|secret| secret.expose()))?;
-    let allowlist = Allowlist::parse(&config.gateway.callback_allowlist)?;
-    let sender = deliver::Sender::new(&config.callback, allowlist)?;
+    let senders = Arc::new(deliver::Senders::new(&config.callback, &config.gateway)?);
+    let secrets_key = config
+        .callback
+        .secrets_key
+        .as_ref()
+        .map(jetcall::sealing::SecretsKey::parse)
+        .transpose()?;
     let client = connect(&config, "jetcall-callback").await?;
     let topology = match provision_with_retry(&client, &config, &shutdown).await {
         Ok(topology) => topology,
@@ -81,7 +85,8 @@ pub async fn run(
         destinations,
         config: Arc::new(config),
         topology,
-        sender,
+        senders,
+        secrets_key,
         signer,
         metrics,
     });

@@ -18,6 +18,7 @@ use jetcall::config::CallbackConfig;
 use jetcall::events::{DeliveryReport, JobFinished};
 use jetcall::publish::publish_event_with_headers;
 use jetcall::retry::delivery_delay;
+use jetcall::sealing::SecretsKey;
 use jetcall::signing::Signer;
 use jetcall::status::{DeliveryAttempt, JobStatus, Status};
 use jetcall::store::Updated;
@@ -26,7 +27,7 @@ use jetcall::topology::Topology;
 use jetcall::trace::TraceParent;
 use jetcall::webhook;
 
-use crate::deliver::{Sender, Verdict};
+use crate::deliver::{Senders, Verdict};
 use crate::hosts::{Destination, Destinations};
 use crate::metrics::Metrics;
 
@@ -76,7 +77,9 @@ pub enum WorkerError {
 pub struct Worker {
     pub config: Arc<Config>,
     pub topology: Topology,
-    pub sender: Sender,
+    pub senders: Arc<Senders>,
+    /// Opens a job's own signing secret (`callback.secrets_key`).
+    pub secrets_key: Option<SecretsKey>,
     pub signer: Signer,
     pub destinations: Arc<Destinations>,
     pub metrics: Metrics,
@@ -204,7 +207,8 @@ impl Worker {
                 let signer = self.signer_for(&doc);
                 let in_flight = self.metrics.attempt_started();
                 let started = Instant::now();
-                let send = self.sender.send(
+                let sender = self.senders.for_tenant(doc.tenant.as_deref());
+                let send = sender.send(
                     &job.callback_url,
                     &webhook_id,
                     &body,
@@ -324,12 +328,29 @@ impl Worker {
             .mul_f64(1.0 + 0.1 * rand::random::<f64>())
     }
 
-    /// The caller's own secret when it gave one at submission, else the service's.
+    /// The caller's own secret when it gave one at submission, else the service's. A sealed
+    /// secret this instance cannot open (no or another `callback.secrets_key`) is a
+    /// configuration fault, said in the log; the webhook goes out with the service's
+    /// signature, which the receiver will refuse rather than trust.
     fn signer_for(&self, doc: &JobStatus) -> Signer {
-        doc.signing_secret
+        let Some(sealed) = &doc.sealed_signing_secret else {
+            return self.signer.clone();
+        };
+        let opened = self
+            .secrets_key
             .as_ref()
-            .and_then(|secret| Signer::from_secrets([secret.expose()]).ok())
-            .unwrap_or_else(|| self.signer.clone())
+            .ok_or_else(|| "callback.secrets_key is not set".to_owned())
+            .and_then(|key| {
+                key.open(&doc.job_id, sealed)
+                    .map_err(|err| format!("its sealed signing secret {err}"))
+            })
+            .and_then(|secret| {
+                Signer::from_secrets([secret.expose()]).map_err(|err| err.to_string())
+            });
+        opened.unwrap_or_else(|reason| {
+            tracing::error!(%reason, "the job's own signing secret cannot be used");
+            self.signer.clone()
+        })
     }
 
     /// The report of a job already `delivered` or `undeliverable`, rebuilt from its document;

@@ -13,9 +13,13 @@ pub fn summary(doc: &JobStatus) -> String {
         ("job", doc.job_id.to_string()),
         ("status", doc.status.as_str().to_owned()),
         ("kind", doc.kind.to_string()),
-        ("created", time(doc.created_at)),
-        ("updated", time(doc.updated_at)),
     ];
+    // Whose job it is: worth saying to an operator's key, which sees every tenant's.
+    if let Some(tenant) = &doc.tenant {
+        rows.push(("tenant", tenant.clone()));
+    }
+    rows.push(("created", time(doc.created_at)));
+    rows.push(("updated", time(doc.updated_at)));
     if let Some(finished) = doc.finished_at {
         rows.push(("finished", time(finished)));
     }
@@ -168,6 +172,17 @@ mod tests {
             change(&retrying),
             "2026-11-29T10:00:01Z  JOB-1  completed      delivery attempt 1: 2026-11-29T10:00:02Z HTTP 500 http_status: answered 500 in 15 ms"
         );
+    }
+
+    #[test]
+    fn the_summary_names_the_tenant_when_the_api_has_keys() {
+        let text = summary(&doc(json!({"tenant": "catalogue"})));
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with("tenant ") && line.ends_with(" catalogue")),
+            "{text}"
+        );
+        assert!(!summary(&doc(json!({}))).contains("tenant"));
     }
 
     #[test]

@@ -52,7 +52,8 @@ pub async fn record(
     trace: TraceParent,
 ) -> Result<Recorded, ApiError> {
     let mut doc = JobStatus::accepted(&job.request, job.digest.clone());
-    doc.signing_secret = job.signing_secret;
+    doc.sealed_signing_secret = job.sealed_signing_secret;
+    doc.tenant = job.tenant.clone();
     doc.trace_id = Some(trace.trace_id());
     let created = state
         .topology
@@ -66,7 +67,10 @@ pub async fn record(
             new: true,
             trace,
         }),
-        Created::Exists(existing) if existing.request_digest != job.digest => {
+        // Another tenant's id is a conflict whatever the content, and says nothing of its job.
+        Created::Exists(existing)
+            if existing.request_digest != job.digest || existing.tenant != job.tenant =>
+        {
             Err(ApiError::Conflict {
                 job_id: existing.job_id.to_string(),
             })

@@ -5,17 +5,20 @@ use std::convert::Infallible;
 
 use async_nats::jetstream::kv;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, BoxStream, StreamExt};
+
+use std::sync::Arc;
 
 use jetcall::JobId;
 use jetcall::status::JobStatus;
 use jetcall::store::decode;
 
 use crate::error::{ApiError, ErrorBody};
+use crate::keys::{Caller, may_see};
 use crate::shed::Permit;
 use crate::state::AppState;
 
@@ -39,7 +42,7 @@ type Events = BoxStream<'static, Result<Event, Infallible>>;
     responses(
         (status = 200, description = "Server-sent events: `status` (data: the status document as JSON; id: its revision) now and at each change, until `delivered` or `undeliverable`; `removed` (data: a sentence) if the job's record is deleted", content(("text/event-stream", item_schema = ref("#/components/schemas/JobEvent")))),
         (status = 204, description = "`Last-Event-ID` is the job's final state: nothing more will come"),
-        (status = 404, description = "No job has this id (`not_found`)", body = ErrorBody),
+        (status = 404, description = "No job has this id, or it is another API key's (`not_found`)", body = ErrorBody),
         (status = 422, description = "`Last-Event-ID` is not an event id this stream sends (`invalid_field`)", body = ErrorBody),
         (status = 503, description = "NATS did not answer (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
     ),
@@ -47,6 +50,7 @@ type Events = BoxStream<'static, Result<Event, Infallible>>;
 )]
 pub(crate) async fn job_events(
     State(state): State<AppState>,
+    caller: Option<Extension<Arc<Caller>>>,
     job_id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -59,6 +63,8 @@ pub(crate) async fn job_events(
         .get(job_id)
         .await
         .map_err(|err| ApiError::Unavailable(err.to_string()))?
+        // A job's tenant never changes, so one look before the watch decides for its events.
+        .filter(|(doc, _)| may_see(caller.as_deref().map(Arc::as_ref), doc))
         .ok_or_else(|| ApiError::NotFound(format!("no job with id `{job_id}`")))?;
     let seen_current = last_seen.is_some_and(|seen| seen >= revision);
     if seen_current && doc.status.is_final() {
@@ -149,9 +155,8 @@ fn changes(job_id: JobId, watch: kv::Watch, permit: Permit) -> Events {
     .boxed()
 }
 
-fn status_event(mut doc: JobStatus, revision: u64) -> Event {
-    doc.signing_secret = None;
-    let data = serde_json::to_string(&doc).unwrap_or_default();
+fn status_event(doc: JobStatus, revision: u64) -> Event {
+    let data = serde_json::to_string(&crate::view::JobView::from(doc)).unwrap_or_default();
     Event::default()
         .event("status")
         .id(revision.to_string())

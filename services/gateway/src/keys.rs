@@ -1,5 +1,5 @@
-//! Who is calling: the configured API keys, each with its own callback allowlist and request
-//! rate when it has them.
+//! Who is calling: the configured API keys, each with its tenant (its name), its role, and
+//! its own callback allowlist and request rate when it has them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
 use jetcall::allowlist::{Allowlist, AllowlistError};
-use jetcall::config::ApiKey;
+use jetcall::config::{ApiKey, Role};
+use jetcall::ssrf::check_address;
+use jetcall::status::JobStatus;
+use url::{Host, Url};
 
 use crate::error::ApiError;
 
@@ -18,25 +21,50 @@ use crate::error::ApiError;
 #[derive(Debug)]
 pub struct Caller {
     digest: [u8; 32],
-    /// For logs; `key <n>` (its place in `gateway.api_keys`) when the key has no name.
+    /// The tenant whose jobs the key submits and sees, and the name logs give it: the key's
+    /// `name`, or `key <n>` (its place in `gateway.api_keys`) when it has none.
     pub name: String,
+    role: Role,
     allowlist: Option<Allowlist>,
+    /// The key's own allowlist again, as the addresses it may reach although they are not
+    /// public (`jetcall::allowlist::address_exemptions`); empty without one.
+    exemptions: Allowlist,
     rate: Option<DefaultDirectRateLimiter>,
 }
 
 impl Caller {
     /// Whether this caller may name `callback_url`, which the gateway's own allowlist has
-    /// already admitted.
-    pub fn admits(&self, callback_url: &str) -> Result<(), ApiError> {
-        match &self.allowlist {
-            Some(allowlist) => allowlist.check(callback_url).map(drop).map_err(|err| {
+    /// already admitted. An address written into the URL that is not public must be one the
+    /// key's own policy exempts, as the callback service will check at delivery.
+    pub fn admits(&self, callback_url: &Url) -> Result<(), ApiError> {
+        if let Some(allowlist) = &self.allowlist {
+            allowlist.check(callback_url.as_str()).map_err(|err| {
                 ApiError::InvalidCallbackUrl(format!(
                     "{err} (the allowlist of API key `{}`)",
                     self.name
                 ))
-            }),
-            None => Ok(()),
+            })?;
         }
+        let literal = match callback_url.host() {
+            Some(Host::Ipv4(ip)) => Some(ip.into()),
+            Some(Host::Ipv6(ip)) => Some(ip.into()),
+            _ => None,
+        };
+        if let Some(ip) = literal {
+            check_address(ip, &self.exemptions).map_err(|forbidden| {
+                ApiError::InvalidCallbackUrl(format!(
+                    "{forbidden}, which API key `{}` may not call back to (its own callback_allowlist does not name it)",
+                    self.name
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether the caller may see and act on `doc`: its own tenant's job, or any job for an
+    /// operator's key.
+    pub fn sees(&self, doc: &JobStatus) -> bool {
+        self.role == Role::Admin || doc.tenant.as_deref() == Some(self.name.as_str())
     }
 
     /// Counts one request against the key's rate; `Err` is the 429 to answer.
@@ -51,6 +79,12 @@ impl Caller {
             }
         })
     }
+}
+
+/// Whether a request from `caller` may see and act on `doc`. Without keys (`None`) there is
+/// one tenant and every job is its own.
+pub fn may_see(caller: Option<&Caller>, doc: &JobStatus) -> bool {
+    caller.is_none_or(|caller| caller.sees(doc))
 }
 
 /// The configured keys; empty when the API is open.
@@ -68,15 +102,12 @@ impl Keys {
                     ApiKey::Key(_) => None,
                     ApiKey::Scoped(scoped) => Some(scoped),
                 };
-                let allowlist = scoped
-                    .and_then(|scoped| scoped.callback_allowlist.as_deref())
-                    .map(Allowlist::parse)
-                    .transpose()?;
+                let allowlist = key.callback_allowlist().map(Allowlist::parse).transpose()?;
                 Ok(Arc::new(Caller {
                     digest,
-                    name: scoped
-                        .and_then(|scoped| scoped.name.clone())
-                        .unwrap_or_else(|| format!("key {index}")),
+                    name: key.tenant(index),
+                    role: key.role(),
+                    exemptions: allowlist.clone().unwrap_or_default(),
                     allowlist,
                     rate: scoped
                         .and_then(|scoped| scoped.requests_per_second)

@@ -19,6 +19,7 @@ mod state;
 mod submission;
 mod sweep;
 mod trace;
+mod view;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,8 @@ pub enum GatewayError {
     Connect(#[from] ConnectError),
     #[error("invalid configuration: a callback allowlist: {0}")]
     Allowlist(#[from] jetcall::allowlist::AllowlistError),
+    #[error("invalid configuration: `callback.secrets_key` {0}")]
+    SecretsKey(#[from] jetcall::sealing::SealingError),
     #[error("HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -57,8 +60,27 @@ pub async fn run(
             "gateway.api_keys is empty: the API accepts requests without authentication"
         );
     }
+    // What callers may make the callback service reach: worth seeing at start, since it
+    // decides which hosts and internal addresses a submission can point at.
+    tracing::info!(
+        callback_allowlist = ?config.gateway.callback_allowlist,
+        keys_with_own_allowlist = config
+            .gateway
+            .api_keys
+            .iter()
+            .filter(|key| key.callback_allowlist().is_some())
+            .count(),
+        "callback destinations allowed (`*`: any public address; loopback and private ones only where an entry names their address)"
+    );
+    let secrets_key = config
+        .callback
+        .secrets_key
+        .as_ref()
+        .map(jetcall::sealing::SecretsKey::parse)
+        .transpose()?;
     let state = state::AppState::new(state::Shared {
         allowlist: Allowlist::parse(&config.gateway.callback_allowlist)?,
+        secrets_key,
         keys: keys::Keys::new(&config.gateway.api_keys)?,
         in_flight: shed::Limit::new(config.gateway.max_in_flight),
         event_streams: shed::Limit::new(config.gateway.max_event_streams),

@@ -6,12 +6,13 @@
 //! longer are not listed, and the answer says whether the span reached back to the start.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,7 @@ use jetcall::store::decode;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ErrorBody};
+use crate::keys::{Caller, may_see};
 use crate::state::AppState;
 
 /// How many of the bucket's latest writes one listing reads: a bounded amount of work per
@@ -64,6 +66,10 @@ pub struct JobSummary {
     pub delivery_attempts: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
+    /// The name of the API key the job was submitted with; absent when the API has no keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -76,7 +82,8 @@ pub struct JobList {
     pub complete: bool,
 }
 
-/// Recently changed jobs, newest first, for operators.
+/// Recently changed jobs, newest first: the caller's own, or every tenant's for an operator's
+/// key.
 #[utoipa::path(
     get,
     path = "/api/v1/jobs",
@@ -92,6 +99,7 @@ pub struct JobList {
 )]
 pub(crate) async fn list_jobs(
     State(state): State<AppState>,
+    caller: Option<Extension<Arc<Caller>>>,
     filter: Result<Query<Filter>, QueryRejection>,
 ) -> Result<Json<JobList>, ApiError> {
     let Query(filter) = filter.map_err(|err| {
@@ -103,10 +111,16 @@ pub(crate) async fn list_jobs(
             ),
         )
     })?;
-    list(&state, filter).await.map(Json)
+    list(&state, filter, caller.as_deref().map(Arc::as_ref))
+        .await
+        .map(Json)
 }
 
-async fn list(state: &AppState, filter: Filter) -> Result<JobList, ApiError> {
+async fn list(
+    state: &AppState,
+    filter: Filter,
+    caller: Option<&Caller>,
+) -> Result<JobList, ApiError> {
     let limit = filter.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::invalid_field(
@@ -143,7 +157,8 @@ async fn list(state: &AppState, filter: Filter) -> Result<JobList, ApiError> {
             let value = value?;
             let job_id = JobId::parse(&key).ok()?;
             let doc = decode(&job_id, &value).ok()?;
-            let wanted = filter.status.is_none_or(|status| status == doc.status)
+            let wanted = may_see(caller, &doc)
+                && filter.status.is_none_or(|status| status == doc.status)
                 && filter
                     .kind
                     .as_deref()
@@ -156,6 +171,7 @@ async fn list(state: &AppState, filter: Filter) -> Result<JobList, ApiError> {
                 generation_attempts: doc.generation_attempts,
                 delivery_attempts: doc.deliveries.len(),
                 error: doc.error,
+                tenant: doc.tenant,
                 job_id,
             })
         })

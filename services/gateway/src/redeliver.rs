@@ -16,6 +16,7 @@ use jetcall::store::Updated;
 use jetcall::subjects::Event;
 
 use crate::error::ApiError;
+use crate::keys::{Caller, may_see};
 use crate::state::AppState;
 
 /// The most jobs one window request re-queues, so one call stays a bounded amount of work.
@@ -32,15 +33,25 @@ pub struct Requeued {
 }
 
 /// Reopens one undeliverable job and publishes its outcome again for the callback service.
-pub async fn redeliver(state: &AppState, job_id: &JobId) -> Result<Requeued, ApiError> {
+/// Another tenant's job is left alone and answered as if there were none.
+pub async fn redeliver(
+    state: &AppState,
+    job_id: &JobId,
+    caller: Option<&Caller>,
+) -> Result<Requeued, ApiError> {
     let now = OffsetDateTime::now_utc();
     let store = &state.topology.status;
     let updated = store
-        .update(job_id, |doc| doc.reopen_delivery(now))
+        .update(job_id, |doc| {
+            may_see(caller, doc) && doc.reopen_delivery(now)
+        })
         .await
         .map_err(|err| ApiError::Unavailable(err.to_string()))?;
     let doc = match updated {
         Updated::Written(doc, _) => doc,
+        Updated::Unchanged(doc) if !may_see(caller, &doc) => {
+            return Err(ApiError::NotFound(format!("no job with id `{job_id}`")));
+        }
         Updated::Unchanged(doc) => {
             return Err(ApiError::NotRedeliverable {
                 job_id: job_id.to_string(),
@@ -102,7 +113,11 @@ pub struct WindowResult {
 
 /// Re-queues every job that became undeliverable in `[since, until]`, found through the
 /// `jobs.undeliverable.>` events in the stream.
-pub async fn redeliver_window(state: &AppState, window: Window) -> Result<WindowResult, ApiError> {
+pub async fn redeliver_window(
+    state: &AppState,
+    window: Window,
+    caller: Option<&Caller>,
+) -> Result<WindowResult, ApiError> {
     let until = window.until.unwrap_or_else(OffsetDateTime::now_utc);
     if until < window.since {
         return Err(ApiError::invalid_field(
@@ -150,9 +165,11 @@ pub async fn redeliver_window(state: &AppState, window: Window) -> Result<Window
         if let Ok(report) = serde_json::from_slice::<DeliveryReport>(&message.payload)
             && seen.insert(report.job_id.clone())
         {
-            match redeliver(state, &report.job_id).await {
+            match redeliver(state, &report.job_id, caller).await {
                 Ok(requeued) => result.requeued.push(requeued),
                 Err(ApiError::NotRedeliverable { job_id, .. }) => result.skipped.push(job_id),
+                // Another tenant's dead letter: not the caller's to see, not even as skipped.
+                Err(ApiError::NotFound(_)) => {}
                 Err(err) => return Err(err),
             }
         }

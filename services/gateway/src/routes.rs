@@ -14,19 +14,19 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use jetcall::JobId;
-use jetcall::status::JobStatus;
 
 use crate::accept::{Accepted, accept};
 use crate::batch::{self, BatchResult, SubmitBatch};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{BatchBody, JsonBody};
-use crate::keys::Caller;
+use crate::keys::{Caller, may_see};
 use crate::metrics;
 use crate::openapi;
 use crate::redeliver;
 use crate::state::AppState;
 use crate::submission::{GenerateDescription, SubmitJob};
 use crate::trace::IncomingTrace;
+use crate::view::JobView;
 use crate::{events, listing, shed};
 
 pub fn router(state: AppState) -> Router {
@@ -175,18 +175,19 @@ pub(crate) async fn submit_batch(
     tag = "jobs",
     params(("job_id" = JobId, Path, description = "The job's id", example = "JOB-771")),
     responses(
-        (status = 200, description = "The job's status document", body = JobStatus),
-        (status = 404, description = "No job has this id (`not_found`)", body = ErrorBody),
+        (status = 200, description = "The job's status document", body = JobView),
+        (status = 404, description = "No job has this id, or it is another API key's (`not_found`)", body = ErrorBody),
         (status = 503, description = "NATS could not be read (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
     ),
     security(("bearer" = [])),
 )]
 pub(crate) async fn job_status(
     State(state): State<AppState>,
+    caller: Option<Extension<Arc<Caller>>>,
     job_id: Result<Path<String>, PathRejection>,
-) -> Result<Json<JobStatus>, ApiError> {
+) -> Result<Json<JobView>, ApiError> {
     let id = parse_path_id(job_id)?;
-    status_of(&state, &id).await
+    status_of(&state, &id, caller.as_deref().map(Arc::as_ref)).await
 }
 
 /// The status document of the job whose id is `batch`, as `/api/v1/jobs/{job_id}` gives it.
@@ -195,7 +196,7 @@ pub(crate) async fn job_status(
     path = "/api/v1/jobs/batch",
     tag = "jobs",
     responses(
-        (status = 200, description = "The status document of the job `batch`", body = JobStatus),
+        (status = 200, description = "The status document of the job `batch`", body = JobView),
         (status = 404, description = "No job has the id `batch` (`not_found`)", body = ErrorBody),
         (status = 503, description = "NATS could not be read (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
     ),
@@ -203,18 +204,22 @@ pub(crate) async fn job_status(
 )]
 pub(crate) async fn job_named_batch(
     State(state): State<AppState>,
-) -> Result<Json<JobStatus>, ApiError> {
+    caller: Option<Extension<Arc<Caller>>>,
+) -> Result<Json<JobView>, ApiError> {
     let id = JobId::parse("batch").map_err(|err| ApiError::NotFound(err.to_string()))?;
-    status_of(&state, &id).await
+    status_of(&state, &id, caller.as_deref().map(Arc::as_ref)).await
 }
 
-async fn status_of(state: &AppState, id: &JobId) -> Result<Json<JobStatus>, ApiError> {
+/// Another tenant's job is answered as if there were none: the same `404`, so a key cannot
+/// even learn which ids others use by reading.
+async fn status_of(
+    state: &AppState,
+    id: &JobId,
+    caller: Option<&Caller>,
+) -> Result<Json<JobView>, ApiError> {
     match state.topology.status.get(id).await {
-        Ok(Some((mut doc, _))) => {
-            doc.signing_secret = None;
-            Ok(Json(doc))
-        }
-        Ok(None) => Err(ApiError::NotFound(format!("no job with id `{id}`"))),
+        Ok(Some((doc, _))) if may_see(caller, &doc) => Ok(Json(doc.into())),
+        Ok(_) => Err(ApiError::NotFound(format!("no job with id `{id}`"))),
         Err(err) => Err(ApiError::Unavailable(err.to_string())),
     }
 }
@@ -238,7 +243,7 @@ pub(crate) fn parse_path_id(
     params(("job_id" = JobId, Path, description = "The job's id")),
     responses(
         (status = 202, description = "The job is back in the delivery queue", body = redeliver::Requeued),
-        (status = 404, description = "No job has this id (`not_found`)", body = ErrorBody),
+        (status = 404, description = "No job has this id, or it is another API key's (`not_found`)", body = ErrorBody),
         (status = 409, description = "The job is not `undeliverable` (`not_undeliverable`)", body = ErrorBody),
         (status = 503, description = "NATS could not confirm the redelivery (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
     ),
@@ -246,14 +251,17 @@ pub(crate) fn parse_path_id(
 )]
 pub(crate) async fn redeliver_job(
     State(state): State<AppState>,
+    caller: Option<Extension<Arc<Caller>>>,
     job_id: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<redeliver::Requeued>), ApiError> {
     let id = parse_path_id(job_id)?;
-    let requeued = redeliver::redeliver(&state, &id).await?;
+    let caller = caller.as_deref().map(Arc::as_ref);
+    let requeued = redeliver::redeliver(&state, &id, caller).await?;
     Ok((StatusCode::ACCEPTED, Json(requeued)))
 }
 
-/// Deliver again every job that became `undeliverable` in a time window (at most 10,000).
+/// Deliver again every job that became `undeliverable` in a time window (at most 10,000): the
+/// caller's own jobs, or every tenant's for an operator's key.
 #[utoipa::path(
     post,
     path = "/api/v1/deliveries/redeliver",
@@ -268,6 +276,7 @@ pub(crate) async fn redeliver_job(
 )]
 pub(crate) async fn redeliver_window(
     State(state): State<AppState>,
+    caller: Option<Extension<Arc<Caller>>>,
     window: Result<Query<redeliver::Window>, QueryRejection>,
 ) -> Result<Json<redeliver::WindowResult>, ApiError> {
     let Query(window) = window.map_err(|err| {
@@ -279,7 +288,10 @@ pub(crate) async fn redeliver_window(
             ),
         )
     })?;
-    Ok(Json(redeliver::redeliver_window(&state, window).await?))
+    let caller = caller.as_deref().map(Arc::as_ref);
+    Ok(Json(
+        redeliver::redeliver_window(&state, window, caller).await?,
+    ))
 }
 
 /// `GET /healthz`: the process serves HTTP.

@@ -32,6 +32,8 @@ pub struct Shared {
     pub config: Config,
     pub topology: Topology,
     pub allowlist: Allowlist,
+    /// Seals a job's own signing secret (`callback.secrets_key`); `None` refuses such jobs.
+    pub secrets_key: Option<jetcall::sealing::SecretsKey>,
     /// The configured API keys; empty when the API is open.
     pub keys: crate::keys::Keys,
     pub metrics: crate::metrics::Metrics,

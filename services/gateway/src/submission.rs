@@ -6,7 +6,6 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use jetcall::config::Secret;
 use jetcall::events::JobRequested;
 use jetcall::kinds::KindSpec;
 use jetcall::signing::SigningKey;
@@ -73,7 +72,8 @@ pub struct SubmitJob {
     /// Anything the caller wants back in the webhook.
     #[serde(default)]
     pub metadata: Map<String, Value>,
-    /// A `whsec_` secret to sign this job's webhook with instead of the service's.
+    /// A `whsec_` secret to sign this job's webhook with instead of the service's. Kept sealed,
+    /// and never shown again.
     #[serde(default)]
     pub signing_secret: Option<String>,
 }
@@ -101,7 +101,10 @@ pub struct ValidJob {
     pub request: JobRequested,
     /// Identifies the submission's content, to tell an idempotent retry from a conflict.
     pub digest: String,
-    pub signing_secret: Option<Secret>,
+    /// The caller's own webhook secret, sealed for this job (`jetcall::sealing`).
+    pub sealed_signing_secret: Option<String>,
+    /// The key it came with (its name); `None` when the API has no keys.
+    pub tenant: Option<String>,
 }
 
 impl SubmitJob {
@@ -124,20 +127,34 @@ impl SubmitJob {
             .check(&self.callback_url)
             .map_err(|err| ApiError::InvalidCallbackUrl(err.to_string()))?;
         if let Some(caller) = caller {
-            caller.admits(&self.callback_url)?;
+            caller.admits(&callback_url)?;
         }
 
-        if let Some(secret) = &self.signing_secret {
-            SigningKey::parse(secret).map_err(|err| {
-                ApiError::invalid_field("signing_secret", format!("`signing_secret` {err}"))
-            })?;
-        }
+        // Stored sealed, and in the digest only as an HMAC under the same key: neither is of
+        // use to a reader of the bucket.
+        let sealed = match &self.signing_secret {
+            None => None,
+            Some(secret) => {
+                SigningKey::parse(secret).map_err(|err| {
+                    ApiError::invalid_field("signing_secret", format!("`signing_secret` {err}"))
+                })?;
+                let key = state.secrets_key.as_ref().ok_or_else(|| {
+                    ApiError::invalid_field(
+                        "signing_secret",
+                        "this gateway does not take `signing_secret`: it has no `callback.secrets_key` to keep one with; leave it out to have the service's signature",
+                    )
+                })?;
+                Some((key.seal(&job_id, secret), key.digest_of(secret)))
+            }
+        };
         let digest = digest(
             &kind,
             &self.input,
             callback_url.as_str(),
             &self.metadata,
-            self.signing_secret.as_deref(),
+            sealed
+                .as_ref()
+                .map(|(_, secret_digest)| secret_digest.as_str()),
         );
         Ok(ValidJob {
             request: JobRequested {
@@ -149,7 +166,8 @@ impl SubmitJob {
                 requested_at: OffsetDateTime::now_utc(),
             },
             digest,
-            signing_secret: self.signing_secret.map(Secret::new),
+            sealed_signing_secret: sealed.map(|(sealed, _)| sealed),
+            tenant: caller.map(|caller| caller.name.clone()),
         })
     }
 }
@@ -210,19 +228,21 @@ fn check_value(field: &str, value: &Value) -> Result<(), ApiError> {
     }
 }
 
+/// `secret_digest` is the HMAC that stands for the job's own signing secret
+/// (`SecretsKey::digest_of`), never the secret: a plain hash of a whole submission whose other
+/// parts a reader of the bucket sees would let them test guesses of the secret.
 fn digest(
     kind: &Kind,
     input: &Map<String, Value>,
     callback_url: &str,
     metadata: &Map<String, Value>,
-    signing_secret: Option<&str>,
+    secret_digest: Option<&str>,
 ) -> String {
-    // serde_json's map is ordered by key, so equal submissions serialise identically. Only a
-    // digest of the whole is kept, so the secret is not readable from it.
+    // serde_json's map is ordered by key, so equal submissions serialise identically.
     // A tuple serialises as the JSON array of its parts without copying them into a `Value`
     // first, and the hash is written in one go: built byte by byte through `format!`, the
     // digest took 5 % of the gateway's CPU under load (perf).
-    let canonical = serde_json::to_vec(&(kind, input, callback_url, metadata, signing_secret))
+    let canonical = serde_json::to_vec(&(kind, input, callback_url, metadata, secret_digest))
         .expect("JSON values serialise");
     format!("{:x}", Sha256::digest(&canonical))
 }

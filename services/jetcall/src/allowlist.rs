@@ -1,13 +1,15 @@
 //! Which callback URLs a caller may name: http(s) only, no userinfo, and a host on the
-//! allowlist of exact hosts, `*.domain` patterns, CIDRs, and `*` for any host name.
+//! allowlist of exact hosts, `*.domain` patterns, CIDRs and `*` (any host at a public address).
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use url::{Host, Url};
 
+use crate::config::GatewayConfig;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("allowlist entry `{entry}` is neither a host, a `*.domain` pattern, `*` nor a CIDR")]
+#[error("allowlist entry `{entry}` is neither a host, a `*.domain` pattern, a CIDR nor `*`")]
 pub struct AllowlistError {
     pub entry: String,
 }
@@ -29,10 +31,9 @@ pub enum CallbackUrlError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    /// `*`: any host name, for a service whose callers register webhooks anywhere public. The
-    /// addresses a name resolves to are still checked at delivery, and an IP address as the
-    /// host still needs an entry of its own.
-    AnyName,
+    /// `*`: any name, and any address outside the special-purpose ranges. It never exempts
+    /// an address: that takes an entry naming the address.
+    AnyPublic,
     Host(String),
     Suffix(String),
     Net(IpNet),
@@ -64,8 +65,8 @@ impl Allowlist {
         }
         let allowed = match url.host().ok_or(CallbackUrlError::NoHost)? {
             Host::Domain(domain) => self.allows_domain(domain),
-            Host::Ipv4(ip) => self.allows_ip(IpAddr::V4(ip)),
-            Host::Ipv6(ip) => self.allows_ip(IpAddr::V6(ip)),
+            Host::Ipv4(ip) => self.admits_literal(IpAddr::V4(ip)),
+            Host::Ipv6(ip) => self.admits_literal(IpAddr::V6(ip)),
         };
         if !allowed {
             let host = url.host_str().unwrap_or_default().to_owned();
@@ -76,23 +77,70 @@ impl Allowlist {
 
     fn allows_domain(&self, domain: &str) -> bool {
         self.entries.iter().any(|entry| match entry {
-            Entry::AnyName => true,
             Entry::Host(host) => host == domain,
             Entry::Suffix(suffix) => {
                 domain.len() > suffix.len() + 1
                     && domain.ends_with(suffix.as_str())
                     && domain.as_bytes()[domain.len() - suffix.len() - 1] == b'.'
             }
+            // `localhost` names loopback by definition (RFC 6761), whatever a resolver says.
+            Entry::AnyPublic => domain != "localhost" && !domain.ends_with(".localhost"),
             Entry::Net(_) | Entry::Ip(_) => false,
         })
     }
 
+    /// Whether `ip`, written in a URL, is allowed: named by an address or CIDR entry, or
+    /// public under `*`.
+    fn admits_literal(&self, ip: IpAddr) -> bool {
+        self.allows_ip(ip)
+            || (self.entries.contains(&Entry::AnyPublic)
+                && crate::ssrf::special_range(ip).is_none())
+    }
+
+    /// Whether an address or CIDR entry names `ip`: what exempts a special-purpose address.
     pub fn allows_ip(&self, ip: IpAddr) -> bool {
         self.entries.iter().any(|entry| match entry {
             Entry::Ip(allowed) => *allowed == ip,
             Entry::Net(net) => net.contains(&ip),
-            Entry::AnyName | Entry::Host(_) | Entry::Suffix(_) => false,
+            Entry::Host(_) | Entry::Suffix(_) | Entry::AnyPublic => false,
         })
+    }
+}
+
+/// The allowlist whose address and CIDR entries exempt a job's destination from the refusal
+/// of special-purpose addresses. Without API keys there is one tenant, the operator's, and it
+/// is `gateway.callback_allowlist`. With keys it is the allowlist of the job's own key: an
+/// exemption the gateway's list makes for one tenant's internal receiver must not let another
+/// tenant's DNS names point into that range. A key without a list of its own, or a tenant no
+/// key names any more, has none.
+pub fn address_exemptions(
+    gateway: &GatewayConfig,
+    tenant: Option<&str>,
+) -> Result<Allowlist, AllowlistError> {
+    if gateway.api_keys.is_empty() {
+        return Allowlist::parse(&gateway.callback_allowlist);
+    }
+    let own = gateway
+        .api_keys
+        .iter()
+        .enumerate()
+        .find(|(index, key)| Some(key.tenant(*index).as_str()) == tenant)
+        .and_then(|(_, key)| key.callback_allowlist());
+    own.map_or_else(|| Ok(Allowlist::default()), Allowlist::parse)
+}
+
+/// `url` as a log line may show it: without userinfo, query or fragment, which may carry the
+/// receiver's credentials. Text that is not a URL is not shown at all.
+pub fn url_for_logs(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.to_string()
+        }
+        Err(_) => "(not a URL)".to_owned(),
     }
 }
 
@@ -102,7 +150,7 @@ fn parse_entry(entry: &str) -> Result<Entry, AllowlistError> {
     };
     let entry_lower = entry.trim().to_ascii_lowercase();
     if entry_lower == "*" {
-        return Ok(Entry::AnyName);
+        return Ok(Entry::AnyPublic);
     }
     if entry_lower.contains('/') {
         return entry_lower.parse().map(Entry::Net).map_err(|_| invalid());
@@ -200,24 +248,32 @@ mod tests {
     }
 
     #[test]
-    fn a_star_admits_every_name_and_no_address() {
-        let any_name = Allowlist::parse(&["*"]).expect("valid allowlist");
+    fn a_star_admits_any_name_and_only_public_addresses() {
+        let any = Allowlist::parse(&["*"]).expect("allowlist");
+        for url in ["https://hooks.example/x", "http://1.1.1.1/x"] {
+            assert!(any.check(url).is_ok(), "{url} refused");
+        }
         for url in [
-            "https://hooks.shop.example/x",
-            "http://0.com/",
-            "http://localhost/",
+            "http://127.0.0.1/x",
+            "http://localhost/x",
+            "http://a.localhost/x",
+            "http://[::1]/x",
+            "http://10.1.2.3/x",
+            "http://169.254.169.254/x",
+            "http://2130706433/x",
         ] {
-            assert!(any_name.check(url).is_ok(), "{url} refused");
+            assert!(any.check(url).is_err(), "{url} admitted");
         }
-        for (url, host) in [
-            ("http://127.0.0.1/", "127.0.0.1"),
-            ("http://[::1]/", "[::1]"),
-        ] {
-            assert_eq!(
-                any_name.check(url).err(),
-                Some(CallbackUrlError::NotAllowed(host.into()))
-            );
-        }
+        assert!(!any.allows_ip("127.0.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn urls_are_logged_without_what_may_be_a_credential() {
+        assert_eq!(
+            url_for_logs("https://u:p@hooks.example:8443/cb?token=abc#frag"),
+            "https://hooks.example:8443/cb"
+        );
+        assert_eq!(url_for_logs("no url?token=abc"), "(not a URL)");
     }
 
     #[test]

@@ -61,6 +61,29 @@ pub struct ScopedApiKey {
     /// many; past it `429 rate_limited`.
     #[serde(default)]
     pub requests_per_second: Option<std::num::NonZeroU32>,
+    /// `"user"` (the default): the key sees and acts on the jobs it submitted. `"admin"`: an
+    /// operator's key, which sees, lists, watches and redelivers every tenant's jobs. A string
+    /// here, checked at load, so a misspelt role names its key instead of failing the list.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// What a key may see: its own jobs, or (an operator's key) everyone's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    #[default]
+    User,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "user" => Some(Self::User),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
 }
 
 impl ApiKey {
@@ -68,6 +91,36 @@ impl ApiKey {
         match self {
             Self::Key(key) => key,
             Self::Scoped(scoped) => &scoped.key,
+        }
+    }
+
+    /// The tenant the key's jobs belong to: its `name`, or `key <index>` (its place in
+    /// `gateway.api_keys`) without one. Keys sharing a name share their jobs, so a key can be
+    /// rotated without its jobs changing hands.
+    pub fn tenant(&self, index: usize) -> String {
+        match self {
+            Self::Scoped(ScopedApiKey {
+                name: Some(name), ..
+            }) => name.clone(),
+            _ => format!("key {index}"),
+        }
+    }
+
+    /// The key's role; an unknown one was refused when the configuration was loaded.
+    pub fn role(&self) -> Role {
+        match self {
+            Self::Scoped(ScopedApiKey {
+                role: Some(role), ..
+            }) => Role::parse(role).unwrap_or_default(),
+            _ => Role::User,
+        }
+    }
+
+    /// The key's own callback allowlist, when it has one.
+    pub fn callback_allowlist(&self) -> Option<&[String]> {
+        match self {
+            Self::Scoped(scoped) => scoped.callback_allowlist.as_deref(),
+            Self::Key(_) => None,
         }
     }
 }
@@ -208,7 +261,10 @@ pub struct GatewayConfig {
     /// Bearer keys accepted by the API, each alone or with limits of its own; empty means no
     /// authentication (the gateway warns).
     pub api_keys: Vec<ApiKey>,
-    /// Hosts callers may name in `callback_url`: exact hosts, `*.domain` patterns and CIDRs.
+    /// Hosts callers may name in `callback_url`: exact hosts, `*.domain` patterns, CIDRs, and
+    /// `*` for any host at a public address. Loopback, private and other special addresses
+    /// are reached only through an address or CIDR entry (with API keys: in the key's own
+    /// `callback_allowlist`), never through a name.
     pub callback_allowlist: Vec<String>,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
@@ -231,7 +287,7 @@ impl Default for GatewayConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_keys: Vec::new(),
-            callback_allowlist: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            callback_allowlist: vec!["*".into()],
             max_body_bytes: 256 * 1024,
             max_batch_bytes: 4 * 1024 * 1024,
             max_in_flight: 2048,
@@ -389,6 +445,10 @@ impl Default for OpenAiConfig {
 pub struct CallbackConfig {
     /// `whsec_<base64>`; several during key rotation, each producing a signature.
     pub signing_secret: Option<OneOrMany<Secret>>,
+    /// 32 random bytes in base64 (`openssl rand -base64 32`) that seal a job's own
+    /// `signing_secret` in the `job_status` bucket: the gateway seals, the callback opens.
+    /// Both need the same key; without one the gateway refuses jobs that bring a secret.
+    pub secrets_key: Option<Secret>,
     /// The wait before each retry of a failed delivery; its length is the number of retries.
     #[serde(with = "crate::durations::list")]
     pub retry_schedule: Vec<Duration>,
@@ -420,6 +480,7 @@ impl Default for CallbackConfig {
         let schedule = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800];
         Self {
             signing_secret: None,
+            secrets_key: None,
             retry_schedule: schedule.into_iter().map(Duration::from_secs).collect(),
             timeout: Duration::from_secs(15),
             concurrency: 256,
@@ -494,6 +555,12 @@ impl Config {
         config.openai.api_key = config
             .openai
             .api_key
+            .filter(|key| !key.expose().trim().is_empty());
+        // `JETCALL_CALLBACK__SECRETS_KEY=` (set but empty, as compose passes an unset one)
+        // means no key.
+        config.callback.secrets_key = config
+            .callback
+            .secrets_key
             .filter(|key| !key.expose().trim().is_empty());
         // `OTEL_EXPORTER_OTLP_ENDPOINT=` (set but empty) means no exporter.
         config.log.otlp_endpoint = config
@@ -636,6 +703,11 @@ impl Config {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
             }
         }
+        if let Some(key) = &self.callback.secrets_key {
+            crate::sealing::SecretsKey::parse(key)
+                .map_err(|err| ConfigError::invalid("callback.secrets_key", err.to_string()))?;
+        }
+        self.validate_key_policies()?;
         for (index, key) in self.gateway.api_keys.iter().enumerate() {
             if let ApiKey::Scoped(ScopedApiKey {
                 callback_allowlist: Some(allowlist),
@@ -681,6 +753,40 @@ impl Config {
                 .map_err(|err| ConfigError::invalid(format!("kinds.{name}"), err.to_string()))?;
             spec.validate()
                 .map_err(|problem| ConfigError::invalid(format!("kinds.{name}"), problem))?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Roles name a known one, and keys that share a tenant (a name) share its policy: what
+    /// the callback applies to a job is looked up by its tenant.
+    fn validate_key_policies(&self) -> Result<(), ConfigError> {
+        let keys = &self.gateway.api_keys;
+        for (index, key) in keys.iter().enumerate() {
+            if let ApiKey::Scoped(ScopedApiKey {
+                role: Some(role), ..
+            }) = key
+                && Role::parse(role).is_none()
+            {
+                return Err(ConfigError::invalid(
+                    format!("gateway.api_keys[{index}].role"),
+                    format!("is `{role}`; it must be `user` or `admin`"),
+                ));
+            }
+            let tenant = key.tenant(index);
+            if let Some((first, _)) = keys.iter().enumerate().find(|(other, earlier)| {
+                earlier.tenant(*other) == tenant
+                    && earlier.callback_allowlist() != key.callback_allowlist()
+            }) && first < index
+            {
+                return Err(ConfigError::invalid(
+                    format!("gateway.api_keys[{index}].callback_allowlist"),
+                    format!(
+                        "differs from that of gateway.api_keys[{first}], which has the same name `{tenant}`; keys of one tenant share one callback allowlist"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ pub mod kinds;
 pub mod metrics;
 pub mod publish;
 pub mod retry;
+pub mod sealing;
 pub mod shutdown;
 pub mod signing;
 pub mod ssrf;

@@ -80,14 +80,18 @@ fn v6_range(ip: Ipv6Addr) -> Option<&'static str> {
         .map(|(_, name)| name)
 }
 
+/// The name of the special-purpose range `ip` lies in; `None` for a public address.
+pub fn special_range(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => v4_range(v4),
+        IpAddr::V6(v6) => v6_range(v6),
+    }
+}
+
 /// Refuses `ip` if it lies in a special-purpose range, unless the allowlist names that
 /// address or a range holding it explicitly (an IP or CIDR entry, not a host name).
 pub fn check_address(ip: IpAddr, allowlist: &Allowlist) -> Result<(), ForbiddenAddress> {
-    let range = match ip {
-        IpAddr::V4(v4) => v4_range(v4),
-        IpAddr::V6(v6) => v6_range(v6),
-    };
-    match range {
+    match special_range(ip) {
         Some(range) if !allowlist.allows_ip(ip) && !allowlist.allows_ip(canonical(ip)) => {
             Err(ForbiddenAddress { address: ip, range })
         }

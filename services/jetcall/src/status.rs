@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use crate::config::Secret;
 use crate::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
 use crate::job::{JobId, Kind};
 
@@ -96,14 +95,13 @@ pub struct DeliveryAttempt {
 /// A generator's claim on a job's current attempt: while it lives, no other delivery of the
 /// job's request calls the LLM. Renewed with the request's progress acks; a lease left by a
 /// generator that died runs out and may be taken over.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// The generator process holding it.
     pub owner: String,
     /// The attempt it was taken for: a second delivery in the same process is not its holder.
     pub attempt: u32,
     #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
     pub expires_at: OffsetDateTime,
 }
 
@@ -129,10 +127,10 @@ pub enum Claim {
     Taken(Lease),
 }
 
-/// What `GET /api/v1/jobs/{id}` returns and `nats kv get job_status <id>` shows.
-///
-/// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+/// What `nats kv get job_status <id>` shows. The API never serves it as it is: it answers with
+/// the gateway's public view of it, which has no field for what is kept here for the services
+/// alone (the request digest, the sealed secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
     /// First, so the start of the value (all that `nats kv history` shows) tells the state.
     pub status: Status,
@@ -143,41 +141,35 @@ pub struct JobStatus {
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub metadata: Map<String, Value>,
     /// A digest of the submission, to tell an idempotent retry from a conflicting reuse of the id.
+    /// Every stored document has one; the API's view of a job does not, and the `jetcall` CLI
+    /// reads that view into this type.
+    #[serde(default)]
     pub request_digest: String,
     #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
     pub updated_at: OffsetDateTime,
     /// LLM attempts so far, across redeliveries and generator instances.
     #[serde(default)]
-    #[schema(required = true)]
     pub generation_attempts: u32,
     /// While `generating`: the call that holds the current attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
     pub lease: Option<Lease>,
     /// The kind's output, once `completed`: text or JSON, per the kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Value, nullable = false)]
     pub result: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
     pub usage: Option<Usage>,
     /// Why the job `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
     pub error: Option<JobError>,
     #[serde(
         default,
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = String, format = DateTime)]
     pub finished_at: Option<OffsetDateTime>,
     /// Every delivery attempt, of every round, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -187,27 +179,23 @@ pub struct JobStatus {
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schema(value_type = String, format = DateTime)]
     pub delivered_at: Option<OffsetDateTime>,
     /// Incremented by each redelivery an operator asks for; each round has a fresh schedule.
     #[serde(default)]
-    #[schema(required = true)]
     pub delivery_round: u32,
     /// The W3C trace the job was submitted in (the `traceparent` the gateway got, or the one
     /// it started): every event and the webhook carry it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(
-        nullable = false,
-        min_length = 32,
-        max_length = 32,
-        pattern = "^[0-9a-f]{32}$"
-    )]
     pub trace_id: Option<String>,
-    /// The caller's own webhook secret, given at submission. Kept out of every event; the
-    /// gateway removes it from what it shows, so the API's schema has no such field.
+    /// The API key (its `name`) the job was submitted with: the tenant it belongs to. `None`
+    /// when the gateway has no keys (one anonymous tenant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(ignore)]
-    pub signing_secret: Option<Secret>,
+    pub tenant: Option<String>,
+    /// The caller's own webhook secret, given at submission, sealed under
+    /// `callback.secrets_key` for this job (`jetcall::sealing`): the gateway seals it, only
+    /// the callback service opens it. Kept out of every event and every API answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_signing_secret: Option<String>,
 }
 
 impl JobStatus {
@@ -233,7 +221,8 @@ impl JobStatus {
             delivered_at: None,
             delivery_round: 0,
             trace_id: None,
-            signing_secret: None,
+            tenant: None,
+            sealed_signing_secret: None,
         }
     }
 

@@ -8,11 +8,21 @@ use serde_json::Value;
 
 use jetcall::Config;
 
+/// The callback allowlist tests use: the loopback hosts their receivers listen on.
+pub const LOOPBACK_ALLOWLIST: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
 /// `nats.url` set to `nats_url`, then `settings` (dotted keys, e.g.
 /// `("callback.retry_schedule", json!(["100ms"]))`), later ones winning.
+///
+/// Tests receive their webhooks on loopback, which the built-in allowlist refuses: the
+/// allowlist here names the loopback hosts, and a test of the default sets it back.
 pub fn config(nats_url: &str, settings: &[(&str, Value)]) -> Config {
     let mut figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
-        .merge(Serialized::default("nats.url", nats_url));
+        .merge(Serialized::default("nats.url", nats_url))
+        .merge(Serialized::default(
+            "gateway.callback_allowlist",
+            LOOPBACK_ALLOWLIST,
+        ));
     for (key, value) in settings {
         figment = figment.merge(Serialized::default(key, value));
     }

@@ -94,6 +94,11 @@ pub(super) fn callback_env(secret: &str) -> Vec<(&'static str, String)> {
     vec![
         ("JETCALL_CONFIG", "/dev/null".into()),
         ("JETCALL_CALLBACK__SIGNING_SECRET", secret.to_owned()),
+        // The receivers listen on loopback, which the default allowlist refuses.
+        (
+            "JETCALL_GATEWAY__CALLBACK_ALLOWLIST",
+            r#"["127.0.0.1"]"#.to_owned(),
+        ),
         ("JETCALL_CALLBACK__LISTEN", "127.0.0.1:0".into()),
     ]
 }

@@ -3,3 +3,4 @@ mod metrics;
 mod otlp;
 mod restart;
 mod ssrf;
+mod tenants;

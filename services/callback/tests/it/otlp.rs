@@ -132,6 +132,8 @@ fn callback(nats_url: &str, otlp_endpoint: Option<&str>, trap: &str) -> Child {
         .env("NATS_URL", nats_url)
         .env("JETCALL_CONFIG", "/dev/null")
         .env("JETCALL_CALLBACK__SIGNING_SECRET", SigningKey::generate())
+        // Its receivers listen on loopback, which the default allowlist refuses.
+        .env("JETCALL_GATEWAY__CALLBACK_ALLOWLIST", r#"["127.0.0.1"]"#)
         .env("JETCALL_CALLBACK__LISTEN", "127.0.0.1:0")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env_remove("OTEL_SERVICE_NAME")

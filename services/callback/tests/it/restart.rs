@@ -17,6 +17,8 @@ fn spawn_callback(nats: &NatsServer, secret: &str) -> Child {
         .env("NATS_URL", nats.url())
         .env("JETCALL_CONFIG", "/dev/null")
         .env("JETCALL_CALLBACK__SIGNING_SECRET", secret)
+        // Its receivers listen on loopback, which the default allowlist refuses.
+        .env("JETCALL_GATEWAY__CALLBACK_ALLOWLIST", r#"["127.0.0.1"]"#)
         .env("JETCALL_CALLBACK__LISTEN", "127.0.0.1:0")
         .env("JETCALL_CALLBACK__RETRY_SCHEDULE", SCHEDULE)
         // The receiver fails on purpose; its circuit must not hold the retries back here.

@@ -109,6 +109,11 @@ fn settings(
         ),
         ("generator.concurrency", json!(GENERATOR_CONCURRENCY)),
         ("callback.signing_secret", json!(secret)),
+        // The receivers listen on loopback, which the default allowlist refuses.
+        (
+            "gateway.callback_allowlist",
+            json!(testkit::config::LOOPBACK_ALLOWLIST),
+        ),
         ("callback.retry_schedule", json!(RETRY_SCHEDULE)),
         ("callback.timeout", json!("2s")),
         ("callback.breaker_cooldown", json!("1s")),

@@ -232,7 +232,12 @@ async fn a_dead_receiver_does_not_hold_up_healthy_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_can_bring_its_own_signing_secret() {
     let receiver = WebhookReceiver::start().await;
-    let pipeline = Pipeline::start(&[]).await;
+    // The gateway seals the job's secret under this key and the callback opens it.
+    let pipeline = Pipeline::start(&[(
+        "callback.secrets_key",
+        json!("c2VjcmV0cy1rZXktZm9yLXRoZS1nYXRld2F5LXRlc3Q="),
+    )])
+    .await;
     let secret = jetcall::signing::SigningKey::generate();
     let (status, body) = pipeline
         .post(
@@ -264,6 +269,18 @@ async fn a_job_can_bring_its_own_signing_secret() {
         doc.get("signing_secret").is_none(),
         "the secret is never shown"
     );
+    // Nor readable in the bucket, as `nats kv get job_status JOB-OWN` shows it.
+    let stored = pipeline
+        .topology
+        .status
+        .kv()
+        .get("JOB-OWN")
+        .await
+        .expect("KV get")
+        .expect("recorded");
+    let stored = String::from_utf8_lossy(&stored);
+    let key_material = secret.trim_start_matches("whsec_");
+    assert!(!stored.contains(key_material), "{stored}");
     pipeline.stop().await;
 }
 

@@ -433,7 +433,12 @@ async fn without_nats_every_job_is_unavailable_and_a_retry_accepts_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_needs_the_api_key_and_a_job_named_batch_stays_readable() {
-    let gateway = Gateway::start(&[("gateway.api_keys", json!(["s3cret-key"]))]).await;
+    let gateway = Gateway::start(&[(
+        "gateway.api_keys",
+        // Its own allowlist: only a key's own list lets its jobs call back to loopback.
+        json!([{"key": "s3cret-key", "callback_allowlist": ["127.0.0.1"]}]),
+    )])
+    .await;
     let (status, error) = gateway.post(BATCH, &batch(&[job("batch")])).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(error["type"], "unauthorized");

@@ -29,7 +29,7 @@ async fn a_key_s_callback_allowlist_narrows_the_gateway_s() {
     let gateway = Gateway::start(&[
         (
             "gateway.callback_allowlist",
-            json!(["127.0.0.1", "hooks.shop.example"]),
+            json!(["127.0.0.1", "hooks.shop.example", "hooks.other.example"]),
         ),
         (
             "gateway.api_keys",
@@ -70,15 +70,26 @@ async fn a_key_s_callback_allowlist_narrows_the_gateway_s() {
     )
     .await;
     assert_eq!(accepted.status(), StatusCode::ACCEPTED);
-    // A key without a list of its own has the gateway's.
+    // A key without a list of its own has the gateway's hosts, but not its address
+    // exemptions: those are for keys whose own list names the address.
     let open = post_as(
         &gateway,
         "open-key",
         PATH,
-        &to("JOB-K3", "http://127.0.0.1:9/hook"),
+        &to("JOB-K3", "https://hooks.other.example/hook"),
     )
     .await;
     assert_eq!(open.status(), StatusCode::ACCEPTED);
+    let loopback = post_as(
+        &gateway,
+        "open-key",
+        PATH,
+        &to("JOB-K3B", "http://127.0.0.1:9/hook"),
+    )
+    .await;
+    assert_eq!(loopback.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let error: Value = loopback.json().await.expect("JSON");
+    assert_eq!(error["type"], "invalid_callback_url");
 
     // In a batch the key's list applies to each job.
     let batch = json!({"jobs": [
@@ -148,5 +159,24 @@ async fn a_key_past_its_request_rate_gets_429_and_other_keys_do_not() {
     for _ in 0..5 {
         assert_eq!(status_of("other-key").await.status(), StatusCode::NOT_FOUND);
     }
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_allowlist_refuses_loopback_and_private_destinations() {
+    let default = jetcall::config::GatewayConfig::default().callback_allowlist;
+    let gateway = Gateway::start(&[("gateway.callback_allowlist", json!(default))]).await;
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://localhost:9/hook",
+        "http://[::1]:9/hook",
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data/",
+    ] {
+        let (status, error) = gateway.post(PATH, &to("JOB-D1", url)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {error}");
+        assert_eq!(error["type"], "invalid_callback_url", "{url}");
+    }
+    assert_eq!(gateway.published().await, 0);
     gateway.stop().await;
 }

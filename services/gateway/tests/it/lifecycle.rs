@@ -121,7 +121,12 @@ async fn without_nats_a_job_is_refused_with_503_and_accepted_on_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_are_required_when_configured() {
-    let gateway = Gateway::start(&[("gateway.api_keys", json!(["s3cret-key"]))]).await;
+    let gateway = Gateway::start(&[(
+        "gateway.api_keys",
+        // Its own allowlist: only a key's own list lets its jobs call back to loopback.
+        json!([{"key": "s3cret-key", "callback_allowlist": ["127.0.0.1"]}]),
+    )])
+    .await;
     let (status, error) = gateway.post(PATH, &article_job("JOB-1")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(error["type"], "unauthorized");

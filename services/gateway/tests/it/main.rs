@@ -7,4 +7,6 @@ mod live;
 mod openapi;
 mod properties;
 mod schemathesis;
+mod secrets;
 mod sweep;
+mod tenants;

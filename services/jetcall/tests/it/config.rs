@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use figment::Jail;
 use jetcall::Config;
-use jetcall::config::{ConfigError, LogFormat, ProviderChoice};
+use jetcall::config::{ApiKey, ConfigError, LogFormat, ProviderChoice, Role};
 
 fn load_err(jail_setup: impl FnOnce(&mut Jail) -> figment::error::Result<()>) -> String {
     let mut message = String::new();
@@ -29,10 +29,9 @@ fn defaults_are_the_documented_ones() {
         assert_eq!(config.nats.replicas, 1);
         assert_eq!(config.gateway.listen.to_string(), "127.0.0.1:8080");
         assert!(config.gateway.api_keys.is_empty());
-        assert_eq!(
-            config.gateway.callback_allowlist,
-            ["localhost", "127.0.0.1", "::1"]
-        );
+        // Any public destination; nothing on loopback or a private network.
+        assert_eq!(config.gateway.callback_allowlist, ["*"]);
+        assert!(config.callback.secrets_key.is_none());
         assert_eq!(config.generator.provider, ProviderChoice::Auto);
         assert_eq!(config.generator.concurrency, 256);
         assert_eq!(config.generator.max_prompt_bytes, 1024 * 1024);
@@ -216,6 +215,21 @@ fn bad_values_name_their_key() {
             r#"[{key="k", requests_per_second=0}]"#,
             "api_keys",
         ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k1"}, {key="k2", role="root"}]"#,
+            "gateway.api_keys[1].role",
+        ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k1", name="shop"}, {key="k2", name="shop", callback_allowlist=["10.0.0.0/8"]}]"#,
+            "gateway.api_keys[1].callback_allowlist",
+        ),
+        (
+            "JETCALL_CALLBACK__SECRETS_KEY",
+            "too-short",
+            "callback.secrets_key",
+        ),
         ("JETCALL_GATEWAY__LISTN", "127.0.0.1:1", "listn"),
         (
             "JETCALL_LOG__OTLP_ENDPOINT",
@@ -299,6 +313,23 @@ fn nats_credentials_come_in_pairs_and_a_named_ca_must_exist() {
         );
         assert!(!config.nats.provision);
         assert!(!format!("{config:?}").contains("pw-8f3a2c"), "{config:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_key_s_role_is_user_unless_it_says_admin() {
+    Jail::expect_with(|jail| {
+        jail.set_env(
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"["k0", {key="k1", name="ops", role="admin"}, {key="k2", role="user"}]"#,
+        );
+        let config = Config::load().expect("loads");
+        let keys = &config.gateway.api_keys;
+        let roles: Vec<Role> = keys.iter().map(ApiKey::role).collect();
+        assert_eq!(roles, [Role::User, Role::Admin, Role::User]);
+        let tenants: Vec<String> = keys.iter().enumerate().map(|(i, k)| k.tenant(i)).collect();
+        assert_eq!(tenants, ["key 0", "ops", "key 2"]);
         Ok(())
     });
 }

@@ -1,0 +1,135 @@
+//! What the API shows of a job: the public view of its status document.
+//!
+//! The document in the `job_status` bucket also holds what only the services use (the request
+//! digest, the sealed signing secret). Every answer that shows a job (`GET`, its events, a
+//! resubmission) is built through this type, which has no field for them, so nothing has to
+//! remember to blank them.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use jetcall::events::{JobError, Usage};
+use jetcall::status::{DeliveryAttempt, JobStatus, Status};
+use jetcall::{JobId, Kind};
+
+/// A job: where it is, its result or error, and its delivery attempts.
+///
+/// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobStatus)]
+pub struct JobView {
+    pub status: Status,
+    pub job_id: JobId,
+    pub kind: Kind,
+    pub input: Map<String, Value>,
+    pub callback_url: String,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub metadata: Map<String, Value>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: OffsetDateTime,
+    /// LLM attempts so far, across redeliveries and generator instances.
+    #[schema(required = true)]
+    pub generation_attempts: u32,
+    /// The kind's output, once `completed`: text or JSON, per the kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Value, nullable = false)]
+    pub result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub usage: Option<Usage>,
+    /// Why the job `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub error: Option<JobError>,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = String, format = DateTime)]
+    pub finished_at: Option<OffsetDateTime>,
+    /// Every delivery attempt, of every round, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deliveries: Vec<DeliveryAttempt>,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = String, format = DateTime)]
+    pub delivered_at: Option<OffsetDateTime>,
+    /// Incremented by each redelivery an operator asks for; each round has a fresh schedule.
+    #[schema(required = true)]
+    pub delivery_round: u32,
+    /// The W3C trace the job was submitted in (the `traceparent` the gateway got, or the one
+    /// it started): every event and the webhook carry it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(
+        nullable = false,
+        min_length = 32,
+        max_length = 32,
+        pattern = "^[0-9a-f]{32}$"
+    )]
+    pub trace_id: Option<String>,
+    /// The name of the API key the job was submitted with; absent when the API has no keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub tenant: Option<String>,
+}
+
+impl From<JobStatus> for JobView {
+    fn from(doc: JobStatus) -> Self {
+        // Named field by field: a field added to the document stays out of the API until it
+        // is added here on purpose.
+        let JobStatus {
+            status,
+            job_id,
+            kind,
+            input,
+            callback_url,
+            metadata,
+            created_at,
+            updated_at,
+            generation_attempts,
+            result,
+            model,
+            usage,
+            error,
+            finished_at,
+            deliveries,
+            delivered_at,
+            delivery_round,
+            trace_id,
+            tenant,
+            ..
+        } = doc;
+        Self {
+            status,
+            job_id,
+            kind,
+            input,
+            callback_url,
+            metadata,
+            created_at,
+            updated_at,
+            generation_attempts,
+            result,
+            model,
+            usage,
+            error,
+            finished_at,
+            deliveries,
+            delivered_at,
+            delivery_round,
+            trace_id,
+            tenant,
+        }
+    }
+}
