@@ -1,5 +1,7 @@
+mod breaker;
 mod logs;
 mod metrics;
 mod otlp;
 mod restart;
+mod running;
 mod ssrf;
