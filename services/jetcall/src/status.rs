@@ -75,7 +75,9 @@ pub struct DeliveryAttempt {
     #[schema(nullable = false)]
     pub status_code: Option<u16>,
     /// What kind of failure, when the attempt did not succeed: `http_status`, `timeout`,
-    /// `connect`, `request` or `refused` (the URL or its address is not allowed).
+    /// `connect`, `request` or `refused` (the URL or its address is not allowed); or
+    /// `circuit_open`, a note that the delivery waits for its destination, which was no
+    /// request and spends no retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub error_kind: Option<String>,
