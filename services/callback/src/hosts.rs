@@ -12,8 +12,24 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Idle destinations are forgotten once this many are tracked, so the map stays small.
 const MAX_TRACKED: usize = 4096;
 
-/// Consecutive failed attempts that open a destination's circuit.
+/// Consecutive failed attempts that, once they span the breaker's window, open a
+/// destination's circuit.
 pub const BREAKER_THRESHOLD: u32 = 5;
+
+/// When a destination's circuit opens, and for how long.
+///
+/// It opens when every attempt there has failed, at least `BREAKER_THRESHOLD` of them, for
+/// at least `window`: a failure rate of 100 % over the window, with a minimum of requests.
+/// A burst of failures is not enough: a receiver that fails every job's first attempt and
+/// takes the retries fails everything until the first retries arrive, and cutting it off
+/// then would leave each job to a single probe per cooldown. A destination that answers
+/// some deliveries is alive, and its jobs retry on their own schedules. A silent one is cut
+/// off by its first timeouts, since each failed attempt counts from when it started.
+#[derive(Debug, Clone, Copy)]
+pub struct Breaker {
+    pub cooldown: Duration,
+    pub window: Duration,
+}
 
 /// A receiver answering faster than this frees its slots quickly: a delivery may wait up to
 /// `QUICK_WAIT` for one rather than go back to JetStream.
@@ -27,6 +43,9 @@ const SHORT_WAIT: Duration = Duration::from_millis(50);
 pub struct Destination {
     slots: Arc<Semaphore>,
     consecutive_failures: AtomicU32,
+    /// When the first of the failures in a row started: the circuit opens only once they
+    /// span the breaker's window.
+    failing_since: Mutex<Option<Instant>>,
     // A std mutex: held only to read or set an instant, never across an await.
     open_until: Mutex<Option<Instant>>,
     /// When a delivery here last succeeded: with every slot taken, a long silence means the
@@ -48,6 +67,7 @@ impl Destination {
         Self {
             slots: Arc::new(Semaphore::new(per_host)),
             consecutive_failures: AtomicU32::new(0),
+            failing_since: Mutex::new(None),
             open_until: Mutex::new(None),
             last_success: Mutex::new(Instant::now()),
             typical_answer_us: AtomicU64::new(0),
@@ -134,21 +154,29 @@ impl Destination {
         }
     }
 
-    /// Records an attempt's outcome and how long it `took`; `BREAKER_THRESHOLD` failures in a
-    /// row open the circuit for `cooldown`.
-    pub fn record(&self, succeeded: bool, took: Duration, now: Instant, cooldown: Duration) {
+    /// Records an attempt's outcome and how long it `took`, and opens the circuit for the
+    /// breaker's cooldown when the failures in a row are enough and span its window (see
+    /// [`Breaker`]); a failed probe opens it again.
+    pub fn record(&self, succeeded: bool, took: Duration, now: Instant, breaker: Breaker) {
+        let started = now.checked_sub(took).unwrap_or(now);
         let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
         moving_average(&self.typical_attempt_us, took);
+        let mut failing_since = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
         if succeeded {
             moving_average(&self.typical_answer_us, took);
             *self.last_success.lock().unwrap_or_else(|p| p.into_inner()) = now;
             self.consecutive_failures.store(0, Ordering::Relaxed);
+            *failing_since = None;
             *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return;
         }
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= BREAKER_THRESHOLD {
-            *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + cooldown);
+        let since = *failing_since.get_or_insert(started);
+        let since = since.min(started);
+        *failing_since = Some(since);
+        if failures >= BREAKER_THRESHOLD && now.saturating_duration_since(since) >= breaker.window {
+            *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(now + breaker.cooldown);
         }
     }
 
@@ -224,6 +252,14 @@ mod tests {
 
     const NO_WAIT: Duration = Duration::ZERO;
 
+    /// A breaker that opens on `BREAKER_THRESHOLD` failures in a row, however quick.
+    fn at_once(cooldown: Duration) -> Breaker {
+        Breaker {
+            cooldown,
+            window: Duration::ZERO,
+        }
+    }
+
     #[test]
     fn parked_deliveries_come_back_spaced_by_what_the_destination_can_take() {
         let (timeout, longest) = (Duration::from_secs(10), Duration::from_secs(60));
@@ -242,18 +278,18 @@ mod tests {
 
         // Answering in 40 ms: four slots take a delivery every 10 ms.
         let quick = Destination::new(4);
-        quick.record(true, Duration::from_millis(40), now, timeout);
+        quick.record(true, Duration::from_millis(40), now, at_once(timeout));
         let first = quick.return_after(earliest, now, timeout, longest);
         let second = quick.return_after(earliest, now, timeout, longest);
         assert_eq!(second - first, Duration::from_millis(10));
         // Failing at once (a 500 in no time): its slots still free quickly.
-        quick.record(false, Duration::from_millis(40), now, timeout);
+        quick.record(false, Duration::from_millis(40), now, at_once(timeout));
         let third = quick.return_after(earliest, now, timeout, longest);
         assert_eq!(third - second, Duration::from_millis(10));
         // Silent until the timeout, attempt after attempt: the pace slows towards the
         // timeout's (the average of 40 ms and four 10 s attempts, over four slots).
         let fourth = (0..4).fold(third, |_, _| {
-            quick.record(false, timeout, now, timeout);
+            quick.record(false, timeout, now, at_once(timeout));
             quick.return_after(earliest, now, timeout, longest)
         });
         assert!(
@@ -306,7 +342,12 @@ mod tests {
 
         // Recently active: it does wait, and reports no slot after `wait`.
         let now = Instant::now();
-        destination.record(true, Duration::from_millis(5), now, Duration::from_secs(1));
+        destination.record(
+            true,
+            Duration::from_millis(5),
+            now,
+            at_once(Duration::from_secs(1)),
+        );
         let started = tokio::time::Instant::now();
         assert!(destination.slot(wait, now).await.is_err());
         assert_eq!(started.elapsed(), wait);
@@ -319,14 +360,14 @@ mod tests {
         let new = Destination::new(1);
         assert_eq!(new.patience(), SHORT_WAIT, "nothing known yet");
         let quick = Destination::new(1);
-        quick.record(true, Duration::from_millis(3), now, cooldown);
+        quick.record(true, Duration::from_millis(3), now, at_once(cooldown));
         assert_eq!(quick.patience(), QUICK_WAIT);
         let slow = Destination::new(1);
-        slow.record(true, Duration::from_secs(2), now, cooldown);
+        slow.record(true, Duration::from_secs(2), now, at_once(cooldown));
         assert_eq!(slow.patience(), SHORT_WAIT);
         // It slows down: the average follows.
         for _ in 0..20 {
-            quick.record(true, Duration::from_millis(900), now, cooldown);
+            quick.record(true, Duration::from_millis(900), now, at_once(cooldown));
         }
         assert_eq!(quick.patience(), SHORT_WAIT);
     }
@@ -337,10 +378,10 @@ mod tests {
         let now = Instant::now();
         let cooldown = Duration::from_secs(30);
         for _ in 0..BREAKER_THRESHOLD - 1 {
-            destination.record(false, Duration::ZERO, now, cooldown);
+            destination.record(false, Duration::ZERO, now, at_once(cooldown));
         }
         assert_eq!(destination.admit(now, cooldown), None, "not yet open");
-        destination.record(false, Duration::ZERO, now, cooldown);
+        destination.record(false, Duration::ZERO, now, at_once(cooldown));
         assert_eq!(destination.admit(now, cooldown), Some(cooldown));
 
         let later = now + cooldown;
@@ -354,13 +395,13 @@ mod tests {
             Some(cooldown),
             "and only one"
         );
-        destination.record(false, Duration::ZERO, later, cooldown);
+        destination.record(false, Duration::ZERO, later, at_once(cooldown));
         assert!(
             destination.admit(later, cooldown).is_some(),
             "a failed probe keeps it open"
         );
 
-        destination.record(true, Duration::from_millis(5), later, cooldown);
+        destination.record(true, Duration::from_millis(5), later, at_once(cooldown));
         assert_eq!(
             destination.admit(later, cooldown),
             None,
@@ -375,16 +416,97 @@ mod tests {
         let now = Instant::now();
         let cooldown = Duration::from_secs(30);
         let (dead, alive) = (destinations.get("dead:80"), destinations.get("alive:80"));
-        alive.record(false, Duration::ZERO, now, cooldown);
+        alive.record(false, Duration::ZERO, now, at_once(cooldown));
         assert_eq!(destinations.open_circuits(), 0);
         for _ in 0..BREAKER_THRESHOLD {
-            dead.record(false, Duration::ZERO, now, cooldown);
+            dead.record(false, Duration::ZERO, now, at_once(cooldown));
         }
         assert_eq!(destinations.open_circuits(), 1);
         // The cooldown is over and a probe goes out: still open until it succeeds.
         assert_eq!(dead.admit(now + cooldown, cooldown), None);
         assert_eq!(destinations.open_circuits(), 1);
-        dead.record(true, Duration::from_millis(5), now + cooldown, cooldown);
+        dead.record(
+            true,
+            Duration::from_millis(5),
+            now + cooldown,
+            at_once(cooldown),
+        );
         assert_eq!(destinations.open_circuits(), 0);
+    }
+
+    #[test]
+    fn a_burst_of_failures_shorter_than_the_window_leaves_the_circuit_closed() {
+        let breaker = Breaker {
+            cooldown: Duration::from_secs(1),
+            window: Duration::from_secs(10),
+        };
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        // Fifty jobs' first attempts fail together, then their first retries: no success yet,
+        // but no longer than the window either.
+        let destination = Destination::new(32);
+        for n in 0..100 {
+            destination.record(false, Duration::from_millis(5), at(10 + 2 * n), breaker);
+        }
+        assert_eq!(destination.admit(at(300), breaker.cooldown), None);
+        // Their second retries succeed: the run of failures is over.
+        destination.record(true, Duration::from_millis(5), at(600), breaker);
+        for n in 0..20 {
+            destination.record(false, Duration::from_millis(5), at(9_000 + n), breaker);
+        }
+        assert_eq!(
+            destination.admit(at(9_100), breaker.cooldown),
+            None,
+            "failures counted from the last success"
+        );
+        assert!(!destination.circuit_open());
+    }
+
+    #[test]
+    fn a_destination_failing_everything_for_the_window_has_its_circuit_opened() {
+        let breaker = Breaker {
+            cooldown: Duration::from_secs(1),
+            window: Duration::from_secs(10),
+        };
+        let start = Instant::now();
+        let at = |s| start + Duration::from_secs(s);
+        let dead = Destination::new(32);
+        for s in 0..BREAKER_THRESHOLD {
+            dead.record(false, Duration::from_millis(1), at(u64::from(s)), breaker);
+        }
+        assert!(!dead.circuit_open(), "five failures in four seconds");
+        dead.record(false, Duration::from_millis(1), at(10), breaker);
+        assert_eq!(dead.admit(at(10), breaker.cooldown), Some(breaker.cooldown));
+
+        // A silent receiver: its first attempts fail at the timeout, which they spent failing.
+        let silent = Destination::new(32);
+        let timeout = Duration::from_secs(15);
+        for _ in 0..BREAKER_THRESHOLD {
+            silent.record(false, timeout, at(15), breaker);
+        }
+        assert!(silent.circuit_open(), "cut off by its first timeouts");
+
+        // Too few requests, however long they fail.
+        let rare = Destination::new(32);
+        for s in 0..BREAKER_THRESHOLD - 1 {
+            rare.record(false, Duration::ZERO, at(u64::from(s) * 60), breaker);
+        }
+        assert!(!rare.circuit_open());
+    }
+
+    #[test]
+    fn a_destination_that_mostly_succeeds_keeps_its_circuit_closed() {
+        let breaker = Breaker {
+            cooldown: Duration::from_secs(1),
+            window: Duration::from_secs(10),
+        };
+        let start = Instant::now();
+        let destination = Destination::new(32);
+        // Four failures in five, for a minute: alive, and its jobs retry on their schedules.
+        for n in 0..600u64 {
+            let now = start + Duration::from_millis(100 * n);
+            destination.record(n % 5 == 0, Duration::from_millis(5), now, breaker);
+        }
+        assert!(!destination.circuit_open());
     }
 }

@@ -20,7 +20,7 @@ use jetcall::publish::publish_event_with_headers;
 use jetcall::retry::delivery_delay;
 use jetcall::sealing::SecretsKey;
 use jetcall::signing::Signer;
-use jetcall::status::{DeliveryAttempt, JobStatus, Status};
+use jetcall::status::{CIRCUIT_OPEN, DeliveryAttempt, JobStatus, Status};
 use jetcall::store::Updated;
 use jetcall::subjects::Event;
 use jetcall::topology::Topology;
@@ -28,7 +28,7 @@ use jetcall::trace::TraceParent;
 use jetcall::webhook;
 
 use crate::deliver::{Senders, Verdict};
-use crate::hosts::{Destination, Destinations};
+use crate::hosts::{Breaker, Destination, Destinations};
 use crate::metrics::Metrics;
 
 /// The shortest wait in JetStream for a delivery whose destination has no free slot.
@@ -47,8 +47,15 @@ fn park_delay(stalled: Duration, timeout: Duration) -> Duration {
     stalled.clamp((timeout / 2).max(PARKED_DELAY), timeout)
 }
 
-/// The attempt log's `error_kind` for a retry skipped because the destination's circuit is open.
-const CIRCUIT_OPEN: &str = "circuit_open";
+/// What became of a delivery this time.
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    /// A request was tried: it spends a step of the schedule.
+    Tried(Verdict),
+    /// None was, the destination's circuit being open: the delivery waits `retry_after` in
+    /// JetStream, its retries untouched.
+    CircuitOpen { retry_after: Duration },
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
@@ -177,29 +184,26 @@ impl Worker {
         let webhook_id = webhook::webhook_id(job);
         let payload = webhook::payload(job);
         let round = doc.delivery_round;
-        let cooldown = self.config.callback.breaker_cooldown;
-        let (verdict, attempt) = match destination.admit(Instant::now(), cooldown) {
+        let breaker = Breaker {
+            cooldown: self.config.callback.breaker_cooldown,
+            window: self.config.callback.breaker_window,
+        };
+        // Retries are spent only by requests tried. While the circuit is open a job's log
+        // gets one line saying it waits, and its returns go straight back to JetStream, until
+        // the circuit lets it through or its round has lasted the longest a round may.
+        let (outcome, attempt) = match destination.admit(Instant::now(), breaker.cooldown) {
             Some(remaining) => {
                 drop(slot);
-                // While the circuit stays open a job's log needs one line saying so, not one
-                // per retry: later returns go straight back to JetStream until the circuit
-                // closes, unless the job has waited longer than its whole schedule.
-                let noted = doc.deliveries.last().is_some_and(|last| {
-                    last.round == round && last.error_kind.as_deref() == Some(CIRCUIT_OPEN)
-                });
-                let waited = message
-                    .info()
-                    .map(|info| OffsetDateTime::now_utc() - info.published)
-                    .unwrap_or_default();
-                let schedule: Duration = self.config.callback.retry_schedule.iter().sum();
-                if noted && waited < schedule {
-                    let delay = self.park(&destination, remaining);
+                let delay = self.park(&destination, remaining);
+                let noted = waits_for_circuit(&doc);
+                let longest = self.config.callback.longest_round();
+                if noted && round_age(&doc, OffsetDateTime::now_utc()) < longest {
                     let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                     self.metrics.parked(CIRCUIT_OPEN);
                     return Ok(Step::Parked(delay));
                 }
-                let delay = self.park(&destination, remaining);
-                circuit_open(round, remaining, delay, destination.consecutive_failures())
+                let note = circuit_open(round, remaining, destination.consecutive_failures());
+                (Outcome::CircuitOpen { retry_after: delay }, note)
             }
             None => {
                 let _slot = slot;
@@ -219,7 +223,7 @@ impl Worker {
                 // A dead receiver may take the whole timeout; a stopping service does not wait
                 // for it. The attempt is not recorded and the message goes straight back, so
                 // another instance tries again (the receiver may see it twice: at least once).
-                let sent = tokio::select! {
+                let (verdict, attempt) = tokio::select! {
                     sent = send => sent,
                     _ = shutdown.cancelled() => {
                         let _ = message.ack_with(AckKind::Nak(None)).await;
@@ -228,10 +232,10 @@ impl Worker {
                 };
                 drop(in_flight);
                 self.metrics.attempt_finished(started.elapsed());
-                let receiver_failed = matches!(sent.0, Verdict::Retry { .. });
-                let took = Duration::from_millis(sent.1.duration_ms);
-                destination.record(!receiver_failed, took, Instant::now(), cooldown);
-                sent
+                let receiver_failed = matches!(verdict, Verdict::Retry { .. });
+                let took = Duration::from_millis(attempt.duration_ms);
+                destination.record(!receiver_failed, took, Instant::now(), breaker);
+                (Outcome::Tried(verdict), attempt)
             }
         };
 
@@ -245,11 +249,15 @@ impl Worker {
                 if doc.status.is_final() {
                     return false;
                 }
-                doc.deliveries.push(attempt.clone());
+                // One note per wait for the circuit: a job already waiting is not noted again.
+                if matches!(outcome, Outcome::Tried(_)) || !waits_for_circuit(doc) {
+                    doc.deliveries.push(attempt.clone());
+                }
                 let next = decide(
                     &self.config.callback,
-                    &verdict,
+                    &outcome,
                     doc.attempts_this_round(),
+                    round_age(doc, now),
                     &attempt,
                 );
                 match next.status {
@@ -443,45 +451,76 @@ fn destination_of(callback_url: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The attempt recorded, without a request, for a destination whose circuit is open: it
-/// moves the job along its schedule, and asks for no retry before the circuit closes.
-fn circuit_open(
-    round: u32,
-    remaining: Duration,
-    retry_after: Duration,
-    failures: u32,
-) -> (Verdict, DeliveryAttempt) {
-    let attempt = DeliveryAttempt {
+/// Whether the job's log already says that it waits for its destination's circuit: its
+/// round's last entry is that note.
+fn waits_for_circuit(doc: &JobStatus) -> bool {
+    doc.deliveries.last().is_some_and(|last| {
+        last.round == doc.delivery_round && last.error_kind.as_deref() == Some(CIRCUIT_OPEN)
+    })
+}
+
+/// How long the job's current delivery round has lasted at `now` (see
+/// [`JobStatus::round_started_at`]); zero before it starts.
+fn round_age(doc: &JobStatus, now: OffsetDateTime) -> Duration {
+    doc.round_started_at()
+        .and_then(|started| Duration::try_from(now - started).ok())
+        .unwrap_or_default()
+}
+
+/// The note recorded, without a request, for a delivery that waits for its destination's
+/// open circuit. It spends none of the job's retries.
+fn circuit_open(round: u32, remaining: Duration, failures: u32) -> DeliveryAttempt {
+    DeliveryAttempt {
         at: OffsetDateTime::now_utc(),
         duration_ms: 0,
         status_code: None,
         error_kind: Some(CIRCUIT_OPEN.into()),
         error: Some(format!(
-            "not sent: the last {failures} attempts at this destination failed; it is left alone for another {} s",
+            "not sent: the last {failures} attempts at this destination failed; it is left alone for another {} s, and this wait spends none of the job's retries",
             remaining.as_secs().max(1)
         )),
         response_excerpt: None,
         round,
-    };
-    (
-        Verdict::Retry {
-            retry_after: Some(retry_after),
-        },
-        attempt,
-    )
+    }
 }
 
-/// What follows an attempt, given how many this round has made (this one included).
+/// What follows an attempt, given how many requests this round has tried (this one included)
+/// and how long it has lasted.
+///
+/// Only requests tried spend the schedule. A delivery waiting for an open circuit retries
+/// when it is due back, until its round has lasted `callback.max_round_age` (by default
+/// twice the schedule): a destination dead for good still ends its jobs `undeliverable`.
 fn decide(
     config: &CallbackConfig,
-    verdict: &Verdict,
+    outcome: &Outcome,
     attempts_made: usize,
+    round_age: Duration,
     attempt: &DeliveryAttempt,
 ) -> Decision {
     let finished = |status, reason| Decision {
         status: Some(status),
         delay: None,
         reason,
+    };
+    let verdict = match outcome {
+        Outcome::Tried(verdict) => verdict,
+        Outcome::CircuitOpen { retry_after } => {
+            let longest = config.longest_round();
+            if round_age < longest {
+                return Decision {
+                    status: None,
+                    delay: Some(*retry_after),
+                    reason: None,
+                };
+            }
+            return finished(
+                Status::Undeliverable,
+                Some(format!(
+                    "gave up after {attempts_made} attempts: the destination's circuit was still open {} s into the round, the longest a round may last (callback.max_round_age)",
+                    longest.as_secs()
+                )),
+            );
+        }
     };
     match verdict {
         Verdict::Delivered => finished(Status::Delivered, None),
@@ -547,7 +586,79 @@ mod tests {
             max_retry_after: Duration::from_secs(max_retry_after),
             ..CallbackConfig::default()
         };
-        decide(&config, &verdict, attempts_made, &failed_attempt())
+        decide(
+            &config,
+            &Outcome::Tried(verdict),
+            attempts_made,
+            Duration::ZERO,
+            &failed_attempt(),
+        )
+    }
+
+    #[test]
+    fn waiting_for_an_open_circuit_spends_no_retry_until_the_longest_round() {
+        let config = CallbackConfig {
+            retry_schedule: [200, 400, 800].map(Duration::from_millis).to_vec(),
+            ..CallbackConfig::default()
+        };
+        let wait = Outcome::CircuitOpen {
+            retry_after: Duration::from_secs(1),
+        };
+        // Every step of the schedule is still to come, however often it waited.
+        for attempts_made in [0, 1, 3] {
+            let waiting = decide(
+                &config,
+                &wait,
+                attempts_made,
+                Duration::from_millis(2799),
+                &failed_attempt(),
+            );
+            assert_eq!(waiting.status, None, "{attempts_made} tried");
+            assert_eq!(waiting.delay, Some(Duration::from_secs(1)));
+        }
+        // Twice the schedule into the round, by default, it stops.
+        let expired = decide(
+            &config,
+            &wait,
+            1,
+            Duration::from_millis(2800),
+            &failed_attempt(),
+        );
+        assert_eq!(expired.status, Some(Status::Undeliverable));
+        assert!(
+            expired
+                .reason
+                .is_some_and(|r| r.contains("callback.max_round_age")),
+        );
+        // Or at the age configured.
+        let config = CallbackConfig {
+            max_round_age: Some(Duration::from_secs(60)),
+            ..config
+        };
+        let later = decide(
+            &config,
+            &wait,
+            1,
+            Duration::from_secs(59),
+            &failed_attempt(),
+        );
+        assert_eq!(later.status, None);
+    }
+
+    #[test]
+    fn a_request_tried_after_waiting_spends_the_schedule_as_usual() {
+        // Four requests tried and three waits noted: the schedule of three retries is used
+        // up by the requests, not by the waits.
+        let tried = |attempts_made| {
+            decide_with(
+                Verdict::Retry { retry_after: None },
+                attempts_made,
+                &[1, 1, 1],
+                3600,
+            )
+        };
+        assert_eq!(tried(3).status, None);
+        assert_eq!(tried(4).status, Some(Status::Undeliverable));
     }
 
     #[test]

@@ -460,11 +460,21 @@ pub struct CallbackConfig {
     /// Deliveries in flight to one host per instance, so a slow or dead receiver can hold at
     /// most this many of the `concurrency` slots; the rest of its jobs wait in JetStream.
     pub per_host_concurrency: usize,
-    /// How long a destination is left alone after repeated failures (its circuit is open):
-    /// its deliveries are recorded as failed attempts without a request, and retried on
-    /// their schedule.
+    /// How long a destination is left alone once its circuit opens: its deliveries wait in
+    /// JetStream, spending none of their retries, and then one probe goes out.
     #[serde(with = "humantime_serde")]
     pub breaker_cooldown: Duration,
+    /// How long every attempt at a destination must have failed (at least 5 of them) before
+    /// its circuit opens: longer than a first retry, so a receiver that fails first attempts
+    /// and takes retries is not cut off; shorter than `timeout`, so a silent one is cut off
+    /// by its first timeouts.
+    #[serde(with = "humantime_serde")]
+    pub breaker_window: Duration,
+    /// The longest a delivery round may last, from its first request, while its destination's
+    /// circuit keeps it from using its retries; then it is `undeliverable`. Unset: twice the
+    /// length of `retry_schedule`.
+    #[serde(default, with = "humantime_serde")]
+    pub max_round_age: Option<Duration>,
     /// The longest wait a receiver's `Retry-After` can impose on the next attempt.
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
@@ -473,6 +483,14 @@ pub struct CallbackConfig {
     pub max_ack_pending: i64,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub listen: SocketAddr,
+}
+
+impl CallbackConfig {
+    /// The longest a delivery round may last: `max_round_age`, or twice the schedule.
+    pub fn longest_round(&self) -> Duration {
+        self.max_round_age
+            .unwrap_or_else(|| 2 * self.retry_schedule.iter().sum::<Duration>())
+    }
 }
 
 impl Default for CallbackConfig {
@@ -486,6 +504,8 @@ impl Default for CallbackConfig {
             concurrency: 256,
             per_host_concurrency: 32,
             breaker_cooldown: Duration::from_secs(30),
+            breaker_window: Duration::from_secs(10),
+            max_round_age: None,
             max_retry_after: Duration::from_secs(3600),
             max_ack_pending: 20_000,
             listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
@@ -674,6 +694,14 @@ impl Config {
             return Err(ConfigError::invalid(
                 "callback.per_host_concurrency",
                 "must be at least 1",
+            ));
+        }
+        if let Some(longest) = self.callback.max_round_age
+            && longest < self.callback.retry_schedule.iter().sum::<Duration>()
+        {
+            return Err(ConfigError::invalid(
+                "callback.max_round_age",
+                "must be at least the whole length of `callback.retry_schedule`",
             ));
         }
         if self.callback.timeout.is_zero() {

@@ -74,7 +74,9 @@ pub struct DeliveryAttempt {
     #[schema(nullable = false)]
     pub status_code: Option<u16>,
     /// What kind of failure, when the attempt did not succeed: `http_status`, `timeout`,
-    /// `connect`, `request` or `refused` (the URL or its address is not allowed).
+    /// `connect`, `request` or `refused` (the URL or its address is not allowed); or
+    /// `circuit_open`, a note that the delivery waits for its destination, which was no
+    /// request and spends no retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub error_kind: Option<String>,
@@ -90,6 +92,18 @@ pub struct DeliveryAttempt {
     #[serde(default)]
     #[schema(required = true)]
     pub round: u32,
+}
+
+/// The `error_kind` of a note that a delivery waited for its destination's open circuit.
+pub const CIRCUIT_OPEN: &str = "circuit_open";
+
+impl DeliveryAttempt {
+    /// Whether this entry is a try at the URL, which spends one step of the retry schedule:
+    /// everything but a `circuit_open` note, which records a wait with no request. (A
+    /// `refused` URL was tried and ends the round at once.)
+    pub fn spends_a_retry(&self) -> bool {
+        self.error_kind.as_deref() != Some(CIRCUIT_OPEN)
+    }
 }
 
 /// A generator's claim on a job's current attempt: while it lives, no other delivery of the
@@ -254,12 +268,27 @@ impl JobStatus {
         })
     }
 
-    /// Delivery attempts in the current round, which decide the next retry's wait.
+    /// Delivery attempts in the current round, which decide the next retry's wait: requests
+    /// tried, not waits noted for an open circuit.
     pub fn attempts_this_round(&self) -> usize {
+        self.this_round()
+            .filter(|attempt| attempt.spends_a_retry())
+            .count()
+    }
+
+    /// When the current delivery round started: its first request, or, before any, its first
+    /// note of a wait for an open circuit.
+    pub fn round_started_at(&self) -> Option<OffsetDateTime> {
+        let first_tried = self.this_round().find(|attempt| attempt.spends_a_retry());
+        first_tried
+            .or_else(|| self.this_round().next())
+            .map(|attempt| attempt.at)
+    }
+
+    fn this_round(&self) -> impl Iterator<Item = &DeliveryAttempt> {
         self.deliveries
             .iter()
             .filter(|attempt| attempt.round == self.delivery_round)
-            .count()
     }
 
     /// Puts an undeliverable job back to be delivered, with a fresh retry schedule: the one
@@ -474,6 +503,57 @@ mod tests {
         };
         assert!(!doc.renew_lease(&lost, now + MINUTE * 3));
         assert!(!doc.may_record(Some(&lost), now + MINUTE * 2));
+    }
+
+    fn attempt(at: i64, error_kind: Option<&str>, round: u32) -> DeliveryAttempt {
+        DeliveryAttempt {
+            at: OffsetDateTime::from_unix_timestamp(at).expect("a time"),
+            duration_ms: 0,
+            status_code: None,
+            error_kind: error_kind.map(str::to_owned),
+            error: None,
+            response_excerpt: None,
+            round,
+        }
+    }
+
+    #[test]
+    fn only_requests_tried_count_as_attempts_and_start_a_round() {
+        let request = JobRequested {
+            job_id: JobId::parse("JOB-1").expect("id"),
+            kind: Kind::parse("product-description").expect("kind"),
+            input: Map::new(),
+            callback_url: "http://127.0.0.1:1/cb".into(),
+            metadata: Map::new(),
+            requested_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        let mut doc = JobStatus::accepted(&request, "digest".into());
+        assert_eq!(doc.round_started_at(), None);
+        doc.deliveries = vec![
+            attempt(10, Some("http_status"), 0),
+            attempt(20, Some(CIRCUIT_OPEN), 1),
+            attempt(30, Some("connect"), 1),
+            attempt(40, Some(CIRCUIT_OPEN), 1),
+            attempt(50, None, 1),
+        ];
+        doc.delivery_round = 1;
+        assert_eq!(
+            doc.attempts_this_round(),
+            2,
+            "notes of waits are not attempts"
+        );
+        assert_eq!(
+            doc.round_started_at(),
+            OffsetDateTime::from_unix_timestamp(30).ok(),
+            "a round is timed from its first request"
+        );
+        doc.deliveries.truncate(2);
+        assert_eq!(doc.attempts_this_round(), 0);
+        assert_eq!(
+            doc.round_started_at(),
+            OffsetDateTime::from_unix_timestamp(20).ok(),
+            "or from its first wait, before any request"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! be stopped (connections are then refused) and started again on the same port, as a
 //! receiver that goes down for a while.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -66,6 +66,11 @@ struct Inner {
     script: VecDeque<Reply>,
     /// How long each request is held, once recorded, before it is answered.
     delay: Duration,
+    /// Each job's first attempts (told apart by `webhook-id`) get this status, after the
+    /// script is used up: how many, and which status.
+    fail_first: Option<(usize, u16)>,
+    /// Requests seen so far per `webhook-id`, for `fail_first`.
+    attempts_by_webhook: HashMap<String, usize>,
 }
 
 /// The server while it runs: the signal that stops it and its task.
@@ -169,6 +174,13 @@ impl WebhookReceiver {
             .extend(statuses.iter().map(|status| Reply::status(*status)));
     }
 
+    /// Answer the first `attempts` requests of each job (each `webhook-id`) with `status`,
+    /// and its later ones 204: a receiver that fails every job's first tries and takes its
+    /// retries. Scripted replies (`fail_next`, `reply_next`) still come first.
+    pub fn fail_first_attempts_of_each_job(&self, attempts: usize, status: u16) {
+        self.lock().fail_first = Some((attempts, status));
+    }
+
     /// Hold every request this long, once recorded, before answering it: a receiver that
     /// takes its time, so deliveries are in flight when a test interrupts them.
     pub fn set_delay(&self, delay: Duration) {
@@ -216,12 +228,24 @@ async fn receive(
         let mut inner = inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let webhook_id = headers
+            .get("webhook-id")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         inner.deliveries.push(Delivery {
             headers,
             body,
             at: Instant::now(),
         });
-        (inner.script.pop_front(), inner.delay)
+        let seen = inner.attempts_by_webhook.entry(webhook_id).or_default();
+        *seen += 1;
+        let seen = *seen;
+        let reply = inner.script.pop_front().or_else(|| {
+            let (attempts, status) = inner.fail_first?;
+            (seen <= attempts).then(|| Reply::status(status))
+        });
+        (reply, inner.delay)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

@@ -1,6 +1,8 @@
+mod breaker;
 mod logs;
 mod metrics;
 mod otlp;
 mod restart;
+mod running;
 mod ssrf;
 mod tenants;

@@ -1,106 +1,13 @@
 //! The callback service's `/healthz`, `/readyz` and `/metrics`: attempts by outcome, their
 //! durations, delivery latency, open circuits, and the `callback` consumer's backlog.
 
-use std::time::Duration;
+use serde_json::json;
 
-use serde_json::{Value, json};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-use jetcall::JobId;
-use jetcall::signing::SigningKey;
 use jetcall::status::Status;
-use jetcall::topology::Topology;
 use testkit::metrics::sample;
-use testkit::{Blackhole, NatsServer, WebhookReceiver, wait_until};
+use testkit::{Blackhole, WebhookReceiver, wait_until};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A callback service in this process, its admin surface on a loopback port.
-struct Running {
-    nats: NatsServer,
-    topology: Topology,
-    admin: String,
-    http: reqwest::Client,
-    stop: CancellationToken,
-    task: JoinHandle<Result<(), callback::CallbackError>>,
-}
-
-impl Running {
-    async fn start(settings: &[(&str, Value)]) -> Self {
-        testkit::init_logs();
-        let nats = NatsServer::start();
-        let secret = SigningKey::generate();
-        let base = [("callback.signing_secret", Value::from(secret))];
-        let config = testkit::config::config(&nats.url(), &[&base[..], settings].concat());
-        let topology = testkit::config::provision(&config).await;
-        let listener = testkit::loopback_listener();
-        let admin = format!("http://{}", listener.local_addr().expect("local address"));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(callback::run(config, listener, stop.clone()));
-        let running = Self {
-            nats,
-            topology,
-            admin,
-            http: reqwest::Client::new(),
-            stop,
-            task,
-        };
-        wait_until("the callback to be ready", WAIT, || async {
-            (running.get("/readyz").await.0 == 200).then_some(())
-        })
-        .await;
-        running
-    }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        match self.http.get(format!("{}{path}", self.admin)).send().await {
-            Ok(response) => (
-                response.status().as_u16(),
-                response.text().await.unwrap_or_default(),
-            ),
-            Err(_) => (0, String::new()),
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        let (status, text) = self.get("/metrics").await;
-        assert_eq!(status, 200, "/metrics: {text}");
-        text
-    }
-
-    /// Waits until a scrape satisfies `check`; returns that scrape.
-    async fn wait_for_metrics(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
-        wait_until(what, WAIT, || async {
-            let metrics = self.metrics().await;
-            check(&metrics).then_some(metrics)
-        })
-        .await
-    }
-
-    async fn completed(&self, job_id: &str, url: &str) {
-        testkit::jobs::completed_job(&self.topology, job_id, url)
-            .await
-            .expect("a completed job");
-    }
-
-    async fn wait_for_status(&self, job_id: &str, status: Status) {
-        let id = JobId::parse(job_id).expect("id");
-        wait_until(&format!("{job_id} {status:?}"), WAIT, || async {
-            let (doc, _) = self.topology.status.get(&id).await.ok()??;
-            (doc.status == status).then_some(())
-        })
-        .await;
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.task
-            .await
-            .expect("callback task")
-            .expect("the callback stops cleanly");
-    }
-}
+use crate::running::{Running, WAIT};
 
 fn value(metrics: &str, metric: &str, labels: &[&str]) -> f64 {
     sample(metrics, metric, labels).unwrap_or(0.0)
@@ -202,6 +109,9 @@ async fn a_dead_destination_shows_as_an_open_circuit() {
     let running = Running::start(&[
         ("callback.retry_schedule", json!(vec!["20ms"; 10])),
         ("callback.breaker_cooldown", json!("1h")),
+        // Opened by its first five failures, however quick; and the job kept waiting.
+        ("callback.breaker_window", json!("1ms")),
+        ("callback.max_round_age", json!("1h")),
     ])
     .await;
     let dead = WebhookReceiver::start().await;

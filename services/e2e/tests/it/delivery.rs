@@ -293,6 +293,8 @@ async fn a_dead_receivers_circuit_opens_and_its_jobs_follow_their_schedule_witho
         ("callback.timeout", json!("1s")),
         ("callback.per_host_concurrency", json!(PER_HOST)),
         ("callback.breaker_cooldown", json!("10m")),
+        // Each failure counts from its start: the first timeouts span the window.
+        ("callback.breaker_window", json!("500ms")),
         ("callback.retry_schedule", json!(["10m"])),
     ])
     .await;

@@ -38,6 +38,13 @@ fn defaults_are_the_documented_ones() {
         assert_eq!(config.generator.shutdown_grace, Duration::from_secs(25));
         assert_eq!(config.anthropic.base_url, "https://api.anthropic.com");
         assert_eq!(config.callback.timeout, Duration::from_secs(15));
+        assert_eq!(config.callback.breaker_window, Duration::from_secs(10));
+        assert_eq!(config.callback.max_round_age, None);
+        assert_eq!(
+            config.callback.longest_round(),
+            2 * config.callback.retry_schedule.iter().sum::<Duration>(),
+            "a round lasts at most twice the schedule"
+        );
         let day: Duration = config.callback.retry_schedule.iter().sum();
         assert!(
             day > Duration::from_secs(20 * 3600) && day < Duration::from_secs(30 * 3600),
@@ -229,6 +236,16 @@ fn bad_values_name_their_key() {
             "JETCALL_CALLBACK__SECRETS_KEY",
             "too-short",
             "callback.secrets_key",
+        ),
+        (
+            "JETCALL_CALLBACK__MAX_ROUND_AGE",
+            "1s",
+            "callback.max_round_age",
+        ),
+        (
+            "JETCALL_CALLBACK__BREAKER_WINDOW",
+            "a while",
+            "breaker_window",
         ),
         ("JETCALL_GATEWAY__LISTN", "127.0.0.1:1", "listn"),
         (
