@@ -38,7 +38,7 @@ const ACCEPTED_PREFIX: &[u8] = br#"{"status":"accepted""#;
 
 /// How far before the oldest candidate's `created_at` (the gateway's clock) the scan of the
 /// stream (the server's clock) starts.
-const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(60);
+pub(crate) const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(60);
 
 /// A scan that receives nothing for this long before reaching the end gives up.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -150,6 +150,8 @@ async fn candidates(
         job_id: String,
         #[serde(with = "time::serde::rfc3339")]
         created_at: OffsetDateTime,
+        #[serde(default)]
+        request_seq: Option<u64>,
     }
 
     let kv = state.topology.status.kv();
@@ -172,6 +174,8 @@ async fn candidates(
             continue;
         }
         match serde_json::from_slice::<Head>(&message.payload) {
+            // Its gateway saw the request stored: in the stream, nothing to look for.
+            Ok(head) if head.request_seq.is_some() => {}
             Ok(head) if head.status == Status::Accepted && head.created_at < threshold => {
                 oldest = Some(oldest.map_or(head.created_at, |o| o.min(head.created_at)));
                 found.insert(head.job_id);
@@ -260,8 +264,8 @@ async fn republish(state: &AppState, job_id: String) -> Outcome {
         tracing::warn!(%job_id, "sweep: status document with an invalid job id skipped");
         return Outcome::Failed;
     };
-    let doc = match state.topology.status.get(&job_id).await {
-        Ok(Some((doc, _))) if doc.status == Status::Accepted => doc,
+    let (doc, revision) = match state.topology.status.get(&job_id).await {
+        Ok(Some((doc, revision))) if doc.status == Status::Accepted => (doc, revision),
         Ok(_) => return Outcome::MovedOn,
         Err(err) => {
             tracing::warn!(%job_id, error = %err, "sweep: could not read the job's status");
@@ -269,8 +273,9 @@ async fn republish(state: &AppState, job_id: String) -> Outcome {
         }
     };
     match accept::publish(state, &doc.request(), doc.trace().as_ref()).await {
-        Ok(()) => {
+        Ok(sequence) => {
             tracing::debug!(%job_id, "sweep: request published again");
+            accept::note_request_seq(state, Some((doc, revision)), &job_id, sequence).await;
             Outcome::Republished
         }
         Err(err) => {
@@ -278,6 +283,39 @@ async fn republish(state: &AppState, job_id: String) -> Outcome {
             Outcome::Failed
         }
     }
+}
+
+/// The stream sequence of the message published with `Nats-Msg-Id: msg_id` on `filter` at or
+/// after `start_time`, if there is one: proof that an event is stored, for a republish that
+/// would otherwise be stored twice once the duplicate window has passed. Reads headers only.
+pub(crate) async fn find_msg_id(
+    stream: &Stream,
+    filter: String,
+    start_time: OffsetDateTime,
+    msg_id: &str,
+) -> Result<Option<u64>, String> {
+    let mut scan = Scan::open(
+        stream,
+        OrderedConfig {
+            filter_subject: filter,
+            headers_only: true,
+            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        },
+    )
+    .await?;
+    while let Some(message) = scan.next().await? {
+        let found = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(NATS_MESSAGE_ID))
+            .is_some_and(|id| id.as_str() == msg_id);
+        if found {
+            let info = message.info().map_err(|err| err.to_string())?;
+            return Ok(Some(info.stream_sequence));
+        }
+    }
+    Ok(None)
 }
 
 /// One pass over what an ordered consumer delivers, up to the end of the stream as it was
@@ -333,7 +371,7 @@ impl Scan {
     }
 }
 
-fn to_time(duration: Duration) -> time::Duration {
+pub(crate) fn to_time(duration: Duration) -> time::Duration {
     time::Duration::try_from(duration).unwrap_or(time::Duration::MAX)
 }
 

@@ -168,6 +168,12 @@ pub struct JobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(ignore)]
     pub signing_secret: Option<Secret>,
+    /// Where the job's request is stored in the `JOBS` stream, once the gateway has seen it
+    /// stored: a resubmission of an `accepted` job with it set publishes nothing, because
+    /// past the duplicate window JetStream would store a second request (a second paid call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub request_seq: Option<u64>,
 }
 
 impl JobStatus {
@@ -193,6 +199,7 @@ impl JobStatus {
             delivery_round: 0,
             trace_id: None,
             signing_secret: None,
+            request_seq: None,
         }
     }
 

@@ -6,5 +6,7 @@ mod lifecycle;
 mod live;
 mod openapi;
 mod properties;
+mod redeliver;
+mod resubmission;
 mod schemathesis;
 mod sweep;

@@ -17,7 +17,7 @@ use testkit::{NatsServer, wait_until};
 
 use crate::harness::{self, Gateway};
 
-fn request(job_id: &str, age: Duration) -> JobRequested {
+pub fn request(job_id: &str, age: Duration) -> JobRequested {
     let input = json!({
         "product_id": "PROD-AC15",
         "product_name": "LG 1.5 Ton 5 Star Inverter Split AC",
@@ -34,7 +34,7 @@ fn request(job_id: &str, age: Duration) -> JobRequested {
 }
 
 /// What a gateway leaves behind when it dies between its KV write and its publish.
-async fn record(topology: &Topology, request: &JobRequested, status: Status) {
+pub async fn record(topology: &Topology, request: &JobRequested, status: Status) {
     let mut doc = JobStatus::accepted(request, "digest".into());
     doc.status = status;
     if status.is_generated() {
@@ -55,10 +55,10 @@ async fn publish(topology: &Topology, request: &JobRequested) {
     .expect("request published");
 }
 
-const LONG_AGO: Duration = Duration::from_secs(3600);
+pub const LONG_AGO: Duration = Duration::from_secs(3600);
 
 /// Waits for the gateway's start-up sweep to complete and returns how many jobs it published.
-async fn swept(gateway: &Gateway) -> f64 {
+pub async fn swept(gateway: &Gateway) -> f64 {
     wait_until(
         "the start-up sweep to complete",
         Duration::from_secs(30),
@@ -120,7 +120,7 @@ async fn a_job_recorded_but_never_published_is_published_once_by_the_next_gatewa
 /// the forgetting of msg ids by the window in force when they were stored.
 /// (The configuration refuses a window under 2 minutes; the gateway puts it back when it
 /// starts.)
-async fn shorten_duplicate_window(nats: &NatsServer, topology: &Topology) {
+pub async fn shorten_duplicate_window(nats: &NatsServer, topology: &Topology) {
     let mut stream = jetcall::topology::stream_config(&harness::config(nats, &[]));
     stream.duplicate_window = Duration::from_secs(1);
     topology
@@ -132,7 +132,7 @@ async fn shorten_duplicate_window(nats: &NatsServer, topology: &Topology) {
 
 /// Waits until the stream has forgotten every `Nats-Msg-Id` published so far, so that a
 /// second publish of a request would be stored again.
-async fn forget_msg_ids(topology: &Topology) {
+pub async fn forget_msg_ids(topology: &Topology) {
     // A probe published after everything else: once it is no longer a duplicate, nothing
     // published before it is either.
     let probe = || async {
