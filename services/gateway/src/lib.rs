@@ -66,12 +66,15 @@ pub async fn run(
         metrics: metrics::Metrics::default(),
         shutdown: shutdown.clone(),
     });
-    // Jobs a gateway recorded but died before publishing: repaired while this one serves.
-    tokio::spawn(sweep::at_start(state.clone(), shutdown.clone()));
+    // Jobs a gateway recorded but died before publishing: repaired while this one serves, at
+    // start and every `gateway.sweep_interval`.
+    let sweeping = tokio::spawn(sweep::periodically(state.clone(), shutdown.clone()));
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
     axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
+    // The sweep hands its lease back before the connection goes.
+    let _ = sweeping.await;
     // Make sure nothing we published is still sitting in the client's buffer.
     let _ = client.flush().await;
     tracing::info!("gateway stopped");

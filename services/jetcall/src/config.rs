@@ -224,6 +224,10 @@ pub struct GatewayConfig {
     /// the `JOBS` stream (a gateway died between the two writes) are published again.
     #[serde(with = "humantime_serde")]
     pub sweep_after: Duration,
+    /// How often that sweep runs again while the gateway serves (one gateway at a time), so a
+    /// gateway's crash is repaired without a restart.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -237,6 +241,7 @@ impl Default for GatewayConfig {
             max_in_flight: 2048,
             max_event_streams: 1024,
             sweep_after: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -605,6 +610,12 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
             }
+        }
+        if self.gateway.sweep_interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "gateway.sweep_interval",
+                "must be at least 1s",
+            ));
         }
         for (index, key) in self.gateway.api_keys.iter().enumerate() {
             if let ApiKey::Scoped(ScopedApiKey {

@@ -273,3 +273,51 @@ async fn an_empty_bucket_is_swept_at_once() {
     assert_eq!(gateway.published().await, 0);
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_gateway_sweeps_again_without_a_restart() {
+    let gateway = Gateway::start(&[("gateway.sweep_interval", json!("1s"))]).await;
+    assert_eq!(swept(&gateway).await, 0.0);
+    // A gateway that died between its two writes after this one started.
+    let lost = request("JOB-LOST-LATER", LONG_AGO);
+    record(&gateway.topology, &lost, Status::Accepted).await;
+
+    wait_until(
+        "the running gateway to publish the lost job",
+        Duration::from_secs(20),
+        || async { (gateway.published().await == 1).then_some(()) },
+    )
+    .await;
+    let (doc, _) = gateway
+        .topology
+        .status
+        .get(&lost.job_id)
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert!(doc.request_seq.is_some(), "where it is stored is recorded");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeping_gateway_holds_a_lease_and_hands_it_back() {
+    let gateway = Gateway::start(&[]).await;
+    assert_eq!(swept(&gateway).await, 0.0);
+    let lease = gateway
+        .topology
+        .status
+        .kv()
+        .get("gateway.sweep")
+        .await
+        .expect("read")
+        .expect("the sweeping gateway holds the lease");
+    let lease: serde_json::Value = serde_json::from_slice(&lease).expect("lease JSON");
+    assert!(lease["holder"].is_string(), "{lease}");
+    let (_, list) = gateway.get("/api/v1/jobs").await;
+    assert_eq!(list["jobs"], json!([]), "the lease is not a job: {list}");
+    let nats = gateway.stop().await;
+    // Handed back at shutdown, so the next gateway sweeps at once.
+    let gateway = Gateway::start_on(nats, &[]).await;
+    assert_eq!(swept(&gateway).await, 0.0);
+    gateway.stop().await;
+}
