@@ -14,6 +14,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the job is larger than the limit of {limit} bytes for one job, encoded")]
+    JobTooLarge { limit: usize },
     #[error("{message}")]
     InvalidField { field: String, message: String },
     #[error("`callback_url` {0}")]
@@ -71,7 +73,9 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge { .. } | Self::JobTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::InvalidField { .. }
             | Self::InvalidCallbackUrl(_)
             | Self::UnknownKind { .. }
@@ -92,7 +96,7 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => ErrorType::MalformedJson,
             Self::UnsupportedMediaType => ErrorType::UnsupportedMediaType,
-            Self::PayloadTooLarge { .. } => ErrorType::PayloadTooLarge,
+            Self::PayloadTooLarge { .. } | Self::JobTooLarge { .. } => ErrorType::PayloadTooLarge,
             Self::InvalidField { .. } => ErrorType::InvalidField,
             Self::InvalidCallbackUrl(_) => ErrorType::InvalidCallbackUrl,
             Self::UnknownKind { .. } => ErrorType::UnknownKind,

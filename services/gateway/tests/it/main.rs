@@ -3,6 +3,7 @@ mod batch;
 mod harness;
 mod keys;
 mod lifecycle;
+mod limits;
 mod live;
 mod openapi;
 mod properties;
