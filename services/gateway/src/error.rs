@@ -14,6 +14,11 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error(
+        "the request body did not arrive within {} s; send it at once",
+        timeout.as_secs_f32()
+    )]
+    BodyTimeout { timeout: std::time::Duration },
     #[error("the job is larger than the limit of {limit} bytes for one job, encoded")]
     JobTooLarge { limit: usize },
     #[error("{message}")]
@@ -84,6 +89,7 @@ impl ApiError {
             | Self::DuplicateInBatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict { .. } | Self::NotRedeliverable { .. } => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -105,6 +111,7 @@ impl ApiError {
             Self::BatchTooLarge { .. } => ErrorType::BatchTooLarge,
             Self::DuplicateInBatch { .. } => ErrorType::DuplicateInBatch,
             Self::NotFound(_) => ErrorType::NotFound,
+            Self::BodyTimeout { .. } => ErrorType::RequestTimeout,
             Self::NotRedeliverable { .. } => ErrorType::NotUndeliverable,
             Self::Unauthorized => ErrorType::Unauthorized,
             Self::MethodNotAllowed => ErrorType::MethodNotAllowed,
@@ -159,6 +166,8 @@ pub enum ErrorType {
     DuplicateInBatch,
     /// 404: no such job, or no such route.
     NotFound,
+    /// 408: the request's body did not arrive within `gateway.body_timeout`.
+    RequestTimeout,
     /// 409: only an `undeliverable` job can be redelivered.
     NotUndeliverable,
     /// 401: a missing or unknown API key.

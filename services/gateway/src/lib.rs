@@ -13,6 +13,7 @@ mod metrics;
 mod openapi;
 mod redeliver;
 mod routes;
+mod serve;
 mod shed;
 mod state;
 mod submission;
@@ -70,9 +71,8 @@ pub async fn run(
     // start and every `gateway.sweep_interval`.
     let sweeping = tokio::spawn(sweep::periodically(state.clone(), shutdown.clone()));
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    let header_timeout = state.config.gateway.header_timeout;
+    serve::serve(listener, routes::router(state), header_timeout, shutdown).await;
     // The sweep hands its lease back before the connection goes.
     let _ = sweeping.await;
     // Make sure nothing we published is still sitting in the client's buffer.

@@ -1,6 +1,6 @@
 //! Load shedding: past `gateway.max_in_flight` API requests at once the gateway answers `429`
 //! at once, so a burst costs callers a retry rather than everyone a queue that grows without
-//! bound (and the memory to hold it).
+//! bound (and the memory to hold it). A request's body is read before it takes its place.
 
 use std::sync::Arc;
 
@@ -46,11 +46,18 @@ impl Limit {
 #[derive(Debug)]
 pub struct Permit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
+/// Reads the request's body within `gateway.body_timeout` and only then takes a place among
+/// `gateway.max_in_flight`: an upload that stalls holds no place, so slow or abandoned uploads
+/// cannot turn every other caller away, and it is cut off (`408`) at its deadline.
 pub async fn limit_in_flight(
     State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Response {
+    let request = match crate::extract::buffer_body(request, &state).await {
+        Ok(request) => request,
+        Err(refused) => return refused.into_response(),
+    };
     match state.in_flight.try_enter("requests") {
         Ok(_permit) => next.run(request).await,
         Err(overloaded) => overloaded.into_response(),

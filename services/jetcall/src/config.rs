@@ -228,6 +228,14 @@ pub struct GatewayConfig {
     /// gateway's crash is repaired without a restart.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// How long a connection may take to send a request's headers before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long an API request's body may take to arrive before the answer is `408`. The
+    /// body is read before the request takes one of `max_in_flight`'s places, so a stalled
+    /// upload holds none.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -242,6 +250,8 @@ impl Default for GatewayConfig {
             max_event_streams: 1024,
             sweep_after: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(5 * 60),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -609,6 +619,14 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        for (key, timeout) in [
+            ("gateway.header_timeout", self.gateway.header_timeout),
+            ("gateway.body_timeout", self.gateway.body_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(ConfigError::invalid(key, "must be above zero"));
             }
         }
         if self.gateway.sweep_interval < Duration::from_secs(1) {

@@ -67,3 +67,76 @@ async fn a_batch_job_over_the_per_job_limits_is_refused_alone_and_for_good() {
     assert_eq!(gateway.recorded().await, 2);
     gateway.stop().await;
 }
+
+/// Opens a connection and sends `sent`, never the rest.
+async fn stall(address: &str, sent: String) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream.write_all(sent.as_bytes()).await.expect("send");
+    stream
+}
+
+/// Reads until the gateway closes the connection; what it answered before closing.
+async fn until_closed(mut stream: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    // Only a bound on a failure, which would otherwise hang the test.
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the gateway closes a stalled connection");
+    // A reset is a close too.
+    let _ = read;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_hold_no_place_and_are_cut_off() {
+    let gateway = Gateway::start(&[
+        ("gateway.max_in_flight", json!(4)),
+        ("gateway.header_timeout", json!("1s")),
+        ("gateway.body_timeout", json!("2s")),
+    ])
+    .await;
+    let address = gateway.url.trim_start_matches("http://").to_owned();
+    let mut bodies = Vec::new();
+    for _ in 0..24 {
+        let headers = format!(
+            "POST /api/v1/jobs HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"job_id\": "
+        );
+        bodies.push(stall(&address, headers).await);
+    }
+    let mut headers = Vec::new();
+    for _ in 0..12 {
+        headers.push(
+            stall(
+                &address,
+                format!("POST /api/v1/jobs HTTP/1.1\r\nhost: {address}\r\ncontent-"),
+            )
+            .await,
+        );
+    }
+
+    // Six times `max_in_flight` uploads stalled, and a whole request still gets through.
+    let (status, body) = gateway
+        .post(
+            "/api/v1/generate-description",
+            &crate::harness::article_job("JOB-MEANWHILE"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+
+    for stream in bodies {
+        let answer = until_closed(stream).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+    }
+    for stream in headers {
+        until_closed(stream).await;
+    }
+    gateway.stop().await;
+}
