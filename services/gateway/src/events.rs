@@ -5,7 +5,9 @@ use std::convert::Infallible;
 
 use async_nats::jetstream::kv;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use std::sync::Arc;
+
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -16,10 +18,14 @@ use jetcall::status::JobStatus;
 use jetcall::store::decode;
 
 use crate::error::{ApiError, ErrorBody};
+use crate::keys::Caller;
 use crate::shed::Permit;
 use crate::state::AppState;
 
 type Events = BoxStream<'static, Result<Event, Infallible>>;
+
+/// A stream's places: among all streams, and among its API key's, when keys are configured.
+type StreamPermits = (Permit, Option<Permit>);
 
 /// The job's current status first, then each change; the stream ends after a final state
 /// (`delivered`, `undeliverable`), when the job's record is removed, or when the gateway stops.
@@ -48,9 +54,17 @@ pub(crate) async fn job_events(
     State(state): State<AppState>,
     job_id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
+    caller: Option<Extension<Arc<Caller>>>,
 ) -> Result<Response, ApiError> {
     let job_id = &crate::routes::parse_path_id(job_id)?;
-    let permit = state.event_streams.try_enter("event streams")?;
+    let own = caller
+        .map(|caller| {
+            state
+                .event_streams_per_key
+                .try_enter(&caller.name, "event streams for this API key")
+        })
+        .transpose()?;
+    let permit = (state.event_streams.try_enter("event streams")?, own);
     let last_seen = headers
         .get("last-event-id")
         .and_then(|value| value.to_str().ok())
@@ -93,7 +107,7 @@ pub(crate) async fn job_events(
 
 /// The job's changes after the revision already sent, until a final state or removal. The
 /// permit is held as long as the stream lives, so it counts against `max_event_streams`.
-fn changes(job_id: JobId, watch: kv::Watch, permit: Permit) -> Events {
+fn changes(job_id: JobId, watch: kv::Watch, permit: StreamPermits) -> Events {
     stream::unfold(
         // The watch, until the event that ends the stream has been sent.
         (Some(watch), job_id, permit),

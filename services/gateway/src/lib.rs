@@ -62,6 +62,7 @@ pub async fn run(
         keys: keys::Keys::new(&config.gateway.api_keys)?,
         in_flight: shed::Limit::new(config.gateway.max_in_flight),
         event_streams: shed::Limit::new(config.gateway.max_event_streams),
+        event_streams_per_key: shed::PerKey::new(config.gateway.max_event_streams_per_key),
         config,
         topology,
         metrics: metrics::Metrics::default(),

@@ -2,7 +2,8 @@
 //! at once, so a burst costs callers a retry rather than everyone a queue that grows without
 //! bound (and the memory to hold it). A request's body is read before it takes its place.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -39,6 +40,40 @@ impl Limit {
             .try_acquire_owned()
             .map(Permit)
             .map_err(|_| ApiError::Overloaded(what))
+    }
+}
+
+/// A [`Limit`] of the same size for each API key, made the first time the key needs it: one
+/// caller's event streams cannot take every place of `max_event_streams`.
+#[derive(Debug)]
+pub struct PerKey {
+    size: usize,
+    limits: Mutex<HashMap<String, Limit>>,
+}
+
+impl PerKey {
+    pub fn new(size: usize) -> Self {
+        Self {
+            size,
+            limits: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A permit of `key`'s own limit, or `Overloaded` naming `what`. A key is a configured
+    /// one, so the map holds at most one entry per `gateway.api_keys`.
+    pub fn try_enter(&self, key: &str, what: &'static str) -> Result<Permit, ApiError> {
+        let limit = {
+            // Poisoning needs a panic while the map is held, which nothing here can do.
+            let mut limits = self
+                .limits
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            limits
+                .entry(key.to_owned())
+                .or_insert_with(|| Limit::new(self.size))
+                .clone()
+        };
+        limit.try_enter(what)
     }
 }
 

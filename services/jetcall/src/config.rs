@@ -220,6 +220,9 @@ pub struct GatewayConfig {
     /// `GET /api/v1/jobs/{id}/events` streams open at once; they last, so they are counted
     /// apart from `max_in_flight`.
     pub max_event_streams: usize,
+    /// Of those, the most one API key may have open at once (`429` past it), so one caller
+    /// cannot take them all.
+    pub max_event_streams_per_key: usize,
     /// At start-up, jobs still `accepted` this long after submission whose request is not in
     /// the `JOBS` stream (a gateway died between the two writes) are published again.
     #[serde(with = "humantime_serde")]
@@ -248,6 +251,7 @@ impl Default for GatewayConfig {
             max_batch_bytes: 4 * 1024 * 1024,
             max_in_flight: 2048,
             max_event_streams: 1024,
+            max_event_streams_per_key: 64,
             sweep_after: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(5 * 60),
             header_timeout: Duration::from_secs(10),
@@ -616,6 +620,10 @@ impl Config {
         for (key, value) in [
             ("gateway.max_in_flight", self.gateway.max_in_flight),
             ("gateway.max_event_streams", self.gateway.max_event_streams),
+            (
+                "gateway.max_event_streams_per_key",
+                self.gateway.max_event_streams_per_key,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));

@@ -140,3 +140,47 @@ async fn stalled_uploads_hold_no_place_and_are_cut_off() {
     }
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_api_key_cannot_hold_every_event_stream() {
+    let gateway = Gateway::start(&[
+        ("gateway.api_keys", json!(["alpha-key", "beta-key"])),
+        ("gateway.max_event_streams_per_key", json!(2)),
+    ])
+    .await;
+    let submitted = gateway
+        .http
+        .post(format!("{}/api/v1/generate-description", gateway.url))
+        .bearer_auth("alpha-key")
+        .json(&crate::harness::article_job("JOB-WATCHED"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(submitted.status(), StatusCode::ACCEPTED);
+    let open = |key: &'static str| {
+        gateway
+            .http
+            .get(format!("{}/api/v1/jobs/JOB-WATCHED/events", gateway.url))
+            .bearer_auth(key)
+            .send()
+    };
+    // Held open: the job stays `accepted`, so neither stream ends.
+    let first = open("alpha-key").await.expect("GET");
+    let second = open("alpha-key").await.expect("GET");
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let refused = open("alpha-key").await.expect("GET");
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let error: Value = refused.json().await.expect("JSON error");
+    assert_eq!(error["type"], "overloaded", "{error}");
+    let other = open("beta-key").await.expect("GET");
+    assert_eq!(
+        other.status(),
+        StatusCode::OK,
+        "another key is not affected"
+    );
+    drop((first, second, other));
+    gateway.stop().await;
+}
