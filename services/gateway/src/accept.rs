@@ -5,8 +5,11 @@ use serde::Serialize;
 use tracing::Instrument;
 use utoipa::ToSchema;
 
+use time::OffsetDateTime;
+
+use jetcall::JobId;
 use jetcall::events::JobRequested;
-use jetcall::publish::publish_event_with_headers;
+use jetcall::publish::publish_event_acked;
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Created;
 use jetcall::subjects::Event;
@@ -15,6 +18,7 @@ use jetcall::trace::TraceParent;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::submission::ValidJob;
+use crate::sweep::{CLOCK_SKEW_MARGIN, find_msg_id, to_time};
 
 /// The answer to a submission: `202` when the job is (again) waiting in JetStream, `200` when
 /// it was submitted before and has moved on.
@@ -30,14 +34,17 @@ pub struct Accepted {
 /// What recording a submission found, and what is left to do for it.
 #[derive(Debug)]
 pub enum Recorded {
-    /// The request is to be published: a new job (`new`), or a resubmission of one that is
-    /// still `accepted`, whose first publish may have been lost. `trace` goes on the message:
-    /// the job's own trace, for a resubmission the one it was first submitted in.
-    Publish {
+    /// A new job: its request is to be published. `trace` goes on the message; `doc` and
+    /// `revision` are what was written, for the write of the request's stream sequence.
+    New {
         request: JobRequested,
-        new: bool,
         trace: TraceParent,
+        doc: Box<JobStatus>,
+        revision: u64,
     },
+    /// A resubmission of a job that is still `accepted`: its request is published again only
+    /// if it is not provably in the stream.
+    Waiting(Box<JobStatus>),
     /// The job exists with the same content and has moved on; nothing is published.
     MovedOn(Box<JobStatus>),
 }
@@ -62,10 +69,11 @@ pub async fn record(
         .await
         .map_err(|err| ApiError::Unavailable(err.to_string()))?;
     match created {
-        Created::New(_) => Ok(Recorded::Publish {
+        Created::New(revision) => Ok(Recorded::New {
             request: job.request,
-            new: true,
             trace,
+            doc: Box::new(doc),
+            revision,
         }),
         // Another tenant's id is a conflict whatever the content, and says nothing of its job.
         Created::Exists(existing)
@@ -75,12 +83,117 @@ pub async fn record(
                 job_id: existing.job_id.to_string(),
             })
         }
-        Created::Exists(existing) if existing.status == Status::Accepted => Ok(Recorded::Publish {
-            request: existing.request(),
-            new: false,
-            trace: existing.trace().unwrap_or(trace),
-        }),
+        Created::Exists(existing) if existing.status == Status::Accepted => {
+            Ok(Recorded::Waiting(existing))
+        }
         Created::Exists(existing) => Ok(Recorded::MovedOn(existing)),
+    }
+}
+
+/// What a submission's writes came to.
+#[derive(Debug)]
+pub enum Submitted {
+    /// A new job, recorded and in JetStream.
+    New,
+    /// A resubmission of a job still waiting: its request is in JetStream (again, if its first
+    /// publish had been lost).
+    Waiting,
+    /// A resubmission of a job that has moved on.
+    MovedOn(Box<JobStatus>),
+}
+
+/// Records the job and makes sure its request is in JetStream exactly once: the one path of a
+/// single submission and of each job of a batch. `Err` is the job's answer: 409 or 503.
+///
+/// Order of writes: KV `create` (`accepted`), publish and await the ack, then the request's
+/// stream sequence into the status document (compare-and-set). A resubmission of an `accepted`
+/// job with that sequence publishes nothing; without it (the gateway died between the writes,
+/// or the last write failed) the request is published again only while JetStream would drop
+/// it as a duplicate, or once a scan of the stream shows it is not there.
+pub async fn submit(
+    state: &AppState,
+    job: ValidJob,
+    trace: TraceParent,
+) -> Result<Submitted, ApiError> {
+    match record(state, job, trace).await? {
+        Recorded::New {
+            request,
+            trace,
+            doc,
+            revision,
+        } => {
+            let sequence = publish(state, &request, Some(&trace)).await?;
+            state.metrics.job_accepted(request.kind.as_str());
+            note_request_seq(state, Some((*doc, revision)), &request.job_id, sequence).await;
+            Ok(Submitted::New)
+        }
+        Recorded::Waiting(doc) => {
+            if doc.request_seq.is_none() {
+                let sequence = match stored_request(state, &doc).await? {
+                    Some(sequence) => sequence,
+                    None => publish(state, &doc.request(), doc.trace().as_ref()).await?,
+                };
+                note_request_seq(state, None, &doc.job_id, sequence).await;
+            }
+            Ok(Submitted::Waiting)
+        }
+        Recorded::MovedOn(doc) => Ok(Submitted::MovedOn(doc)),
+    }
+}
+
+/// Where `doc`'s request is in the stream, when JetStream would no longer drop a second copy
+/// of it: `None` means publishing it stores it once. While the job is younger than the
+/// duplicate window (less a margin for clock skew) a publish is deduplicated, and its ack
+/// names the first copy, so nothing is scanned.
+async fn stored_request(state: &AppState, doc: &JobStatus) -> Result<Option<u64>, ApiError> {
+    let window = state
+        .topology
+        .stream
+        .cached_info()
+        .config
+        .duplicate_window
+        .min(state.config.nats.duplicate_window);
+    let now = OffsetDateTime::now_utc();
+    let dedup_until = doc.created_at + to_time(window) - to_time(CLOCK_SKEW_MARGIN);
+    if now < dedup_until {
+        return Ok(None);
+    }
+    let start_time = doc
+        .created_at
+        .checked_sub(to_time(CLOCK_SKEW_MARGIN))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    find_msg_id(
+        &state.topology.stream,
+        Event::Requested.filter(),
+        start_time,
+        &Event::Requested.msg_id(&doc.job_id),
+    )
+    .await
+    .map_err(ApiError::Unavailable)
+}
+
+/// Writes where the job's request is stored into its status document, while it is still
+/// `accepted`. A failure costs only a scan of the stream at the next resubmission, so it is
+/// logged, not answered: the request is in JetStream either way.
+pub(crate) async fn note_request_seq(
+    state: &AppState,
+    current: Option<(JobStatus, u64)>,
+    job_id: &JobId,
+    sequence: u64,
+) {
+    let written = state
+        .topology
+        .status
+        .update_from(job_id, current, |doc| {
+            let unrecorded = doc.status == Status::Accepted && doc.request_seq.is_none();
+            if unrecorded {
+                doc.request_seq = Some(sequence);
+            }
+            unrecorded
+        })
+        .await;
+    if let Err(err) = written {
+        tracing::warn!(%job_id, error = %err, "could not record where the job's request is stored");
     }
 }
 
@@ -88,8 +201,7 @@ pub async fn record(
 /// the request; anything short of that is a 503 and the caller retries with the same id.
 ///
 /// Resubmitting an existing id with the same content is safe: while the job is still
-/// `accepted` the request is published again (JetStream drops the duplicate by `Nats-Msg-Id`,
-/// and a request lost by a gateway that died between the two writes is repaired) and the answer
+/// `accepted` its request is made sure to be in JetStream once (see [`submit`]) and the answer
 /// is 202; once the job has moved on the answer is 200 with its status. Different content
 /// under an existing id is a 409.
 ///
@@ -102,27 +214,10 @@ pub async fn accept(
     trace: TraceParent,
 ) -> Result<(StatusCode, Accepted), ApiError> {
     let span = jetcall::job_span!(job.request.job_id, job.request.kind, trace);
-    accept_traced(state, job, trace).instrument(span).await
-}
-
-async fn accept_traced(
-    state: &AppState,
-    job: ValidJob,
-    trace: TraceParent,
-) -> Result<(StatusCode, Accepted), ApiError> {
-    match record(state, job, trace).await? {
-        Recorded::Publish {
-            request,
-            new,
-            trace,
-        } => {
-            publish(state, &request, Some(&trace)).await?;
-            if new {
-                state.metrics.job_accepted(request.kind.as_str());
-            }
-            Ok((StatusCode::ACCEPTED, accepted(&request.job_id.to_string())))
-        }
-        Recorded::MovedOn(existing) => Ok((
+    let job_id = job.request.job_id.to_string();
+    match submit(state, job, trace).instrument(span).await? {
+        Submitted::New | Submitted::Waiting => Ok((StatusCode::ACCEPTED, accepted(&job_id))),
+        Submitted::MovedOn(existing) => Ok((
             StatusCode::OK,
             Accepted {
                 job_id: existing.job_id.to_string(),
@@ -146,13 +241,13 @@ fn accepted(job_id: &str) -> Accepted {
 }
 
 /// Publishes the job's request, with `trace` as its `traceparent`, and waits for JetStream's
-/// ack; anything short of it is a 503.
+/// ack; anything short of it is a 503. Returns the stream sequence the request is stored at.
 pub async fn publish(
     state: &AppState,
     request: &JobRequested,
     trace: Option<&TraceParent>,
-) -> Result<(), ApiError> {
-    publish_event_with_headers(
+) -> Result<u64, ApiError> {
+    publish_event_acked(
         &state.topology.jetstream,
         Event::Requested.subject(&request.kind),
         &Event::Requested.msg_id(&request.job_id),
@@ -160,5 +255,6 @@ pub async fn publish(
         trace.map(TraceParent::to_headers).unwrap_or_default(),
     )
     .await
+    .map(|ack| ack.sequence)
     .map_err(|err| ApiError::Unavailable(err.to_string()))
 }

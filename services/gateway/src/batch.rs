@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use jetcall::status::Status;
 
-use crate::accept::{Recorded, publish, record};
+use crate::accept::{self, Submitted};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::parse_job;
 use crate::keys::Caller;
@@ -205,26 +205,12 @@ pub async fn accept_batch(
     Ok(result)
 }
 
-/// One job, as `accept` takes it: recorded, then published unless it has moved on.
+/// One job, as `accept` takes it.
 async fn submit(state: &AppState, job: ValidJob, trace: jetcall::trace::TraceParent) -> Answer {
-    match record(state, job, trace).await? {
-        Recorded::Publish {
-            request,
-            new,
-            trace,
-        } => {
-            publish(state, &request, Some(&trace)).await?;
-            if new {
-                state.metrics.job_accepted(request.kind.as_str());
-            }
-            let outcome = if new {
-                Outcome::Accepted
-            } else {
-                Outcome::Duplicate
-            };
-            Ok((outcome, Status::Accepted))
-        }
-        Recorded::MovedOn(existing) => Ok((Outcome::Duplicate, existing.status)),
+    match accept::submit(state, job, trace).await? {
+        Submitted::New => Ok((Outcome::Accepted, Status::Accepted)),
+        Submitted::Waiting => Ok((Outcome::Duplicate, Status::Accepted)),
+        Submitted::MovedOn(existing) => Ok((Outcome::Duplicate, existing.status)),
     }
 }
 

@@ -14,6 +14,13 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error(
+        "the request body did not arrive within {} s; send it at once",
+        timeout.as_secs_f32()
+    )]
+    BodyTimeout { timeout: std::time::Duration },
+    #[error("the job is larger than the limit of {limit} bytes for one job, encoded")]
+    JobTooLarge { limit: usize },
     #[error("{message}")]
     InvalidField { field: String, message: String },
     #[error("`callback_url` {0}")]
@@ -71,7 +78,9 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge { .. } | Self::JobTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::InvalidField { .. }
             | Self::InvalidCallbackUrl(_)
             | Self::UnknownKind { .. }
@@ -80,6 +89,7 @@ impl ApiError {
             | Self::DuplicateInBatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict { .. } | Self::NotRedeliverable { .. } => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -92,7 +102,7 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => ErrorType::MalformedJson,
             Self::UnsupportedMediaType => ErrorType::UnsupportedMediaType,
-            Self::PayloadTooLarge { .. } => ErrorType::PayloadTooLarge,
+            Self::PayloadTooLarge { .. } | Self::JobTooLarge { .. } => ErrorType::PayloadTooLarge,
             Self::InvalidField { .. } => ErrorType::InvalidField,
             Self::InvalidCallbackUrl(_) => ErrorType::InvalidCallbackUrl,
             Self::UnknownKind { .. } => ErrorType::UnknownKind,
@@ -101,6 +111,7 @@ impl ApiError {
             Self::BatchTooLarge { .. } => ErrorType::BatchTooLarge,
             Self::DuplicateInBatch { .. } => ErrorType::DuplicateInBatch,
             Self::NotFound(_) => ErrorType::NotFound,
+            Self::BodyTimeout { .. } => ErrorType::RequestTimeout,
             Self::NotRedeliverable { .. } => ErrorType::NotUndeliverable,
             Self::Unauthorized => ErrorType::Unauthorized,
             Self::MethodNotAllowed => ErrorType::MethodNotAllowed,
@@ -155,6 +166,8 @@ pub enum ErrorType {
     DuplicateInBatch,
     /// 404: no such job, or no such route.
     NotFound,
+    /// 408: the request's body did not arrive within `gateway.body_timeout`.
+    RequestTimeout,
     /// 409: only an `undeliverable` job can be redelivered.
     NotUndeliverable,
     /// 401: a missing or unknown API key.

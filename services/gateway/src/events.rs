@@ -2,6 +2,7 @@
 //! on its key in the `job_status` bucket, ending once nothing more will happen to the job.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use async_nats::jetstream::kv;
 use axum::extract::rejection::PathRejection;
@@ -10,8 +11,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, BoxStream, StreamExt};
-
-use std::sync::Arc;
 
 use jetcall::JobId;
 use jetcall::status::JobStatus;
@@ -23,6 +22,9 @@ use crate::shed::Permit;
 use crate::state::AppState;
 
 type Events = BoxStream<'static, Result<Event, Infallible>>;
+
+/// A stream's places: among all streams, and among its API key's, when keys are configured.
+type StreamPermits = (Permit, Option<Permit>);
 
 /// The job's current status first, then each change; the stream ends after a final state
 /// (`delivered`, `undeliverable`), when the job's record is removed, or when the gateway stops.
@@ -55,7 +57,15 @@ pub(crate) async fn job_events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let job_id = &crate::routes::parse_path_id(job_id)?;
-    let permit = state.event_streams.try_enter("event streams")?;
+    let caller = caller.as_deref().map(Arc::as_ref);
+    let own = caller
+        .map(|caller| {
+            state
+                .event_streams_per_key
+                .try_enter(&caller.name, "event streams for this API key")
+        })
+        .transpose()?;
+    let permit = (state.event_streams.try_enter("event streams")?, own);
     let last_seen = last_event_id(&headers)?;
     let (doc, revision) = state
         .topology
@@ -64,7 +74,7 @@ pub(crate) async fn job_events(
         .await
         .map_err(|err| ApiError::Unavailable(err.to_string()))?
         // A job's tenant never changes, so one look before the watch decides for its events.
-        .filter(|(doc, _)| may_see(caller.as_deref().map(Arc::as_ref), doc))
+        .filter(|(doc, _)| may_see(caller, doc))
         .ok_or_else(|| ApiError::NotFound(format!("no job with id `{job_id}`")))?;
     let seen_current = last_seen.is_some_and(|seen| seen >= revision);
     if seen_current && doc.status.is_final() {
@@ -118,7 +128,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 
 /// The job's changes after the revision already sent, until a final state or removal. The
 /// permit is held as long as the stream lives, so it counts against `max_event_streams`.
-fn changes(job_id: JobId, watch: kv::Watch, permit: Permit) -> Events {
+fn changes(job_id: JobId, watch: kv::Watch, permit: StreamPermits) -> Events {
     stream::unfold(
         // The watch, until the event that ends the stream has been sent.
         (Some(watch), job_id, permit),

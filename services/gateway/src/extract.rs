@@ -1,8 +1,10 @@
 //! A JSON body extractor whose every failure is one of our JSON errors, naming the field.
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
+use bytes::BytesMut;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -60,6 +62,50 @@ async fn read(request: Request, state: &AppState, limit: usize) -> Result<Bytes,
                 ApiError::MalformedJson(format!("could not read the request body: {rejection}"))
             }
         })
+}
+
+/// The path whose body limit is `gateway.max_batch_bytes` (see `routes::router`).
+const BATCH_PATH: &str = "/api/v1/jobs/batch";
+
+/// Reads the whole body of `request` within `gateway.body_timeout`, and no more than its
+/// route's limit, into memory: what the JSON extractors then read at once. `Err` is the
+/// answer: `408` at the deadline, `413` past the limit, `400` for a body cut off by the client.
+pub async fn buffer_body(request: Request, state: &AppState) -> Result<Request, ApiError> {
+    let gateway = &state.config.gateway;
+    let limit = if request.uri().path() == BATCH_PATH {
+        gateway.max_batch_bytes
+    } else {
+        gateway.max_body_bytes
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let (parts, body) = request.into_parts();
+    let read = async {
+        let mut chunks = body.into_data_stream();
+        let mut bytes = BytesMut::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|err| {
+                ApiError::MalformedJson(format!("could not read the request body: {err}"))
+            })?;
+            if bytes.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes.freeze())
+    };
+    let bytes = tokio::time::timeout(gateway.body_timeout, read)
+        .await
+        .map_err(|_| ApiError::BodyTimeout {
+            timeout: gateway.body_timeout,
+        })??;
+    Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
 /// Parses `bytes`, telling malformed JSON (400) from well-formed JSON with a wrong field (422).

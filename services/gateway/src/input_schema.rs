@@ -100,8 +100,16 @@ fn signing_secret() -> Value {
 }
 
 /// The body of `POST /api/v1/jobs`, `SubmitJob`, with `input` held to what its kind requires.
-pub fn constrain_submit_job(schema: &mut Value) {
+/// A gateway without `callback.secrets_key` cannot keep a job's own secret, so there the body
+/// has no `signing_secret`.
+pub fn constrain_submit_job(schema: &mut Value, config: &Config) {
     schema["allOf"] = json!([{"$ref": "#/components/schemas/KindInput"}]);
+    if config.callback.secrets_key.is_none() {
+        if let Some(properties) = schema["properties"].as_object_mut() {
+            properties.remove("signing_secret");
+        }
+        return;
+    }
     schema["properties"]["signing_secret"] = json!({
         "description": schema["properties"]["signing_secret"]["description"],
         "anyOf": [{"$ref": "#/components/schemas/SigningSecret"}, {"type": "null"}]

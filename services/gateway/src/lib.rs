@@ -14,6 +14,7 @@ mod metrics;
 mod openapi;
 mod redeliver;
 mod routes;
+mod serve;
 mod shed;
 mod state;
 mod submission;
@@ -84,17 +85,20 @@ pub async fn run(
         keys: keys::Keys::new(&config.gateway.api_keys)?,
         in_flight: shed::Limit::new(config.gateway.max_in_flight),
         event_streams: shed::Limit::new(config.gateway.max_event_streams),
+        event_streams_per_key: shed::PerKey::new(config.gateway.max_event_streams_per_key),
         config,
         topology,
         metrics: metrics::Metrics::default(),
         shutdown: shutdown.clone(),
     });
-    // Jobs a gateway recorded but died before publishing: repaired while this one serves.
-    tokio::spawn(sweep::at_start(state.clone(), shutdown.clone()));
+    // Jobs a gateway recorded but died before publishing: repaired while this one serves, at
+    // start and every `gateway.sweep_interval`.
+    let sweeping = tokio::spawn(sweep::periodically(state.clone(), shutdown.clone()));
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    let header_timeout = state.config.gateway.header_timeout;
+    serve::serve(listener, routes::router(state), header_timeout, shutdown).await;
+    // The sweep hands its lease back before the connection goes.
+    let _ = sweeping.await;
     // Make sure nothing we published is still sitting in the client's buffer.
     let _ = client.flush().await;
     tracing::info!("gateway stopped");

@@ -13,7 +13,6 @@ use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Query, State};
-use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -148,34 +147,10 @@ async fn list(
         });
     }
     let start = last.saturating_sub(SCAN_REVISIONS - 1).max(first);
-    let newest = latest_per_job(&bucket, start, last).await?;
+    let newest = latest_per_job(&bucket, start, last, &filter, caller).await?;
     let scanned = last - start + 1;
 
-    let mut jobs: Vec<JobSummary> = newest
-        .into_iter()
-        .filter_map(|(key, value)| {
-            let value = value?;
-            let job_id = JobId::parse(&key).ok()?;
-            let doc = decode(&job_id, &value).ok()?;
-            let wanted = may_see(caller, &doc)
-                && filter.status.is_none_or(|status| status == doc.status)
-                && filter
-                    .kind
-                    .as_deref()
-                    .is_none_or(|kind| kind == doc.kind.as_str());
-            wanted.then(|| JobSummary {
-                status: doc.status,
-                kind: doc.kind.to_string(),
-                created_at: doc.created_at,
-                updated_at: doc.updated_at,
-                generation_attempts: doc.generation_attempts,
-                delivery_attempts: doc.deliveries.len(),
-                error: doc.error,
-                tenant: doc.tenant,
-                job_id,
-            })
-        })
-        .collect();
+    let mut jobs: Vec<JobSummary> = newest.into_values().flatten().collect();
     jobs.sort_by_key(|job| std::cmp::Reverse(job.updated_at));
     jobs.truncate(limit);
     Ok(JobList {
@@ -185,12 +160,46 @@ async fn list(
     })
 }
 
-/// Each key's newest value among the bucket's writes `start..=last`; `None` for a removed key.
+/// The summary of a status document, if it is a job's, `caller` may see it and `filter` wants
+/// it.
+fn summary(
+    key: &str,
+    value: &[u8],
+    filter: &Filter,
+    caller: Option<&Caller>,
+) -> Option<JobSummary> {
+    let job_id = JobId::parse(key).ok()?;
+    let doc = decode(&job_id, value).ok()?;
+    let wanted = may_see(caller, &doc)
+        && filter.status.is_none_or(|status| status == doc.status)
+        && filter
+            .kind
+            .as_deref()
+            .is_none_or(|kind| kind == doc.kind.as_str());
+    wanted.then(|| JobSummary {
+        status: doc.status,
+        kind: doc.kind.to_string(),
+        created_at: doc.created_at,
+        updated_at: doc.updated_at,
+        generation_attempts: doc.generation_attempts,
+        delivery_attempts: doc.deliveries.len(),
+        error: doc.error,
+        tenant: doc.tenant,
+        job_id,
+    })
+}
+
+/// Each key's newest state among the bucket's writes `start..=last`, as the summary `filter`
+/// wants, or `None` (removed, filtered out, not a job). Each document is summarised as it
+/// arrives, so a listing holds up to `SCAN_REVISIONS` small summaries, never that many
+/// documents (each as large as a job's input and result).
 async fn latest_per_job(
     bucket: &async_nats::jetstream::stream::Stream,
     start: u64,
     last: u64,
-) -> Result<HashMap<String, Option<Bytes>>, ApiError> {
+    filter: &Filter,
+    caller: Option<&Caller>,
+) -> Result<HashMap<String, Option<JobSummary>>, ApiError> {
     let unavailable = |err: String| ApiError::Unavailable(err);
     let reader = bucket
         .create_consumer(consumer::pull::OrderedConfig {
@@ -228,8 +237,12 @@ async fn latest_per_job(
             .as_ref()
             .and_then(|headers| headers.get("KV-Operation"))
             .is_some_and(|op| op.as_str() != "PUT");
-        let value = (!removed).then(|| message.payload.clone());
-        newest.insert(key.to_owned(), value);
+        let summary = if removed {
+            None
+        } else {
+            summary(key, &message.payload, filter, caller)
+        };
+        newest.insert(key.to_owned(), summary);
         // Writes made since the listing began are not waited for.
         if sequence >= last || info.pending == 0 {
             break;

@@ -5,7 +5,7 @@
 //! the handler itself can answer (error bodies are `ErrorBody`), mark it
 //! `security(("bearer" = []))` when it sits behind the API's middleware (the API key and the
 //! in-flight limit), and name it in `paths(...)` below. [`document`] adds the middleware's own
-//! answers, `401` and `429`, to every operation so marked, and drops the requirement (and the
+//! answers, `401`, `408` and `429`, to every operation so marked, and drops the requirement (and the
 //! `401`) when no API key is configured, so the document says what this gateway does.
 
 use axum::Json;
@@ -74,7 +74,7 @@ pub fn document(api_keys: bool, config: &Config) -> Value {
     for (name, schema) in input_schema::components(config) {
         schemas[name] = schema;
     }
-    input_schema::constrain_submit_job(&mut schemas["SubmitJob"]);
+    input_schema::constrain_submit_job(&mut schemas["SubmitJob"], config);
     input_schema::constrain_generate_description(&mut schemas["GenerateDescription"], config);
     doc
 }
@@ -111,6 +111,14 @@ fn add_middleware_answers(doc: &mut utoipa::openapi::OpenApi, api_keys: bool) {
                     "The gateway is shedding load (`overloaded`), or the API key has spent its \
                      `requests_per_second` (`rate_limited`); retry after `retry-after` seconds",
                     Some("retry-after"),
+                )
+            });
+            // The middleware reads every API request's body before its place is taken.
+            responses.entry("408".into()).or_insert_with(|| {
+                error_response(
+                    "The request's body did not arrive within `gateway.body_timeout` \
+                     (`request_timeout`)",
+                    None,
                 )
             });
         }

@@ -11,13 +11,14 @@ use utoipa::{IntoParams, ToSchema};
 use jetcall::JobId;
 use jetcall::events::DeliveryReport;
 use jetcall::publish::publish_event_with_headers;
-use jetcall::status::Status;
+use jetcall::status::{JobStatus, Status};
 use jetcall::store::Updated;
 use jetcall::subjects::Event;
 
 use crate::error::ApiError;
 use crate::keys::{Caller, may_see};
 use crate::state::AppState;
+use crate::sweep::{CLOCK_SKEW_MARGIN, find_msg_id, to_time};
 
 /// The most jobs one window request re-queues, so one call stays a bounded amount of work.
 const MAX_WINDOW_JOBS: usize = 10_000;
@@ -34,6 +35,12 @@ pub struct Requeued {
 
 /// Reopens one undeliverable job and publishes its outcome again for the callback service.
 /// Another tenant's job is left alone and answered as if there were none.
+///
+/// Order of writes: the status document moves to `completed` (or `failed`) in a new delivery
+/// round, then the outcome is published under a round-specific `Nats-Msg-Id`. A gateway that
+/// stops or fails between the two leaves a round opened whose event may not be in the stream:
+/// asking again repairs it, publishing the same round's event unless it is found there, so
+/// a redelivery can always be retried until it answers 202.
 pub async fn redeliver(
     state: &AppState,
     job_id: &JobId,
@@ -47,11 +54,12 @@ pub async fn redeliver(
         })
         .await
         .map_err(|err| ApiError::Unavailable(err.to_string()))?;
-    let doc = match updated {
-        Updated::Written(doc, _) => doc,
+    let (doc, reopened) = match updated {
+        Updated::Written(doc, _) => (doc, true),
         Updated::Unchanged(doc) if !may_see(caller, &doc) => {
             return Err(ApiError::NotFound(format!("no job with id `{job_id}`")));
         }
+        Updated::Unchanged(doc) if round_awaits_its_event(&doc) => (doc, false),
         Updated::Unchanged(doc) => {
             return Err(ApiError::NotRedeliverable {
                 job_id: job_id.to_string(),
@@ -67,24 +75,53 @@ pub async fn redeliver(
     // A fresh msg id per round: the first publish of this event is long past, and would
     // otherwise make JetStream drop this one as a duplicate.
     let msg_id = format!("{}.redeliver.{}", kind.msg_id(job_id), doc.delivery_round);
-    // In the job's own trace, so the redelivered webhook carries it as the first did.
-    publish_event_with_headers(
-        &state.topology.jetstream,
-        kind.subject(&event.kind),
-        &msg_id,
-        &event,
-        doc.trace()
-            .map(|trace| trace.to_headers())
-            .unwrap_or_default(),
-    )
-    .await
-    .map_err(|err| ApiError::Unavailable(err.to_string()))?;
-    tracing::info!(%job_id, round = doc.delivery_round, "job re-queued for delivery");
+    let stored = if reopened {
+        false
+    } else {
+        // Past the duplicate window a second copy of the round's event would be stored, and
+        // the job delivered twice: look for the first.
+        let start_time = doc
+            .updated_at
+            .checked_sub(to_time(CLOCK_SKEW_MARGIN))
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        find_msg_id(
+            &state.topology.stream,
+            kind.subject(&event.kind),
+            start_time,
+            &msg_id,
+        )
+        .await
+        .map_err(ApiError::Unavailable)?
+        .is_some()
+    };
+    if !stored {
+        // In the job's own trace, so the redelivered webhook carries it as the first did.
+        publish_event_with_headers(
+            &state.topology.jetstream,
+            kind.subject(&event.kind),
+            &msg_id,
+            &event,
+            doc.trace()
+                .map(|trace| trace.to_headers())
+                .unwrap_or_default(),
+        )
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    }
+    tracing::info!(%job_id, round = doc.delivery_round, reopened, "job re-queued for delivery");
     Ok(Requeued {
         job_id: job_id.to_string(),
         status: doc.status,
         delivery_round: doc.delivery_round,
     })
+}
+
+/// Whether `doc` is in a delivery round an operator opened that has not made an attempt yet:
+/// its event may never have reached the stream, so a redelivery is asked for again.
+fn round_awaits_its_event(doc: &JobStatus) -> bool {
+    matches!(doc.status, Status::Completed | Status::Failed)
+        && doc.delivery_round > 0
+        && doc.attempts_this_round() == 0
 }
 
 /// The query of `POST /api/v1/deliveries/redeliver`: jobs that became undeliverable between

@@ -1,8 +1,9 @@
 //! Load shedding: past `gateway.max_in_flight` API requests at once the gateway answers `429`
 //! at once, so a burst costs callers a retry rather than everyone a queue that grows without
-//! bound (and the memory to hold it).
+//! bound (and the memory to hold it). A request's body is read before it takes its place.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -42,15 +43,56 @@ impl Limit {
     }
 }
 
+/// A [`Limit`] of the same size for each API key, made the first time the key needs it: one
+/// caller's event streams cannot take every place of `max_event_streams`.
+#[derive(Debug)]
+pub struct PerKey {
+    size: usize,
+    limits: Mutex<HashMap<String, Limit>>,
+}
+
+impl PerKey {
+    pub fn new(size: usize) -> Self {
+        Self {
+            size,
+            limits: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A permit of `key`'s own limit, or `Overloaded` naming `what`. A key is a configured
+    /// one, so the map holds at most one entry per `gateway.api_keys`.
+    pub fn try_enter(&self, key: &str, what: &'static str) -> Result<Permit, ApiError> {
+        let limit = {
+            // Poisoning needs a panic while the map is held, which nothing here can do.
+            let mut limits = self
+                .limits
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            limits
+                .entry(key.to_owned())
+                .or_insert_with(|| Limit::new(self.size))
+                .clone()
+        };
+        limit.try_enter(what)
+    }
+}
+
 /// Holds a place in a [`Limit`] for as long as it lives.
 #[derive(Debug)]
 pub struct Permit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
+/// Reads the request's body within `gateway.body_timeout` and only then takes a place among
+/// `gateway.max_in_flight`: an upload that stalls holds no place, so slow or abandoned uploads
+/// cannot turn every other caller away, and it is cut off (`408`) at its deadline.
 pub async fn limit_in_flight(
     State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Response {
+    let request = match crate::extract::buffer_body(request, &state).await {
+        Ok(request) => request,
+        Err(refused) => return refused.into_response(),
+    };
     match state.in_flight.try_enter("requests") {
         Ok(_permit) => next.run(request).await,
         Err(overloaded) => overloaded.into_response(),

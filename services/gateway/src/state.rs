@@ -41,6 +41,8 @@ pub struct Shared {
     pub in_flight: crate::shed::Limit,
     /// Open job event streams (`gateway.max_event_streams`).
     pub event_streams: crate::shed::Limit,
+    /// Open job event streams of each API key (`gateway.max_event_streams_per_key`).
+    pub event_streams_per_key: crate::shed::PerKey,
     /// Cancelled when the gateway stops: event streams end then, or a graceful shutdown
     /// would wait on them for ever.
     pub shutdown: tokio_util::sync::CancellationToken,

@@ -18,6 +18,15 @@ use crate::state::AppState;
 /// Longest accepted text in a single input field, so one field cannot fill a status document.
 pub(crate) const MAX_FIELD_CHARS: usize = 32 * 1024;
 
+/// The most `metadata` a job may carry, encoded: it rides on every event and the webhook.
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// The deepest nesting of `metadata`, so no consumer of an event recurses without bound.
+const MAX_METADATA_DEPTH: usize = 8;
+
+/// Room in a NATS message for what goes with a job's content: its id, timestamps, headers.
+const ENVELOPE_BYTES: usize = 4 * 1024;
+
 /// `POST /api/v1/generate-description`: the article's body, unchanged. Unknown fields are
 /// refused so that a misspelt field is an error rather than silently dropped.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -147,7 +156,8 @@ impl SubmitJob {
                 Some((key.seal(&job_id, secret), key.digest_of(secret)))
             }
         };
-        let digest = digest(
+        check_metadata(&self.metadata)?;
+        let canonical = canonical(
             &kind,
             &self.input,
             callback_url.as_str(),
@@ -156,6 +166,11 @@ impl SubmitJob {
                 .as_ref()
                 .map(|(_, secret_digest)| secret_digest.as_str()),
         );
+        let limit = job_size_limit(state);
+        if canonical.len() > limit {
+            return Err(ApiError::JobTooLarge { limit });
+        }
+        let digest = format!("{:x}", Sha256::digest(&canonical));
         Ok(ValidJob {
             request: JobRequested {
                 job_id,
@@ -228,6 +243,44 @@ fn check_value(field: &str, value: &Value) -> Result<(), ApiError> {
     }
 }
 
+/// The largest job, encoded, that the gateway takes: one a single submission may carry
+/// (`gateway.max_body_bytes`), and one whose request fits in half of NATS's `max_payload`, so
+/// that its outcome event and status document, which hold the input and metadata again with
+/// the result, fit too. A job over it is refused for good (`413`), never a retryable error
+/// from NATS or a failure after its LLM call was paid for.
+fn job_size_limit(state: &AppState) -> usize {
+    let max_payload = state.topology.jetstream.client().server_info().max_payload;
+    let fits_in_nats = (max_payload / 2).saturating_sub(ENVELOPE_BYTES);
+    state.config.gateway.max_body_bytes.min(fits_in_nats)
+}
+
+/// `metadata` is the caller's, passed through untouched; it is only bounded.
+fn check_metadata(metadata: &Map<String, Value>) -> Result<(), ApiError> {
+    fn depth(value: &Value) -> usize {
+        match value {
+            Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    let deepest = 1 + metadata.values().map(depth).max().unwrap_or(0);
+    if deepest > MAX_METADATA_DEPTH {
+        return Err(ApiError::invalid_field(
+            "metadata",
+            format!("`metadata` is nested deeper than {MAX_METADATA_DEPTH} levels"),
+        ));
+    }
+    let size = serde_json::to_vec(metadata).map_or(usize::MAX, |encoded| encoded.len());
+    if size > MAX_METADATA_BYTES {
+        return Err(ApiError::invalid_field(
+            "metadata",
+            format!("`metadata` is larger than {MAX_METADATA_BYTES} bytes encoded"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
 /// `secret_digest` is the HMAC that stands for the job's own signing secret
 /// (`SecretsKey::digest_of`), never the secret: a plain hash of a whole submission whose other
 /// parts a reader of the bucket sees would let them test guesses of the secret.
@@ -238,13 +291,27 @@ fn digest(
     metadata: &Map<String, Value>,
     secret_digest: Option<&str>,
 ) -> String {
+    let canonical = canonical(kind, input, callback_url, metadata, secret_digest);
+    format!("{:x}", Sha256::digest(&canonical))
+}
+
+/// What a submission's digest is taken of; its length is the job's size. `secret_digest` is
+/// the HMAC that stands for the job's own signing secret (`SecretsKey::digest_of`), never the
+/// secret: a plain hash of a whole submission whose other parts a reader of the bucket sees
+/// would let them test guesses of the secret.
+fn canonical(
+    kind: &Kind,
+    input: &Map<String, Value>,
+    callback_url: &str,
+    metadata: &Map<String, Value>,
+    secret_digest: Option<&str>,
+) -> Vec<u8> {
     // serde_json's map is ordered by key, so equal submissions serialise identically.
     // A tuple serialises as the JSON array of its parts without copying them into a `Value`
     // first, and the hash is written in one go: built byte by byte through `format!`, the
     // digest took 5 % of the gateway's CPU under load (perf).
-    let canonical = serde_json::to_vec(&(kind, input, callback_url, metadata, secret_digest))
-        .expect("JSON values serialise");
-    format!("{:x}", Sha256::digest(&canonical))
+    serde_json::to_vec(&(kind, input, callback_url, metadata, secret_digest))
+        .expect("JSON values serialise")
 }
 
 #[cfg(test)]

@@ -1,4 +1,7 @@
-//! The start-up sweep: jobs a gateway recorded as `accepted` but died before publishing.
+//! The sweep: jobs a gateway recorded as `accepted` but died before publishing. It runs at
+//! start-up and then every `gateway.sweep_interval`, by one gateway at a time: the one holding
+//! the lease in the `job_status` bucket's `gateway.sweep` key, so a crash is repaired without
+//! a restart and a fleet of gateways does not scan the bucket once each.
 //!
 //! A job still `accepted` past `gateway.sweep_after` is either waiting behind a backlog (its
 //! request is in the stream) or was never published (the gateway died between the KV write
@@ -20,9 +23,10 @@ use std::time::Duration;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::{self, stream::Stream};
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +42,7 @@ const ACCEPTED_PREFIX: &[u8] = br#"{"status":"accepted""#;
 
 /// How far before the oldest candidate's `created_at` (the gateway's clock) the scan of the
 /// stream (the server's clock) starts.
-const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(60);
+pub(crate) const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(60);
 
 /// A scan that receives nothing for this long before reaching the end gives up.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,7 +61,7 @@ pub struct SweepReport {
     pub republished: usize,
     /// Candidates that moved on (or disappeared) between the scan and their republish.
     pub moved_on: usize,
-    /// Candidates whose republish failed; the next start-up sweeps them again.
+    /// Candidates whose republish failed; the next round sweeps them again.
     pub failed: usize,
     /// `accepted` documents that could not be decoded, skipped.
     pub unreadable: usize,
@@ -71,14 +75,106 @@ pub enum SweepError {
     Stream(String),
 }
 
-/// Runs the sweep once, unless `shutdown` comes first, and reports it in the log and the
-/// metrics. Never fails: a failed sweep is a warning, and the next start-up tries again.
-pub async fn at_start(state: AppState, shutdown: CancellationToken) {
-    let result = tokio::select! {
-        () = shutdown.cancelled() => return,
-        result = sweep(&state) => result,
+/// The key of the sweep's lease in the `job_status` bucket. A job id has no dot, so no job
+/// can take this key, and whatever reads the bucket's jobs (the listing, the sweep itself)
+/// skips it.
+pub(crate) const LEASE_KEY: &str = "gateway.sweep";
+
+/// Who may sweep, until when: the value under [`LEASE_KEY`].
+#[derive(Debug, Serialize, Deserialize)]
+struct Lease {
+    holder: String,
+    #[serde(with = "time::serde::rfc3339")]
+    until: OffsetDateTime,
+}
+
+/// Sweeps at start and then every `gateway.sweep_interval` while this gateway holds the lease,
+/// until `shutdown`; then hands the lease back so the next gateway to start sweeps at once.
+/// Never fails: a failed sweep is a warning, and the next round tries again.
+pub async fn periodically(state: AppState, shutdown: CancellationToken) {
+    let interval = state.config.gateway.sweep_interval;
+    let holder = format!(
+        "{}-{}",
+        std::process::id(),
+        OffsetDateTime::now_utc().unix_timestamp_nanos()
+    );
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        match take_lease(&state, &holder, interval).await {
+            Ok(true) => {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = once(&state) => {}
+                }
+            }
+            Ok(false) => tracing::debug!("another gateway holds the sweep's lease"),
+            Err(err) => {
+                state.metrics.sweep_failed();
+                tracing::warn!(error = %err, "could not take the sweep's lease");
+            }
+        }
+    }
+    release_lease(&state, &holder).await;
+}
+
+/// Takes (or renews) the lease for `term` if it is free, expired or already ours. Compare-and-
+/// set on the key's revision, so of gateways racing for it one wins.
+async fn take_lease(state: &AppState, holder: &str, term: Duration) -> Result<bool, String> {
+    let kv = state.topology.status.kv();
+    let now = OffsetDateTime::now_utc();
+    let lease = serde_json::to_vec(&Lease {
+        holder: holder.to_owned(),
+        until: now + to_time(term),
+    })
+    .map_err(|err| err.to_string())?;
+    let entry = kv.entry(LEASE_KEY).await.map_err(|err| err.to_string())?;
+    let current = entry.filter(|entry| entry.operation == kv::Operation::Put);
+    let Some(current) = current else {
+        return match kv.create(LEASE_KEY, lease.into()).await {
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(err) => Err(err.to_string()),
+        };
     };
-    match result {
+    let free = serde_json::from_slice::<Lease>(&current.value)
+        .ok()
+        // A value that is not a lease holds nothing.
+        .is_none_or(|held| held.holder == holder || held.until <= now);
+    if !free {
+        return Ok(false);
+    }
+    match kv.update(LEASE_KEY, lease.into(), current.revision).await {
+        Ok(_) => Ok(true),
+        Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Expires the lease if this gateway holds it.
+async fn release_lease(state: &AppState, holder: &str) {
+    let kv = state.topology.status.kv();
+    let Ok(Some(entry)) = kv.entry(LEASE_KEY).await else {
+        return;
+    };
+    let ours =
+        serde_json::from_slice::<Lease>(&entry.value).is_ok_and(|held| held.holder == holder);
+    if ours
+        && let Err(err) = kv
+            .delete_expect_revision(LEASE_KEY, Some(entry.revision))
+            .await
+    {
+        tracing::debug!(error = %err, "could not hand the sweep's lease back; it expires");
+    }
+}
+
+/// Runs the sweep once and reports it in the log and the metrics.
+async fn once(state: &AppState) {
+    match sweep(state).await {
         Ok(report) => {
             state.metrics.sweep_completed(report.republished as u64);
             tracing::info!(
@@ -88,18 +184,18 @@ pub async fn at_start(state: AppState, shutdown: CancellationToken) {
                 moved_on = report.moved_on,
                 failed = report.failed,
                 unreadable = report.unreadable,
-                "start-up sweep of jobs stuck in `accepted` done"
+                "sweep of jobs stuck in `accepted` done"
             );
             if report.failed > 0 {
                 tracing::warn!(
                     failed = report.failed,
-                    "start-up sweep could not republish some jobs; the next start-up retries them"
+                    "sweep could not republish some jobs; the next round retries them"
                 );
             }
         }
         Err(err) => {
             state.metrics.sweep_failed();
-            tracing::warn!(error = %err, "start-up sweep of jobs stuck in `accepted` failed");
+            tracing::warn!(error = %err, "sweep of jobs stuck in `accepted` failed");
         }
     }
 }
@@ -150,6 +246,8 @@ async fn candidates(
         job_id: String,
         #[serde(with = "time::serde::rfc3339")]
         created_at: OffsetDateTime,
+        #[serde(default)]
+        request_seq: Option<u64>,
     }
 
     let kv = state.topology.status.kv();
@@ -172,6 +270,8 @@ async fn candidates(
             continue;
         }
         match serde_json::from_slice::<Head>(&message.payload) {
+            // Its gateway saw the request stored: in the stream, nothing to look for.
+            Ok(head) if head.request_seq.is_some() => {}
             Ok(head) if head.status == Status::Accepted && head.created_at < threshold => {
                 oldest = Some(oldest.map_or(head.created_at, |o| o.min(head.created_at)));
                 found.insert(head.job_id);
@@ -260,8 +360,8 @@ async fn republish(state: &AppState, job_id: String) -> Outcome {
         tracing::warn!(%job_id, "sweep: status document with an invalid job id skipped");
         return Outcome::Failed;
     };
-    let doc = match state.topology.status.get(&job_id).await {
-        Ok(Some((doc, _))) if doc.status == Status::Accepted => doc,
+    let (doc, revision) = match state.topology.status.get(&job_id).await {
+        Ok(Some((doc, revision))) if doc.status == Status::Accepted => (doc, revision),
         Ok(_) => return Outcome::MovedOn,
         Err(err) => {
             tracing::warn!(%job_id, error = %err, "sweep: could not read the job's status");
@@ -269,8 +369,9 @@ async fn republish(state: &AppState, job_id: String) -> Outcome {
         }
     };
     match accept::publish(state, &doc.request(), doc.trace().as_ref()).await {
-        Ok(()) => {
+        Ok(sequence) => {
             tracing::debug!(%job_id, "sweep: request published again");
+            accept::note_request_seq(state, Some((doc, revision)), &job_id, sequence).await;
             Outcome::Republished
         }
         Err(err) => {
@@ -278,6 +379,39 @@ async fn republish(state: &AppState, job_id: String) -> Outcome {
             Outcome::Failed
         }
     }
+}
+
+/// The stream sequence of the message published with `Nats-Msg-Id: msg_id` on `filter` at or
+/// after `start_time`, if there is one: proof that an event is stored, for a republish that
+/// would otherwise be stored twice once the duplicate window has passed. Reads headers only.
+pub(crate) async fn find_msg_id(
+    stream: &Stream,
+    filter: String,
+    start_time: OffsetDateTime,
+    msg_id: &str,
+) -> Result<Option<u64>, String> {
+    let mut scan = Scan::open(
+        stream,
+        OrderedConfig {
+            filter_subject: filter,
+            headers_only: true,
+            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        },
+    )
+    .await?;
+    while let Some(message) = scan.next().await? {
+        let found = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(NATS_MESSAGE_ID))
+            .is_some_and(|id| id.as_str() == msg_id);
+        if found {
+            let info = message.info().map_err(|err| err.to_string())?;
+            return Ok(Some(info.stream_sequence));
+        }
+    }
+    Ok(None)
 }
 
 /// One pass over what an ordered consumer delivers, up to the end of the stream as it was
@@ -333,7 +467,7 @@ impl Scan {
     }
 }
 
-fn to_time(duration: Duration) -> time::Duration {
+pub(crate) fn to_time(duration: Duration) -> time::Duration {
     time::Duration::try_from(duration).unwrap_or(time::Duration::MAX)
 }
 

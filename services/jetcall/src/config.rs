@@ -276,10 +276,25 @@ pub struct GatewayConfig {
     /// `GET /api/v1/jobs/{id}/events` streams open at once; they last, so they are counted
     /// apart from `max_in_flight`.
     pub max_event_streams: usize,
+    /// Of those, the most one API key may have open at once (`429` past it), so one caller
+    /// cannot take them all.
+    pub max_event_streams_per_key: usize,
     /// At start-up, jobs still `accepted` this long after submission whose request is not in
     /// the `JOBS` stream (a gateway died between the two writes) are published again.
     #[serde(with = "humantime_serde")]
     pub sweep_after: Duration,
+    /// How often that sweep runs again while the gateway serves (one gateway at a time), so a
+    /// gateway's crash is repaired without a restart.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// How long a connection may take to send a request's headers before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long an API request's body may take to arrive before the answer is `408`. The
+    /// body is read before the request takes one of `max_in_flight`'s places, so a stalled
+    /// upload holds none.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -292,7 +307,11 @@ impl Default for GatewayConfig {
             max_batch_bytes: 4 * 1024 * 1024,
             max_in_flight: 2048,
             max_event_streams: 1024,
+            max_event_streams_per_key: 64,
             sweep_after: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(5 * 60),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -726,6 +745,10 @@ impl Config {
         for (key, value) in [
             ("gateway.max_in_flight", self.gateway.max_in_flight),
             ("gateway.max_event_streams", self.gateway.max_event_streams),
+            (
+                "gateway.max_event_streams_per_key",
+                self.gateway.max_event_streams_per_key,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
@@ -736,6 +759,20 @@ impl Config {
                 .map_err(|err| ConfigError::invalid("callback.secrets_key", err.to_string()))?;
         }
         self.validate_key_policies()?;
+        for (key, timeout) in [
+            ("gateway.header_timeout", self.gateway.header_timeout),
+            ("gateway.body_timeout", self.gateway.body_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(ConfigError::invalid(key, "must be above zero"));
+            }
+        }
+        if self.gateway.sweep_interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "gateway.sweep_interval",
+                "must be at least 1s",
+            ));
+        }
         for (index, key) in self.gateway.api_keys.iter().enumerate() {
             if let ApiKey::Scoped(ScopedApiKey {
                 callback_allowlist: Some(allowlist),

@@ -1,7 +1,7 @@
 //! Publishing an event and waiting for JetStream to store it.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream::{self, message::PublishMessage, publish::PublishAck};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,20 @@ pub async fn publish_event_with_headers<T: Serialize>(
     event: &T,
     headers: HeaderMap,
 ) -> Result<(), PublishError> {
+    publish_event_acked(jetstream, subject, msg_id, event, headers)
+        .await
+        .map(drop)
+}
+
+/// [`publish_event_with_headers`], returning JetStream's ack: the stream sequence the event is
+/// stored at (for a duplicate within the window, the sequence of the copy stored first).
+pub async fn publish_event_acked<T: Serialize>(
+    jetstream: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    event: &T,
+    headers: HeaderMap,
+) -> Result<PublishAck, PublishError> {
     let failed = |message: String| PublishError {
         subject: subject.clone(),
         message,
@@ -46,6 +60,5 @@ pub async fn publish_event_with_headers<T: Serialize>(
         .await
         .map_err(|err| failed(err.to_string()))?
         .await
-        .map_err(|err| failed(err.to_string()))?;
-    Ok(())
+        .map_err(|err| failed(err.to_string()))
 }

@@ -210,6 +210,11 @@ pub struct JobStatus {
     /// the callback service opens it. Kept out of every event and every API answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_signing_secret: Option<String>,
+    /// Where the job's request is stored in the `JOBS` stream, once the gateway has seen it
+    /// stored: a resubmission of an `accepted` job with it set publishes nothing, because
+    /// past the duplicate window JetStream would store a second request (a second paid call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_seq: Option<u64>,
 }
 
 impl JobStatus {
@@ -237,6 +242,7 @@ impl JobStatus {
             trace_id: None,
             tenant: None,
             sealed_signing_secret: None,
+            request_seq: None,
         }
     }
 

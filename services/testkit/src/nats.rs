@@ -109,6 +109,22 @@ impl NatsServer {
     }
 
     /// SIGKILL, as a crash would.
+    /// SIGSTOP (`true`) or SIGCONT: a frozen server keeps its connections and answers nothing,
+    /// so a request to it is in flight for as long as the test wants.
+    pub fn freeze(&self, frozen: bool) {
+        let Some(child) = &self.child else {
+            panic!("nats-server is not running");
+        };
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let sent = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status();
+        assert!(
+            sent.as_ref().is_ok_and(|status| status.success()),
+            "{signal} nats-server: {sent:?}"
+        );
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

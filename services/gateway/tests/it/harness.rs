@@ -132,11 +132,21 @@ impl Gateway {
         testkit::nats::count_messages(&self.topology.stream, "jobs.requested.>").await
     }
 
-    /// Job status documents written.
+    /// Job status documents written (the bucket's keys that are job ids: the sweep's lease
+    /// is not one).
     pub async fn recorded(&self) -> usize {
         use futures::StreamExt;
         match self.topology.status.kv().keys().await {
-            Ok(keys) => keys.count().await,
+            Ok(keys) => {
+                keys.filter(|key| {
+                    let is_job = key
+                        .as_ref()
+                        .is_ok_and(|key| jetcall::JobId::parse(key).is_ok());
+                    async move { is_job }
+                })
+                .count()
+                .await
+            }
             Err(_) => 0,
         }
     }

@@ -17,7 +17,7 @@ use testkit::{NatsServer, wait_until};
 
 use crate::harness::{self, Gateway};
 
-fn request(job_id: &str, age: Duration) -> JobRequested {
+pub fn request(job_id: &str, age: Duration) -> JobRequested {
     let input = json!({
         "product_id": "PROD-AC15",
         "product_name": "LG 1.5 Ton 5 Star Inverter Split AC",
@@ -34,7 +34,7 @@ fn request(job_id: &str, age: Duration) -> JobRequested {
 }
 
 /// What a gateway leaves behind when it dies between its KV write and its publish.
-async fn record(topology: &Topology, request: &JobRequested, status: Status) {
+pub async fn record(topology: &Topology, request: &JobRequested, status: Status) {
     let mut doc = JobStatus::accepted(request, "digest".into());
     doc.status = status;
     if status.is_generated() {
@@ -55,10 +55,10 @@ async fn publish(topology: &Topology, request: &JobRequested) {
     .expect("request published");
 }
 
-const LONG_AGO: Duration = Duration::from_secs(3600);
+pub const LONG_AGO: Duration = Duration::from_secs(3600);
 
 /// Waits for the gateway's start-up sweep to complete and returns how many jobs it published.
-async fn swept(gateway: &Gateway) -> f64 {
+pub async fn swept(gateway: &Gateway) -> f64 {
     wait_until(
         "the start-up sweep to complete",
         Duration::from_secs(30),
@@ -120,7 +120,7 @@ async fn a_job_recorded_but_never_published_is_published_once_by_the_next_gatewa
 /// the forgetting of msg ids by the window in force when they were stored.
 /// (The configuration refuses a window under 2 minutes; the gateway puts it back when it
 /// starts.)
-async fn shorten_duplicate_window(nats: &NatsServer, topology: &Topology) {
+pub async fn shorten_duplicate_window(nats: &NatsServer, topology: &Topology) {
     let mut stream = jetcall::topology::stream_config(&harness::config(nats, &[]));
     stream.duplicate_window = Duration::from_secs(1);
     topology
@@ -132,7 +132,7 @@ async fn shorten_duplicate_window(nats: &NatsServer, topology: &Topology) {
 
 /// Waits until the stream has forgotten every `Nats-Msg-Id` published so far, so that a
 /// second publish of a request would be stored again.
-async fn forget_msg_ids(topology: &Topology) {
+pub async fn forget_msg_ids(topology: &Topology) {
     // A probe published after everything else: once it is no longer a duplicate, nothing
     // published before it is either.
     let probe = || async {
@@ -271,5 +271,53 @@ async fn an_empty_bucket_is_swept_at_once() {
     let gateway = Gateway::start(&[]).await;
     assert_eq!(swept(&gateway).await, 0.0);
     assert_eq!(gateway.published().await, 0);
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_gateway_sweeps_again_without_a_restart() {
+    let gateway = Gateway::start(&[("gateway.sweep_interval", json!("1s"))]).await;
+    assert_eq!(swept(&gateway).await, 0.0);
+    // A gateway that died between its two writes after this one started.
+    let lost = request("JOB-LOST-LATER", LONG_AGO);
+    record(&gateway.topology, &lost, Status::Accepted).await;
+
+    wait_until(
+        "the running gateway to publish the lost job",
+        Duration::from_secs(20),
+        || async { (gateway.published().await == 1).then_some(()) },
+    )
+    .await;
+    let (doc, _) = gateway
+        .topology
+        .status
+        .get(&lost.job_id)
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert!(doc.request_seq.is_some(), "where it is stored is recorded");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeping_gateway_holds_a_lease_and_hands_it_back() {
+    let gateway = Gateway::start(&[]).await;
+    assert_eq!(swept(&gateway).await, 0.0);
+    let lease = gateway
+        .topology
+        .status
+        .kv()
+        .get("gateway.sweep")
+        .await
+        .expect("read")
+        .expect("the sweeping gateway holds the lease");
+    let lease: serde_json::Value = serde_json::from_slice(&lease).expect("lease JSON");
+    assert!(lease["holder"].is_string(), "{lease}");
+    let (_, list) = gateway.get("/api/v1/jobs").await;
+    assert_eq!(list["jobs"], json!([]), "the lease is not a job: {list}");
+    let nats = gateway.stop().await;
+    // Handed back at shutdown, so the next gateway sweeps at once.
+    let gateway = Gateway::start_on(nats, &[]).await;
+    assert_eq!(swept(&gateway).await, 0.0);
     gateway.stop().await;
 }
