@@ -143,8 +143,16 @@ async fn stalled_uploads_hold_no_place_and_are_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_api_key_cannot_hold_every_event_stream() {
+    // beta is an operator, so it may watch alpha's job; each key's own list lets its jobs
+    // call back to loopback.
     let gateway = Gateway::start(&[
-        ("gateway.api_keys", json!(["alpha-key", "beta-key"])),
+        (
+            "gateway.api_keys",
+            json!([
+                {"key": "alpha-key", "name": "alpha", "callback_allowlist": ["127.0.0.1"]},
+                {"key": "beta-key", "name": "beta", "role": "admin", "callback_allowlist": ["127.0.0.1"]}
+            ]),
+        ),
         ("gateway.max_event_streams_per_key", json!(2)),
     ])
     .await;
