@@ -39,8 +39,6 @@ pub enum Recorded {
     New {
         request: JobRequested,
         trace: TraceParent,
-        doc: Box<JobStatus>,
-        revision: u64,
     },
     /// A resubmission of a job that is still `accepted`: its request is published again only
     /// if it is not provably in the stream.
@@ -69,11 +67,9 @@ pub async fn record(
         .await
         .map_err(|err| ApiError::Unavailable(err.to_string()))?;
     match created {
-        Created::New(revision) => Ok(Recorded::New {
+        Created::New(_) => Ok(Recorded::New {
             request: job.request,
             trace,
-            doc: Box::new(doc),
-            revision,
         }),
         // Another tenant's id is a conflict whatever the content, and says nothing of its job.
         Created::Exists(existing)
@@ -105,26 +101,21 @@ pub enum Submitted {
 /// Records the job and makes sure its request is in JetStream exactly once: the one path of a
 /// single submission and of each job of a batch. `Err` is the job's answer: 409 or 503.
 ///
-/// Order of writes: KV `create` (`accepted`), publish and await the ack, then the request's
-/// stream sequence into the status document (compare-and-set). A resubmission of an `accepted`
-/// job with that sequence publishes nothing; without it (the gateway died between the writes,
-/// or the last write failed) the request is published again only while JetStream would drop
-/// it as a duplicate, or once a scan of the stream shows it is not there.
+/// Order of writes: KV `create` (`accepted`), then publish and await the ack. Nothing more on
+/// the way to a `202`: a third write per job cost the gateway a third of its throughput
+/// (BENCHMARKS.md). Where the request is stored is learnt when it is needed, on a resubmission
+/// of a job still `accepted`, and then kept in the status document (`request_seq`): with it
+/// nothing is published; without it the request is published again only while JetStream
+/// would drop it as a duplicate, or once a scan of the stream shows it is not there.
 pub async fn submit(
     state: &AppState,
     job: ValidJob,
     trace: TraceParent,
 ) -> Result<Submitted, ApiError> {
     match record(state, job, trace).await? {
-        Recorded::New {
-            request,
-            trace,
-            doc,
-            revision,
-        } => {
-            let sequence = publish(state, &request, Some(&trace)).await?;
+        Recorded::New { request, trace } => {
+            publish(state, &request, Some(&trace)).await?;
             state.metrics.job_accepted(request.kind.as_str());
-            note_request_seq(state, Some((*doc, revision)), &request.job_id, sequence).await;
             Ok(Submitted::New)
         }
         Recorded::Waiting(doc) => {
@@ -145,11 +136,18 @@ pub async fn submit(
 /// of it: `None` means publishing it stores it once. While the job is younger than the
 /// duplicate window (less a margin for clock skew) a publish is deduplicated, and its ack
 /// names the first copy, so nothing is scanned.
+///
+/// The window is read from the stream now, not from what the gateway saw at start: an
+/// operator may have shortened it since, and a window believed longer than it is would store
+/// a second copy.
 async fn stored_request(state: &AppState, doc: &JobStatus) -> Result<Option<u64>, ApiError> {
     let window = state
         .topology
         .stream
-        .cached_info()
+        .clone()
+        .info()
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?
         .config
         .duplicate_window
         .min(state.config.nats.duplicate_window);
