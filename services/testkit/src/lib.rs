@@ -4,6 +4,7 @@
 //! Completions API.
 
 pub mod blackhole;
+pub mod closed_port;
 pub mod config;
 pub mod fake_anthropic;
 pub mod fake_openai;
@@ -18,6 +19,7 @@ pub mod tls;
 pub mod wait;
 
 pub use blackhole::Blackhole;
+pub use closed_port::ClosedPort;
 pub use fake_anthropic::FakeAnthropic;
 pub use fake_openai::FakeOpenAi;
 pub use nats::{NatsCluster, NatsServer};

@@ -111,10 +111,8 @@ async fn no_line_carries_a_callback_url_s_query() {
     let config = testkit::config::config(&nats.url(), &[]);
     let topology = testkit::config::provision(&config).await;
     // Nothing listens there: the attempt fails to connect, and reqwest's error names the URL.
-    let dead = format!(
-        "http://127.0.0.1:{}/hook?token=tok-9f8e7d6c",
-        testkit::free_port()
-    );
+    let closed = testkit::ClosedPort::reserve();
+    let dead = closed.url("/hook?token=tok-9f8e7d6c");
 
     let mut command = Command::new(env!("CARGO_BIN_EXE_callback"));
     command

@@ -76,7 +76,8 @@ async fn a_rejected_job_prints_the_gateway_s_error_and_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_gateway_is_named() {
-    let url = format!("http://127.0.0.1:{}", testkit::free_port());
+    let closed = testkit::ClosedPort::reserve();
+    let url = format!("http://127.0.0.1:{}", closed.port());
     let run = run(jetcall().args(["--gateway", &url, "status", "JOB-1"])).await;
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(

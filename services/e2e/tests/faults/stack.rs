@@ -85,8 +85,9 @@ pub struct Stack {
     pub generators: Vec<Served>,
     pub callbacks: Vec<Served>,
     pub http: reqwest::Client,
-    /// A loopback port nothing listens on: a deliberately dead webhook endpoint.
+    /// A deliberately dead webhook endpoint: every connection to it is refused.
     pub dead_url: String,
+    _dead_port: testkit::ClosedPort,
 }
 
 /// The configuration every process shares, as dotted keys.
@@ -192,6 +193,7 @@ impl Stack {
             1 => service.to_owned(),
             _ => format!("{service}-{}", i + 1),
         };
+        let dead_port = testkit::ClosedPort::reserve();
         let gateways = (0..shape.instances)
             .map(|i| served("gateway", &label("gateway", i), "JETCALL_GATEWAY__LISTEN"))
             .collect();
@@ -227,7 +229,8 @@ impl Stack {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .expect("HTTP client"),
-            dead_url: format!("http://127.0.0.1:{}/dead", testkit::free_port()),
+            dead_url: dead_port.url("/dead"),
+            _dead_port: dead_port,
         };
         for i in 0..stack.gateways.len() {
             stack.wait_gateway_ready(i).await;
