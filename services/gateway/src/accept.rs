@@ -8,8 +8,10 @@ use utoipa::ToSchema;
 use time::OffsetDateTime;
 
 use jetcall::JobId;
+use jetcall::durations::to_time;
 use jetcall::events::JobRequested;
 use jetcall::publish::publish_event_acked;
+use jetcall::scan::{CLOCK_SKEW_MARGIN, find_msg_id};
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Created;
 use jetcall::subjects::Event;
@@ -18,7 +20,6 @@ use jetcall::trace::TraceParent;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::submission::ValidJob;
-use crate::sweep::{CLOCK_SKEW_MARGIN, find_msg_id, to_time};
 
 /// The answer to a submission: `202` when the job is (again) waiting in JetStream, `200` when
 /// it was submitted before and has moved on.
@@ -156,18 +157,14 @@ async fn stored_request(state: &AppState, doc: &JobStatus) -> Result<Option<u64>
     if now < dedup_until {
         return Ok(None);
     }
-    let start_time = doc
-        .created_at
-        .checked_sub(to_time(CLOCK_SKEW_MARGIN))
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     find_msg_id(
         &state.topology.stream,
         Event::Requested.filter(),
-        start_time,
+        doc.created_at,
         &Event::Requested.msg_id(&doc.job_id),
     )
     .await
-    .map_err(ApiError::Unavailable)
+    .map_err(|err| ApiError::Unavailable(err.to_string()))
 }
 
 /// Writes where the job's request is stored into its status document, while it is still

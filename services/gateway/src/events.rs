@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use async_nats::jetstream::kv;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -14,7 +13,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 use jetcall::JobId;
 use jetcall::status::JobStatus;
-use jetcall::store::decode;
+use jetcall::store::{JobChange, JobWatch};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::keys::{Caller, may_see};
@@ -91,8 +90,7 @@ pub(crate) async fn job_events(
         let watch = state
             .topology
             .status
-            .kv()
-            .watch_from_revision(job_id.as_str(), revision + 1)
+            .watch(job_id, revision)
             .await
             .map_err(|err| ApiError::Unavailable(err.to_string()))?;
         current
@@ -128,37 +126,30 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 
 /// The job's changes after the revision already sent, until a final state or removal. The
 /// permit is held as long as the stream lives, so it counts against `max_event_streams`.
-fn changes(job_id: JobId, watch: kv::Watch, permit: StreamPermits) -> Events {
+fn changes(job_id: JobId, watch: JobWatch, permit: StreamPermits) -> Events {
     stream::unfold(
         // The watch, until the event that ends the stream has been sent.
         (Some(watch), job_id, permit),
         |(watch, job_id, permit)| async move {
             let mut watch = watch?;
-            loop {
-                let entry = match watch.next().await {
-                    Some(Ok(entry)) => entry,
-                    Some(Err(err)) => {
-                        // The client reconnects with Last-Event-ID and resumes.
-                        tracing::warn!(%job_id, error = %err, "job event stream lost its watch");
-                        return None;
-                    }
-                    None => return None,
-                };
-                if entry.operation != kv::Operation::Put {
+            match watch.next().await? {
+                Ok(JobChange::Removed(revision)) => {
                     let removed = Event::default()
                         .event("removed")
-                        .id(entry.revision.to_string())
+                        .id(revision.to_string())
                         .data(format!("job {job_id} is no longer recorded"));
-                    return Some((Ok(removed), (None, job_id, permit)));
+                    Some((Ok(removed), (None, job_id, permit)))
                 }
-                // A document that does not decode is not a state the client can use; the
-                // next write will be.
-                let Ok(doc) = decode(&job_id, &entry.value) else {
-                    continue;
-                };
-                let next = (!doc.status.is_final()).then_some(watch);
-                let event = status_event(doc, entry.revision);
-                return Some((Ok(event), (next, job_id, permit)));
+                Ok(JobChange::Written(doc, revision)) => {
+                    let next = (!doc.status.is_final()).then_some(watch);
+                    let event = status_event(*doc, revision);
+                    Some((Ok(event), (next, job_id, permit)))
+                }
+                Err(err) => {
+                    // The client reconnects with Last-Event-ID and resumes.
+                    tracing::warn!(%job_id, error = %err, "job event stream lost its watch");
+                    None
+                }
             }
         },
     )

@@ -7,20 +7,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Query, State};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use jetcall::JobId;
 use jetcall::events::JobError;
-use jetcall::status::Status;
-use jetcall::store::decode;
+use jetcall::status::{JobStatus, Status};
 
 use utoipa::{IntoParams, ToSchema};
 
@@ -33,8 +29,6 @@ use crate::state::AppState;
 pub const SCAN_REVISIONS: u64 = 20_000;
 pub const DEFAULT_LIMIT: usize = 50;
 pub const MAX_LIMIT: usize = 1_000;
-/// A read that stalls this long means NATS is not answering; the caller gets a 503.
-const STALL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -132,44 +126,44 @@ async fn list(
     {
         return Err(ApiError::unknown_kind(kind, &state.config));
     }
-    let unavailable = |err: String| ApiError::Unavailable(err);
-    let mut bucket = state.topology.status.kv().stream.clone();
-    let info = bucket
-        .info()
+    let mut writes = state
+        .topology
+        .status
+        .recent_writes(SCAN_REVISIONS)
         .await
-        .map_err(|err| unavailable(err.to_string()))?;
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-    if info.state.messages == 0 {
-        return Ok(JobList {
-            jobs: Vec::new(),
-            scanned: 0,
-            complete: true,
-        });
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    // Each key's newest state, as the summary `filter` wants, or `None` (removed, filtered
+    // out). Each document is summarised as it arrives, so a listing holds up to
+    // `SCAN_REVISIONS` small summaries, never that many documents (each as large as a job's
+    // input and result).
+    let mut newest = HashMap::new();
+    while let Some((job_id, doc)) = writes
+        .next()
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+    {
+        let summary = doc.and_then(|doc| summary(&job_id, doc, &filter, caller));
+        newest.insert(job_id, summary);
     }
-    let start = last.saturating_sub(SCAN_REVISIONS - 1).max(first);
-    let newest = latest_per_job(&bucket, start, last, &filter, caller).await?;
-    let scanned = last - start + 1;
 
     let mut jobs: Vec<JobSummary> = newest.into_values().flatten().collect();
     jobs.sort_by_key(|job| std::cmp::Reverse(job.updated_at));
     jobs.truncate(limit);
     Ok(JobList {
         jobs,
-        scanned,
-        complete: start == first,
+        scanned: writes.scanned,
+        complete: writes.complete,
     })
 }
 
 /// The summary of a status document, if it is a job's, `caller` may see it and `filter` wants
 /// it.
 fn summary(
-    key: &str,
-    value: &[u8],
+    job_id: &JobId,
+    doc: JobStatus,
     filter: &Filter,
     caller: Option<&Caller>,
 ) -> Option<JobSummary> {
-    let job_id = JobId::parse(key).ok()?;
-    let doc = decode(&job_id, value).ok()?;
     let wanted = may_see(caller, &doc)
         && filter.status.is_none_or(|status| status == doc.status)
         && filter
@@ -185,68 +179,6 @@ fn summary(
         delivery_attempts: doc.deliveries.len(),
         error: doc.error,
         tenant: doc.tenant,
-        job_id,
+        job_id: job_id.clone(),
     })
-}
-
-/// Each key's newest state among the bucket's writes `start..=last`, as the summary `filter`
-/// wants, or `None` (removed, filtered out, not a job). Each document is summarised as it
-/// arrives, so a listing holds up to `SCAN_REVISIONS` small summaries, never that many
-/// documents (each as large as a job's input and result).
-async fn latest_per_job(
-    bucket: &async_nats::jetstream::stream::Stream,
-    start: u64,
-    last: u64,
-    filter: &Filter,
-    caller: Option<&Caller>,
-) -> Result<HashMap<String, Option<JobSummary>>, ApiError> {
-    let unavailable = |err: String| ApiError::Unavailable(err);
-    let reader = bucket
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|err| unavailable(err.to_string()))?;
-    let mut messages = reader
-        .messages()
-        .await
-        .map_err(|err| unavailable(err.to_string()))?;
-    let mut newest = HashMap::new();
-    loop {
-        let message = match tokio::time::timeout(STALL, messages.next()).await {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(err))) => return Err(unavailable(err.to_string())),
-            Ok(None) => break,
-            Err(_) => {
-                return Err(unavailable(
-                    "the job_status bucket stopped answering".into(),
-                ));
-            }
-        };
-        let info = message.info().map_err(|err| unavailable(err.to_string()))?;
-        let sequence = info.stream_sequence;
-        // `$KV.job_status.<job id>`
-        let Some(key) = message.subject.splitn(3, '.').nth(2) else {
-            continue;
-        };
-        let removed = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get("KV-Operation"))
-            .is_some_and(|op| op.as_str() != "PUT");
-        let summary = if removed {
-            None
-        } else {
-            summary(key, &message.payload, filter, caller)
-        };
-        newest.insert(key.to_owned(), summary);
-        // Writes made since the listing began are not waited for.
-        if sequence >= last || info.pending == 0 {
-            break;
-        }
-    }
-    Ok(newest)
 }

@@ -1,9 +1,7 @@
 //! Operators' second chance for dead letters: put undeliverable jobs back to be delivered.
 
-use std::time::Duration;
-
-use async_nats::jetstream::consumer::{self, DeliverPolicy};
-use futures::StreamExt;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
@@ -11,6 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 use jetcall::JobId;
 use jetcall::events::DeliveryReport;
 use jetcall::publish::publish_event_with_headers;
+use jetcall::scan::{Scan, ScanError, Scanned, find_msg_id};
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Updated;
 use jetcall::subjects::Event;
@@ -18,7 +17,6 @@ use jetcall::subjects::Event;
 use crate::error::ApiError;
 use crate::keys::{Caller, may_see};
 use crate::state::AppState;
-use crate::sweep::{CLOCK_SKEW_MARGIN, find_msg_id, to_time};
 
 /// The most jobs one window request re-queues, so one call stays a bounded amount of work.
 const MAX_WINDOW_JOBS: usize = 10_000;
@@ -80,18 +78,14 @@ pub async fn redeliver(
     } else {
         // Past the duplicate window a second copy of the round's event would be stored, and
         // the job delivered twice: look for the first.
-        let start_time = doc
-            .updated_at
-            .checked_sub(to_time(CLOCK_SKEW_MARGIN))
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         find_msg_id(
             &state.topology.stream,
             kind.subject(&event.kind),
-            start_time,
+            doc.updated_at,
             &msg_id,
         )
         .await
-        .map_err(ApiError::Unavailable)?
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?
         .is_some()
     };
     if !stored {
@@ -162,43 +156,28 @@ pub async fn redeliver_window(
             "`until` is before `since`",
         ));
     }
-    let unavailable = |err: String| ApiError::Unavailable(err);
-    let reader = state
-        .topology
-        .stream
-        .create_consumer(consumer::pull::OrderedConfig {
+    let unavailable = |err: ScanError| ApiError::Unavailable(err.to_string());
+    let mut scan = Scan::open(
+        &state.topology.stream,
+        OrderedConfig {
             filter_subject: Event::Undeliverable.filter(),
             deliver_policy: DeliverPolicy::ByStartTime {
                 start_time: window.since,
             },
             ..Default::default()
-        })
-        .await
-        .map_err(|err| unavailable(err.to_string()))?;
+        },
+    )
+    .await
+    .map_err(unavailable)?;
     let mut result = WindowResult::default();
-    // Nothing undeliverable since `since`: answer now rather than after the second's wait below.
-    if reader.cached_info().num_pending == 0 {
-        return Ok(result);
-    }
-    let mut messages = reader
-        .messages()
-        .await
-        .map_err(|err| unavailable(err.to_string()))?;
-
     let mut seen = std::collections::HashSet::new();
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
-        let message = match next {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(err))) => return Err(unavailable(err.to_string())),
-            // No message within a second: the end of the stream.
-            Ok(None) | Err(_) => break,
-        };
-        let info = message.info().map_err(|err| unavailable(err.to_string()))?;
-        if info.published > until {
+    while let Some(Scanned {
+        message, published, ..
+    }) = scan.next().await.map_err(unavailable)?
+    {
+        if published > until {
             break;
         }
-        let pending = info.pending;
         if let Ok(report) = serde_json::from_slice::<DeliveryReport>(&message.payload)
             && seen.insert(report.job_id.clone())
         {
@@ -210,7 +189,7 @@ pub async fn redeliver_window(
                 Err(err) => return Err(err),
             }
         }
-        if pending == 0 || seen.len() >= MAX_WINDOW_JOBS {
+        if seen.len() >= MAX_WINDOW_JOBS {
             break;
         }
     }

@@ -9,43 +9,31 @@
 //! once the stream's duplicate window has passed, a blind republish would make the generator
 //! pay for the job twice.
 //!
-//! 1. Candidates: the latest value of every key in `job_status`, kept when it is `accepted`
-//!    (recognised by the start of the JSON, before decoding anything) and older than the
-//!    threshold.
+//! 1. Candidates: `StatusStore::accepted_before` the threshold, the jobs whose latest status
+//!    is `accepted` with no `request_seq`.
 //! 2. Which of them are in the stream: the `Nats-Msg-Id` headers of `jobs.requested.>` since
 //!    the oldest candidate was created (less a margin for clock skew), payloads left out.
 //! 3. The rest are published again with their usual `Nats-Msg-Id`, so a concurrent sweep or a
 //!    caller's retry is stored once, each after reading its status again.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::consumer::DeliverPolicy;
-use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
-use async_nats::jetstream::kv;
-use async_nats::jetstream::{self, stream::Stream};
+use async_nats::jetstream::consumer::pull::OrderedConfig;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::JobId;
+use jetcall::durations::to_time;
+use jetcall::scan::{Scan, Scanned, allowing_for_skew};
 use jetcall::status::Status;
-use jetcall::subjects::Event;
+use jetcall::subjects::{Event, SWEEP_LEASE_KEY};
 
 use crate::accept;
 use crate::state::AppState;
-
-/// How every `accepted` status document starts: `status` is its first field.
-const ACCEPTED_PREFIX: &[u8] = br#"{"status":"accepted""#;
-
-/// How far before the oldest candidate's `created_at` (the gateway's clock) the scan of the
-/// stream (the server's clock) starts.
-pub(crate) const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(60);
-
-/// A scan that receives nothing for this long before reaching the end gives up.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Republishes in flight at once.
 const CONCURRENCY: usize = 64;
@@ -75,19 +63,6 @@ pub enum SweepError {
     Stream(String),
 }
 
-/// The key of the sweep's lease in the `job_status` bucket. A job id has no dot, so no job
-/// can take this key, and whatever reads the bucket's jobs (the listing, the sweep itself)
-/// skips it.
-pub(crate) const LEASE_KEY: &str = "gateway.sweep";
-
-/// Who may sweep, until when: the value under [`LEASE_KEY`].
-#[derive(Debug, Serialize, Deserialize)]
-struct Lease {
-    holder: String,
-    #[serde(with = "time::serde::rfc3339")]
-    until: OffsetDateTime,
-}
-
 /// Sweeps at start and then every `gateway.sweep_interval` while this gateway holds the lease,
 /// until `shutdown`; then hands the lease back so the next gateway to start sweeps at once.
 /// Never fails: a failed sweep is a warning, and the next round tries again.
@@ -105,7 +80,12 @@ pub async fn periodically(state: AppState, shutdown: CancellationToken) {
             () = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        match take_lease(&state, &holder, interval).await {
+        let lease = state
+            .topology
+            .status
+            .take_lease(SWEEP_LEASE_KEY, &holder, interval)
+            .await;
+        match lease {
             Ok(true) => {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -119,57 +99,11 @@ pub async fn periodically(state: AppState, shutdown: CancellationToken) {
             }
         }
     }
-    release_lease(&state, &holder).await;
-}
-
-/// Takes (or renews) the lease for `term` if it is free, expired or already ours. Compare-and-
-/// set on the key's revision, so of gateways racing for it one wins.
-async fn take_lease(state: &AppState, holder: &str, term: Duration) -> Result<bool, String> {
-    let kv = state.topology.status.kv();
-    let now = OffsetDateTime::now_utc();
-    let lease = serde_json::to_vec(&Lease {
-        holder: holder.to_owned(),
-        until: now + to_time(term),
-    })
-    .map_err(|err| err.to_string())?;
-    let entry = kv.entry(LEASE_KEY).await.map_err(|err| err.to_string())?;
-    let current = entry.filter(|entry| entry.operation == kv::Operation::Put);
-    let Some(current) = current else {
-        return match kv.create(LEASE_KEY, lease.into()).await {
-            Ok(_) => Ok(true),
-            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-            Err(err) => Err(err.to_string()),
-        };
-    };
-    let free = serde_json::from_slice::<Lease>(&current.value)
-        .ok()
-        // A value that is not a lease holds nothing.
-        .is_none_or(|held| held.holder == holder || held.until <= now);
-    if !free {
-        return Ok(false);
-    }
-    match kv.update(LEASE_KEY, lease.into(), current.revision).await {
-        Ok(_) => Ok(true),
-        Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
-        Err(err) => Err(err.to_string()),
-    }
-}
-
-/// Expires the lease if this gateway holds it.
-async fn release_lease(state: &AppState, holder: &str) {
-    let kv = state.topology.status.kv();
-    let Ok(Some(entry)) = kv.entry(LEASE_KEY).await else {
-        return;
-    };
-    let ours =
-        serde_json::from_slice::<Lease>(&entry.value).is_ok_and(|held| held.holder == holder);
-    if ours
-        && let Err(err) = kv
-            .delete_expect_revision(LEASE_KEY, Some(entry.revision))
-            .await
-    {
-        tracing::debug!(error = %err, "could not hand the sweep's lease back; it expires");
-    }
+    state
+        .topology
+        .status
+        .release_lease(SWEEP_LEASE_KEY, &holder)
+        .await;
 }
 
 /// Runs the sweep once and reports it in the log and the metrics.
@@ -207,15 +141,19 @@ pub async fn sweep(state: &AppState) -> Result<SweepReport, SweepError> {
     let threshold = OffsetDateTime::now_utc()
         .checked_sub(to_time(state.config.gateway.sweep_after))
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let Some((mut candidates, oldest)) = candidates(state, threshold, &mut report).await? else {
+    let found = state
+        .topology
+        .status
+        .accepted_before(threshold)
+        .await
+        .map_err(|err| SweepError::Bucket(err.to_string()))?;
+    report.unreadable = found.unreadable;
+    let (mut candidates, Some(oldest)) = (found.jobs, found.oldest) else {
         return Ok(report);
     };
     report.candidates = candidates.len();
 
-    let start_time = oldest
-        .checked_sub(to_time(CLOCK_SKEW_MARGIN))
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    report.in_stream = remove_published(state, start_time, &mut candidates).await?;
+    report.in_stream = remove_published(state, oldest, &mut candidates).await?;
 
     report = futures::stream::iter(candidates)
         .map(|job_id| republish(state, job_id))
@@ -232,65 +170,11 @@ pub async fn sweep(state: &AppState) -> Result<SweepReport, SweepError> {
     Ok(report)
 }
 
-/// Step 1: the ids of the jobs `accepted` before `threshold`, and the oldest one's
-/// `created_at`; `None` when there are none.
-async fn candidates(
-    state: &AppState,
-    threshold: OffsetDateTime,
-    report: &mut SweepReport,
-) -> Result<Option<(HashSet<String>, OffsetDateTime)>, SweepError> {
-    /// The part of a status document the sweep needs.
-    #[derive(Deserialize)]
-    struct Head {
-        status: Status,
-        job_id: String,
-        #[serde(with = "time::serde::rfc3339")]
-        created_at: OffsetDateTime,
-        #[serde(default)]
-        request_seq: Option<u64>,
-    }
-
-    let kv = state.topology.status.kv();
-    let mut scan = Scan::open(
-        &kv.stream,
-        OrderedConfig {
-            filter_subject: format!("{}>", kv.prefix),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(SweepError::Bucket)?;
-
-    let mut found = HashSet::new();
-    let mut oldest: Option<OffsetDateTime> = None;
-    while let Some(message) = scan.next().await.map_err(SweepError::Bucket)? {
-        // Deletes and purges have no value, and most jobs have moved on: neither is decoded.
-        if !message.payload.starts_with(ACCEPTED_PREFIX) {
-            continue;
-        }
-        match serde_json::from_slice::<Head>(&message.payload) {
-            // Its gateway saw the request stored: in the stream, nothing to look for.
-            Ok(head) if head.request_seq.is_some() => {}
-            Ok(head) if head.status == Status::Accepted && head.created_at < threshold => {
-                oldest = Some(oldest.map_or(head.created_at, |o| o.min(head.created_at)));
-                found.insert(head.job_id);
-            }
-            Ok(_) => {}
-            Err(err) => {
-                report.unreadable += 1;
-                tracing::warn!(subject = %message.subject, error = %err, "unreadable status document skipped by the sweep");
-            }
-        }
-    }
-    Ok(oldest.map(|oldest| (found, oldest)))
-}
-
-/// Step 2: removes from `candidates` every job whose request is in the stream at or after
-/// `start_time`, and returns how many it removed.
+/// Step 2: removes from `candidates` every job whose request is in the stream since `oldest`
+/// (the oldest candidate's `created_at`), and returns how many it removed.
 async fn remove_published(
     state: &AppState,
-    start_time: OffsetDateTime,
+    oldest: OffsetDateTime,
     candidates: &mut HashSet<String>,
 ) -> Result<usize, SweepError> {
     /// The part of a request event the sweep needs, when its message has no usable header.
@@ -306,17 +190,26 @@ async fn remove_published(
             filter_subject: Event::Requested.filter(),
             // The header names the job; the payload, with the job's input, is not needed.
             headers_only: true,
-            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            deliver_policy: DeliverPolicy::ByStartTime {
+                start_time: allowing_for_skew(oldest),
+            },
             ..Default::default()
         },
     )
     .await
-    .map_err(SweepError::Stream)?;
+    .map_err(|err| SweepError::Stream(err.to_string()))?;
 
     let suffix = format!(".{}", Event::Requested.token());
     let mut removed = 0;
     while !candidates.is_empty()
-        && let Some(message) = scan.next().await.map_err(SweepError::Stream)?
+        && let Some(Scanned {
+            message,
+            stream_sequence,
+            ..
+        }) = scan
+            .next()
+            .await
+            .map_err(|err| SweepError::Stream(err.to_string()))?
     {
         let from_header = message
             .headers
@@ -327,12 +220,8 @@ async fn remove_published(
             Some(job_id) => job_id.to_owned(),
             // Published without our header (by hand, say): read the job id from the payload.
             None => {
-                let sequence = message
-                    .info()
-                    .map_err(|err| SweepError::Stream(err.to_string()))?
-                    .stream_sequence;
                 let raw = stream
-                    .get_raw_message(sequence)
+                    .get_raw_message(stream_sequence)
                     .await
                     .map_err(|err| SweepError::Stream(err.to_string()))?;
                 match serde_json::from_slice::<Request>(&raw.payload) {
@@ -378,120 +267,5 @@ async fn republish(state: &AppState, job_id: String) -> Outcome {
             tracing::warn!(%job_id, error = %err, "sweep: could not publish the job's request");
             Outcome::Failed
         }
-    }
-}
-
-/// The stream sequence of the message published with `Nats-Msg-Id: msg_id` on `filter` at or
-/// after `start_time`, if there is one: proof that an event is stored, for a republish that
-/// would otherwise be stored twice once the duplicate window has passed. Reads headers only.
-pub(crate) async fn find_msg_id(
-    stream: &Stream,
-    filter: String,
-    start_time: OffsetDateTime,
-    msg_id: &str,
-) -> Result<Option<u64>, String> {
-    let mut scan = Scan::open(
-        stream,
-        OrderedConfig {
-            filter_subject: filter,
-            headers_only: true,
-            deliver_policy: DeliverPolicy::ByStartTime { start_time },
-            ..Default::default()
-        },
-    )
-    .await?;
-    while let Some(message) = scan.next().await? {
-        let found = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(NATS_MESSAGE_ID))
-            .is_some_and(|id| id.as_str() == msg_id);
-        if found {
-            let info = message.info().map_err(|err| err.to_string())?;
-            return Ok(Some(info.stream_sequence));
-        }
-    }
-    Ok(None)
-}
-
-/// One pass over what an ordered consumer delivers, up to the end of the stream as it was
-/// when the pass began: the message after which the server counts nothing pending, or the
-/// first one stored after the pass began, whichever comes first.
-struct Scan {
-    messages: Option<Ordered>,
-    last_sequence: u64,
-}
-
-impl Scan {
-    async fn open(stream: &Stream, config: OrderedConfig) -> Result<Self, String> {
-        let last_sequence = stream
-            .get_info()
-            .await
-            .map_err(|err| err.to_string())?
-            .state
-            .last_sequence;
-        let consumer = stream
-            .create_consumer(config)
-            .await
-            .map_err(|err| err.to_string())?;
-        let messages = if consumer.cached_info().num_pending == 0 {
-            None
-        } else {
-            Some(consumer.messages().await.map_err(|err| err.to_string())?)
-        };
-        Ok(Self {
-            messages,
-            last_sequence,
-        })
-    }
-
-    async fn next(&mut self) -> Result<Option<jetstream::Message>, String> {
-        let Some(messages) = self.messages.as_mut() else {
-            return Ok(None);
-        };
-        let message = match tokio::time::timeout(IDLE_TIMEOUT, messages.next()).await {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(err))) => return Err(err.to_string()),
-            Ok(None) => return Err("the consumer ended before the end of the stream".into()),
-            Err(_) => {
-                return Err(format!(
-                    "nothing received for {IDLE_TIMEOUT:?} before the end of the stream"
-                ));
-            }
-        };
-        let info = message.info().map_err(|err| err.to_string())?;
-        if info.pending == 0 || info.stream_sequence >= self.last_sequence {
-            self.messages = None;
-        }
-        Ok(Some(message))
-    }
-}
-
-pub(crate) fn to_time(duration: Duration) -> time::Duration {
-    time::Duration::try_from(duration).unwrap_or(time::Duration::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use jetcall::Kind;
-    use jetcall::events::JobRequested;
-    use jetcall::status::JobStatus;
-
-    #[test]
-    fn an_accepted_document_starts_with_the_prefix_the_sweep_looks_for() {
-        let request = JobRequested {
-            job_id: JobId::parse("JOB-771").expect("valid id"),
-            kind: Kind::product_description(),
-            input: serde_json::Map::new(),
-            callback_url: "http://127.0.0.1:9/hook".into(),
-            metadata: serde_json::Map::new(),
-            requested_at: OffsetDateTime::UNIX_EPOCH,
-        };
-        let mut doc = JobStatus::accepted(&request, "digest".into());
-        let encoded = jetcall::store::encode(&doc);
-        assert!(encoded.starts_with(ACCEPTED_PREFIX), "{encoded:?}");
-        doc.status = Status::Generating;
-        assert!(!jetcall::store::encode(&doc).starts_with(ACCEPTED_PREFIX));
     }
 }

@@ -1,4 +1,11 @@
-//! Human-readable durations (`"500ms"`, `"5m"`) for lists, which `humantime_serde` does not cover.
+//! Human-readable durations (`"500ms"`, `"5m"`) for lists, which `humantime_serde` does not
+//! cover, and a `std` duration as a `time` one for arithmetic on timestamps.
+
+/// `duration` as a `time::Duration`, saturating: a configured duration too long to add to a
+/// timestamp means "for ever", never a panic.
+pub fn to_time(duration: std::time::Duration) -> time::Duration {
+    time::Duration::try_from(duration).unwrap_or(time::Duration::MAX)
+}
 
 /// `#[serde(with = "crate::durations::list")]` for a `Vec<Duration>`.
 pub mod list {

@@ -8,6 +8,8 @@ pub const STREAM_SUBJECTS: &str = "jobs.>";
 pub const STATUS_BUCKET: &str = "job_status";
 /// Shared LLM rate-limit budgets, one key per provider; owned by the generator.
 pub const LIMITS_BUCKET: &str = "llm_limits";
+/// The `job_status` key whose lease says which gateway sweeps (see `StatusStore::take_lease`).
+pub const SWEEP_LEASE_KEY: &str = "gateway.sweep";
 pub const GENERATOR_CONSUMER: &str = "generator";
 pub const CALLBACK_CONSUMER: &str = "callback";
 

@@ -72,3 +72,13 @@ pub async fn completed_job(
     .await?;
     Ok(())
 }
+
+/// The `job_status` bucket itself, as an operator's `nats kv` sees it: for tests that write
+/// what no service would (a corrupt or foreign document) or read what a service stored.
+pub async fn status_bucket(topology: &Topology) -> async_nats::jetstream::kv::Store {
+    topology
+        .jetstream
+        .get_key_value(jetcall::subjects::STATUS_BUCKET)
+        .await
+        .expect("the job_status bucket")
+}

@@ -137,7 +137,11 @@ async fn wait_ok(stack: &mut Stack, http: &reqwest::Client, url: &str) -> anyhow
 /// Messages stored so far in the `JOBS` stream and the `job_status` bucket.
 async fn jetstream_writes(topology: &jetcall::topology::Topology) -> anyhow::Result<u64> {
     let jobs = topology.stream.get_info().await?.state.last_sequence;
-    let mut bucket = topology.status.kv().stream.clone();
+    let mut bucket = topology
+        .jetstream
+        .get_key_value(jetcall::subjects::STATUS_BUCKET)
+        .await?
+        .stream;
     let status = bucket.info().await?.state.last_sequence;
     Ok(jobs + status)
 }

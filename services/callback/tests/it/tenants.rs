@@ -36,9 +36,8 @@ async fn completed_for(topology: &Topology, id: &str, tenant: &str, callback_url
     doc.result = Some(json!({"description": "Cool."}));
     let mut value = serde_json::to_value(&doc).expect("JSON");
     value["tenant"] = json!(tenant);
-    topology
-        .status
-        .kv()
+    testkit::jobs::status_bucket(topology)
+        .await
         .create(id, serde_json::to_vec(&value).expect("JSON").into())
         .await
         .expect("record the job");
@@ -56,7 +55,11 @@ async fn completed_for(topology: &Topology, id: &str, tenant: &str, callback_url
 async fn final_status(topology: &Topology, id: &str) -> Value {
     let job_id = JobId::parse(id).expect("id");
     wait_until("the job to end", WAIT, || async {
-        let raw = topology.status.kv().get(job_id.as_str()).await.ok()??;
+        let raw = testkit::jobs::status_bucket(topology)
+            .await
+            .get(job_id.as_str())
+            .await
+            .ok()??;
         let doc: Value = serde_json::from_slice(&raw).ok()?;
         matches!(doc["status"].as_str(), Some("delivered" | "undeliverable")).then_some(doc)
     })

@@ -270,10 +270,8 @@ async fn a_job_can_bring_its_own_signing_secret() {
         "the secret is never shown"
     );
     // Nor readable in the bucket, as `nats kv get job_status JOB-OWN` shows it.
-    let stored = pipeline
-        .topology
-        .status
-        .kv()
+    let stored = testkit::jobs::status_bucket(&pipeline.topology)
+        .await
         .get("JOB-OWN")
         .await
         .expect("KV get")

@@ -136,7 +136,11 @@ impl Gateway {
     /// is not one).
     pub async fn recorded(&self) -> usize {
         use futures::StreamExt;
-        match self.topology.status.kv().keys().await {
+        match testkit::jobs::status_bucket(&self.topology)
+            .await
+            .keys()
+            .await
+        {
             Ok(keys) => {
                 keys.filter(|key| {
                     let is_job = key

@@ -23,10 +23,8 @@ fn with_secret(job_id: &str) -> Value {
 
 /// What a reader of the bucket sees: `nats kv get job_status <id>`.
 async fn stored(gateway: &Gateway, id: &str) -> String {
-    let value = gateway
-        .topology
-        .status
-        .kv()
+    let value = testkit::jobs::status_bucket(&gateway.topology)
+        .await
         .get(JobId::parse(id).expect("id").as_str())
         .await
         .expect("KV get")

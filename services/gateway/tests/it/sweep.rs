@@ -223,9 +223,8 @@ async fn recent_and_moved_on_jobs_are_left_alone() {
     .await;
     // Deleted keys leave a marker with no value.
     record(&topology, &request("JOB-GONE", LONG_AGO), Status::Accepted).await;
-    topology
-        .status
-        .kv()
+    testkit::jobs::status_bucket(&topology)
+        .await
         .delete("JOB-GONE")
         .await
         .expect("deleted");
@@ -303,10 +302,8 @@ async fn a_running_gateway_sweeps_again_without_a_restart() {
 async fn the_sweeping_gateway_holds_a_lease_and_hands_it_back() {
     let gateway = Gateway::start(&[]).await;
     assert_eq!(swept(&gateway).await, 0.0);
-    let lease = gateway
-        .topology
-        .status
-        .kv()
+    let lease = testkit::jobs::status_bucket(&gateway.topology)
+        .await
         .get("gateway.sweep")
         .await
         .expect("read")

@@ -42,7 +42,11 @@ async fn provisioning_creates_the_documented_topology() {
         ["jobs.completed.>", "jobs.failed.>"]
     );
 
-    let bucket = topology.status.kv().status().await.expect("bucket status");
+    let bucket = testkit::jobs::status_bucket(&topology)
+        .await
+        .status()
+        .await
+        .expect("bucket status");
     assert_eq!(bucket.bucket(), "job_status");
     assert!(bucket.history() >= 5);
 }
