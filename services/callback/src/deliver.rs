@@ -10,7 +10,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use time::OffsetDateTime;
 use url::{Host, Url};
 
-use jetcall::allowlist::{Allowlist, address_exemptions};
+use jetcall::allowlist::Allowlist;
 use jetcall::config::{CallbackConfig, GatewayConfig};
 use jetcall::retry::parse_retry_after;
 use jetcall::signing::Signer;
@@ -61,7 +61,7 @@ pub struct Sender {
     http: reqwest::Client,
     allowlist: Arc<Allowlist>,
     /// Whose address and CIDR entries let a non-public address through
-    /// (`jetcall::allowlist::address_exemptions`).
+    /// (`GatewayConfig::address_exemptions`).
     exemptions: Arc<Allowlist>,
 }
 
@@ -220,7 +220,7 @@ impl Sender {
 }
 
 /// A sender for each tenant policy: which non-public addresses a job may reach depends on the
-/// key that submitted it (`jetcall::allowlist::address_exemptions`).
+/// key that submitted it (`GatewayConfig::address_exemptions`).
 #[derive(Debug)]
 pub struct Senders {
     /// Tenants whose key has an allowlist of its own, so exemptions of its own.
@@ -231,19 +231,24 @@ pub struct Senders {
 }
 
 impl Senders {
-    pub fn new(config: &CallbackConfig, gateway: &GatewayConfig) -> Result<Self, SendersError> {
-        let allowlist = Allowlist::parse(&gateway.callback_allowlist)?;
+    pub fn new(config: &CallbackConfig, gateway: &GatewayConfig) -> Result<Self, reqwest::Error> {
+        let allowlist = &gateway.callback_allowlist;
+        let exemptions_of = |tenant: Option<&str>| {
+            gateway
+                .address_exemptions(tenant)
+                .cloned()
+                .unwrap_or_default()
+        };
         let mut by_tenant = HashMap::new();
         for (index, key) in gateway.api_keys.iter().enumerate() {
             let tenant = key.tenant(index);
             if key.callback_allowlist().is_some() && !by_tenant.contains_key(&tenant) {
-                let exemptions = address_exemptions(gateway, Some(&tenant))?;
+                let exemptions = exemptions_of(Some(&tenant));
                 let sender = Sender::with_exemptions(config, allowlist.clone(), exemptions)?;
                 by_tenant.insert(tenant, sender);
             }
         }
-        let exemptions = address_exemptions(gateway, None)?;
-        let others = Sender::with_exemptions(config, allowlist, exemptions)?;
+        let others = Sender::with_exemptions(config, allowlist.clone(), exemptions_of(None))?;
         Ok(Self { by_tenant, others })
     }
 
@@ -252,14 +257,6 @@ impl Senders {
             .and_then(|tenant| self.by_tenant.get(tenant))
             .unwrap_or(&self.others)
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SendersError {
-    #[error("invalid configuration: a callback allowlist: {0}")]
-    Allowlist(#[from] jetcall::allowlist::AllowlistError),
-    #[error("could not build the HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
 }
 
 /// The refusal our resolver raised, if that is why the request failed.

@@ -16,7 +16,6 @@ use jetcall::Config;
 use jetcall::admin::Admin;
 use jetcall::connect::{ConnectError, connect, provision_with_retry};
 use jetcall::consume::consume;
-use jetcall::signing::Signer;
 
 pub use hosts::BREAKER_THRESHOLD;
 pub use worker::{Step, Worker};
@@ -27,12 +26,8 @@ pub enum CallbackError {
         "invalid configuration: `callback.signing_secret` is required (a `whsec_<base64>` secret; several while rotating keys)"
     )]
     MissingSigningSecret,
-    #[error("invalid configuration: `callback.signing_secret` {0}")]
-    BadSigningSecret(#[from] jetcall::signing::SigningKeyError),
-    #[error(transparent)]
-    Senders(#[from] deliver::SendersError),
-    #[error("invalid configuration: `callback.secrets_key` {0}")]
-    SecretsKey(#[from] jetcall::sealing::SealingError),
+    #[error("could not build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error(transparent)]
@@ -51,19 +46,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), CallbackError> {
-    let secrets = config
+    let signer = config
         .callback
-        .signing_secret
-        .as_ref()
+        .signer()
         .ok_or(CallbackError::MissingSigningSecret)?;
-    let signer = Signer::from_secrets(secrets.to_vec().into_iter().map(|secret| secret.expose()))?;
     let senders = Arc::new(deliver::Senders::new(&config.callback, &config.gateway)?);
-    let secrets_key = config
-        .callback
-        .secrets_key
-        .as_ref()
-        .map(jetcall::sealing::SecretsKey::parse)
-        .transpose()?;
+    let secrets_key = config.callback.secrets_key.clone();
     let client = connect(&config, "jetcall-callback").await?;
     let topology = match provision_with_retry(&client, &config, &shutdown).await {
         Ok(topology) => topology,

@@ -8,7 +8,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
-use jetcall::allowlist::{Allowlist, AllowlistError};
+use jetcall::allowlist::Allowlist;
 use jetcall::config::{ApiKey, Role};
 use jetcall::ssrf::check_address;
 use jetcall::status::JobStatus;
@@ -92,7 +92,7 @@ pub fn may_see(caller: Option<&Caller>, doc: &JobStatus) -> bool {
 pub struct Keys(Vec<Arc<Caller>>);
 
 impl Keys {
-    pub fn new(keys: &[ApiKey]) -> Result<Self, AllowlistError> {
+    pub fn new(keys: &[ApiKey]) -> Self {
         let callers = keys
             .iter()
             .enumerate()
@@ -102,8 +102,8 @@ impl Keys {
                     ApiKey::Key(_) => None,
                     ApiKey::Scoped(scoped) => Some(scoped),
                 };
-                let allowlist = key.callback_allowlist().map(Allowlist::parse).transpose()?;
-                Ok(Arc::new(Caller {
+                let allowlist = key.callback_allowlist().cloned();
+                Arc::new(Caller {
                     digest,
                     name: key.tenant(index),
                     role: key.role(),
@@ -112,10 +112,10 @@ impl Keys {
                     rate: scoped
                         .and_then(|scoped| scoped.requests_per_second)
                         .map(|rate| RateLimiter::direct(Quota::per_second(rate))),
-                }))
+                })
             })
-            .collect::<Result<_, AllowlistError>>()?;
-        Ok(Self(callers))
+            .collect();
+        Self(callers)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -26,7 +26,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
-use jetcall::allowlist::Allowlist;
 use jetcall::connect::{ConnectError, connect, provision_with_retry};
 
 pub use error::ApiError;
@@ -35,10 +34,6 @@ pub use error::ApiError;
 pub enum GatewayError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("invalid configuration: a callback allowlist: {0}")]
-    Allowlist(#[from] jetcall::allowlist::AllowlistError),
-    #[error("invalid configuration: `callback.secrets_key` {0}")]
-    SecretsKey(#[from] jetcall::sealing::SealingError),
     #[error("HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -64,7 +59,7 @@ pub async fn run(
     // What callers may make the callback service reach: worth seeing at start, since it
     // decides which hosts and internal addresses a submission can point at.
     tracing::info!(
-        callback_allowlist = ?config.gateway.callback_allowlist,
+        callback_allowlist = ?config.gateway.callback_allowlist.written(),
         keys_with_own_allowlist = config
             .gateway
             .api_keys
@@ -73,16 +68,10 @@ pub async fn run(
             .count(),
         "callback destinations allowed (`*`: any public address; loopback and private ones only where an entry names their address)"
     );
-    let secrets_key = config
-        .callback
-        .secrets_key
-        .as_ref()
-        .map(jetcall::sealing::SecretsKey::parse)
-        .transpose()?;
     let state = state::AppState::new(state::Shared {
-        allowlist: Allowlist::parse(&config.gateway.callback_allowlist)?,
-        secrets_key,
-        keys: keys::Keys::new(&config.gateway.api_keys)?,
+        allowlist: config.gateway.callback_allowlist.clone(),
+        secrets_key: config.callback.secrets_key.clone(),
+        keys: keys::Keys::new(&config.gateway.api_keys),
         in_flight: shed::Limit::new(config.gateway.max_in_flight),
         event_streams: shed::Limit::new(config.gateway.max_event_streams),
         event_streams_per_key: shed::PerKey::new(config.gateway.max_event_streams_per_key),

@@ -6,8 +6,6 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use url::{Host, Url};
 
-use crate::config::GatewayConfig;
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("allowlist entry `{entry}` is neither a host, a `*.domain` pattern, a CIDR nor `*`")]
 pub struct AllowlistError {
@@ -40,18 +38,58 @@ enum Entry {
     Ip(IpAddr),
 }
 
-#[derive(Debug, Clone, Default)]
+/// Parsed where the configuration is read, and kept with its entries as written: those are
+/// what logs show and what a configuration serialises back to.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
 pub struct Allowlist {
+    written: Vec<String>,
     entries: Vec<Entry>,
+}
+
+impl PartialEq for Allowlist {
+    fn eq(&self, other: &Self) -> bool {
+        self.written == other.written
+    }
+}
+
+impl Eq for Allowlist {}
+
+impl TryFrom<Vec<String>> for Allowlist {
+    type Error = AllowlistError;
+
+    fn try_from(written: Vec<String>) -> Result<Self, AllowlistError> {
+        Self::parse(&written)
+    }
+}
+
+impl From<Allowlist> for Vec<String> {
+    fn from(allowlist: Allowlist) -> Self {
+        allowlist.written
+    }
 }
 
 impl Allowlist {
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, AllowlistError> {
-        let entries = entries
+        let written: Vec<String> = entries.iter().map(|e| e.as_ref().to_owned()).collect();
+        let entries = written
             .iter()
-            .map(|entry| parse_entry(entry.as_ref()))
+            .map(|entry| parse_entry(entry))
             .collect::<Result<_, _>>()?;
-        Ok(Self { entries })
+        Ok(Self { written, entries })
+    }
+
+    /// `*`: any host at a public address.
+    pub fn any_public() -> Self {
+        Self {
+            written: vec!["*".into()],
+            entries: vec![Entry::AnyPublic],
+        }
+    }
+
+    /// The entries as they were written.
+    pub fn written(&self) -> &[String] {
+        &self.written
     }
 
     /// Checks a callback URL as a caller submitted it.
@@ -105,28 +143,6 @@ impl Allowlist {
             Entry::Host(_) | Entry::Suffix(_) | Entry::AnyPublic => false,
         })
     }
-}
-
-/// The allowlist whose address and CIDR entries exempt a job's destination from the refusal
-/// of special-purpose addresses. Without API keys there is one tenant, the operator's, and it
-/// is `gateway.callback_allowlist`. With keys it is the allowlist of the job's own key: an
-/// exemption the gateway's list makes for one tenant's internal receiver must not let another
-/// tenant's DNS names point into that range. A key without a list of its own, or a tenant no
-/// key names any more, has none.
-pub fn address_exemptions(
-    gateway: &GatewayConfig,
-    tenant: Option<&str>,
-) -> Result<Allowlist, AllowlistError> {
-    if gateway.api_keys.is_empty() {
-        return Allowlist::parse(&gateway.callback_allowlist);
-    }
-    let own = gateway
-        .api_keys
-        .iter()
-        .enumerate()
-        .find(|(index, key)| Some(key.tenant(*index).as_str()) == tenant)
-        .and_then(|(_, key)| key.callback_allowlist());
-    own.map_or_else(|| Ok(Allowlist::default()), Allowlist::parse)
 }
 
 /// `url` as a log line may show it: without userinfo, query or fragment, which may carry the

@@ -34,11 +34,28 @@ pub enum SealingError {
     DoesNotOpen,
 }
 
-/// `callback.secrets_key`, as the two keys derived from it.
-#[derive(Clone)]
+/// `callback.secrets_key`, as the two keys derived from it (and as it was written, for a
+/// configuration serialised back).
+#[derive(Clone, serde::Serialize)]
+#[serde(into = "Secret")]
 pub struct SecretsKey {
     seal: Arc<LessSafeKey>,
     digest: hmac::Key,
+    written: Secret,
+}
+
+impl TryFrom<String> for SecretsKey {
+    type Error = SealingError;
+
+    fn try_from(written: String) -> Result<Self, SealingError> {
+        Self::parse(&Secret::new(written))
+    }
+}
+
+impl From<SecretsKey> for Secret {
+    fn from(key: SecretsKey) -> Self {
+        key.written
+    }
 }
 
 impl fmt::Debug for SecretsKey {
@@ -68,6 +85,7 @@ impl SecretsKey {
         Ok(Self {
             seal: Arc::new(LessSafeKey::new(seal)),
             digest,
+            written: configured.clone(),
         })
     }
 

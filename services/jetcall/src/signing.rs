@@ -15,9 +15,24 @@ pub enum SigningKeyError {
     TooShort(usize),
 }
 
-/// One decoded signing secret.
-#[derive(Clone)]
+/// One decoded signing secret; read from and written as `whsec_<base64>`.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct SigningKey(Vec<u8>);
+
+impl TryFrom<String> for SigningKey {
+    type Error = SigningKeyError;
+
+    fn try_from(secret: String) -> Result<Self, SigningKeyError> {
+        Self::parse(&secret)
+    }
+}
+
+impl From<SigningKey> for String {
+    fn from(key: SigningKey) -> Self {
+        format!("{SECRET_PREFIX}{}", STANDARD.encode(&key.0))
+    }
+}
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

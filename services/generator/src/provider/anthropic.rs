@@ -6,7 +6,7 @@ use ::http::StatusCode;
 use ::http::header::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
-use jetcall::config::{AnthropicConfig, Secret};
+use jetcall::config::{LlmEndpointConfig, Secret};
 use jetcall::events::Usage;
 
 use time::OffsetDateTime;
@@ -82,7 +82,7 @@ pub struct Anthropic {
 
 impl Anthropic {
     pub fn new(
-        config: &AnthropicConfig,
+        config: &LlmEndpointConfig,
         api_key: Secret,
         concurrency: usize,
     ) -> Result<Self, ProviderSetupError> {

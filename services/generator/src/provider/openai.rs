@@ -9,7 +9,7 @@ use ::http::header::{AUTHORIZATION, HeaderMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use jetcall::config::OpenAiConfig;
+use jetcall::config::LlmEndpointConfig;
 use jetcall::events::Usage;
 
 use super::{Disposition, Generation, GenerationRequest, LlmError, ProviderSetupError, http};
@@ -70,7 +70,7 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    pub fn new(config: &OpenAiConfig, concurrency: usize) -> Result<Self, ProviderSetupError> {
+    pub fn new(config: &LlmEndpointConfig, concurrency: usize) -> Result<Self, ProviderSetupError> {
         let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
         let http = http::Transport::new(http::Settings {
             url,
