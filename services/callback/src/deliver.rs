@@ -1,20 +1,20 @@
 //! One webhook delivery attempt over HTTP, with the delivery-time SSRF checks.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use time::OffsetDateTime;
-use url::{Host, Url};
+use url::Url;
 
 use jetcall::allowlist::Allowlist;
 use jetcall::config::{CallbackConfig, GatewayConfig};
 use jetcall::retry::parse_retry_after;
 use jetcall::signing::Signer;
-use jetcall::ssrf::{ForbiddenAddress, check_address};
+use jetcall::ssrf::ForbiddenAddress;
 use jetcall::status::DeliveryAttempt;
 use jetcall::trace::{self, TraceParent};
 
@@ -48,7 +48,7 @@ impl Resolve for CheckedResolver {
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
             for addr in &addrs {
-                check_address(addr.ip(), &allowlist)?;
+                allowlist.check_address(addr.ip())?;
             }
             let addrs: Addrs = Box::new(addrs.into_iter());
             Ok(addrs)
@@ -109,14 +109,9 @@ impl Sender {
             .allowlist
             .check(url)
             .map_err(|err| format!("callback_url {err}"))?;
-        let literal = match url.host() {
-            Some(Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
-            Some(Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
-            _ => None,
-        };
-        if let Some(ip) = literal {
-            check_address(ip, &self.exemptions).map_err(|err| err.to_string())?;
-        }
+        self.exemptions
+            .check_url_address(&url)
+            .map_err(|err| err.to_string())?;
         Ok(url)
     }
 

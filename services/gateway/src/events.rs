@@ -55,7 +55,7 @@ pub(crate) async fn job_events(
     job_id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let job_id = &crate::routes::parse_path_id(job_id)?;
+    let job_id = &crate::extract::parse_path_id(job_id)?;
     let caller = caller.as_deref().map(Arc::as_ref);
     let own = caller
         .map(|caller| {

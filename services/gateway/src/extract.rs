@@ -1,11 +1,14 @@
 //! A JSON body extractor whose every failure is one of our JSON errors, naming the field.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Request};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, Path, Request};
 use axum::http::{StatusCode, header};
 use bytes::BytesMut;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
+
+use jetcall::JobId;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -15,7 +18,7 @@ use crate::state::AppState;
 pub struct JsonBody<T>(pub T);
 
 /// A JSON request body of at most `gateway.max_batch_bytes`: the route using it must carry a
-/// `DefaultBodyLimit` of that size (see `routes::router`).
+/// `DefaultBodyLimit` of that size (see `app::router`).
 #[derive(Debug)]
 pub struct BatchBody<T>(pub T);
 
@@ -64,7 +67,7 @@ async fn read(request: Request, state: &AppState, limit: usize) -> Result<Bytes,
         })
 }
 
-/// The path whose body limit is `gateway.max_batch_bytes` (see `routes::router`).
+/// The path whose body limit is `gateway.max_batch_bytes` (see `app::router`).
 const BATCH_PATH: &str = "/api/v1/jobs/batch";
 
 /// Reads the whole body of `request` within `gateway.body_timeout`, and no more than its
@@ -165,6 +168,15 @@ fn field_in_message(err: &serde_json::Error) -> String {
         .nth(1)
         .map(str::to_owned)
         .unwrap_or_else(|| ".".into())
+}
+
+/// A job id from the path; one that cannot be an id cannot name a job either.
+pub fn parse_path_id(job_id: Result<Path<String>, PathRejection>) -> Result<JobId, ApiError> {
+    let Path(job_id) = job_id.map_err(|err| ApiError::NotFound(err.body_text()))?;
+    JobId::parse(&job_id).map_err(|_| {
+        let shown: String = job_id.chars().take(JobId::MAX_LEN).collect();
+        ApiError::NotFound(format!("no job with id `{shown}`"))
+    })
 }
 
 #[cfg(test)]

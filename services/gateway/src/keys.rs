@@ -10,9 +10,8 @@ use sha2::{Digest, Sha256};
 
 use jetcall::allowlist::Allowlist;
 use jetcall::config::{ApiKey, Role};
-use jetcall::ssrf::check_address;
 use jetcall::status::JobStatus;
-use url::{Host, Url};
+use url::Url;
 
 use crate::error::ApiError;
 
@@ -45,19 +44,14 @@ impl Caller {
                 ))
             })?;
         }
-        let literal = match callback_url.host() {
-            Some(Host::Ipv4(ip)) => Some(ip.into()),
-            Some(Host::Ipv6(ip)) => Some(ip.into()),
-            _ => None,
-        };
-        if let Some(ip) = literal {
-            check_address(ip, &self.exemptions).map_err(|forbidden| {
+        self.exemptions
+            .check_url_address(callback_url)
+            .map_err(|forbidden| {
                 ApiError::InvalidCallbackUrl(format!(
                     "{forbidden}, which API key `{}` may not call back to (its own callback_allowlist does not name it)",
                     self.name
                 ))
             })?;
-        }
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! JetStream has stored it.
 
 mod accept;
+mod app;
 mod batch;
 mod error;
 mod events;
@@ -11,6 +12,7 @@ mod input_schema;
 mod keys;
 mod listing;
 mod metrics;
+mod middleware;
 mod openapi;
 mod redeliver;
 mod routes;
@@ -85,7 +87,7 @@ pub async fn run(
     let sweeping = tokio::spawn(sweep::periodically(state.clone(), shutdown.clone()));
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
     let header_timeout = state.config.gateway.header_timeout;
-    serve::serve(listener, routes::router(state), header_timeout, shutdown).await;
+    serve::serve(listener, app::router(state), header_timeout, shutdown).await;
     // The sweep hands its lease back before the connection goes.
     let _ = sweeping.await;
     // Make sure nothing we published is still sitting in the client's buffer.

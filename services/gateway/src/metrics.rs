@@ -3,19 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::time::Instant;
-
-use crate::state::AppState;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -144,7 +137,7 @@ impl Metrics {
             .inc();
     }
 
-    fn request(&self, route: String, method: String, status: u16, took: Duration) {
+    pub fn request(&self, route: String, method: String, status: u16, took: Duration) {
         self.0
             .seconds
             .get_or_create(&RouteLabels {
@@ -161,46 +154,11 @@ impl Metrics {
             .inc();
     }
 
-    /// The OpenMetrics text exposition.
-    pub fn render(&self) -> String {
+    /// The OpenMetrics text exposition, with the gauges of the limits read off as it is
+    /// scraped rather than counted on every request.
+    pub fn render(&self, in_flight: usize, event_streams: usize) -> String {
+        self.0.in_flight.set(in_flight as i64);
+        self.0.event_streams.set(event_streams as i64);
         jetcall::metrics::render(&self.0.registry)
     }
-}
-
-/// Counts and times every request to a known route.
-pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let method = request.method().to_string();
-    let started = Instant::now();
-    let response = next.run(request).await;
-    state
-        .metrics
-        .request(route, method, response.status().as_u16(), started.elapsed());
-    response
-}
-
-/// The gateway's Prometheus metrics: requests by route, method and status, their latency, and
-/// new jobs by kind.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    operation_id = "metrics",
-    tag = "operations",
-    responses((status = 200, description = "The OpenMetrics text exposition", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")),
-)]
-pub async fn serve(State(state): State<AppState>) -> Response {
-    // Read off the limits when scraped rather than counted on every request.
-    let gauges = &state.metrics.0;
-    gauges.in_flight.set(state.in_flight.in_use() as i64);
-    gauges
-        .event_streams
-        .set(state.event_streams.in_use() as i64);
-    (
-        [(header::CONTENT_TYPE, jetcall::metrics::CONTENT_TYPE)],
-        state.metrics.render(),
-    )
-        .into_response()
 }

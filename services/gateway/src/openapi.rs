@@ -20,7 +20,7 @@ use crate::error::{ErrorBody, ErrorType};
 use jetcall::Config;
 
 use crate::state::AppState;
-use crate::{events, input_schema, listing, metrics, routes};
+use crate::{events, input_schema, listing, routes};
 
 /// The name of the API-key security scheme, as `security(...)` names it.
 pub const BEARER: &str = "bearer";
@@ -45,7 +45,7 @@ pub const BEARER: &str = "bearer";
         routes::redeliver_window,
         routes::healthz,
         routes::readyz,
-        metrics::serve,
+        routes::metrics,
         serve,
     ),
     components(schemas(ErrorBody, ErrorType)),

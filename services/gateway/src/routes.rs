@@ -3,13 +3,10 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -18,58 +15,13 @@ use jetcall::JobId;
 use crate::accept::{Accepted, accept};
 use crate::batch::{self, BatchResult, SubmitBatch};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{BatchBody, JsonBody};
+use crate::extract::{BatchBody, JsonBody, parse_path_id};
 use crate::keys::{Caller, may_see};
-use crate::metrics;
-use crate::openapi;
 use crate::redeliver;
 use crate::state::AppState;
 use crate::submission::{GenerateDescription, SubmitJob};
 use crate::trace::IncomingTrace;
 use crate::view::JobView;
-use crate::{events, listing, shed};
-
-pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/api/v1/generate-description", post(generate_description))
-        .route("/api/v1/jobs", post(submit_job).get(listing::list_jobs))
-        // The batch's own body limit; this inner layer wins over the router's. A GET here is
-        // the status of a job whose id is `batch`, as `/api/v1/jobs/{job_id}` would give it.
-        .route(
-            "/api/v1/jobs/batch",
-            post(submit_batch)
-                .layer(DefaultBodyLimit::max(state.config.gateway.max_batch_bytes))
-                .get(job_named_batch),
-        )
-        .route("/api/v1/jobs/{job_id}", get(job_status))
-        .route("/api/v1/jobs/{job_id}/events", get(events::job_events))
-        .route("/api/v1/jobs/{job_id}/redeliver", post(redeliver_job))
-        .route("/api/v1/deliveries/redeliver", post(redeliver_window))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ))
-        // Outermost, so a flood is turned away before any other work is done for it.
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            shed::limit_in_flight,
-        ));
-    Router::new()
-        .merge(api)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics::serve))
-        .route("/openapi.json", get(openapi::serve))
-        // Outside the API-key check, so refused requests are counted too.
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
-        .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(state.config.gateway.max_body_bytes))
-        .with_state(state)
-}
 
 /// Submit a product description job: the article's endpoint and body.
 ///
@@ -224,17 +176,6 @@ async fn status_of(
     }
 }
 
-/// A job id from the path; one that cannot be an id cannot name a job either.
-pub(crate) fn parse_path_id(
-    job_id: Result<Path<String>, PathRejection>,
-) -> Result<JobId, ApiError> {
-    let Path(job_id) = job_id.map_err(|err| ApiError::NotFound(err.body_text()))?;
-    JobId::parse(&job_id).map_err(|_| {
-        let shown: String = job_id.chars().take(JobId::MAX_LEN).collect();
-        ApiError::NotFound(format!("no job with id `{shown}`"))
-    })
-}
-
 /// Deliver an `undeliverable` job's webhook again, with a fresh retry schedule.
 #[utoipa::path(
     post,
@@ -363,28 +304,22 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// With keys configured, only a known key gets through, within its own request rate; the
-/// caller travels on as a request extension for the key's callback allowlist.
-async fn require_api_key(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    if state.keys.is_empty() {
-        return next.run(request).await;
-    }
-    let caller = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .and_then(|key| state.keys.identify(key.trim()));
-    let Some(caller) = caller else {
-        return ApiError::Unauthorized.into_response();
-    };
-    if let Err(limited) = caller.spend() {
-        return limited.into_response();
-    }
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+/// The gateway's Prometheus metrics: requests by route, method and status, their latency, and
+/// new jobs by kind.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses((status = 200, description = "The OpenMetrics text exposition", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")),
+)]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state
+        .metrics
+        .render(state.in_flight.in_use(), state.event_streams.in_use());
+    (
+        [(header::CONTENT_TYPE, jetcall::metrics::CONTENT_TYPE)],
+        text,
+    )
+        .into_response()
 }

@@ -5,13 +5,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
-use crate::state::AppState;
 
 /// The permits of one bounded resource: requests in flight, or open event streams.
 #[derive(Debug, Clone)]
@@ -80,21 +76,3 @@ impl PerKey {
 /// Holds a place in a [`Limit`] for as long as it lives.
 #[derive(Debug)]
 pub struct Permit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
-
-/// Reads the request's body within `gateway.body_timeout` and only then takes a place among
-/// `gateway.max_in_flight`: an upload that stalls holds no place, so slow or abandoned uploads
-/// cannot turn every other caller away, and it is cut off (`408`) at its deadline.
-pub async fn limit_in_flight(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let request = match crate::extract::buffer_body(request, &state).await {
-        Ok(request) => request,
-        Err(refused) => return refused.into_response(),
-    };
-    match state.in_flight.try_enter("requests") {
-        Ok(_permit) => next.run(request).await,
-        Err(overloaded) => overloaded.into_response(),
-    }
-}

@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use url::{Host, Url};
 
+use crate::ssrf::{ForbiddenAddress, special_range};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("allowlist entry `{entry}` is neither a host, a `*.domain` pattern, a CIDR nor `*`")]
 pub struct AllowlistError {
@@ -131,8 +133,28 @@ impl Allowlist {
     /// public under `*`.
     fn admits_literal(&self, ip: IpAddr) -> bool {
         self.allows_ip(ip)
-            || (self.entries.contains(&Entry::AnyPublic)
-                && crate::ssrf::special_range(ip).is_none())
+            || (self.entries.contains(&Entry::AnyPublic) && special_range(ip).is_none())
+    }
+
+    /// Refuses `ip` if it lies in a special-purpose range, unless this list names that
+    /// address or a range holding it explicitly (an IP or CIDR entry, not a host name).
+    pub fn check_address(&self, ip: IpAddr) -> Result<(), ForbiddenAddress> {
+        match special_range(ip) {
+            Some(range) if !self.allows_ip(ip) && !self.allows_ip(canonical(ip)) => {
+                Err(ForbiddenAddress { address: ip, range })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::check_address`] for a URL whose host is an address; a name is resolved, and
+    /// each address checked, when it is connected to.
+    pub fn check_url_address(&self, url: &Url) -> Result<(), ForbiddenAddress> {
+        match url.host() {
+            Some(Host::Ipv4(ip)) => self.check_address(IpAddr::V4(ip)),
+            Some(Host::Ipv6(ip)) => self.check_address(IpAddr::V6(ip)),
+            _ => Ok(()),
+        }
     }
 
     /// Whether an address or CIDR entry names `ip`: what exempts a special-purpose address.
@@ -142,6 +164,15 @@ impl Allowlist {
             Entry::Net(net) => net.contains(&ip),
             Entry::Host(_) | Entry::Suffix(_) | Entry::AnyPublic => false,
         })
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it stands for, so an allowlist entry
+/// `127.0.0.1` also covers `::ffff:127.0.0.1`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -297,5 +328,36 @@ mod tests {
         for bad in ["", "*.", "a..b", "10.0.0.0/99", "http://x"] {
             assert!(Allowlist::parse(&[bad]).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn only_an_explicit_address_or_range_in_the_allowlist_exempts() {
+        let by_name = Allowlist::parse(&["localhost"]).expect("allowlist");
+        assert!(
+            by_name
+                .check_address("127.0.0.1".parse().expect("ip"))
+                .is_err()
+        );
+        let by_address = Allowlist::parse(&["127.0.0.1", "10.0.0.0/8"]).expect("allowlist");
+        assert!(
+            by_address
+                .check_address("127.0.0.1".parse().expect("ip"))
+                .is_ok()
+        );
+        assert!(
+            by_address
+                .check_address("::ffff:127.0.0.1".parse().expect("ip"))
+                .is_ok()
+        );
+        assert!(
+            by_address
+                .check_address("10.9.8.7".parse().expect("ip"))
+                .is_ok()
+        );
+        assert!(
+            by_address
+                .check_address("127.0.0.2".parse().expect("ip"))
+                .is_err()
+        );
     }
 }

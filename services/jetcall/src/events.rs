@@ -80,7 +80,7 @@ pub struct DeliveryReport {
     pub kind: Kind,
     pub webhook_id: String,
     pub callback_url: String,
-    pub attempts: Vec<crate::status::DeliveryAttempt>,
+    pub attempts: Vec<DeliveryAttempt>,
     /// Why the last attempt was the last, for an undeliverable job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -88,4 +88,50 @@ pub struct DeliveryReport {
     pub payload: Value,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+}
+
+/// One try at delivering the webhook.
+///
+/// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeliveryAttempt {
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: OffsetDateTime,
+    pub duration_ms: u64,
+    /// The receiver's HTTP status, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub status_code: Option<u16>,
+    /// What kind of failure, when the attempt did not succeed: `http_status`, `timeout`,
+    /// `connect`, `request` or `refused` (the URL or its address is not allowed); or
+    /// `circuit_open`, a note that the delivery waits for its destination, which was no
+    /// request and spends no retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub error_kind: Option<String>,
+    /// What went wrong, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub error: Option<String>,
+    /// The start of the receiver's answer, on one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub response_excerpt: Option<String>,
+    /// Which delivery round the attempt belongs to: 0, then one more per redelivery.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub round: u32,
+}
+
+/// The `error_kind` of a note that a delivery waited for its destination's open circuit.
+pub const CIRCUIT_OPEN: &str = "circuit_open";
+
+impl DeliveryAttempt {
+    /// Whether this entry is a try at the URL, which spends one step of the retry schedule:
+    /// everything but a `circuit_open` note, which records a wait with no request. (A
+    /// `refused` URL was tried and ends the round at once.)
+    pub fn spends_a_retry(&self) -> bool {
+        self.error_kind.as_deref() != Some(CIRCUIT_OPEN)
+    }
 }

@@ -19,6 +19,7 @@ pub mod publish;
 pub mod retry;
 pub mod scan;
 pub mod sealing;
+pub mod secret;
 pub mod shutdown;
 pub mod signing;
 pub mod ssrf;

@@ -19,8 +19,8 @@ use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundK
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::config::Secret;
 use crate::job::JobId;
+use crate::secret::Secret;
 
 /// Marks the format, so another one can follow without guessing.
 const VERSION: &str = "v1.";

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+pub use crate::events::{CIRCUIT_OPEN, DeliveryAttempt};
 use crate::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
 use crate::job::{JobId, Kind};
 
@@ -57,52 +58,6 @@ impl Status {
             Status::Delivered => "delivered",
             Status::Undeliverable => "undeliverable",
         }
-    }
-}
-
-/// One try at delivering the webhook.
-///
-/// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct DeliveryAttempt {
-    #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
-    pub at: OffsetDateTime,
-    pub duration_ms: u64,
-    /// The receiver's HTTP status, when it answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub status_code: Option<u16>,
-    /// What kind of failure, when the attempt did not succeed: `http_status`, `timeout`,
-    /// `connect`, `request` or `refused` (the URL or its address is not allowed); or
-    /// `circuit_open`, a note that the delivery waits for its destination, which was no
-    /// request and spends no retry.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub error_kind: Option<String>,
-    /// What went wrong, for people.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub error: Option<String>,
-    /// The start of the receiver's answer, on one line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub response_excerpt: Option<String>,
-    /// Which delivery round the attempt belongs to: 0, then one more per redelivery.
-    #[serde(default)]
-    #[schema(required = true)]
-    pub round: u32,
-}
-
-/// The `error_kind` of a note that a delivery waited for its destination's open circuit.
-pub const CIRCUIT_OPEN: &str = "circuit_open";
-
-impl DeliveryAttempt {
-    /// Whether this entry is a try at the URL, which spends one step of the retry schedule:
-    /// everything but a `circuit_open` note, which records a wait with no request. (A
-    /// `refused` URL was tried and ends the round at once.)
-    pub fn spends_a_retry(&self) -> bool {
-        self.error_kind.as_deref() != Some(CIRCUIT_OPEN)
     }
 }
 

@@ -27,6 +27,8 @@ pub use generator::{GeneratorConfig, LlmEndpointConfig, ProviderChoice};
 pub use log::{LogConfig, LogFormat};
 pub use nats::NatsConfig;
 
+pub use crate::secret::Secret;
+
 /// Why a configuration could not be used. The message always names the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -44,27 +46,6 @@ impl ConfigError {
             key: key.into(),
             problem: problem.into(),
         }
-    }
-}
-
-/// A string that must never reach a log line, such as an API key or a signing secret.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(\"***\")")
     }
 }
 
