@@ -17,14 +17,14 @@ use crate::harness::{Gateway, article_job};
 
 /// The router's source: the routes it declares are read from it, so a route added there and
 /// not to the document fails [`every_route_the_router_serves_is_documented`].
-const ROUTES_RS: &str = include_str!("../../src/routes.rs");
+const ROUTER_RS: &str = include_str!("../../src/app.rs");
 
 const METHODS: [&str; 5] = ["get", "post", "put", "delete", "patch"];
 
-/// (method, path) of every `.route(...)` in `routes.rs`.
+/// (method, path) of every `.route(...)` in `app.rs`, the router.
 fn declared_routes() -> BTreeSet<(String, String)> {
     let mut routes = BTreeSet::new();
-    let mut rest = ROUTES_RS;
+    let mut rest = ROUTER_RS;
     while let Some(start) = rest.find(".route(") {
         let args = &rest[start + ".route(".len()..];
         let args = &args[..closing_paren(args)];
