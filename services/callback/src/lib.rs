@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
 use jetcall::admin::Admin;
-use jetcall::connect::{ConnectError, connect, provision_with_retry};
+use jetcall::connect::{ConnectError, start};
 use jetcall::consume::consume;
 
 pub use hosts::BREAKER_THRESHOLD;
@@ -52,11 +52,8 @@ pub async fn run(
         .ok_or(CallbackError::MissingSigningSecret)?;
     let senders = Arc::new(deliver::Senders::new(&config.callback, &config.gateway)?);
     let secrets_key = config.callback.secrets_key.clone();
-    let client = connect(&config, "jetcall-callback").await?;
-    let topology = match provision_with_retry(&client, &config, &shutdown).await {
-        Ok(topology) => topology,
-        Err(ConnectError::Cancelled) => return Ok(()),
-        Err(err) => return Err(err.into()),
+    let Some((client, topology)) = start(&config, "jetcall-callback", &shutdown).await? else {
+        return Ok(());
     };
     let consumer = topology.callback_consumer().await?;
     let concurrency = config.callback.concurrency;
@@ -96,10 +93,7 @@ pub async fn run(
         },
     )
     .await?;
-    let _ = client.flush().await;
-    if let Ok(served) = server.await {
-        served?;
-    }
+    server.stop().await?;
     tracing::info!("callback stopped");
     Ok(())
 }

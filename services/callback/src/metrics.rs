@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 
-use jetcall::metrics::ConsumerLag;
+use jetcall::metrics::{ConsumerLag, InFlight};
 
 use crate::hosts::Destinations;
 
@@ -127,8 +127,7 @@ impl Metrics {
 
     /// Counts an HTTP attempt in flight until the guard is dropped.
     pub fn attempt_started(&self) -> InFlight {
-        self.0.in_flight.inc();
-        InFlight(self.0.in_flight.clone())
+        InFlight::enter(&self.0.in_flight)
     }
 
     pub fn attempt_finished(&self, took: Duration) {
@@ -179,14 +178,5 @@ impl jetcall::admin::Exposition for Metrics {
             .open_circuits
             .set(i64::try_from(open).unwrap_or(i64::MAX));
         jetcall::metrics::render(&self.0.registry)
-    }
-}
-
-#[derive(Debug)]
-pub struct InFlight(Gauge);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

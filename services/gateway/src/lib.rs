@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
-use jetcall::connect::{ConnectError, connect, provision_with_retry};
+use jetcall::connect::{ConnectError, start};
 
 pub use error::ApiError;
 
@@ -47,11 +47,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
-    let client = connect(&config, "jetcall-gateway").await?;
-    let topology = match provision_with_retry(&client, &config, &shutdown).await {
-        Ok(topology) => topology,
-        Err(ConnectError::Cancelled) => return Ok(()),
-        Err(err) => return Err(err.into()),
+    let Some((client, topology)) = start(&config, "jetcall-gateway", &shutdown).await? else {
+        return Ok(());
     };
     if config.gateway.api_keys.is_empty() {
         tracing::warn!(

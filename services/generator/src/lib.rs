@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
 use jetcall::admin::Admin;
-use jetcall::connect::{ConnectError, connect, provision_with_retry};
+use jetcall::connect::{ConnectError, start};
 use jetcall::consume::consume;
 use jetcall::gate::Gate;
 
@@ -54,11 +54,8 @@ pub async fn run(
         ),
         _ => tracing::info!(provider = provider.name(), "LLM provider chosen"),
     }
-    let client = connect(&config, "jetcall-generator").await?;
-    let topology = match provision_with_retry(&client, &config, &shutdown).await {
-        Ok(topology) => topology,
-        Err(ConnectError::Cancelled) => return Ok(()),
-        Err(err) => return Err(err.into()),
+    let Some((client, topology)) = start(&config, "jetcall-generator", &shutdown).await? else {
+        return Ok(());
     };
     let consumer = topology.generator_consumer().await?;
     let concurrency = config.generator.concurrency;
@@ -109,11 +106,7 @@ pub async fn run(
         },
     )
     .await?;
-    // Acks are fire-and-forget publishes: send them before the connection goes.
-    let _ = client.flush().await;
-    if let Ok(served) = server.await {
-        served?;
-    }
+    server.stop().await?;
     tracing::info!("generator stopped");
     Ok(())
 }

@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use async_nats::jetstream::consumer::PullConsumer;
 
 use jetcall::events::Usage;
-use jetcall::metrics::ConsumerLag;
+use jetcall::metrics::{ConsumerLag, InFlight};
 
 use crate::provider::{Generation, LlmError};
 
@@ -116,8 +116,7 @@ impl Metrics {
 
     /// Counts a call in flight until the guard is dropped.
     pub fn call_started(&self) -> InFlight {
-        self.0.in_flight.inc();
-        InFlight(self.0.in_flight.clone())
+        InFlight::enter(&self.0.in_flight)
     }
 
     pub fn call_finished(
@@ -173,14 +172,5 @@ impl Metrics {
 impl jetcall::admin::Exposition for Metrics {
     fn render(&self) -> String {
         jetcall::metrics::render(&self.0.registry)
-    }
-}
-
-#[derive(Debug)]
-pub struct InFlight(Gauge);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

@@ -62,16 +62,36 @@ impl Admin {
     }
 
     /// Serves the routes on `listener` until `shutdown` is cancelled.
-    pub fn spawn(
-        self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> JoinHandle<std::io::Result<()>> {
-        tokio::spawn(
+    pub fn spawn(self, listener: TcpListener, shutdown: CancellationToken) -> Running {
+        let client = self.client.clone();
+        let served = tokio::spawn(
             axum::serve(listener, self.router())
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .into_future(),
-        )
+        );
+        Running { client, served }
+    }
+}
+
+/// The admin server of a service that is running.
+#[derive(Debug)]
+pub struct Running {
+    client: async_nats::Client,
+    served: JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// The end of a consuming service's run, once its consume loop has returned: what the
+    /// client still buffers is sent (the last acks are fire-and-forget publishes, lost if the
+    /// connection goes first), and the admin server, stopped by the same shutdown, is waited
+    /// for.
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.client.flush().await;
+        match self.served.await {
+            Ok(served) => served,
+            // It panicked or was cancelled; there is nothing more to wait for.
+            Err(_) => Ok(()),
+        }
     }
 }
 

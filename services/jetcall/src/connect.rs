@@ -66,6 +66,21 @@ pub async fn connect(config: &Config, name: &str) -> Result<async_nats::Client, 
         })
 }
 
+/// Every service's start: connected to NATS as `name`, with the topology provisioned (or
+/// found), retrying until NATS answers; `None` if `shutdown` came first.
+pub async fn start(
+    config: &Config,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<(async_nats::Client, Topology)>, ConnectError> {
+    let client = connect(config, name).await?;
+    match provision_with_retry(&client, config, shutdown).await {
+        Ok(topology) => Ok(Some((client, topology))),
+        Err(ConnectError::Cancelled) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
 /// Provisions the topology (or, with `nats.provision = false`, finds it), retrying until NATS
 /// answers or shutdown is requested.
 pub async fn provision_with_retry(

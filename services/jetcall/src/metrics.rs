@@ -19,6 +19,24 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
+/// Counts one piece of work in its gauge (calls, attempts in flight) until it is dropped,
+/// however the work ends.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl InFlight {
+    pub fn enter(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// How long a scrape waits for the consumer's info before it shows the last values.
 pub const CONSUMER_INFO_TIMEOUT: Duration = Duration::from_secs(1);
 
