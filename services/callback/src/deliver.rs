@@ -10,7 +10,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use time::OffsetDateTime;
 use url::Url;
 
-use jetcall::allowlist::Allowlist;
+use jetcall::allowlist::{Allowlist, CallbackUrl};
 use jetcall::config::{CallbackConfig, GatewayConfig};
 use jetcall::retry::parse_retry_after;
 use jetcall::signing::Signer;
@@ -102,24 +102,24 @@ impl Sender {
         })
     }
 
-    /// Checks `url` as it would be at submission, and an address written into it directly,
-    /// which reqwest connects to without asking the resolver.
-    fn check_url(&self, url: &str) -> Result<Url, String> {
-        let url = self
-            .allowlist
-            .check(url)
+    /// Checks `url` against the allowlist as it is now (the configuration may have changed
+    /// since the job was accepted), and an address written into it directly, which reqwest
+    /// connects to without asking the resolver.
+    fn check_url<'u>(&self, url: &'u CallbackUrl) -> Result<&'u Url, String> {
+        self.allowlist
+            .admits(url)
             .map_err(|err| format!("callback_url {err}"))?;
         self.exemptions
-            .check_url_address(&url)
+            .check_url_address(url)
             .map_err(|err| err.to_string())?;
-        Ok(url)
+        Ok(url.url())
     }
 
     /// POSTs `body` to `url`, signed for `webhook_id`, with `trace` as its W3C `traceparent`
     /// when given, and reports the attempt.
     pub async fn send(
         &self,
-        url: &str,
+        url: &CallbackUrl,
         webhook_id: &str,
         body: &[u8],
         signer: &Signer,
@@ -147,7 +147,7 @@ impl Sender {
                 let timestamp = at.unix_timestamp();
                 let mut request = self
                     .http
-                    .post(url)
+                    .post(url.clone())
                     .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
                     .header("webhook-id", webhook_id)
                     .header("webhook-timestamp", timestamp.to_string())

@@ -149,7 +149,7 @@ impl Worker {
     ) -> Result<Step, WorkerError> {
         // A slot first: a delivery that must wait for its destination goes back to JetStream
         // without costing a status read.
-        let destination = self.destinations.get(&destination_of(&job.callback_url));
+        let destination = self.destinations.get(&job.callback_url.destination());
         let slot = match destination
             .slot(destination.patience(), Instant::now())
             .await
@@ -435,20 +435,6 @@ fn delivery_report(
         payload,
         at: OffsetDateTime::now_utc(),
     }
-}
-
-/// `host:port` of a callback URL: what per-destination limits and circuits are keyed by.
-fn destination_of(callback_url: &str) -> String {
-    url::Url::parse(callback_url)
-        .ok()
-        .and_then(|url| {
-            Some(format!(
-                "{}:{}",
-                url.host_str()?,
-                url.port_or_known_default()?
-            ))
-        })
-        .unwrap_or_default()
 }
 
 /// Whether the job's log already says that it waits for its destination's circuit: its

@@ -1,14 +1,15 @@
 //! A job's status document for people: the summary `jetcall status` prints, and the one line
 //! per change `jetcall watch` prints.
 
-use jetcall::status::{DeliveryAttempt, JobStatus, Status};
+use jetcall::status::{DeliveryAttempt, Status};
+use jetcall::view::JobView;
 use serde_json::Value;
 
 use crate::output::{count, excerpt, time};
 
 /// `label  value` lines: where the job is, its times, attempts, usage, result or error, and
 /// its last delivery attempt.
-pub fn summary(doc: &JobStatus) -> String {
+pub fn summary(doc: &JobView) -> String {
     let mut rows: Vec<(&str, String)> = vec![
         ("job", doc.job_id.to_string()),
         ("status", doc.status.as_str().to_owned()),
@@ -72,7 +73,7 @@ pub fn summary(doc: &JobStatus) -> String {
 }
 
 /// One line for a change: `time  id  status  what happened`.
-pub fn change(doc: &JobStatus) -> String {
+pub fn change(doc: &JobView) -> String {
     let detail = match (doc.status, doc.deliveries.last()) {
         (Status::Accepted, _) => doc.kind.to_string(),
         (Status::Generating, _) => format!("generation attempt {}", doc.generation_attempts),
@@ -138,7 +139,7 @@ mod tests {
 
     use super::*;
 
-    fn doc(extra: Value) -> JobStatus {
+    fn doc(extra: Value) -> JobView {
         let mut doc = json!({
             "status": "accepted",
             "job_id": "JOB-1",

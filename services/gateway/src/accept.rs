@@ -33,6 +33,9 @@ pub struct Accepted {
 }
 
 /// What recording a submission found, and what is left to do for it.
+// `New` is every first submission, the hot path: boxing it would cost an allocation a job,
+// while a value of this type lives only until its job is published.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Recorded {
     /// A new job: its request is to be published. `trace` goes on the message; `doc` and

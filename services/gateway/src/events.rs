@@ -157,7 +157,7 @@ fn changes(job_id: JobId, watch: JobWatch, permit: StreamPermits) -> Events {
 }
 
 fn status_event(doc: JobStatus, revision: u64) -> Event {
-    let data = serde_json::to_string(&crate::view::JobView::from(doc)).unwrap_or_default();
+    let data = serde_json::to_string(&jetcall::view::JobView::from(doc)).unwrap_or_default();
     Event::default()
         .event("status")
         .id(revision.to_string())

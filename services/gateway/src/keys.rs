@@ -8,10 +8,9 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
-use jetcall::allowlist::Allowlist;
+use jetcall::allowlist::{Allowlist, CallbackUrl};
 use jetcall::config::{ApiKey, Role};
 use jetcall::status::JobStatus;
-use url::Url;
 
 use crate::error::ApiError;
 
@@ -26,7 +25,7 @@ pub struct Caller {
     role: Role,
     allowlist: Option<Allowlist>,
     /// The key's own allowlist again, as the addresses it may reach although they are not
-    /// public (`jetcall::allowlist::address_exemptions`); empty without one.
+    /// public (`GatewayConfig::address_exemptions`); empty without one.
     exemptions: Allowlist,
     rate: Option<DefaultDirectRateLimiter>,
 }
@@ -35,9 +34,9 @@ impl Caller {
     /// Whether this caller may name `callback_url`, which the gateway's own allowlist has
     /// already admitted. An address written into the URL that is not public must be one the
     /// key's own policy exempts, as the callback service will check at delivery.
-    pub fn admits(&self, callback_url: &Url) -> Result<(), ApiError> {
+    pub fn admits(&self, callback_url: &CallbackUrl) -> Result<(), ApiError> {
         if let Some(allowlist) = &self.allowlist {
-            allowlist.check(callback_url.as_str()).map_err(|err| {
+            allowlist.admits(callback_url).map_err(|err| {
                 ApiError::InvalidCallbackUrl(format!(
                     "{err} (the allowlist of API key `{}`)",
                     self.name

@@ -22,7 +22,6 @@ mod state;
 mod submission;
 mod sweep;
 mod trace;
-mod view;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

@@ -21,7 +21,7 @@ use crate::redeliver;
 use crate::state::AppState;
 use crate::submission::{GenerateDescription, SubmitJob};
 use crate::trace::IncomingTrace;
-use crate::view::JobView;
+use jetcall::view::JobView;
 
 /// Submit a product description job: the article's endpoint and body.
 ///

@@ -176,7 +176,7 @@ impl SubmitJob {
                 job_id,
                 kind,
                 input: self.input,
-                callback_url: callback_url.to_string(),
+                callback_url,
                 metadata: self.metadata,
                 requested_at: OffsetDateTime::now_utc(),
             },

@@ -29,6 +29,66 @@ pub enum CallbackUrlError {
     NotAllowed(String),
 }
 
+/// A callback URL as the gateway admitted it: absolute, `http` or `https`, with a host and
+/// without userinfo. Parsed once, at the gateway; events and status documents carry it as
+/// text, and a text that is not one is refused when they are read, never taken as no URL.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CallbackUrl(Url);
+
+impl CallbackUrl {
+    pub fn parse(text: &str) -> Result<Self, CallbackUrlError> {
+        let url = Url::parse(text).map_err(|err| CallbackUrlError::Malformed(err.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(CallbackUrlError::Scheme(url.scheme().to_owned()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(CallbackUrlError::Userinfo);
+        }
+        if url.host().is_none() {
+            return Err(CallbackUrlError::NoHost);
+        }
+        Ok(Self(url))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.0
+    }
+
+    /// `host:port`: what deliveries to one receiver share (slots, a circuit).
+    pub fn destination(&self) -> String {
+        let host = self.0.host_str().unwrap_or_default();
+        match self.0.port_or_known_default() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for CallbackUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for CallbackUrl {
+    type Error = CallbackUrlError;
+
+    fn try_from(text: String) -> Result<Self, CallbackUrlError> {
+        Self::parse(&text)
+    }
+}
+
+impl From<CallbackUrl> for String {
+    fn from(url: CallbackUrl) -> Self {
+        url.0.into()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
     /// `*`: any name, and any address outside the special-purpose ranges. It never exempts
@@ -95,24 +155,26 @@ impl Allowlist {
     }
 
     /// Checks a callback URL as a caller submitted it.
-    pub fn check(&self, text: &str) -> Result<Url, CallbackUrlError> {
-        let url = Url::parse(text).map_err(|err| CallbackUrlError::Malformed(err.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(CallbackUrlError::Scheme(url.scheme().to_owned()));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(CallbackUrlError::Userinfo);
-        }
-        let allowed = match url.host().ok_or(CallbackUrlError::NoHost)? {
-            Host::Domain(domain) => self.allows_domain(domain),
-            Host::Ipv4(ip) => self.admits_literal(IpAddr::V4(ip)),
-            Host::Ipv6(ip) => self.admits_literal(IpAddr::V6(ip)),
+    pub fn check(&self, text: &str) -> Result<CallbackUrl, CallbackUrlError> {
+        let url = CallbackUrl::parse(text)?;
+        self.admits(&url)?;
+        Ok(url)
+    }
+
+    /// Whether `url`'s host is on this list (an address: named by an entry, or public under
+    /// `*`).
+    pub fn admits(&self, url: &CallbackUrl) -> Result<(), CallbackUrlError> {
+        let allowed = match url.0.host() {
+            Some(Host::Domain(domain)) => self.allows_domain(domain),
+            Some(Host::Ipv4(ip)) => self.admits_literal(IpAddr::V4(ip)),
+            Some(Host::Ipv6(ip)) => self.admits_literal(IpAddr::V6(ip)),
+            None => false,
         };
         if !allowed {
-            let host = url.host_str().unwrap_or_default().to_owned();
+            let host = url.0.host_str().unwrap_or_default().to_owned();
             return Err(CallbackUrlError::NotAllowed(host));
         }
-        Ok(url)
+        Ok(())
     }
 
     fn allows_domain(&self, domain: &str) -> bool {
@@ -149,8 +211,8 @@ impl Allowlist {
 
     /// [`Self::check_address`] for a URL whose host is an address; a name is resolved, and
     /// each address checked, when it is connected to.
-    pub fn check_url_address(&self, url: &Url) -> Result<(), ForbiddenAddress> {
-        match url.host() {
+    pub fn check_url_address(&self, url: &CallbackUrl) -> Result<(), ForbiddenAddress> {
+        match url.0.host() {
             Some(Host::Ipv4(ip)) => self.check_address(IpAddr::V4(ip)),
             Some(Host::Ipv6(ip)) => self.check_address(IpAddr::V6(ip)),
             _ => Ok(()),
@@ -173,21 +235,6 @@ fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
-    }
-}
-
-/// `url` as a log line may show it: without userinfo, query or fragment, which may carry the
-/// receiver's credentials. Text that is not a URL is not shown at all.
-pub fn url_for_logs(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut url) => {
-            let _ = url.set_username("");
-            let _ = url.set_password(None);
-            url.set_query(None);
-            url.set_fragment(None);
-            url.to_string()
-        }
-        Err(_) => "(not a URL)".to_owned(),
     }
 }
 
@@ -315,15 +362,6 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_logged_without_what_may_be_a_credential() {
-        assert_eq!(
-            url_for_logs("https://u:p@hooks.example:8443/cb?token=abc#frag"),
-            "https://hooks.example:8443/cb"
-        );
-        assert_eq!(url_for_logs("no url?token=abc"), "(not a URL)");
-    }
-
-    #[test]
     fn bad_entries_are_configuration_errors() {
         for bad in ["", "*.", "a..b", "10.0.0.0/99", "http://x"] {
             assert!(Allowlist::parse(&[bad]).is_err(), "{bad:?} accepted");
@@ -359,5 +397,19 @@ mod tests {
                 .check_address("127.0.0.2".parse().expect("ip"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_callback_url_read_from_an_event_must_be_one() {
+        let read = |text: &str| serde_json::from_value::<CallbackUrl>(serde_json::json!(text));
+        let url = read("https://hooks.shop.example/cb?token=t").expect("a callback URL");
+        assert_eq!(url.destination(), "hooks.shop.example:443");
+        assert_eq!(
+            serde_json::to_value(&url).expect("JSON"),
+            "https://hooks.shop.example/cb?token=t"
+        );
+        for bad in ["", "ftp://x/", "http://user@x/", "not a url", "http:///cb"] {
+            assert!(read(bad).is_err(), "{bad:?} read as a callback URL");
+        }
     }
 }

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+use crate::allowlist::CallbackUrl;
 use crate::job::{JobId, Kind};
 
 /// `jobs.requested.<kind>`: a job the gateway accepted.
@@ -12,7 +13,7 @@ pub struct JobRequested {
     pub job_id: JobId,
     pub kind: Kind,
     pub input: Map<String, Value>,
-    pub callback_url: String,
+    pub callback_url: CallbackUrl,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub metadata: Map<String, Value>,
     #[serde(with = "time::serde::rfc3339")]
@@ -57,7 +58,7 @@ pub struct JobFinished {
     #[serde(flatten)]
     pub outcome: Outcome,
     pub input: Map<String, Value>,
-    pub callback_url: String,
+    pub callback_url: CallbackUrl,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub metadata: Map<String, Value>,
     #[serde(with = "time::serde::rfc3339")]
@@ -79,7 +80,7 @@ pub struct DeliveryReport {
     pub job_id: JobId,
     pub kind: Kind,
     pub webhook_id: String,
-    pub callback_url: String,
+    pub callback_url: CallbackUrl,
     pub attempts: Vec<DeliveryAttempt>,
     /// Why the last attempt was the last, for an undeliverable job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,4 +135,13 @@ impl DeliveryAttempt {
     pub fn spends_a_retry(&self) -> bool {
         self.error_kind.as_deref() != Some(CIRCUIT_OPEN)
     }
+}
+
+/// Of `deliveries`, the attempts in `round` that spent a retry: requests tried, not waits
+/// noted for an open circuit. They decide the next retry's wait.
+pub fn attempts_in_round(deliveries: &[DeliveryAttempt], round: u32) -> usize {
+    deliveries
+        .iter()
+        .filter(|attempt| attempt.round == round && attempt.spends_a_retry())
+        .count()
 }

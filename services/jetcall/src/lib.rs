@@ -29,6 +29,7 @@ pub mod subjects;
 pub mod telemetry;
 pub mod topology;
 pub mod trace;
+pub mod view;
 pub mod webhook;
 
 pub use config::Config;

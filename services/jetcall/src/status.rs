@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+use crate::allowlist::CallbackUrl;
 pub use crate::events::{CIRCUIT_OPEN, DeliveryAttempt};
 use crate::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
 use crate::job::{JobId, Kind};
@@ -106,7 +107,7 @@ pub struct JobStatus {
     pub job_id: JobId,
     pub kind: Kind,
     pub input: Map<String, Value>,
-    pub callback_url: String,
+    pub callback_url: CallbackUrl,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub metadata: Map<String, Value>,
     /// A digest of the submission, to tell an idempotent retry from a conflicting reuse of the id.
@@ -232,9 +233,7 @@ impl JobStatus {
     /// Delivery attempts in the current round, which decide the next retry's wait: requests
     /// tried, not waits noted for an open circuit.
     pub fn attempts_this_round(&self) -> usize {
-        self.this_round()
-            .filter(|attempt| attempt.spends_a_retry())
-            .count()
+        crate::events::attempts_in_round(&self.deliveries, self.delivery_round)
     }
 
     /// When the current delivery round started: its first request, or, before any, its first
@@ -398,7 +397,8 @@ mod tests {
             job_id: JobId::parse("JOB-1").expect("id"),
             kind: Kind::product_description(),
             input: Map::new(),
-            callback_url: "http://127.0.0.1:9/cb".into(),
+            callback_url: crate::allowlist::CallbackUrl::parse("http://127.0.0.1:9/cb")
+                .expect("a callback URL"),
             metadata: Map::new(),
             requested_at: OffsetDateTime::UNIX_EPOCH,
         };
@@ -484,7 +484,8 @@ mod tests {
             job_id: JobId::parse("JOB-1").expect("id"),
             kind: Kind::parse("product-description").expect("kind"),
             input: Map::new(),
-            callback_url: "http://127.0.0.1:1/cb".into(),
+            callback_url: crate::allowlist::CallbackUrl::parse("http://127.0.0.1:1/cb")
+                .expect("a callback URL"),
             metadata: Map::new(),
             requested_at: OffsetDateTime::UNIX_EPOCH,
         };

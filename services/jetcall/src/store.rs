@@ -442,7 +442,8 @@ mod tests {
             job_id: JobId::parse("JOB-771").expect("valid id"),
             kind: Kind::product_description(),
             input: serde_json::Map::new(),
-            callback_url: "http://127.0.0.1:9/hook".into(),
+            callback_url: crate::allowlist::CallbackUrl::parse("http://127.0.0.1:9/hook")
+                .expect("a callback URL"),
             metadata: serde_json::Map::new(),
             requested_at: OffsetDateTime::UNIX_EPOCH,
         };

@@ -69,7 +69,8 @@ mod tests {
                 .as_object()
                 .cloned()
                 .unwrap_or_default(),
-            callback_url: "http://localhost/cb".into(),
+            callback_url: crate::allowlist::CallbackUrl::parse("http://localhost/cb")
+                .expect("a callback URL"),
             metadata: Map::new(),
             finished_at: datetime!(2026-11-29 10:00:00 UTC),
         }

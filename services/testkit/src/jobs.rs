@@ -21,7 +21,7 @@ fn request(job_id: &str, callback_url: &str) -> Result<JobRequested, Error> {
             .as_object()
             .cloned()
             .unwrap_or_default(),
-        callback_url: callback_url.to_owned(),
+        callback_url: jetcall::allowlist::CallbackUrl::parse(callback_url)?,
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
     })

@@ -101,7 +101,7 @@ async fn completed_job(topology: &Topology, job_id: &str, callback_url: &str) {
             .as_object()
             .cloned()
             .unwrap_or_default(),
-        callback_url: callback_url.to_owned(),
+        callback_url: jetcall::allowlist::CallbackUrl::parse(callback_url).expect("a callback URL"),
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
     };

@@ -1,6 +1,6 @@
 //! Delivery-time refusals: what passed the allowlist by name is still checked by address.
 
-use jetcall::allowlist::Allowlist;
+use jetcall::allowlist::{Allowlist, CallbackUrl};
 use jetcall::config::CallbackConfig;
 use jetcall::signing::{Signer, SigningKey};
 
@@ -17,8 +17,9 @@ fn signer() -> Signer {
 }
 
 async fn deliver(sender: &Sender, url: &str) -> (Verdict, jetcall::status::DeliveryAttempt) {
+    let url = CallbackUrl::parse(url).expect("a callback URL");
     sender
-        .send(url, "msg_test", b"{}", &signer(), 0, None)
+        .send(&url, "msg_test", b"{}", &signer(), 0, None)
         .await
 }
 
@@ -38,9 +39,6 @@ async fn addresses_are_checked_whatever_the_name() {
             "http://169.254.169.254/latest/meta-data/".to_owned(),
             "allowlist",
         ),
-        // A scheme or userinfo that slipped past an older configuration.
-        (format!("http://user@localhost:{port}/cb"), "user name"),
-        ("ftp://localhost/x".to_owned(), "http or https"),
     ];
     for (url, rule) in refusals {
         let (verdict, attempt) = deliver(&by_name, &url).await;

@@ -27,7 +27,7 @@ async fn completed_for(topology: &Topology, id: &str, tenant: &str, callback_url
             .as_object()
             .cloned()
             .unwrap_or_default(),
-        callback_url: callback_url.to_owned(),
+        callback_url: jetcall::allowlist::CallbackUrl::parse(callback_url).expect("a callback URL"),
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
     };

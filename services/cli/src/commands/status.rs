@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use jetcall::status::JobStatus;
+use jetcall::view::JobView;
 
 use super::Context;
 use crate::{CliError, output, view};
@@ -13,7 +13,7 @@ pub async fn run(context: &Context, id: &str) -> Result<ExitCode, CliError> {
         output::line(&answer.body);
         return Ok(ExitCode::SUCCESS);
     }
-    let doc: JobStatus = context.gateway.read(answer.body, "a status document")?;
+    let doc: JobView = context.gateway.read(answer.body, "a status document")?;
     output::line(view::summary(&doc));
     Ok(ExitCode::SUCCESS)
 }

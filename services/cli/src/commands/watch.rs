@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use jetcall::status::{JobStatus, Status};
+use jetcall::status::Status;
+use jetcall::view::JobView;
 use serde_json::json;
 
 use super::{Context, NOT_DELIVERED};
@@ -89,7 +90,7 @@ async fn read_events(
             match event.event.as_str() {
                 "status" => {
                     let data = serde_json::from_str(&event.data).unwrap_or_default();
-                    let doc: JobStatus = context.gateway.read(data, "a status event")?;
+                    let doc: JobView = context.gateway.read(data, "a status event")?;
                     if context.json {
                         output::line(&event.data);
                     } else {

@@ -27,7 +27,10 @@ pub fn request(job_id: &str, age: Duration) -> JobRequested {
         job_id: JobId::parse(job_id).expect("valid id"),
         kind: Kind::product_description(),
         input: input.as_object().cloned().unwrap_or_default(),
-        callback_url: "http://127.0.0.1:9/webhooks/description".into(),
+        callback_url: jetcall::allowlist::CallbackUrl::parse(
+            "http://127.0.0.1:9/webhooks/description",
+        )
+        .expect("a callback URL"),
         metadata: serde_json::Map::new(),
         requested_at: OffsetDateTime::now_utc() - age,
     }

@@ -105,7 +105,8 @@ impl Harness {
             job_id: JobId::parse(job_id).expect("valid id"),
             kind,
             input: input.as_object().cloned().unwrap_or_else(Map::new),
-            callback_url: "http://127.0.0.1:9/cb".into(),
+            callback_url: jetcall::allowlist::CallbackUrl::parse("http://127.0.0.1:9/cb")
+                .expect("a callback URL"),
             metadata: Default::default(),
             requested_at: OffsetDateTime::now_utc(),
         };

@@ -1,23 +1,24 @@
-//! What the API shows of a job: the public view of its status document.
+//! What the API shows of a job: the public view of its status document, which the gateway
+//! answers with and the CLI reads.
 //!
 //! The document in the `job_status` bucket also holds what only the services use (the request
 //! digest, the sealed signing secret). Every answer that shows a job (`GET`, its events, a
 //! resubmission) is built through this type, which has no field for them, so nothing has to
 //! remember to blank them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use jetcall::events::{JobError, Usage};
-use jetcall::status::{DeliveryAttempt, JobStatus, Status};
-use jetcall::{JobId, Kind};
+use crate::events::{DeliveryAttempt, JobError, Usage};
+use crate::job::{JobId, Kind};
+use crate::status::{JobStatus, Status};
 
 /// A job: where it is, its result or error, and its delivery attempts.
 ///
 /// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(as = JobStatus)]
 pub struct JobView {
     pub status: Status,
@@ -25,7 +26,7 @@ pub struct JobView {
     pub kind: Kind,
     pub input: Map<String, Value>,
     pub callback_url: String,
-    #[serde(skip_serializing_if = "Map::is_empty")]
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub metadata: Map<String, Value>,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
@@ -34,43 +35,47 @@ pub struct JobView {
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: OffsetDateTime,
     /// LLM attempts so far, across redeliveries and generator instances.
+    #[serde(default)]
     #[schema(required = true)]
     pub generation_attempts: u32,
     /// The kind's output, once `completed`: text or JSON, per the kind.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Value, nullable = false)]
     pub result: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub model: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub usage: Option<Usage>,
     /// Why the job `failed`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub error: Option<JobError>,
     #[serde(
+        default,
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
     #[schema(value_type = String, format = DateTime)]
     pub finished_at: Option<OffsetDateTime>,
     /// Every delivery attempt, of every round, oldest first.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deliveries: Vec<DeliveryAttempt>,
     #[serde(
+        default,
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
     #[schema(value_type = String, format = DateTime)]
     pub delivered_at: Option<OffsetDateTime>,
     /// Incremented by each redelivery an operator asks for; each round has a fresh schedule.
+    #[serde(default)]
     #[schema(required = true)]
     pub delivery_round: u32,
     /// The W3C trace the job was submitted in (the `traceparent` the gateway got, or the one
     /// it started): every event and the webhook carry it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(
         nullable = false,
         min_length = 32,
@@ -79,9 +84,16 @@ pub struct JobView {
     )]
     pub trace_id: Option<String>,
     /// The name of the API key the job was submitted with; absent when the API has no keys.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub tenant: Option<String>,
+}
+
+impl JobView {
+    /// Delivery attempts in the current round that spent a retry (see `JobStatus`).
+    pub fn attempts_this_round(&self) -> usize {
+        crate::events::attempts_in_round(&self.deliveries, self.delivery_round)
+    }
 }
 
 impl From<JobStatus> for JobView {
@@ -115,7 +127,7 @@ impl From<JobStatus> for JobView {
             job_id,
             kind,
             input,
-            callback_url,
+            callback_url: callback_url.into(),
             metadata,
             created_at,
             updated_at,
