@@ -2,20 +2,21 @@
 
 use std::path::Path;
 use std::pin::pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use base64::Engine as _;
 use serde_json::{Value, json};
-use tokio::time::Instant;
+use testkit::receiver::Delivery;
 
 use crate::poll;
 use crate::procs;
-use crate::receiver::{self, Delivery};
 use crate::stack::{self, SERVICES, Stack};
 use crate::workspace::Workspace;
 
 const JOB_ID: &str = "JOB-771";
+/// Where the demo's receiver takes its webhooks.
+const RECEIVER_PATH: &str = "/webhooks/description";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -33,13 +34,15 @@ pub async fn run(ws: &Workspace, nats_server: &Path, mode: Mode) -> anyhow::Resu
     println!("==> cargo {}", build.join(" "));
     procs::run(&mut ws.cargo(&build), &format!("cargo {}", build.join(" "))).await?;
 
-    let mut stack = Stack::start(nats_server).await?;
+    // The receiver checks signatures against the secret the callback service signs with.
+    let secret = signing_secret();
+    let mut stack = Stack::with_receiver(ws, nats_server, &secret).await?;
     println!("==> nats-server with JetStream on {}", stack.nats_url());
     // From here on Ctrl-C means "stop cleanly": the children are in their own process
     // group, so only xtask sees it and shuts them down in order.
     let mut stop = pin!(stop_signal());
     let mut outcome = tokio::select! {
-        result = scenario(ws, &mut stack, mode) => result.map_err(Failure::Broken),
+        result = scenario(&mut stack, &secret, mode) => result.map_err(Failure::Broken),
         signal = &mut stop => Err(Failure::interrupted(signal)),
     };
     if outcome.is_ok() && mode == Mode::UntilCtrlC {
@@ -98,10 +101,10 @@ async fn stop_signal() -> anyhow::Result<&'static str> {
 }
 
 /// Everything between starting nats-server and shutting down.
-async fn scenario(ws: &Workspace, stack: &mut Stack, mode: Mode) -> anyhow::Result<()> {
-    let secret = signing_secret();
-    let mut receiver = receiver::start(&secret).await?;
-    println!("==> webhook receiver on {}", receiver.url);
+async fn scenario(stack: &mut Stack, secret: &str, mode: Mode) -> anyhow::Result<()> {
+    let receiver = stack.receiver().clone();
+    let callback_url = receiver.url(RECEIVER_PATH);
+    println!("==> webhook receiver on {callback_url}");
     if std::env::var_os("ANTHROPIC_API_KEY").is_some_and(|key| !key.is_empty()) {
         println!("==> ANTHROPIC_API_KEY is set: the generator calls Claude");
     } else {
@@ -110,7 +113,7 @@ async fn scenario(ws: &Workspace, stack: &mut Stack, mode: Mode) -> anyhow::Resu
     // 8080 makes the curl commands printed for exploring memorable. A run that stops by
     // itself prints none, and a random port keeps it clear of a demo already running.
     let preferred = (mode == Mode::UntilCtrlC).then_some(8080);
-    stack.start_services(ws, stack::free_addr(preferred)?, &secret)?;
+    stack.start_services(stack::free_addr(preferred)?, secret)?;
     println!(
         "==> started {}; their logs are in {}",
         SERVICES.join(", "),
@@ -129,11 +132,9 @@ async fn scenario(ws: &Workspace, stack: &mut Stack, mode: Mode) -> anyhow::Resu
         starting.elapsed().as_millis()
     );
 
-    let accepted_at = submit(&client, &gateway, &receiver.url).await?;
+    let accepted_at = submit(&client, &gateway, &callback_url).await?;
     let delivery = tokio::select! {
-        delivery = receiver.deliveries.recv() => {
-            delivery.context("the webhook receiver stopped")?
-        }
+        delivery = receiver.arrival(1) => delivery,
         error = stack.watch() => return Err(error),
         () = tokio::time::sleep(Duration::from_secs(60)) => {
             bail!("no webhook arrived within 60 s of the 202")
@@ -238,7 +239,7 @@ fn job_request(callback_url: &str) -> Value {
 }
 
 fn report_delivery(delivery: &Delivery, accepted_at: Instant) -> anyhow::Result<()> {
-    let waited = delivery.received_at.saturating_duration_since(accepted_at);
+    let waited = delivery.at.saturating_duration_since(accepted_at);
     println!(
         "==> webhook received {} ms after the 202",
         waited.as_millis()
@@ -264,8 +265,9 @@ fn report_delivery(delivery: &Delivery, accepted_at: Instant) -> anyhow::Result<
     println!("    model:       {}", field("model"));
     println!("    description: {}", field("description"));
     match &delivery.signature {
-        Ok(()) => println!("    signature verified ✓"),
-        Err(why) => bail!("the webhook's signature did not verify: {why}"),
+        Some(Ok(())) => println!("    signature verified ✓"),
+        Some(Err(why)) => bail!("the webhook's signature did not verify: {why}"),
+        None => bail!("the webhook's signature was not checked"),
     }
     ensure!(
         event["job_id"] == JOB_ID,

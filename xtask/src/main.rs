@@ -4,7 +4,6 @@ mod bench;
 mod demo;
 mod poll;
 mod procs;
-mod receiver;
 mod stack;
 mod test;
 mod tools;
@@ -52,8 +51,9 @@ enum Command {
     },
 }
 
-// One thread on purpose: PR_SET_PDEATHSIG fires when the *thread* that spawned a child
-// exits, and a multi-threaded runtime may retire that thread while the child should live on.
+// One thread on purpose: the harness's children die with the *thread* that spawned them
+// (PR_SET_PDEATHSIG; see testkit::procs), and a multi-threaded runtime may retire that
+// thread while the child should live on.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

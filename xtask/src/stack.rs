@@ -1,101 +1,100 @@
-//! A throwaway Jetcall installation: nats-server with a fresh JetStream store, and the
-//! gateway, generator and callback services, all in one temporary directory.
+//! A throwaway Jetcall installation for the demo and the benchmark: a [`testkit::Deployment`]
+//! (nats-server with a fresh JetStream store, or a cluster; the gateway, generator and
+//! callback binaries; the demo's signature-checking receiver) with its files in one
+//! temporary directory, and the settings xtask gives the services.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context as _;
-use serde::Deserialize;
-use tokio::process::Command;
+use anyhow::{Context as _, anyhow};
+use testkit::deployment::Nats;
+use testkit::{Deployment, Service, WebhookReceiver};
 
 use crate::poll;
-use crate::procs::Proc;
 use crate::workspace::Workspace;
 
 /// Started in this order, stopped before nats-server.
 pub const SERVICES: [&str; 3] = ["gateway", "generator", "callback"];
-/// How long a process may take to exit after SIGTERM before it is killed.
-const GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct Stack {
-    /// The nats-server this stack started; `None` for one started by someone else (a cluster).
-    nats: Option<Proc>,
-    services: Vec<Proc>,
+    deployment: Deployment,
     /// Set for every service `spawn_service` starts, under its own `envs`.
     common_env: Vec<(String, String)>,
     nats_url: String,
     gateway: Option<SocketAddr>,
-    // Last, so that on an error path it is deleted only after the processes writing to
-    // it have been killed.
-    dir: tempfile::TempDir,
 }
 
-/// What nats-server writes to `--ports_file_dir` once it listens.
-#[derive(Deserialize)]
-struct Ports {
-    nats: Vec<String>,
+fn owned(env: &[(&str, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(key, value)| ((*key).to_owned(), value.clone()))
+        .collect()
 }
 
 impl Stack {
     /// Starts nats-server on a free port and waits until it listens.
     pub async fn start(nats_server: &Path) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("jetcall-demo-")
-            .tempdir()
-            .context("creating a temporary directory")?;
-        std::fs::create_dir(dir.path().join("logs")).context("creating the logs directory")?;
-        let mut cmd = Command::new(nats_server);
-        // nats-server keeps its store in a `jetstream` directory under `-sd`.
-        cmd.arg("-js")
-            .arg("-sd")
-            .arg(dir.path())
-            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1"])
-            .arg("--ports_file_dir")
-            .arg(dir.path());
-        let mut nats = Proc::spawn("nats-server", cmd, dir.path().join("logs/nats-server.log"))?;
-        let pid = nats.pid().context("nats-server exited at once")?;
-        let ports_file = dir.path().join(format!("nats-server_{pid}.ports"));
-        let nats_url = poll::until(
-            "nats-server to write its ports file",
-            Duration::from_secs(10),
-            async || {
-                nats.check_running()?;
-                Ok(read_nats_url(&ports_file))
-            },
+        Self::deploy(
+            Deployment::builder().nats_monitoring(),
+            nats_server,
+            "jetcall-demo-",
+            &[],
         )
         .await
-        // The temporary directory goes with this error, so the log is quoted, not named.
-        .with_context(|| format!("nats-server did not start:\n{}", nats.log_tail(20)))?;
-        Ok(Self {
-            nats: Some(nats),
-            services: Vec::new(),
-            common_env: Vec::new(),
-            nats_url,
-            gateway: None,
-            dir,
-        })
     }
 
-    /// A stack whose services use the NATS server(s) at `nats_url`, started by the caller,
-    /// each service also given `common_env` (e.g. the replicas of a cluster).
-    pub fn beside(nats_url: String, common_env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("jetcall-bench-")
-            .tempdir()
-            .context("creating a temporary directory")?;
-        std::fs::create_dir(dir.path().join("logs")).context("creating the logs directory")?;
+    /// `start`, with a receiver on loopback that checks each delivery's signature against
+    /// `signing_secret` (see [`Stack::receiver`]), what a Jetcall customer would run, and the
+    /// debug builds of the services for `start_services`.
+    pub async fn with_receiver(
+        ws: &Workspace,
+        nats_server: &Path,
+        signing_secret: &str,
+    ) -> anyhow::Result<Self> {
+        let debug_bins = ws.debug_bin("gateway");
+        let builder = Deployment::builder()
+            .nats_monitoring()
+            .binaries_in(debug_bins.parent().context("the binaries' directory")?)
+            .verifying_receiver(signing_secret);
+        Self::deploy(builder, nats_server, "jetcall-demo-", &[]).await
+    }
+
+    /// A cluster of `size` nats-servers; each service is also given `common_env` (e.g. the
+    /// replicas). Its JetStream may still be electing a leader.
+    pub async fn cluster(
+        nats_server: &Path,
+        size: usize,
+        common_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let builder = Deployment::builder().cluster(size);
+        Self::deploy(builder, nats_server, "jetcall-bench-", common_env).await
+    }
+
+    async fn deploy(
+        builder: testkit::deployment::DeploymentBuilder,
+        nats_server: &Path,
+        prefix: &str,
+        common_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        // The services read `jetcall.toml` from their working directory, the temporary one,
+        // so the demo does not pick up whatever one lies where the user happens to be; they
+        // inherit every variable (ANTHROPIC_API_KEY, the user's JETCALL_*), as any program.
+        let deployment = builder
+            .nats_server(nats_server)
+            .log_files(prefix)
+            .inherit_jetcall_env()
+            .start()
+            .await
+            .map_err(|error| anyhow!(error))?;
         Ok(Self {
-            nats: None,
-            services: Vec::new(),
+            nats_url: deployment.nats_url(),
+            deployment,
             common_env: common_env
                 .iter()
                 .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
                 .collect(),
-            nats_url,
             gateway: None,
-            dir,
         })
     }
 
@@ -104,7 +103,14 @@ impl Stack {
     }
 
     pub fn logs_dir(&self) -> PathBuf {
-        self.dir.path().join("logs")
+        self.deployment
+            .logs_dir()
+            .expect("xtask's deployments keep log files")
+    }
+
+    /// The receiver started by `with_receiver`.
+    pub fn receiver(&self) -> &WebhookReceiver {
+        self.deployment.receiver()
     }
 
     /// The gateway's base URL, once the services are started.
@@ -113,43 +119,43 @@ impl Stack {
         Ok(format!("http://{addr}"))
     }
 
-    /// Starts the three services built by cargo: the gateway listening on `gateway`, the
-    /// callback signing webhooks with `signing_secret`.
+    /// Starts the three services built by cargo (after `with_receiver`): the gateway
+    /// listening on `gateway`, the callback signing webhooks with `signing_secret`.
     pub fn start_services(
         &mut self,
-        ws: &Workspace,
         gateway: SocketAddr,
         signing_secret: &str,
     ) -> anyhow::Result<()> {
-        for name in SERVICES {
-            let mut cmd = Command::new(ws.debug_bin(name));
-            // The services read `jetcall.toml` from their working directory; the demo
-            // must not pick up whatever one lies where the user happens to be.
+        for service in Service::ALL {
+            let name = service.name();
             // The demo's receiver listens on loopback, which the default allowlist refuses;
             // the callback reads the allowlist too, to check addresses at delivery.
-            cmd.current_dir(self.dir.path())
-                .env("NATS_URL", &self.nats_url)
-                .env("JETCALL_LOG__FORMAT", "text")
-                .env("JETCALL_GATEWAY__CALLBACK_ALLOWLIST", r#"["127.0.0.1"]"#);
-            if std::env::var_os("RUST_LOG").is_none() {
-                cmd.env("RUST_LOG", "info");
-            }
-            match name {
-                "gateway" => cmd.env("JETCALL_GATEWAY__LISTEN", gateway.to_string()),
-                "callback" => cmd
-                    .env("JETCALL_CALLBACK__SIGNING_SECRET", signing_secret)
-                    .env(
-                        "JETCALL_CALLBACK__LISTEN",
-                        free_addr(Some(8082))?.to_string(),
-                    ),
-                // The generator inherits ANTHROPIC_API_KEY, if any, like every variable.
-                _ => cmd.env(
-                    "JETCALL_GENERATOR__LISTEN",
-                    free_addr(Some(8081))?.to_string(),
+            let mut env = vec![
+                ("NATS_URL", self.nats_url.clone()),
+                ("JETCALL_LOG__FORMAT", "text".to_owned()),
+                (
+                    "JETCALL_GATEWAY__CALLBACK_ALLOWLIST",
+                    r#"["127.0.0.1"]"#.to_owned(),
                 ),
+            ];
+            if std::env::var_os("RUST_LOG").is_none() {
+                env.push(("RUST_LOG", "info".to_owned()));
+            }
+            let listen = match service {
+                Service::Gateway => gateway,
+                Service::Callback => {
+                    env.push((
+                        "JETCALL_CALLBACK__SIGNING_SECRET",
+                        signing_secret.to_owned(),
+                    ));
+                    free_addr(Some(8082))?
+                }
+                // The generator inherits ANTHROPIC_API_KEY, if any, like every variable.
+                Service::Generator => free_addr(Some(8081))?,
             };
-            let log = self.logs_dir().join(format!("{name}.log"));
-            self.services.push(Proc::spawn(name, cmd, log)?);
+            self.deployment
+                .start_service(service, name, Some(listen), &owned(&env))
+                .map_err(|error| anyhow!(error))?;
         }
         self.gateway = Some(gateway);
         Ok(())
@@ -162,17 +168,17 @@ impl Stack {
         program: &Path,
         envs: &[(&str, String)],
     ) -> anyhow::Result<u32> {
-        let mut cmd = Command::new(program);
-        cmd.current_dir(self.dir.path())
-            .env("NATS_URL", &self.nats_url)
-            .env("RUST_LOG", "warn")
-            .envs(self.common_env.iter().map(|(key, value)| (key, value)))
-            .envs(envs.iter().map(|(key, value)| (*key, value.as_str())));
-        let log = self.logs_dir().join(format!("{name}.log"));
-        let proc = Proc::spawn(name, cmd, log)?;
-        let pid = proc.pid().context("the service exited at once")?;
-        self.services.push(proc);
-        Ok(pid)
+        let mut env = vec![
+            ("NATS_URL".to_owned(), self.nats_url.clone()),
+            ("RUST_LOG".to_owned(), "warn".to_owned()),
+        ];
+        env.extend(self.common_env.iter().cloned());
+        env.extend(owned(envs));
+        let process = self
+            .deployment
+            .spawn(name, program.to_owned(), &env)
+            .map_err(|error| anyhow!(error))?;
+        process.pid().context("the service exited at once")
     }
 
     /// Waits for the gateway's `/readyz`, failing early if any process exits.
@@ -196,77 +202,60 @@ impl Stack {
 
     /// Fails if any process has exited.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
-        if let Some(nats) = &mut self.nats {
-            nats.check_running()?;
-        }
-        self.services.iter_mut().try_for_each(Proc::check_running)
+        self.deployment
+            .check_running()
+            .map_err(|error| anyhow!(error))
     }
 
     /// Resolves, with the reason, once any process has exited.
     pub async fn watch(&mut self) -> anyhow::Error {
-        loop {
-            if let Err(error) = self.check_running() {
-                return error;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        anyhow!(self.deployment.watch().await)
     }
 
     /// Prints the end of each service's log, and of nats-server's if it has stopped
     /// (while it runs its log is a start-up banner), for a failure report.
     pub fn print_log_tails(&mut self) {
-        let nats = self
-            .nats
-            .as_mut()
-            .and_then(|nats| nats.check_running().is_err().then_some(&*nats));
-        for proc in self.services.iter().chain(nats) {
+        let nats_stopped = match &mut self.deployment.nats {
+            Nats::Single(server) => server
+                .process()
+                .is_none_or(|process| process.check_running().is_err()),
+            Nats::Cluster(_) => false,
+        };
+        for process in self.deployment.services() {
+            let log = process.log_file().unwrap_or(Path::new("?"));
             eprintln!(
                 "---- last lines of {} ({}) ----\n{}",
-                proc.name(),
-                proc.log().display(),
-                proc.log_tail(20)
+                process.name(),
+                log.display(),
+                process.last_lines(20).join("\n")
+            );
+        }
+        if nats_stopped {
+            let log = self.logs_dir().join("nats-server.log");
+            let tail = match std::fs::read(&log) {
+                Ok(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let all: Vec<&str> = text.lines().collect();
+                    all[all.len().saturating_sub(20)..].join("\n")
+                }
+                Err(error) => format!("(could not read {}: {error})", log.display()),
+            };
+            eprintln!(
+                "---- last lines of nats-server ({}) ----\n{tail}",
+                log.display()
             );
         }
     }
 
-    /// Stops the services, then nats-server (which they need while shutting down), and
-    /// deletes the temporary directory. Reports every process that did not exit cleanly.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        let mut problems = Vec::new();
-        for service in &mut self.services {
-            if let Err(error) = service.terminate() {
-                problems.push(format!("{error:#}"));
-            }
-        }
-        for service in &mut self.services {
-            if let Err(error) = service.finish(GRACE).await {
-                problems.push(format!("{error:#}"));
-            }
-        }
-        if let Some(nats) = &mut self.nats {
-            let stopped = nats.terminate();
-            if let Err(error) = stopped.and(nats.finish(GRACE).await) {
-                problems.push(format!("{error:#}"));
-            }
-        }
-        let dir = self.dir.path().display().to_string();
-        if let Err(error) = self.dir.close() {
-            problems.push(format!("removing {dir}: {error}"));
-        }
-        anyhow::ensure!(
-            problems.is_empty(),
-            "shutdown was not clean:\n  {}",
-            problems.join("\n  ")
-        );
-        Ok(())
+    /// Stops the services, then nats-server (which they need while shutting down), each
+    /// given [`testkit::deployment::GRACE`] after SIGTERM, and deletes the temporary directory. Reports every process
+    /// that did not exit cleanly.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.deployment
+            .shutdown()
+            .await
+            .map_err(|error| anyhow!(error))
     }
-}
-
-/// The client URL from nats-server's ports file, once the file is complete.
-fn read_nats_url(ports_file: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(ports_file).ok()?;
-    let ports: Ports = serde_json::from_str(&text).ok()?;
-    ports.nats.into_iter().next()
 }
 
 /// A loopback address that is free now: `preferred` if it is, else one the kernel picks.

@@ -6,6 +6,7 @@
 pub mod blackhole;
 pub mod closed_port;
 pub mod config;
+pub mod deployment;
 pub mod fake_anthropic;
 pub mod fake_openai;
 pub mod jobs;
@@ -20,11 +21,12 @@ pub mod wait;
 
 pub use blackhole::Blackhole;
 pub use closed_port::ClosedPort;
+pub use deployment::{Deployment, Instance, Service};
 pub use fake_anthropic::FakeAnthropic;
 pub use fake_openai::FakeOpenAi;
-pub use nats::{NatsCluster, NatsServer};
+pub use nats::{NatsCluster, NatsOptions, NatsServer};
 pub use receiver::WebhookReceiver;
-pub use service::{ServiceProcess, service_binary};
+pub use service::{Launch, ServiceProcess, service_binary};
 pub use wait::wait_until;
 
 /// Serves `app` on a free loopback port for as long as the test runs; `what` names it if the

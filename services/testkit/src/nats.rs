@@ -2,19 +2,40 @@
 //! three-node cluster of them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::procs::{Process, command};
+
 /// A running `nats-server`, killed when dropped.
 #[derive(Debug)]
 pub struct NatsServer {
-    child: Option<Child>,
+    child: Option<Process>,
     store: TempDir,
     port: u16,
+    options: NatsOptions,
     /// Set by `start_with_config`: the configuration file and the environment it reads.
     configured: Option<Configured>,
+}
+
+/// How to run a single `nats-server`: by default the one of [`nats_server_binary`], its
+/// output discarded, no monitoring port.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// The server binary; [`nats_server_binary`] when `None`.
+    pub binary: Option<PathBuf>,
+    /// A file for its standard output and error (`cargo xtask demo` shows it).
+    pub log: Option<PathBuf>,
+    /// The HTTP monitoring endpoint on a random port (`-m -1`), as the demo has it.
+    pub monitoring: bool,
+}
+
+impl NatsOptions {
+    fn binary(&self) -> PathBuf {
+        self.binary.clone().unwrap_or_else(nats_server_binary)
+    }
 }
 
 #[derive(Debug)]
@@ -58,17 +79,23 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 impl NatsServer {
     /// Starts a server on a random port with a fresh store.
     pub fn start() -> Self {
+        Self::try_start(NatsOptions::default()).unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// `start` with `options`, failing with the reason instead of panicking.
+    pub fn try_start(options: NatsOptions) -> Result<Self, String> {
         let store = tempfile::Builder::new()
             .prefix("jetcall-nats-")
             .tempdir()
-            .expect("temporary store directory");
-        let (child, port) = spawn(store.path(), None, None);
-        Self {
+            .map_err(|err| format!("temporary store directory: {err}"))?;
+        let (child, port) = spawn(store.path(), None, &options, None)?;
+        Ok(Self {
             child: Some(child),
             store,
             port,
+            options,
             configured: None,
-        }
+        })
     }
 
     /// Starts a server as `start` does (loopback, random port, fresh store, JetStream) with
@@ -89,11 +116,14 @@ impl NatsServer {
                 .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
                 .collect(),
         };
-        let (child, port) = spawn(store.path(), None, Some(&configured));
+        let options = NatsOptions::default();
+        let (child, port) = spawn(store.path(), None, &options, Some(&configured))
+            .unwrap_or_else(|err| panic!("{err}"));
         Self {
             child: Some(child),
             store,
             port,
+            options,
             configured: Some(configured),
         }
     }
@@ -108,34 +138,48 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// SIGKILL, as a crash would.
+    /// The server's process, while it runs (for its pid, or to check on it).
+    pub fn process(&mut self) -> Option<&mut Process> {
+        self.child.as_mut()
+    }
+
     /// SIGSTOP (`true`) or SIGCONT: a frozen server keeps its connections and answers nothing,
     /// so a request to it is in flight for as long as the test wants.
     pub fn freeze(&self, frozen: bool) {
         let Some(child) = &self.child else {
             panic!("nats-server is not running");
         };
-        let signal = if frozen { "-STOP" } else { "-CONT" };
-        let sent = std::process::Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status();
-        assert!(
-            sent.as_ref().is_ok_and(|status| status.success()),
-            "{signal} nats-server: {sent:?}"
-        );
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        if let Err(err) = child.signal(signal) {
+            panic!("{err}");
+        }
     }
 
+    /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
+        }
+    }
+
+    /// SIGTERM, and waits up to `grace` for a clean exit: a graceful stop.
+    pub async fn terminate(&mut self, grace: Duration) -> Result<(), String> {
+        match &mut self.child {
+            Some(child) => child.terminate(grace).await,
+            None => Ok(()),
         }
     }
 
     /// Starts the server again on the same port and store, after `kill`.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, _) = spawn(self.store.path(), Some(self.port), self.configured.as_ref());
+        let (child, _) = spawn(
+            self.store.path(),
+            Some(self.port),
+            &self.options,
+            self.configured.as_ref(),
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
         self.child = Some(child);
     }
 }
@@ -146,21 +190,37 @@ impl Drop for NatsServer {
     }
 }
 
-fn spawn(store: &Path, port: Option<u16>, configured: Option<&Configured>) -> (Child, u16) {
+fn spawn(
+    store: &Path,
+    port: Option<u16>,
+    options: &NatsOptions,
+    configured: Option<&Configured>,
+) -> Result<(Process, u16), String> {
     let ports_dir = store.join("ports");
     let _ = std::fs::remove_dir_all(&ports_dir);
-    std::fs::create_dir_all(&ports_dir).expect("ports directory");
+    std::fs::create_dir_all(&ports_dir).map_err(|err| format!("ports directory: {err}"))?;
     let port_arg = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
-    let mut command = Command::new(nats_server_binary());
+    let binary = options.binary();
+    let mut command = command(&binary);
     command
         .args(["-js", "-a", "127.0.0.1", "-p", &port_arg])
         .arg("-sd")
         .arg(store.join("jetstream"))
         .arg("--ports_file_dir")
         .arg(&ports_dir)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    if options.monitoring {
+        command.args(["-m", "-1"]);
+    }
+    if let Some(log) = &options.log {
+        let out = std::fs::File::create(log)
+            .map_err(|err| format!("creating {}: {err}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|err| format!("duplicating a log file handle: {err}"))?;
+        command.stdout(out).stderr(err);
+    }
     if let Some(configured) = configured {
         // Flags win over the file, so the address, port and store above still apply.
         command
@@ -172,26 +232,28 @@ fn spawn(store: &Path, port: Option<u16>, configured: Option<&Configured>) -> (C
             // What it says before its log is open: why it refuses the configuration.
             .stderr(std::fs::File::create(store.join("nats-server.stderr")).expect("stderr file"));
     }
-    crate::procs::die_with_parent(&mut command);
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|err| panic!("could not start {}: {err}", nats_server_binary().display()));
+    let mut child = Process::spawn("nats-server", &mut command)?;
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(port) = read_ports_file(&ports_dir)
             && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         {
-            return (child, port);
+            return Ok((child, port));
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            let said =
-                std::fs::read_to_string(store.join("nats-server.stderr")).unwrap_or_default();
-            panic!("nats-server exited at start-up with {status} {said}");
+        if let Some(status) = child.try_wait() {
+            let said = [store.join("nats-server.stderr")]
+                .into_iter()
+                .chain(options.log.clone())
+                .map(|file| std::fs::read_to_string(file).unwrap_or_default())
+                .collect::<String>();
+            return Err(format!(
+                "nats-server exited at start-up with {status} {said}"
+            ));
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("nats-server did not start within 20 s");
+            child.kill();
+            return Err("nats-server did not start within 20 s".to_owned());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -233,7 +295,7 @@ struct ClusterNode {
     name: String,
     port: u16,
     config: PathBuf,
-    child: Option<Child>,
+    child: Option<Process>,
 }
 
 impl NatsCluster {
@@ -294,24 +356,21 @@ impl NatsCluster {
 
     fn spawn(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let mut command = Command::new(&self.binary);
+        let mut command = command(&self.binary);
         command
             .arg("-c")
             .arg(&node.config)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        crate::procs::die_with_parent(&mut command);
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|err| panic!("could not start {}: {err}", self.binary.display()));
+        let mut child = Process::spawn(&format!("nats-server {}", node.name), &mut command)
+            .unwrap_or_else(|err| panic!("{err}"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(status) = child.try_wait() {
                 panic!("nats-server {} exited at start-up with {status}", node.name);
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
+                child.kill();
                 panic!("nats-server {} did not start within 20 s", node.name);
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -336,8 +395,7 @@ impl NatsCluster {
     /// SIGKILLs node `i`, as a crash would.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
         }
     }
 

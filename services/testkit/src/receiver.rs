@@ -1,6 +1,8 @@
 //! A webhook receiver on loopback that records every delivery and answers as scripted. It can
 //! be stopped (connections are then refused) and started again on the same port, as a
-//! receiver that goes down for a while.
+//! receiver that goes down for a while. Given the signing secret ([`WebhookReceiver::verifying`])
+//! it checks each delivery's Standard Webhooks signature as a customer would, and refuses a
+//! bad one with 401: the receiver of `cargo xtask demo`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -14,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// One request the receiver got.
@@ -23,6 +25,8 @@ pub struct Delivery {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: Instant,
+    /// Whether the signature verified, when the receiver checks them: `Err` says why not.
+    pub signature: Option<Result<(), String>>,
 }
 
 impl Delivery {
@@ -73,6 +77,23 @@ struct Inner {
     attempts_by_webhook: HashMap<String, usize>,
 }
 
+/// What the handler shares: the record, the verifier, and the count of deliveries for
+/// waiters.
+#[derive(Debug)]
+struct Shared {
+    inner: Mutex<Inner>,
+    verifier: Option<Verifier>,
+    arrived: watch::Sender<usize>,
+}
+
+struct Verifier(standardwebhooks::Webhook);
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier")
+    }
+}
+
 /// The server while it runs: the signal that stops it and its task.
 #[derive(Debug)]
 struct Running {
@@ -83,19 +104,36 @@ struct Running {
 #[derive(Debug, Clone)]
 pub struct WebhookReceiver {
     addr: SocketAddr,
-    inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
     running: Arc<Mutex<Option<Running>>>,
 }
 
 impl WebhookReceiver {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// `start`, verifying every delivery's signature with `signing_secret` (`whsec_...`):
+    /// a good one is answered as scripted (204 by default), a bad one 401. Fails on an
+    /// invalid secret.
+    pub async fn verifying(signing_secret: &str) -> Result<Self, String> {
+        let webhook = standardwebhooks::Webhook::new(signing_secret)
+            .map_err(|err| format!("the webhook signing secret is invalid: {err}"))?;
+        Ok(Self::start_with(Some(Verifier(webhook))).await)
+    }
+
+    async fn start_with(verifier: Option<Verifier>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind webhook receiver");
         let addr = listener.local_addr().expect("local addr");
         let receiver = Self {
             addr,
-            inner: Arc::new(Mutex::new(Inner::default())),
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner::default()),
+                verifier,
+                arrived: watch::Sender::new(0),
+            }),
             running: Arc::new(Mutex::new(None)),
         };
         receiver.serve(listener);
@@ -105,7 +143,7 @@ impl WebhookReceiver {
     fn serve(&self, listener: tokio::net::TcpListener) {
         let app = Router::new()
             .route("/{*path}", post(receive))
-            .with_state(self.inner.clone());
+            .with_state(self.shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -162,7 +200,8 @@ impl WebhookReceiver {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
+        self.shared
+            .inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -209,6 +248,13 @@ impl WebhookReceiver {
         .await
     }
 
+    /// Delivery number `n` (from 1), once it has arrived; waits as long as it takes.
+    pub async fn arrival(&self, n: usize) -> Delivery {
+        let mut arrived = self.shared.arrived.subscribe();
+        let _ = arrived.wait_for(|count| *count >= n).await;
+        self.lock().deliveries[n - 1].clone()
+    }
+
     /// Waits until at least `count` deliveries arrived, and returns them all.
     pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Delivery> {
         crate::wait_until(&format!("{count} webhook deliveries"), timeout, || async {
@@ -219,13 +265,17 @@ impl WebhookReceiver {
     }
 }
 
-async fn receive(
-    State(inner): State<Arc<Mutex<Inner>>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let at = Instant::now();
+    let signature = shared.verifier.as_ref().map(|Verifier(webhook)| {
+        webhook
+            .verify(&body, &headers)
+            .map_err(|error| error.to_string())
+    });
+    let forged = matches!(signature, Some(Err(_)));
     let (reply, delay) = {
-        let mut inner = inner
+        let mut inner = shared
+            .inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let webhook_id = headers
@@ -236,8 +286,10 @@ async fn receive(
         inner.deliveries.push(Delivery {
             headers,
             body,
-            at: Instant::now(),
+            at,
+            signature,
         });
+        shared.arrived.send_replace(inner.deliveries.len());
         let seen = inner.attempts_by_webhook.entry(webhook_id).or_default();
         *seen += 1;
         let seen = *seen;
@@ -250,6 +302,9 @@ async fn receive(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    if forged {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
     let Some(reply) = reply else {
         return StatusCode::NO_CONTENT.into_response();
     };
@@ -261,4 +316,76 @@ async fn receive(
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderMap;
+    use standardwebhooks::Webhook;
+
+    use super::WebhookReceiver;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    async fn post(url: &str, body: &'static str, headers: HeaderMap) -> reqwest::StatusCode {
+        let response = reqwest::Client::new()
+            .post(url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .expect("the receiver answers");
+        response.status()
+    }
+
+    fn signed_headers(secret: &str, body: &str) -> HeaderMap {
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is after 1970")
+            .as_secs();
+        let timestamp = i64::try_from(timestamp).expect("a timestamp fits in i64");
+        let signature = Webhook::new(secret)
+            .expect("a valid secret")
+            .sign("msg_1", timestamp, body.as_bytes())
+            .expect("signing works");
+        let mut headers = HeaderMap::new();
+        headers.insert("webhook-id", "msg_1".parse().expect("a header value"));
+        headers.insert(
+            "webhook-timestamp",
+            timestamp.to_string().parse().expect("a header value"),
+        );
+        headers.insert(
+            "webhook-signature",
+            signature.parse().expect("a header value"),
+        );
+        headers
+    }
+
+    #[tokio::test]
+    async fn a_verifying_receiver_accepts_a_good_signature_and_refuses_a_bad_one() {
+        let receiver = WebhookReceiver::verifying(SECRET)
+            .await
+            .expect("the receiver starts");
+        let url = receiver.url("/webhooks/description");
+        let body = r#"{"job_id":"JOB-771"}"#;
+
+        let good = signed_headers(SECRET, body);
+        assert_eq!(post(&url, body, good).await, 204);
+        let delivery = receiver.arrival(1).await;
+        assert_eq!(delivery.signature, Some(Ok(())));
+        assert_eq!(&delivery.body[..], body.as_bytes());
+
+        let forged = signed_headers("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", body);
+        assert_eq!(post(&url, body, forged).await, 401);
+        let delivery = receiver.arrival(2).await;
+        assert!(matches!(delivery.signature, Some(Err(_))));
+    }
+
+    #[tokio::test]
+    async fn a_plain_receiver_checks_no_signature() {
+        let receiver = WebhookReceiver::start().await;
+        let status = post(&receiver.url("/hook"), "{}", HeaderMap::new()).await;
+        assert_eq!(status, 204);
+        assert_eq!(receiver.arrival(1).await.signature, None);
+    }
 }

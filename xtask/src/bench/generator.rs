@@ -101,7 +101,9 @@ pub(super) struct FakeLlm {
     ca: Option<testkit::tls::PrivateCa>,
 }
 
-/// Starts the fake LLM. It shares the benchmark's one thread on purpose: it stands in for a
+/// Starts the fake LLM. Not `testkit::FakeAnthropic`, which validates and records every
+/// request for the tests to inspect: that bookkeeping would be measured with the generator.
+/// It shares the benchmark's one thread on purpose: it stands in for a
 /// remote API, whose work costs this machine nothing, so it should take as little of the two
 /// cores from the generator as it can.
 pub(super) async fn start_fake_llm(delay: Duration, protocol: Protocol) -> anyhow::Result<FakeLlm> {

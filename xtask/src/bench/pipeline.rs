@@ -154,11 +154,11 @@ enum Nats {
     Cluster,
 }
 
-/// A three-node cluster and a stack beside it, the topology provisioned with 3 replicas once
-/// the cluster has elected its JetStream leader. The cluster lives as long as the `Setup`.
-async fn cluster_setup(nats_server: &Path) -> anyhow::Result<(testkit::NatsCluster, Setup)> {
-    let cluster = testkit::NatsCluster::start_with(nats_server.to_owned(), 3);
-    let url = cluster.url();
+/// A stack on a three-node cluster, the topology provisioned with 3 replicas once the cluster
+/// has elected its JetStream leader.
+async fn cluster_setup(nats_server: &Path) -> anyhow::Result<Setup> {
+    let stack = Stack::cluster(nats_server, 3, &[("JETCALL_NATS__REPLICAS", "3")]).await?;
+    let url = stack.nats_url().to_owned();
     let config = testkit::config::config(&url, &[("nats.replicas", serde_json::json!(3))]);
     let client = async_nats::connect(jetcall::connect::servers(&url)).await?;
     let topology = poll::until(
@@ -171,13 +171,11 @@ async fn cluster_setup(nats_server: &Path) -> anyhow::Result<(testkit::NatsClust
         },
     )
     .await?;
-    let stack = Stack::beside(url, &[("JETCALL_NATS__REPLICAS", "3")])?;
-    let setup = Setup {
+    Ok(Setup {
         stack,
         topology,
         secret: jetcall::signing::SigningKey::generate(),
-    };
-    Ok((cluster, setup))
+    })
 }
 
 async fn end_to_end(
@@ -186,12 +184,9 @@ async fn end_to_end(
     nats: Nats,
     run: Run,
 ) -> anyhow::Result<EndToEnd> {
-    let (_cluster, mut setup) = match nats {
-        Nats::Single => (None, setup(nats_server).await?),
-        Nats::Cluster => {
-            let (cluster, setup) = cluster_setup(nats_server).await?;
-            (Some(cluster), setup)
-        }
+    let mut setup = match nats {
+        Nats::Single => setup(nats_server).await?,
+        Nats::Cluster => cluster_setup(nats_server).await?,
     };
     let llm = start_fake_llm(run.llm_delay, Protocol::H2c).await?;
     let arrivals = Arrivals::default();

@@ -248,7 +248,10 @@ pub async fn run(stack: &mut Stack, plan: &Plan, fault: impl AsyncFnOnce(&mut St
     let dead_every = plan.jobs / plan.dead_jobs.max(1);
     let submitter = {
         let (http, progress) = (stack.http.clone(), progress.clone());
-        let (live_url, dead_url) = (stack.receiver.url("/webhooks/jobs"), stack.dead_url.clone());
+        let (live_url, dead_url) = (
+            stack.receiver().url("/webhooks/jobs"),
+            stack.dead_url.clone(),
+        );
         let (jobs, dead_jobs) = (plan.jobs, plan.dead_jobs);
         tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(CLIENT_CONCURRENCY));
@@ -284,7 +287,7 @@ pub async fn run(stack: &mut Stack, plan: &Plan, fault: impl AsyncFnOnce(&mut St
     let trigger = async {
         match plan.trigger {
             Trigger::Delivered(count) => {
-                stack.receiver.wait_for_count(count, SETTLE).await;
+                stack.receiver().wait_for_count(count, SETTLE).await;
             }
             Trigger::Accepted(count) => {
                 wait_until(&format!("{count} jobs accepted"), SETTLE, || async {
@@ -340,7 +343,7 @@ async fn wait_until_or<T>(timeout: Duration, check: impl AsyncFn() -> Option<T>)
 /// Jobs the receiver has seen at least once.
 fn distinct_jobs(stack: &Stack) -> usize {
     stack
-        .receiver
+        .receiver()
         .deliveries()
         .iter()
         .map(|delivery| delivery.header("webhook-id").to_owned())
@@ -418,7 +421,7 @@ async fn check(
     in_flight_at_fault: usize,
 ) -> Report {
     let verifier = standardwebhooks::Webhook::new(&stack.secret).expect("a valid secret");
-    let deliveries = stack.receiver.deliveries();
+    let deliveries = stack.receiver().deliveries();
     let mut per_job: BTreeMap<String, usize> = BTreeMap::new();
     let mut first_seen: BTreeMap<String, Instant> = BTreeMap::new();
     let mut webhook_ids = BTreeSet::new();

@@ -92,7 +92,7 @@ async fn webhook_receiver_down_for_a_while() {
     let mut report = run(&mut stack, &plan, async |stack: &mut Stack| {
         let failed = |stack: &Stack| stack.callbacks[0].process.count("webhook attempt failed");
         let before = failed(stack);
-        stack.receiver.stop().await;
+        stack.receiver().stop().await;
         let stopped = Instant::now();
         // Down until every job is generated and waits for it, and a backlog of deliveries
         // has failed against it.
@@ -108,7 +108,7 @@ async fn webhook_receiver_down_for_a_while() {
         .await;
         failed_while_down = failed(stack) - before;
         downtime = stopped.elapsed();
-        stack.receiver.restart().await;
+        stack.receiver().restart().await;
     })
     .await;
     let retried = report
@@ -152,12 +152,12 @@ fn flaky_cycle() -> Vec<Option<Scripted>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaky_model_overloaded_and_stalling() {
     let mut stack = Stack::start(Shape::SINGLE).await;
-    stack.llm.set_cycle(flaky_cycle());
+    stack.llm().set_cycle(flaky_cycle());
     let mut plan = Plan::new("6 model 30 % 529, 3 % stalls", 1);
     plan.trigger = Trigger::Never;
     let mut report = run(&mut stack, &plan, async |_: &mut Stack| {}).await;
 
-    let calls = stack.llm.requests();
+    let calls = stack.llm().requests();
     let mut per_job: BTreeMap<String, Vec<u16>> = BTreeMap::new();
     for call in &calls {
         let prompt = call.prompt();
@@ -266,7 +266,7 @@ async fn two_instances_of_each_service_share_the_work() {
         .iter()
         .map(|callback| callback.process.count("webhook delivered"))
         .collect();
-    let calls = stack.llm.requests();
+    let calls = stack.llm().requests();
     let mut per_job: BTreeMap<String, usize> = BTreeMap::new();
     for call in &calls {
         let prompt = call.prompt();

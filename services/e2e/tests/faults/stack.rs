@@ -1,7 +1,9 @@
-//! The whole deployment as real processes on loopback: nats-server (one, or a three-node
-//! cluster), the gateway, generator and callback binaries (one or more of each), a fake Claude
-//! and a recording webhook receiver in the test's process.
+//! The whole deployment as real processes on loopback, a [`testkit::Deployment`]: nats-server
+//! (one, or a three-node cluster), the gateway, generator and callback binaries (one or more
+//! of each), a fake Claude and a recording webhook receiver in the test's process; with the
+//! fault suite's settings and readiness checks.
 
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -10,11 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use jetcall::signing::SigningKey;
 use jetcall::topology::Topology;
+pub use testkit::deployment::Nats;
 use testkit::fake_anthropic::API_KEY;
-use testkit::{
-    FakeAnthropic, NatsCluster, NatsServer, ServiceProcess, WebhookReceiver, service_binary,
-    wait_until,
-};
+use testkit::{Deployment, FakeAnthropic, Service, wait_until};
 
 /// The generator's `ack_wait`: short, so a killed generator's jobs come back quickly, and
 /// shorter than the stalled LLM calls of the flaky-model scenario.
@@ -34,21 +34,6 @@ const RETRY_SCHEDULE: [&str; 7] = ["100ms", "200ms", "400ms", "800ms", "1s", "1s
 pub const PER_HOST_CONCURRENCY: usize = 32;
 const READY: Duration = Duration::from_secs(30);
 
-#[derive(Debug)]
-pub enum Nats {
-    Single(NatsServer),
-    Cluster(NatsCluster),
-}
-
-impl Nats {
-    pub fn url(&self) -> String {
-        match self {
-            Nats::Single(server) => server.url(),
-            Nats::Cluster(cluster) => cluster.url(),
-        }
-    }
-}
-
 /// What to start.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
@@ -65,29 +50,32 @@ impl Shape {
     };
 }
 
-/// A service binary with an HTTP port of its own: the gateway's API, the generator's and the
-/// callback's health and metrics.
-#[derive(Debug)]
-pub struct Served {
-    pub process: ServiceProcess,
-    pub url: String,
-}
-
+/// The deployment (NATS, the services as `gateways`, `generators` and `callbacks`, the fake
+/// Claude as `llm()`, the receiver as `receiver()`) and what the suite needs beside it.
 #[derive(Debug)]
 pub struct Stack {
-    pub nats: Nats,
-    pub llm: FakeAnthropic,
-    pub receiver: WebhookReceiver,
+    pub deployment: Deployment,
     pub secret: String,
     /// The test's own view of NATS, for status documents and stream counts.
     pub topology: Topology,
-    pub gateways: Vec<Served>,
-    pub generators: Vec<Served>,
-    pub callbacks: Vec<Served>,
     pub http: reqwest::Client,
     /// A deliberately dead webhook endpoint: every connection to it is refused.
     pub dead_url: String,
     _dead_port: testkit::ClosedPort,
+}
+
+impl Deref for Stack {
+    type Target = Deployment;
+
+    fn deref(&self) -> &Deployment {
+        &self.deployment
+    }
+}
+
+impl DerefMut for Stack {
+    fn deref_mut(&mut self) -> &mut Deployment {
+        &mut self.deployment
+    }
 }
 
 /// The configuration every process shares, as dotted keys.
@@ -146,18 +134,20 @@ fn environment(settings: &[(&str, Value)]) -> Vec<(String, String)> {
 impl Stack {
     pub async fn start(shape: Shape) -> Self {
         testkit::init_logs();
-        let (nats, replicas) = if shape.cluster {
-            (Nats::Cluster(NatsCluster::start(3)), 3)
+        let mut builder = Deployment::builder().fake_llm().receiver();
+        let replicas = if shape.cluster {
+            builder = builder.cluster(3);
+            3
         } else {
-            (Nats::Single(NatsServer::start()), 1)
+            1
         };
-        let llm = FakeAnthropic::start().await;
-        llm.set_delay(LLM_DELAY);
-        let receiver = WebhookReceiver::start().await;
-        receiver.set_delay(RECEIVER_DELAY);
+        let mut deployment = builder.start().await.unwrap_or_else(|err| panic!("{err}"));
+        deployment.llm().set_delay(LLM_DELAY);
+        deployment.receiver().set_delay(RECEIVER_DELAY);
         let secret = SigningKey::generate();
-        let settings = settings(&nats.url(), replicas, &llm, &secret);
-        let config = testkit::config::config(&nats.url(), &settings);
+        let nats_url = deployment.nats_url();
+        let settings = settings(&nats_url, replicas, deployment.llm(), &secret);
+        let config = testkit::config::config(&nats_url, &settings);
 
         // Provisioned here first, which also waits for a cluster's JetStream to be up.
         let client = jetcall::connect::connect(&config, "jetcall-fault-suite")
@@ -171,60 +161,24 @@ impl Stack {
         .expect("JetStream ready within 30 s")
         .expect("provision");
 
-        let env = environment(&settings);
-        let with = |extra: (&str, String)| {
-            let mut env = env.clone();
-            env.push((extra.0.to_owned(), extra.1));
-            env
-        };
-        let served = |binary: &str, name: &str, listen_key: &str| {
-            let port = testkit::free_port();
-            let process = ServiceProcess::start(
-                name,
-                service_binary(binary),
-                with((listen_key, format!("127.0.0.1:{port}"))),
-            );
-            Served {
-                process,
-                url: format!("http://127.0.0.1:{port}"),
-            }
-        };
-        let label = |service: &str, i: usize| match shape.instances {
-            1 => service.to_owned(),
-            _ => format!("{service}-{}", i + 1),
+        deployment.set_env(environment(&settings));
+        let label = |service: Service, i: usize| match shape.instances {
+            1 => service.name().to_owned(),
+            _ => format!("{}-{}", service.name(), i + 1),
         };
         let dead_port = testkit::ClosedPort::reserve();
-        let gateways = (0..shape.instances)
-            .map(|i| served("gateway", &label("gateway", i), "JETCALL_GATEWAY__LISTEN"))
-            .collect();
-        let generators = (0..shape.instances)
-            .map(|i| {
-                served(
-                    "generator",
-                    &label("generator", i),
-                    "JETCALL_GENERATOR__LISTEN",
-                )
-            })
-            .collect();
-        let callbacks = (0..shape.instances)
-            .map(|i| {
-                served(
-                    "callback",
-                    &label("callback", i),
-                    "JETCALL_CALLBACK__LISTEN",
-                )
-            })
-            .collect();
+        for service in Service::ALL {
+            for i in 0..shape.instances {
+                deployment
+                    .start_service(service, &label(service, i), None, &[])
+                    .unwrap_or_else(|err| panic!("{err}"));
+            }
+        }
 
         let stack = Self {
-            nats,
-            llm,
-            receiver,
+            deployment,
             secret,
             topology,
-            gateways,
-            generators,
-            callbacks,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -283,16 +237,6 @@ impl Stack {
             .text()
             .await
             .expect("metrics text")
-    }
-
-    /// The last lines every service logged, for a failure message.
-    pub fn log_tails(&self, lines: usize) -> String {
-        self.gateways
-            .iter()
-            .chain(&self.generators)
-            .chain(&self.callbacks)
-            .map(|served| served.process.tail(lines))
-            .collect()
     }
 }
 
