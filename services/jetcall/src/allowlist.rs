@@ -408,7 +408,7 @@ mod tests {
             serde_json::to_value(&url).expect("JSON"),
             "https://hooks.shop.example/cb?token=t"
         );
-        for bad in ["", "ftp://x/", "http://user@x/", "not a url", "http:///cb"] {
+        for bad in ["", "ftp://x/", "http://user@x/", "not a url", "http://"] {
             assert!(read(bad).is_err(), "{bad:?} read as a callback URL");
         }
     }
