@@ -64,6 +64,7 @@ pub async fn run(
     tracing::info!(address = %listener.local_addr()?, "callback health and metrics listening");
     let server = Admin::new(client.clone(), metrics.lag(), Arc::new(metrics.clone()))
         .spawn(listener, shutdown.clone());
+    let settle_failures = metrics.settle_failures();
     // Shared, not cloned per message: a `Topology` clone copies NATS handles that each carry
     // their stream's whole info.
     let worker = Arc::new(Worker {
@@ -83,12 +84,15 @@ pub async fn run(
         consumer,
         concurrency,
         None,
+        settle_failures,
         shutdown,
         move |message, shutdown| {
             let worker = worker.clone();
             // The worker logs how each completion ended, within the job's span.
+            // `consume` settles the message as its step says; an error settles nothing.
             async move {
-                let _ = worker.handle(&message, &shutdown).await;
+                let handled = worker.handle(&message, &shutdown).await;
+                (message, handled.ok().map(|step| step.settle()))
             }
         },
     )

@@ -51,6 +51,7 @@ struct Inner {
     parked: Family<ParkedLabels, Counter>,
     destinations: Arc<Destinations>,
     lag: ConsumerLag,
+    settle_failures: Counter,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +107,7 @@ impl Metrics {
             parked.clone(),
         );
         let lag = ConsumerLag::register(&mut registry, consumer);
+        let settle_failures = jetcall::metrics::settle_failures(&mut registry);
         Self(Arc::new(Inner {
             registry,
             attempts,
@@ -117,12 +119,18 @@ impl Metrics {
             parked,
             destinations,
             lag,
+            settle_failures,
         }))
     }
 
     /// The consumer's lag gauges, refreshed by each scrape.
     pub fn lag(&self) -> ConsumerLag {
         self.0.lag.clone()
+    }
+
+    /// The count of messages `jetcall::consume` could not settle.
+    pub fn settle_failures(&self) -> Counter {
+        self.0.settle_failures.clone()
     }
 
     /// Counts an HTTP attempt in flight until the guard is dropped.

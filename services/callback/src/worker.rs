@@ -1,20 +1,24 @@
-//! Handling one `jobs.completed.<kind>` / `jobs.failed.<kind>` message: deliver, record,
-//! then ack or schedule the next attempt through JetStream.
+//! Handling one `jobs.completed.<kind>` / `jobs.failed.<kind>` message: admit, attempt,
+//! record, report, to a `Step` that says whether `jetcall::consume` acks it or schedules the
+//! next attempt through JetStream.
 //!
 //! Retries are delayed NAKs, so a pending retry lives in JetStream, not in this process: a
 //! restart loses nothing, and the attempt count lives in the status document, so it does not
 //! reset the schedule either.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::Message;
 use time::OffsetDateTime;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use jetcall::Config;
 use jetcall::config::CallbackConfig;
+use jetcall::consume::Settle;
 use jetcall::events::{DeliveryReport, JobFinished};
 use jetcall::publish::publish_event_with_headers;
 use jetcall::retry::delivery_delay;
@@ -57,6 +61,7 @@ enum Outcome {
     CircuitOpen { retry_after: Duration },
 }
 
+/// How handling one message ended; [`Step::settle`] says what JetStream is told.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     Delivered,
@@ -70,6 +75,19 @@ pub enum Step {
     Rejected(String),
     /// Shutdown interrupted the attempt; handed back at once for another instance.
     Interrupted,
+}
+
+impl Step {
+    /// How the message is settled (by `jetcall::consume`, the only place that settles).
+    pub fn settle(&self) -> Settle {
+        match self {
+            Step::Delivered | Step::Undeliverable(_) | Step::AlreadyDone(_) => Settle::Done,
+            Step::Retry(delay) => Settle::RetryIn(*delay),
+            Step::Parked(delay) => Settle::Parked(*delay),
+            Step::Rejected(_) => Settle::Reject,
+            Step::Interrupted => Settle::Interrupted,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +110,36 @@ pub struct Worker {
     pub metrics: Metrics,
 }
 
+/// A delivery that goes on: its status as read, and how it passes its destination.
+struct Admitted {
+    current: (JobStatus, u64),
+    pass: Pass,
+}
+
+/// How an admitted delivery passes its destination.
+enum Pass {
+    /// The webhook goes out, in this slot.
+    Send(Slot),
+    /// The circuit is open: nothing is sent, and `note` is recorded instead, the delivery
+    /// waiting `retry_after` in JetStream.
+    CircuitOpen {
+        retry_after: Duration,
+        note: DeliveryAttempt,
+    },
+}
+
+/// A webhook request's place at its destination: held until the attempt ends.
+struct Slot {
+    destination: Arc<Destination>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// The webhook a completion is delivered as, and its id.
+struct Webhook {
+    id: String,
+    payload: serde_json::Value,
+}
+
 /// What follows an attempt: a final state, or a retry after a delay.
 #[derive(Debug, Clone, PartialEq)]
 struct Decision {
@@ -104,7 +152,7 @@ struct Decision {
 
 impl Worker {
     /// Processes one message to a `Step`, and logs how it ended. On an error nothing is
-    /// acked, so the completion is redelivered after `ack_wait`.
+    /// settled, so the completion is redelivered after `ack_wait`.
     ///
     /// The job is a span of the trace its message carries (`traceparent`; a new trace if it
     /// has none): the webhook and the delivery report carry it on, and every line logged about
@@ -117,7 +165,6 @@ impl Worker {
         let job: JobFinished = match serde_json::from_slice(&message.payload) {
             Ok(job) => job,
             Err(err) => {
-                let _ = message.ack_with(AckKind::Term).await;
                 let reason = format!("not a finished job: {err}");
                 tracing::error!(%reason, subject = %message.subject, "completion dropped");
                 return Ok(Step::Rejected(reason));
@@ -126,7 +173,7 @@ impl Worker {
         let trace = TraceParent::continue_from(message.headers.as_ref());
         let span = jetcall::job_span!(job.job_id, job.kind, trace);
         async {
-            let handled = self.process(message, &job, &trace, shutdown).await;
+            let handled = self.process(&job, &trace, shutdown).await;
             match &handled {
                 Ok(Step::Rejected(reason)) => {
                     tracing::error!(%reason, subject = %message.subject, "completion dropped")
@@ -140,15 +187,53 @@ impl Worker {
         .await
     }
 
+    /// A delivery in four steps, any of which may end it: admitted, attempted, recorded,
+    /// reported.
     async fn process(
         &self,
-        message: &Message,
         job: &JobFinished,
         trace: &TraceParent,
         shutdown: &CancellationToken,
     ) -> Result<Step, WorkerError> {
-        // A slot first: a delivery that must wait for its destination goes back to JetStream
-        // without costing a status read.
+        let Admitted { current, pass } = match self.admit(job, trace).await? {
+            ControlFlow::Continue(admitted) => admitted,
+            ControlFlow::Break(step) => return Ok(step),
+        };
+        let webhook = Webhook {
+            id: webhook::webhook_id(job),
+            payload: webhook::payload(job),
+        };
+        let (outcome, attempt) = match pass {
+            Pass::CircuitOpen { retry_after, note } => (Outcome::CircuitOpen { retry_after }, note),
+            Pass::Send(slot) => {
+                match self
+                    .attempt(job, trace, &current.0, slot, &webhook, shutdown)
+                    .await
+                {
+                    Some(tried) => tried,
+                    None => return Ok(Step::Interrupted),
+                }
+            }
+        };
+        let (decision, attempts) = match self.record(job, current, &outcome, &attempt).await? {
+            ControlFlow::Continue(recorded) => recorded,
+            ControlFlow::Break(step) => return Ok(step),
+        };
+        self.report(job, trace, webhook, decision, attempts, &attempt)
+            .await
+    }
+
+    /// Whether the delivery goes on, and how. A slot first: a delivery that must wait for
+    /// its destination goes back to JetStream without costing a status read. Then its status:
+    /// a job delivered or given up already is reported again and done with. Then the
+    /// destination's circuit: while it is open the job's log gets one line saying it waits,
+    /// and its returns go straight back to JetStream, until the circuit lets it through or its
+    /// round has lasted the longest a round may.
+    async fn admit(
+        &self,
+        job: &JobFinished,
+        trace: &TraceParent,
+    ) -> Result<ControlFlow<Step, Admitted>, WorkerError> {
         let destination = self.destinations.get(&job.callback_url.destination());
         let slot = match destination
             .slot(destination.patience(), Instant::now())
@@ -158,9 +243,8 @@ impl Worker {
             Err(stalled) => {
                 let earliest = park_delay(stalled, self.config.callback.timeout);
                 let delay = self.park(&destination, earliest);
-                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 self.metrics.parked("busy");
-                return Ok(Step::Parked(delay));
+                return Ok(ControlFlow::Break(Step::Parked(delay)));
             }
         };
         let (doc, revision) = match self.topology.status.get(&job.job_id).await? {
@@ -169,83 +253,104 @@ impl Worker {
                 // recording it and reporting it (killed, or its publish refused while the
                 // stream elected a leader). The report's Nats-Msg-Id keeps it single.
                 self.report_again(job, &doc, trace).await?;
-                let _ = message.ack().await;
-                return Ok(Step::AlreadyDone(doc.status));
+                return Ok(ControlFlow::Break(Step::AlreadyDone(doc.status)));
             }
             Some(read) => read,
-            None => {
-                let _ = message.ack_with(AckKind::Term).await;
-                return Ok(Step::Rejected(format!(
-                    "job {} has no status document",
-                    job.job_id
-                )));
-            }
+            None => return Ok(ControlFlow::Break(no_status_document(job))),
         };
-        let webhook_id = webhook::webhook_id(job);
-        let payload = webhook::payload(job);
-        let round = doc.delivery_round;
-        let breaker = Breaker {
-            cooldown: self.config.callback.breaker_cooldown,
-            window: self.config.callback.breaker_window,
-        };
-        // Retries are spent only by requests tried. While the circuit is open a job's log
-        // gets one line saying it waits, and its returns go straight back to JetStream, until
-        // the circuit lets it through or its round has lasted the longest a round may.
-        let (outcome, attempt) = match destination.admit(Instant::now(), breaker.cooldown) {
+        // Retries are spent only by requests tried.
+        let pass = match destination.admit(Instant::now(), self.config.callback.breaker_cooldown) {
+            None => Pass::Send(Slot {
+                destination,
+                permit: slot,
+            }),
             Some(remaining) => {
                 drop(slot);
                 let delay = self.park(&destination, remaining);
                 let noted = waits_for_circuit(&doc);
                 let longest = self.config.callback.longest_round();
                 if noted && round_age(&doc, OffsetDateTime::now_utc()) < longest {
-                    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                     self.metrics.parked(CIRCUIT_OPEN);
-                    return Ok(Step::Parked(delay));
+                    return Ok(ControlFlow::Break(Step::Parked(delay)));
                 }
-                let note = circuit_open(round, remaining, destination.consecutive_failures());
-                (Outcome::CircuitOpen { retry_after: delay }, note)
-            }
-            None => {
-                let _slot = slot;
-                let body = serde_json::to_vec(&payload).unwrap_or_default();
-                let signer = self.signer_for(&doc);
-                let in_flight = self.metrics.attempt_started();
-                let started = Instant::now();
-                let sender = self.senders.for_tenant(doc.tenant.as_deref());
-                let send = sender.send(
-                    &job.callback_url,
-                    &webhook_id,
-                    &body,
-                    &signer,
-                    round,
-                    Some(trace),
-                );
-                // A dead receiver may take the whole timeout; a stopping service does not wait
-                // for it. The attempt is not recorded and the message goes straight back, so
-                // another instance tries again (the receiver may see it twice: at least once).
-                let (verdict, attempt) = tokio::select! {
-                    sent = send => sent,
-                    _ = shutdown.cancelled() => {
-                        let _ = message.ack_with(AckKind::Nak(None)).await;
-                        return Ok(Step::Interrupted);
-                    }
-                };
-                drop(in_flight);
-                self.metrics.attempt_finished(started.elapsed());
-                let receiver_failed = matches!(verdict, Verdict::Retry { .. });
-                let took = Duration::from_millis(attempt.duration_ms);
-                destination.record(!receiver_failed, took, Instant::now(), breaker);
-                (Outcome::Tried(verdict), attempt)
+                let failures = destination.consecutive_failures();
+                Pass::CircuitOpen {
+                    retry_after: delay,
+                    note: circuit_open(doc.delivery_round, remaining, failures),
+                }
             }
         };
+        Ok(ControlFlow::Continue(Admitted {
+            current: (doc, revision),
+            pass,
+        }))
+    }
 
+    /// The webhook's HTTP request, in its slot; the destination learns how it went. `None`
+    /// when shutdown came first: a dead receiver may take the whole timeout, and a stopping
+    /// service does not wait for it. The attempt is then not recorded and the message goes
+    /// straight back, so another instance tries again (the receiver may see it twice: at
+    /// least once).
+    async fn attempt(
+        &self,
+        job: &JobFinished,
+        trace: &TraceParent,
+        doc: &JobStatus,
+        slot: Slot,
+        webhook: &Webhook,
+        shutdown: &CancellationToken,
+    ) -> Option<(Outcome, DeliveryAttempt)> {
+        let Slot {
+            destination,
+            permit: _permit,
+        } = slot;
+        let body = serde_json::to_vec(&webhook.payload).unwrap_or_default();
+        let signer = self.signer_for(doc);
+        let in_flight = self.metrics.attempt_started();
+        let started = Instant::now();
+        let sender = self.senders.for_tenant(doc.tenant.as_deref());
+        let sent = sender.send(
+            &job.callback_url,
+            &webhook.id,
+            &body,
+            &signer,
+            doc.delivery_round,
+            Some(trace),
+        );
+        let (verdict, attempt) = tokio::select! {
+            sent = sent => sent,
+            _ = shutdown.cancelled() => return None,
+        };
+        drop(in_flight);
+        self.metrics.attempt_finished(started.elapsed());
+        let receiver_failed = matches!(verdict, Verdict::Retry { .. });
+        let took = Duration::from_millis(attempt.duration_ms);
+        let breaker = Breaker {
+            cooldown: self.config.callback.breaker_cooldown,
+            window: self.config.callback.breaker_window,
+        };
+        destination.record(!receiver_failed, took, Instant::now(), breaker);
+        Some((Outcome::Tried(verdict), attempt))
+    }
+
+    /// Writes the attempt (or the note that it waits) into the job's log, and the job's new
+    /// state, by compare-and-set from the status `current` as admitted. What follows is
+    /// returned with the log as written, unless the job ended meanwhile: another instance
+    /// finished it (its outcome stands), or its document is gone.
+    async fn record(
+        &self,
+        job: &JobFinished,
+        current: (JobStatus, u64),
+        outcome: &Outcome,
+        attempt: &DeliveryAttempt,
+    ) -> Result<ControlFlow<Step, (Decision, Vec<DeliveryAttempt>)>, WorkerError> {
         let mut decision = None;
         let mut attempts = Vec::new();
         let now = OffsetDateTime::now_utc();
         let recorded = self
             .topology
             .status
-            .update_from(&job.job_id, Some((doc, revision)), |doc| {
+            .update_from(&job.job_id, Some(current), |doc| {
                 if doc.status.is_final() {
                     return false;
                 }
@@ -255,10 +360,10 @@ impl Worker {
                 }
                 let next = decide(
                     &self.config.callback,
-                    &outcome,
+                    outcome,
                     doc.attempts_this_round(),
                     round_age(doc, now),
-                    &attempt,
+                    attempt,
                 );
                 match next.status {
                     Some(status) => {
@@ -274,37 +379,40 @@ impl Worker {
                 true
             })
             .await?;
-        let decision = match (recorded, decision) {
-            (Updated::Written(..), Some(decision)) => decision,
-            (Updated::Missing, _) => {
-                let _ = message.ack_with(AckKind::Term).await;
-                return Ok(Step::Rejected(format!(
-                    "job {} has no status document",
-                    job.job_id
-                )));
-            }
+        Ok(match (recorded, decision) {
+            (Updated::Written(..), Some(decision)) => ControlFlow::Continue((decision, attempts)),
+            (Updated::Missing, _) => ControlFlow::Break(no_status_document(job)),
             // Another instance finished the job meanwhile; its outcome stands.
             (Updated::Unchanged(doc), _) | (Updated::Written(doc, _), None) => {
-                let _ = message.ack().await;
-                return Ok(Step::AlreadyDone(doc.status));
+                ControlFlow::Break(Step::AlreadyDone(doc.status))
             }
-        };
+        })
+    }
 
+    /// Ends the delivery as recorded: delivered or undeliverable, said in a report carrying
+    /// the job's attempts; or another try, after the delay decided.
+    async fn report(
+        &self,
+        job: &JobFinished,
+        trace: &TraceParent,
+        webhook: Webhook,
+        decision: Decision,
+        attempts: Vec<DeliveryAttempt>,
+        attempt: &DeliveryAttempt,
+    ) -> Result<Step, WorkerError> {
         let error_kind = attempt.error_kind.as_deref();
         match (decision.status, decision.delay) {
             (Some(Status::Delivered), _) => {
                 self.metrics.attempt_recorded("delivered", error_kind);
                 let count = attempts.len();
-                let report = delivery_report(job, webhook_id, attempts, None, payload);
-                self.report(Event::Delivered, report, trace).await?;
-                let _ = message.ack().await;
+                let report = delivery_report(job, webhook.id, attempts, None, webhook.payload);
+                self.publish_report(Event::Delivered, report, trace).await?;
                 self.metrics.delivered(job.kind.as_str(), job.finished_at);
                 tracing::info!(attempts = count, "webhook delivered");
                 Ok(Step::Delivered)
             }
             (None, Some(delay)) => {
                 self.metrics.attempt_recorded("retry", error_kind);
-                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 tracing::info!(retry_in = ?delay, error = ?attempt.error, "webhook attempt failed");
                 Ok(Step::Retry(delay))
             }
@@ -313,10 +421,15 @@ impl Worker {
                 let reason = decision
                     .reason
                     .unwrap_or_else(|| "attempts exhausted".into());
-                let report =
-                    delivery_report(job, webhook_id, attempts, Some(reason.clone()), payload);
-                self.report(Event::Undeliverable, report, trace).await?;
-                let _ = message.ack().await;
+                let report = delivery_report(
+                    job,
+                    webhook.id,
+                    attempts,
+                    Some(reason.clone()),
+                    webhook.payload,
+                );
+                self.publish_report(Event::Undeliverable, report, trace)
+                    .await?;
                 self.metrics.undeliverable(job.kind.as_str());
                 tracing::warn!(%reason, "webhook undeliverable");
                 Ok(Step::Undeliverable(reason))
@@ -389,11 +502,11 @@ impl Worker {
             reason,
             webhook::payload(job),
         );
-        self.report(event, report, trace).await
+        self.publish_report(event, report, trace).await
     }
 
     /// Publishes how delivery went, in the job's trace.
-    async fn report(
+    async fn publish_report(
         &self,
         event: Event,
         report: DeliveryReport,
@@ -416,6 +529,10 @@ impl Worker {
         .await?;
         Ok(())
     }
+}
+
+fn no_status_document(job: &JobFinished) -> Step {
+    Step::Rejected(format!("job {} has no status document", job.job_id))
 }
 
 fn delivery_report(
@@ -536,6 +653,23 @@ fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_step_settles_as_it_always_did() {
+        let delay = Duration::from_millis(2500);
+        let cases = [
+            (Step::Delivered, Settle::Done),
+            (Step::Undeliverable("410 Gone".into()), Settle::Done),
+            (Step::AlreadyDone(Status::Delivered), Settle::Done),
+            (Step::Retry(delay), Settle::RetryIn(delay)),
+            (Step::Parked(delay), Settle::Parked(delay)),
+            (Step::Rejected("not a finished job".into()), Settle::Reject),
+            (Step::Interrupted, Settle::Interrupted),
+        ];
+        for (step, settle) in cases {
+            assert_eq!(step.settle(), settle, "{step:?}");
+        }
+    }
 
     #[test]
     fn a_parked_delivery_waits_half_the_timeout_or_as_long_as_the_silence() {

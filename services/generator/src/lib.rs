@@ -80,6 +80,7 @@ pub async fn run(
     let server = Admin::new(client.clone(), metrics.lag(), Arc::new(metrics.clone()))
         .with_gate(gate.clone())
         .spawn(listener, shutdown.clone());
+    let settle_failures = metrics.settle_failures();
     // Shared, not cloned per message: a Topology clone copies cached stream info.
     let worker = Arc::new(Worker {
         config: Arc::new(config),
@@ -96,12 +97,15 @@ pub async fn run(
         consumer,
         concurrency,
         Some(gate),
+        settle_failures,
         shutdown,
         move |message, shutdown| {
             let worker = worker.clone();
             // The worker logs how each request ended, within the job's span.
+            // `consume` settles the message as its step says; an error settles nothing.
             async move {
-                let _ = worker.handle(&message, &shutdown).await;
+                let handled = worker.handle(&message, &shutdown).await;
+                (message, handled.ok().map(|step| step.settle()))
             }
         },
     )

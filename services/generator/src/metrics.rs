@@ -52,6 +52,7 @@ struct Inner {
     jobs: Family<JobLabels, Counter>,
     paused: Gauge,
     lag: ConsumerLag,
+    settle_failures: Counter,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +98,7 @@ impl Metrics {
             paused.clone(),
         );
         let lag = ConsumerLag::register(&mut registry, consumer);
+        let settle_failures = jetcall::metrics::settle_failures(&mut registry);
         Self(Arc::new(Inner {
             registry,
             calls,
@@ -106,12 +108,18 @@ impl Metrics {
             jobs,
             paused,
             lag,
+            settle_failures,
         }))
     }
 
     /// The consumer's lag gauges, refreshed by each scrape.
     pub fn lag(&self) -> ConsumerLag {
         self.0.lag.clone()
+    }
+
+    /// The count of messages `jetcall::consume` could not settle.
+    pub fn settle_failures(&self) -> Counter {
+        self.0.settle_failures.clone()
     }
 
     /// Counts a call in flight until the guard is dropped.

@@ -1,10 +1,12 @@
-//! Handling one `jobs.requested.<kind>` message, from status `generating` to the ack.
+//! Handling one `jobs.requested.<kind>` message, from status `generating` to the `Step` that
+//! says how it is settled.
 //!
 //! Order of writes: the status document moves to `generating` under a lease (this call's
 //! claim on the attempt, renewed with every progress ack), then to `completed`/`failed`
 //! (holding the result, the lease dropped) before the event is published, and the request is
-//! acked last. A crash anywhere leaves enough behind for the redelivered request to finish
-//! the job without a second LLM call; a copy delivered while the lease lives waits.
+//! acked last, by `jetcall::consume` as the step says. A crash anywhere leaves enough behind
+//! for the redelivered request to finish the job without a second LLM call; a copy delivered
+//! while the lease lives waits.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use jetcall::Config;
+use jetcall::consume::Settle;
 use jetcall::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
 use jetcall::gate::Gate;
 use jetcall::kinds::KindSpec;
@@ -51,7 +54,7 @@ enum Held<T> {
     Abandoned,
 }
 
-/// How handling one message ended.
+/// How handling one message ended; [`Step::settle`] says what JetStream is told.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     /// Generated (or failed for good), recorded, published and acked.
@@ -66,6 +69,19 @@ pub enum Step {
     Interrupted,
     /// Another call holds the job's lease; handed back to look again after this delay.
     Held(Duration),
+}
+
+impl Step {
+    /// How the message is settled (by `jetcall::consume`, the only place that settles).
+    pub fn settle(&self) -> Settle {
+        match self {
+            Step::Finished(_) | Step::AlreadyDone(_) => Settle::Done,
+            Step::Retry(delay) => Settle::RetryIn(*delay),
+            Step::Held(delay) => Settle::Parked(*delay),
+            Step::Rejected(_) => Settle::Reject,
+            Step::Interrupted => Settle::Interrupted,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +108,7 @@ pub struct Worker {
 
 impl Worker {
     /// Processes one message to a `Step`, and logs how it ended. On an error nothing is
-    /// acked, so the request is redelivered after `ack_wait`.
+    /// settled, so the request is redelivered after `ack_wait`.
     ///
     /// The job is a span of the trace its message carries (`traceparent`; a new trace if it
     /// has none), passed on to the event it leads to, and every line logged about it names
@@ -106,7 +122,6 @@ impl Worker {
             Ok(request) => request,
             Err(err) => {
                 let reason = format!("not a job request: {err}");
-                let _ = message.ack_with(AckKind::Term).await;
                 tracing::error!(%reason, subject = %message.subject, "request dropped");
                 return Ok(Step::Rejected(reason));
             }
@@ -140,7 +155,7 @@ impl Worker {
                 "unknown_kind",
                 format!("no kind `{}` is configured", request.kind),
             );
-            return Box::pin(self.finish(message, request, trace, outcome, None, None)).await;
+            return Box::pin(self.finish(request, trace, outcome, None, None)).await;
         };
 
         let max_attempts = self.config.generator.max_attempts;
@@ -158,16 +173,10 @@ impl Worker {
             (Updated::Written(doc, revision), Claim::Taken(lease)) => {
                 (Some((*doc, revision)), lease)
             }
-            (Updated::Missing, _) => {
-                let _ = message.ack_with(AckKind::Term).await;
-                return Ok(Step::Rejected(format!(
-                    "job {} has no status document",
-                    request.job_id
-                )));
-            }
-            (_, Claim::Held(left)) => return Ok(self.wait_for_holder(message, left).await),
+            (Updated::Missing, _) => return Ok(no_status_document(request)),
+            (_, Claim::Held(left)) => return Ok(wait_for_holder(left)),
             (Updated::Unchanged(doc) | Updated::Written(doc, _), _) => {
-                return Box::pin(self.already_generated(message, &doc, trace)).await;
+                return Box::pin(self.already_generated(&doc, trace)).await;
             }
         };
         let attempt = lease.attempt;
@@ -176,8 +185,7 @@ impl Worker {
                 "attempts_exhausted",
                 format!("gave up after {max_attempts} attempts"),
             );
-            return Box::pin(self.finish(message, request, trace, outcome, current, Some(&lease)))
-                .await;
+            return Box::pin(self.finish(request, trace, outcome, current, Some(&lease))).await;
         }
 
         // Rendered once, bounded, before any call: a job whose input makes too long a prompt
@@ -186,15 +194,7 @@ impl Worker {
             Ok(prompt) => prompt,
             Err(err) => {
                 let outcome = failure("invalid_input", err.to_string());
-                return Box::pin(self.finish(
-                    message,
-                    request,
-                    trace,
-                    outcome,
-                    current,
-                    Some(&lease),
-                ))
-                .await;
+                return Box::pin(self.finish(request, trace, outcome, current, Some(&lease))).await;
             }
         };
         // Boxed once here: passed by value, it would be held twice (the argument, then the
@@ -202,8 +202,8 @@ impl Worker {
         let call = Box::pin(self.generate(request, spec, &prompt, shutdown));
         let result = match self.hold(message, request, &lease, call, shutdown).await {
             Held::Done(result) => result,
-            Held::LeaseLost => return Box::pin(self.lost_lease(message, request, trace)).await,
-            Held::Abandoned => return self.hand_back(message, request, &lease).await,
+            Held::LeaseLost => return Box::pin(self.lost_lease(request, trace)).await,
+            Held::Abandoned => return Ok(self.hand_back(request, &lease).await),
         };
         let error = match result {
             Ok((result, generation)) => {
@@ -212,15 +212,7 @@ impl Worker {
                     model: generation.model,
                     usage: generation.usage,
                 };
-                return Box::pin(self.finish(
-                    message,
-                    request,
-                    trace,
-                    outcome,
-                    current,
-                    Some(&lease),
-                ))
-                .await;
+                return Box::pin(self.finish(request, trace, outcome, current, Some(&lease))).await;
             }
             Err(err) => err,
         };
@@ -231,7 +223,6 @@ impl Worker {
                 doc.release_lease(&lease)
             }))
             .await?;
-            let _ = message.ack_with(AckKind::Nak(None)).await;
             return Ok(Step::Interrupted);
         }
         tracing::warn!(attempt, error = %error, "generation failed");
@@ -239,7 +230,6 @@ impl Worker {
             Disposition::Retry { retry_after } if attempt < max_attempts => {
                 let delay = retry_after.unwrap_or_else(|| llm_backoff(attempt, rand::random()));
                 self.release(request, &lease).await?;
-                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 Ok(Step::Retry(delay))
             }
             Disposition::Configuration => {
@@ -251,13 +241,11 @@ impl Worker {
                     true
                 }))
                 .await?;
-                let delay = self.config.generator.probe_interval;
-                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-                Ok(Step::Retry(delay))
+                Ok(Step::Retry(self.config.generator.probe_interval))
             }
             Disposition::Retry { .. } | Disposition::Permanent => {
                 let outcome = failure(&error.error_type, error.message);
-                Box::pin(self.finish(message, request, trace, outcome, current, Some(&lease))).await
+                Box::pin(self.finish(request, trace, outcome, current, Some(&lease))).await
             }
         }
     }
@@ -266,16 +254,6 @@ impl Worker {
     /// JetStream redeliver the request, and at least `MIN_LEASE`.
     fn lease_duration(&self) -> Duration {
         (self.config.generator.ack_wait * 2).max(MIN_LEASE)
-    }
-
-    /// Another call holds the job: hand this copy back until that call's lease would have
-    /// run out. If the holder finishes first, its ack settles the message and this copy
-    /// never comes back.
-    async fn wait_for_holder(&self, message: &Message, left: Duration) -> Step {
-        let delay = left.max(Duration::from_secs(1));
-        let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-        tracing::info!(?delay, "another call holds the job's lease; waiting");
-        Step::Held(delay)
     }
 
     /// Gives up this call's lease, so the request handed back is taken up at once.
@@ -290,23 +268,18 @@ impl Worker {
     }
 
     /// Shutdown's grace ran out mid-call: hand the request back at once for another instance.
-    async fn hand_back(
-        &self,
-        message: &Message,
-        request: &JobRequested,
-        lease: &Lease,
-    ) -> Result<Step, WorkerError> {
+    async fn hand_back(&self, request: &JobRequested, lease: &Lease) -> Step {
         // Handed back even if the release cannot be written: the lease then runs out.
-        let released = self.release(request, lease).await;
-        let _ = message.ack_with(AckKind::Nak(None)).await;
-        released.map(|()| Step::Interrupted)
+        if let Err(err) = self.release(request, lease).await {
+            tracing::warn!(error = %err, "could not release the job's lease; it runs out");
+        }
+        Step::Interrupted
     }
 
     /// The call lost its lease: the job finished elsewhere (settle this copy), or another
     /// call took it over (wait for that one).
     async fn lost_lease(
         &self,
-        message: &Message,
         request: &JobRequested,
         trace: &TraceParent,
     ) -> Result<Step, WorkerError> {
@@ -314,7 +287,7 @@ impl Worker {
         let now = OffsetDateTime::now_utc();
         match Box::pin(self.topology.status.get(&request.job_id)).await? {
             Some((doc, _)) if doc.status.is_generated() => {
-                Box::pin(self.already_generated(message, &doc, trace)).await
+                Box::pin(self.already_generated(&doc, trace)).await
             }
             Some((doc, _)) => {
                 let left = doc
@@ -322,15 +295,9 @@ impl Worker {
                     .filter(|lease| lease.is_live(now))
                     .and_then(|lease| (lease.expires_at - now).try_into().ok())
                     .unwrap_or_default();
-                Ok(self.wait_for_holder(message, left).await)
+                Ok(wait_for_holder(left))
             }
-            None => {
-                let _ = message.ack_with(AckKind::Term).await;
-                Ok(Step::Rejected(format!(
-                    "job {} has no status document",
-                    request.job_id
-                )))
-            }
+            None => Ok(no_status_document(request)),
         }
     }
 
@@ -531,10 +498,9 @@ impl Worker {
         Ok(matches!(renewed, Updated::Written(..)))
     }
 
-    /// Records the outcome, publishes it (in `trace`) and acks the request.
+    /// Records the outcome and publishes it (in `trace`); the request is then acked.
     async fn finish(
         &self,
-        message: &Message,
         request: &JobRequested,
         trace: &TraceParent,
         outcome: Outcome,
@@ -578,22 +544,15 @@ impl Worker {
                 tracing::info!(status = status.as_str(), "job generated");
                 self.metrics
                     .job_finished(request.kind.as_str(), status.as_str());
-                let _ = message.ack().await;
                 Ok(Step::Finished(status))
             }
             // Another call got there first; its outcome stands.
             Updated::Unchanged(doc) if doc.status.is_generated() => {
-                Box::pin(self.already_generated(message, &doc, trace)).await
+                Box::pin(self.already_generated(&doc, trace)).await
             }
             // Another call holds the lease now; this answer is not recorded.
-            Updated::Unchanged(_) => Box::pin(self.lost_lease(message, request, trace)).await,
-            Updated::Missing => {
-                let _ = message.ack_with(AckKind::Term).await;
-                Ok(Step::Rejected(format!(
-                    "job {} has no status document",
-                    request.job_id
-                )))
-            }
+            Updated::Unchanged(_) => Box::pin(self.lost_lease(request, trace)).await,
+            Updated::Missing => Ok(no_status_document(request)),
         }
     }
 
@@ -602,7 +561,6 @@ impl Worker {
     /// stopped between the status write and the publish; `Nats-Msg-Id` keeps it single.
     async fn already_generated(
         &self,
-        message: &Message,
         doc: &JobStatus,
         trace: &TraceParent,
     ) -> Result<Step, WorkerError> {
@@ -610,7 +568,6 @@ impl Worker {
         if let Some(event) = doc.finished_event().filter(|_| undelivered) {
             self.publish(&event, trace).await?;
         }
-        let _ = message.ack().await;
         Ok(Step::AlreadyDone(doc.status))
     }
 
@@ -629,11 +586,46 @@ impl Worker {
     }
 }
 
+/// Another call holds the job: hand this copy back until that call's lease would have run
+/// out. If the holder finishes first, its ack settles the message and this copy never comes
+/// back.
+fn wait_for_holder(left: Duration) -> Step {
+    let delay = left.max(Duration::from_secs(1));
+    tracing::info!(?delay, "another call holds the job's lease; waiting");
+    Step::Held(delay)
+}
+
+fn no_status_document(request: &JobRequested) -> Step {
+    Step::Rejected(format!("job {} has no status document", request.job_id))
+}
+
 fn failure(error_type: &str, message: String) -> Outcome {
     Outcome::Failed {
         error: JobError {
             kind: error_type.to_owned(),
             message,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_step_settles_as_it_always_did() {
+        let delay = Duration::from_millis(2500);
+        let cases = [
+            (Step::Finished(Status::Completed), Settle::Done),
+            (Step::Finished(Status::Failed), Settle::Done),
+            (Step::AlreadyDone(Status::Delivered), Settle::Done),
+            (Step::Retry(delay), Settle::RetryIn(delay)),
+            (Step::Held(delay), Settle::Parked(delay)),
+            (Step::Rejected("not a job request".into()), Settle::Reject),
+            (Step::Interrupted, Settle::Interrupted),
+        ];
+        for (step, settle) in cases {
+            assert_eq!(step.settle(), settle, "{step:?}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The pull loop every consuming service shares: take a permit, take a message, spawn its
-//! handler; on shutdown stop pulling and wait for the handlers.
+//! handler, settle the message as the handler's step says; on shutdown stop pulling and wait
+//! for the handlers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::Stream;
 use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt, StreamExt};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -19,11 +21,46 @@ use crate::gate::{Admission, Gate};
 #[error("could not start pulling from consumer: {0}")]
 pub struct ConsumeError(String);
 
+/// How a consumed message is settled, from the step its handling reached. Handlers say which;
+/// only [`consume`] tells JetStream. A handler that fails settles nothing (`None`): the
+/// message comes back after `ack_wait`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Finished with, whatever the job's outcome: acked.
+    Done,
+    /// Tried, to be tried again after this delay: a delayed NAK.
+    RetryIn(Duration),
+    /// Not tried, waiting for something else (a busy destination, another call's lease): a
+    /// delayed NAK.
+    Parked(Duration),
+    /// Never to be processed: terminated, so it is not redelivered.
+    Reject,
+    /// Shutdown interrupted it: NAKed at once, for another instance.
+    Interrupted,
+}
+
+impl Settle {
+    /// What JetStream is told.
+    pub fn ack_kind(self) -> AckKind {
+        match self {
+            Settle::Done => AckKind::Ack,
+            Settle::RetryIn(delay) | Settle::Parked(delay) => AckKind::Nak(Some(delay)),
+            Settle::Reject => AckKind::Term,
+            Settle::Interrupted => AckKind::Nak(None),
+        }
+    }
+}
+
 /// Pulls until `shutdown`, running `handle` for each message with at most `concurrency` in
 /// flight. A permit is taken before a message, so a message never waits in our memory for a
 /// free slot while its ack timer runs. Handlers get the shutdown token: they finish quickly or
 /// hand their message back. They hear of shutdown only once the pull has stopped, so a message
 /// they hand back is redelivered to another instance, not into this one's closing pull.
+///
+/// A handler gives its message back with how to settle it, and the message is settled here,
+/// before its permit is returned; an ack, NAK or term that cannot be sent is logged and
+/// counted in `settle_failures` (the message then comes back after `ack_wait`). Progress acks
+/// (`AckKind::Progress`) are the handlers' own: they keep a message, they do not settle it.
 ///
 /// While `gate` is closed nothing is pulled: the open pull request is dropped (messages it had
 /// fetched are handed back at once; one still on its way returns after `ack_wait`), and each
@@ -32,12 +69,13 @@ pub async fn consume<H, Fut>(
     consumer: PullConsumer,
     concurrency: usize,
     gate: Option<Gate>,
+    settle_failures: Counter,
     shutdown: CancellationToken,
     handle: H,
 ) -> Result<(), ConsumeError>
 where
     H: Fn(Message, CancellationToken) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
+    Fut: Future<Output = (Message, Option<Settle>)> + Send + 'static,
 {
     let handlers_stop = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(concurrency));
@@ -113,15 +151,35 @@ where
         // while any message read into it lives: a job held for a 2 s LLM call pinned all the
         // traffic read meanwhile. Its own copy frees the buffer at once.
         message.message.payload = bytes::Bytes::copy_from_slice(&message.payload);
-        // `map`, not an async block awaiting `work`: such a block would hold the future twice
-        // (captured, then moved into the await), doubling every task's size.
+        // `then` and `map`, not an async block awaiting `work`: such a block would hold the
+        // future twice (captured, then moved into the await), doubling every task's size.
         let work = handle(message, handlers_stop.clone());
-        tasks.spawn(work.map(move |()| drop(permit)));
+        let failures = settle_failures.clone();
+        tasks.spawn(
+            work.then(move |(message, step)| settle(message, step, failures))
+                .map(move |()| drop(permit)),
+        );
     }
     drop(messages);
     handlers_stop.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Settles `message` as its handler's step says (nothing for `None`). A failure is counted
+/// and logged: the message then comes back after `ack_wait`, to be handled again.
+async fn settle(message: Message, step: Option<Settle>, failures: Counter) {
+    let Some(step) = step else { return };
+    if let Err(err) = message.ack_with(step.ack_kind()).await {
+        failures.inc();
+        tracing::warn!(
+            error = %err,
+            settle = ?step,
+            subject = %message.subject,
+            sequence = ?message.info().ok().map(|info| info.stream_sequence),
+            "could not settle a message; it comes back after ack_wait"
+        );
+    }
 }
 
 /// Stops a pull, first handing back at once the messages it has already fetched, so they
@@ -156,5 +214,57 @@ async fn probe(consumer: &PullConsumer) -> Pulled {
     match batch {
         Ok(mut batch) => batch.next().await,
         Err(err) => Some(Err(err.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes JetStream is sent: `AckKind` has no `PartialEq`.
+    fn wire(kind: AckKind) -> bytes::Bytes {
+        kind.into()
+    }
+
+    #[test]
+    fn each_settle_sends_its_own_ack_kind() {
+        let delay = Duration::from_millis(1500);
+        let cases = [
+            (Settle::Done, AckKind::Ack),
+            (Settle::RetryIn(delay), AckKind::Nak(Some(delay))),
+            (Settle::Parked(delay), AckKind::Nak(Some(delay))),
+            (Settle::Reject, AckKind::Term),
+            (Settle::Interrupted, AckKind::Nak(None)),
+        ];
+        for (settle, kind) in cases {
+            assert_eq!(wire(settle.ack_kind()), wire(kind), "{settle:?}");
+        }
+    }
+
+    /// A message with no reply subject cannot be acked: the failure is counted, not lost.
+    #[tokio::test]
+    async fn a_settle_that_cannot_be_sent_is_counted() {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .expect("a client that connects in the background");
+        let message = Message {
+            message: async_nats::Message {
+                subject: "jobs.requested.test".into(),
+                reply: None,
+                payload: bytes::Bytes::new(),
+                headers: None,
+                status: None,
+                description: None,
+                length: 0,
+            },
+            context: async_nats::jetstream::new(client),
+        };
+        let failures = Counter::default();
+        settle(message.clone(), None, failures.clone()).await;
+        assert_eq!(failures.get(), 0, "nothing to send, nothing failed");
+        settle(message, Some(Settle::Done), failures.clone()).await;
+        assert_eq!(failures.get(), 1);
     }
 }

@@ -37,6 +37,18 @@ impl Drop for InFlight {
     }
 }
 
+/// Registers `<prefix>_settle_failures_total` in `registry`: the acks, NAKs and terms
+/// [`crate::consume::consume`] could not send.
+pub fn settle_failures(registry: &mut Registry) -> Counter {
+    let failures = Counter::default();
+    registry.register(
+        "settle_failures",
+        "Acks, NAKs and terms of consumed messages that could not be sent; such a message comes back after ack_wait",
+        failures.clone(),
+    );
+    failures
+}
+
 /// How long a scrape waits for the consumer's info before it shows the last values.
 pub const CONSUMER_INFO_TIMEOUT: Duration = Duration::from_secs(1);
 
