@@ -327,3 +327,28 @@ async fn ssrf_vectors_are_refused_at_submission() {
     );
     gateway.stop().await;
 }
+
+/// A job whose prompt could never be sent is refused at the door, not failed later by the
+/// generator: the caller hears at once, and nothing is recorded or published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_prompt_would_pass_max_prompt_bytes_is_refused() {
+    let gateway = Gateway::start(&[("generator.max_prompt_bytes", json!(2000))]).await;
+    let (got, error) = gateway
+        .post(PATH, &with("specs", json!("1.5 Ton, ".repeat(300))))
+        .await;
+    assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    assert_eq!(error["type"], "invalid_field", "{error}");
+    assert_eq!(error["field"], "input", "{error}");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("generator.max_prompt_bytes"), "{error}");
+    assert_eq!(gateway.published().await, 0, "nothing may be published");
+    assert_eq!(gateway.recorded().await, 0, "nothing may be recorded");
+
+    let (got, answer) = gateway.post(PATH, &with("specs", json!("1.5 Ton"))).await;
+    assert_eq!(
+        got,
+        StatusCode::ACCEPTED,
+        "a prompt within the bound: {answer}"
+    );
+    gateway.stop().await;
+}

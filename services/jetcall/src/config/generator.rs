@@ -41,8 +41,9 @@ pub struct GeneratorConfig {
     /// LLM tokens (input and output) per minute across every generator instance; 0 for no
     /// limit.
     pub tokens_per_minute: u64,
-    /// The longest user message a job's input may make of its kind's template, in bytes; a
-    /// job over it fails as `invalid_input` without an LLM call.
+    /// The longest user message a job's input may make of its kind's template, in bytes. The
+    /// gateway refuses a job over it (`422`); one accepted before the limit was lowered fails
+    /// as `invalid_input` without an LLM call.
     pub max_prompt_bytes: usize,
     /// While the provider refuses our credentials, how often one request probes whether the
     /// configuration has been fixed.
