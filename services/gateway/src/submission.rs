@@ -131,9 +131,9 @@ impl SubmitJob {
             .ok_or_else(|| ApiError::unknown_kind(&self.kind, &state.config))?;
         let spec = &state.config.kinds[kind.as_str()];
         check_input(spec, &self.input)?;
-        // Rendered here as the generator will render it, so a prompt it would refuse is the
+        // Measured as the generator will render it, so a prompt it would refuse is the
         // caller's 422 now rather than a job that fails later.
-        spec.render(&self.input, state.config.generator.max_prompt_bytes)
+        spec.check_prompt(&self.input, state.config.generator.max_prompt_bytes)
             .map_err(|err| ApiError::invalid_field("input", err.to_string()))?;
         let callback_url = state
             .allowlist

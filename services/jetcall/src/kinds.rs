@@ -81,10 +81,31 @@ impl KindSpec {
         input: &Map<String, Value>,
         max_bytes: usize,
     ) -> Result<String, RenderError> {
-        let mut prompt = Prompt {
-            text: String::with_capacity(self.template.len().min(max_bytes)),
+        let mut prompt = Bounded {
+            sink: String::with_capacity(self.template.len().min(max_bytes)),
+            written: 0,
             max_bytes,
         };
+        self.fill(input, &mut prompt)?;
+        Ok(prompt.sink)
+    }
+
+    /// Whether [`Self::render`] would make a prompt of `input`, measured without building it:
+    /// what the gateway asks of every job it accepts.
+    pub fn check_prompt(
+        &self,
+        input: &Map<String, Value>,
+        max_bytes: usize,
+    ) -> Result<(), RenderError> {
+        let mut measure = Bounded {
+            sink: Discard,
+            written: 0,
+            max_bytes,
+        };
+        self.fill(input, &mut measure)
+    }
+
+    fn fill(&self, input: &Map<String, Value>, out: &mut impl Put) -> Result<(), RenderError> {
         let mut rest = self.template.as_str();
         while let Some(open) = rest.find("{{") {
             let after = &rest[open + 2..];
@@ -93,20 +114,19 @@ impl KindSpec {
             };
             match input.get(&after[..close]) {
                 Some(value) => {
-                    prompt.push(&rest[..open])?;
-                    prompt.push(&render_value(value))?;
+                    out.put(&rest[..open])?;
+                    put_value(value, out)?;
                     rest = &after[close + 2..];
                 }
                 // Not a field: keep its first brace and look again from the next, so that
                 // `{{{field}}}` still finds `{{field}}`.
                 None => {
-                    prompt.push(&rest[..=open])?;
+                    out.put(&rest[..=open])?;
                     rest = &rest[open + 1..];
                 }
             }
         }
-        prompt.push(rest)?;
-        Ok(prompt.text)
+        out.put(rest)
     }
 }
 
@@ -119,40 +139,82 @@ pub enum RenderError {
     TooLong { max_bytes: usize },
 }
 
-/// A prompt being rendered, refused as soon as it would pass its bound.
-struct Prompt {
-    text: String,
+/// Where rendered text goes, piece by piece.
+trait Put {
+    fn put(&mut self, piece: &str) -> Result<(), RenderError>;
+}
+
+impl Put for String {
+    fn put(&mut self, piece: &str) -> Result<(), RenderError> {
+        self.push_str(piece);
+        Ok(())
+    }
+}
+
+/// Text that is only measured.
+struct Discard;
+
+impl Put for Discard {
+    fn put(&mut self, _: &str) -> Result<(), RenderError> {
+        Ok(())
+    }
+}
+
+/// A prompt being rendered (or measured), refused as soon as it would pass its bound.
+struct Bounded<S> {
+    sink: S,
+    written: usize,
     max_bytes: usize,
 }
 
-impl Prompt {
-    fn push(&mut self, piece: &str) -> Result<(), RenderError> {
-        if piece.len() > self.max_bytes - self.text.len() {
+impl<S: Put> Put for Bounded<S> {
+    fn put(&mut self, piece: &str) -> Result<(), RenderError> {
+        if piece.len() > self.max_bytes - self.written {
             return Err(RenderError::TooLong {
                 max_bytes: self.max_bytes,
             });
         }
-        self.text.push_str(piece);
-        Ok(())
+        self.written += piece.len();
+        self.sink.put(piece)
     }
 }
 
 /// Strings as they are; an object as `key: value` lines, which reads well in a prompt and in
 /// the offline writer's output.
 pub fn render_value(value: &Value) -> String {
+    let mut text = String::new();
+    // Writing to a String cannot fail.
+    let _ = put_value(value, &mut text);
+    text
+}
+
+fn put_value(value: &Value, out: &mut impl Put) -> Result<(), RenderError> {
     match value {
-        Value::String(text) => text.clone(),
-        Value::Object(map) => map
-            .iter()
-            .map(|(key, value)| format!("- {}: {}", key.replace('_', " "), render_value(value)))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        Value::Array(items) => items
-            .iter()
-            .map(render_value)
-            .collect::<Vec<_>>()
-            .join(", "),
-        other => other.to_string(),
+        Value::String(text) => out.put(text),
+        Value::Object(map) => {
+            for (n, (key, value)) in map.iter().enumerate() {
+                out.put(if n == 0 { "- " } else { "\n- " })?;
+                for (i, word) in key.split('_').enumerate() {
+                    if i > 0 {
+                        out.put(" ")?;
+                    }
+                    out.put(word)?;
+                }
+                out.put(": ")?;
+                put_value(value, out)?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => {
+            for (n, item) in items.iter().enumerate() {
+                if n > 0 {
+                    out.put(", ")?;
+                }
+                put_value(item, out)?;
+            }
+            Ok(())
+        }
+        other => out.put(&other.to_string()),
     }
 }
 
@@ -315,5 +377,34 @@ mod tests {
         let mut spec = builtin_kinds()["product-description"].clone();
         spec.required_fields.push("colour".into());
         assert!(spec.validate().unwrap_err().contains("colour"));
+    }
+
+    #[test]
+    fn a_value_renders_as_text_and_the_measure_agrees_with_the_prompt() {
+        let spec = KindSpec {
+            template: "Name: {{name}}\nSpecs:\n{{specs}}\nTags: {{tags}} ({{price}})".into(),
+            ..builtin_kinds()["product-description"].clone()
+        };
+        let input = json!({
+            "name": "LG AC",
+            "specs": {"cooling_capacity": "1.5 Ton", "star_rating": 5},
+            "tags": ["inverter", "split"],
+            "price": 38990.5,
+        });
+        let input = input.as_object().expect("an object");
+        let prompt = spec.render(input, usize::MAX).expect("rendered");
+        assert_eq!(
+            prompt,
+            "Name: LG AC\nSpecs:\n- cooling capacity: 1.5 Ton\n- star rating: 5\nTags: inverter, split (38990.5)"
+        );
+        for max_bytes in [prompt.len() - 1, prompt.len(), prompt.len() + 1] {
+            assert_eq!(
+                spec.check_prompt(input, max_bytes).is_ok(),
+                spec.render(input, max_bytes).is_ok(),
+                "at {max_bytes} bytes"
+            );
+        }
+        assert!(spec.check_prompt(input, prompt.len()).is_ok());
+        assert!(spec.check_prompt(input, prompt.len() - 1).is_err());
     }
 }
