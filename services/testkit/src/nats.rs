@@ -268,6 +268,26 @@ fn read_ports_file(dir: &Path) -> Option<u16> {
     url.rsplit(':').next()?.parse().ok()
 }
 
+/// How many messages the stream holds on `filter` once it holds at least `at_least`, within
+/// 30 s. A service publishes its event just after it writes the status a test waits for, so a
+/// count taken at once may miss it; one that goes on past `at_least` is still caught by the
+/// caller's equality check.
+pub async fn count_at_least(
+    stream: &async_nats::jetstream::stream::Stream,
+    filter: &str,
+    at_least: usize,
+) -> usize {
+    crate::wait_until(
+        &format!("{at_least} messages on {filter}"),
+        std::time::Duration::from_secs(30),
+        || async {
+            let count = count_messages(stream, filter).await;
+            (count >= at_least).then_some(count)
+        },
+    )
+    .await
+}
+
 /// How many messages the stream holds on subjects matching `filter`.
 pub async fn count_messages(stream: &async_nats::jetstream::stream::Stream, filter: &str) -> usize {
     use futures::TryStreamExt;

@@ -46,15 +46,19 @@ async fn post_traced(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// The `traceparent` of the last event on `event`'s subject for product descriptions.
+/// The `traceparent` of the last event on `event`'s subject for product descriptions, waited
+/// for: a service publishes its event just after it writes the status a test waits for.
 async fn event_trace(pipeline: &Pipeline, event: Event) -> TraceParent {
     let subject = event.subject(&Kind::product_description());
-    let message = pipeline
-        .topology
-        .stream
-        .get_last_raw_message_by_subject(&subject)
-        .await
-        .unwrap_or_else(|err| panic!("no message on {subject}: {err}"));
+    let message = wait_until(&format!("a message on {subject}"), WAIT, || async {
+        pipeline
+            .topology
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .ok()
+    })
+    .await;
     TraceParent::from_headers(Some(&message.headers))
         .unwrap_or_else(|| panic!("{subject} carries a valid traceparent: {message:?}"))
 }

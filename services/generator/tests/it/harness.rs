@@ -177,6 +177,12 @@ impl Harness {
     pub async fn count(&self, filter: &str) -> usize {
         testkit::nats::count_messages(&self.topology.stream, filter).await
     }
+
+    /// How many events on `filter` once there are at least `at_least`: for events published
+    /// just after the status a test waited for.
+    pub async fn count_at_least(&self, filter: &str, at_least: usize) -> usize {
+        testkit::nats::count_at_least(&self.topology.stream, filter, at_least).await
+    }
 }
 
 /// A generator running in the test's process.

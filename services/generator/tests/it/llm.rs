@@ -348,6 +348,11 @@ async fn an_answer_that_does_not_fit_the_kind_is_asked_for_once_more_then_fails(
     assert!(error.message.contains("`decision`"), "{}", error.message);
     assert!(error.message.contains("asked twice"), "{}", error.message);
     assert_eq!(harness.claude.calls(), 4);
-    assert_eq!(harness.count("jobs.failed.return-analysis").await, 1);
+    assert_eq!(
+        harness
+            .count_at_least("jobs.failed.return-analysis", 1)
+            .await,
+        1
+    );
     generator.stop().await;
 }
