@@ -11,9 +11,9 @@ use crate::rows::Format;
 /// Submit, follow, list and redeliver Jetcall jobs through the gateway; provision the NATS
 /// topology.
 ///
-/// Everything but `topology` talks to the gateway's HTTP API, so API keys, validation,
-/// idempotency and the callback allowlist apply as they do to any caller. `topology` talks to
-/// NATS directly, with the services' configuration.
+/// Everything but `topology` and `cost` talks to the gateway's HTTP API, so API keys,
+/// validation, idempotency and the callback allowlist apply as they do to any caller.
+/// `topology` and `cost` talk to NATS directly, with the services' configuration.
 #[derive(Debug, Parser)]
 #[command(name = "jetcall", version)]
 pub struct Cli {
@@ -43,7 +43,7 @@ pub struct Cli {
     #[arg(long, global = true, display_order = 102)]
     pub json: bool,
 
-    /// The configuration `topology` reads; without it, the file named by JETCALL_CONFIG or
+    /// The configuration `topology` and `cost` read; without it, the file named by JETCALL_CONFIG or
     /// ./jetcall.toml, as the services load it (NATS_URL and JETCALL_* variables apply).
     #[arg(long, global = true, value_name = "FILE", display_order = 103)]
     pub config: Option<PathBuf>,
@@ -69,6 +69,14 @@ pub enum Command {
     /// Put an undeliverable job, or every job that became undeliverable in a time window,
     /// back to be delivered.
     Redeliver(RedeliverArgs),
+    /// What completed jobs cost, by API key and kind: the `usage` and `cost` of every
+    /// `jobs.completed.*` event in the JOBS stream since a time (straight to NATS, with the
+    /// services' configuration, like `topology`).
+    Cost {
+        /// From this time: RFC 3339 (2026-11-29T00:00:00Z), or a duration before now (24h).
+        #[arg(long, value_name = "TIME", default_value = "24h")]
+        since: String,
+    },
     /// Create the JOBS stream, its consumers and the KV buckets where missing, or bring them
     /// to the configuration; with --check, only report.
     Topology {

@@ -1,7 +1,7 @@
 //! `jetcall`, the command line for Jetcall. Every job command is a client of the gateway's
 //! HTTP API, so API keys, validation, idempotency and the callback allowlist apply to it as to
-//! any caller; only `topology` talks to NATS, with the services' own configuration and
-//! provisioning code.
+//! any caller; only `topology` and `cost` talk to NATS, with the services' own configuration
+//! (and `topology` with their provisioning code).
 
 mod args;
 mod backoff;
@@ -35,6 +35,8 @@ pub enum CliError {
     /// The command line asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Scan(#[from] jetcall::scan::ScanError),
     #[error(
         "lost the event stream of job {0} and could not resume it; `jetcall status {0}` shows where it is"
     )]
@@ -57,6 +59,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Watch(ref args) => commands::watch::run(&context()?, args).await,
         Command::List(ref args) => commands::list::run(&context()?, args).await,
         Command::Redeliver(ref args) => commands::redeliver::run(&context()?, args).await,
+        Command::Cost { ref since } => {
+            let since =
+                when::at(since, time::OffsetDateTime::now_utc()).map_err(CliError::Usage)?;
+            commands::cost::run(cli.config.as_deref(), since, cli.json).await
+        }
         Command::Topology { check } => {
             commands::topology::run(cli.config.as_deref(), check, cli.json).await
         }

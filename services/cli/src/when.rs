@@ -5,6 +5,13 @@ use time::format_description::well_known::Rfc3339;
 
 /// `text` as an RFC 3339 time in UTC, ready for the gateway's query string.
 pub fn parse(text: &str, now: OffsetDateTime) -> Result<String, String> {
+    at(text, now)?
+        .format(&Rfc3339)
+        .map_err(|err| format!("`{}`: {err}", text.trim()))
+}
+
+/// The moment `text` names, in UTC.
+pub fn at(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
     let text = text.trim();
     let at = match OffsetDateTime::parse(text, &Rfc3339) {
         Ok(at) => at,
@@ -20,9 +27,7 @@ pub fn parse(text: &str, now: OffsetDateTime) -> Result<String, String> {
                 .ok_or_else(|| format!("`{text}` reaches too far back"))?
         }
     };
-    at.to_offset(time::UtcOffset::UTC)
-        .format(&Rfc3339)
-        .map_err(|err| format!("`{text}`: {err}"))
+    Ok(at.to_offset(time::UtcOffset::UTC))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 
 use async_nats::jetstream::consumer::PullConsumer;
 
-use jetcall::events::Usage;
+use jetcall::cost::{Cost, Path, Usage};
 use jetcall::metrics::{ConsumerLag, InFlight};
 
 use crate::provider::{Generation, LlmError};
@@ -32,8 +32,17 @@ struct ProviderLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     kind: String,
-    /// `input` or `output`.
+    /// `input`, `output`, `cache_write` or `cache_read`.
     direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CostLabels {
+    kind: String,
+    /// The API key's name: the tenant whose bill it is; empty without keys.
+    key: String,
+    /// `sync` or `batch`.
+    path: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +58,7 @@ struct Inner {
     call_seconds: Family<ProviderLabels, Histogram>,
     in_flight: Gauge,
     tokens: Family<TokenLabels, Counter>,
+    cost: Family<CostLabels, Counter>,
     jobs: Family<JobLabels, Counter>,
     paused: Gauge,
     lag: ConsumerLag,
@@ -82,8 +92,14 @@ impl Metrics {
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "tokens",
-            "Tokens used, by kind and direction",
+            "Tokens used, by kind and direction (input, output, cache_write, cache_read)",
             tokens.clone(),
+        );
+        let cost = Family::<CostLabels, Counter>::default();
+        registry.register(
+            "cost_microdollars",
+            "What completed jobs cost at the configured prices, in micro-dollars, by kind, API key and path",
+            cost.clone(),
         );
         let jobs = Family::<JobLabels, Counter>::default();
         registry.register(
@@ -105,6 +121,7 @@ impl Metrics {
             call_seconds,
             in_flight,
             tokens,
+            cost,
             jobs,
             paused,
             lag,
@@ -151,6 +168,8 @@ impl Metrics {
         for (direction, count) in [
             ("input", usage.input_tokens),
             ("output", usage.output_tokens),
+            ("cache_write", usage.cache_creation_input_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
         ] {
             self.0
                 .tokens
@@ -160,6 +179,17 @@ impl Metrics {
                 })
                 .inc_by(count);
         }
+    }
+
+    pub fn cost(&self, kind: &str, tenant: Option<&str>, path: Path, cost: Cost) {
+        self.0
+            .cost
+            .get_or_create(&CostLabels {
+                kind: kind.to_owned(),
+                key: tenant.unwrap_or_default().to_owned(),
+                path: path.as_str(),
+            })
+            .inc_by(cost.microdollars);
     }
 
     pub fn job_finished(&self, kind: &str, status: &'static str) {

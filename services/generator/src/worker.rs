@@ -207,10 +207,16 @@ impl Worker {
         };
         let error = match result {
             Ok((result, generation)) => {
+                let cost = self.config.prices.cost(
+                    &generation.model,
+                    &generation.usage,
+                    jetcall::cost::Path::Sync,
+                );
                 let outcome = Outcome::Completed {
                     result,
                     model: generation.model,
                     usage: generation.usage,
+                    cost,
                 };
                 return Box::pin(self.finish(request, trace, outcome, current, Some(&lease))).await;
             }
@@ -327,13 +333,7 @@ impl Worker {
                     if retried { &paid_for } else { stopping },
                 )
                 .await?;
-            // Saturating: the counts are the provider's word.
-            used.input_tokens = used
-                .input_tokens
-                .saturating_add(generation.usage.input_tokens);
-            used.output_tokens = used
-                .output_tokens
-                .saturating_add(generation.usage.output_tokens);
+            used = used.plus(generation.usage);
             match to_result(&spec.output, &generation.text) {
                 Ok(result) => {
                     generation.usage = used;
@@ -407,10 +407,7 @@ impl Worker {
         if let Some(limiter) = &self.limiter {
             let learned = match &result {
                 Ok(generation) => {
-                    let used = generation
-                        .usage
-                        .input_tokens
-                        .saturating_add(generation.usage.output_tokens);
+                    let used = generation.usage.rate_limited_tokens();
                     let charged = Box::pin(limiter.charge(used.saturating_sub(estimate))).await;
                     match generation.slow_down {
                         Some(wait) => charged.and(Box::pin(limiter.pause(wait)).await),
@@ -525,10 +522,12 @@ impl Worker {
                         result,
                         model,
                         usage,
+                        cost,
                     } => {
                         doc.result = Some(result.clone());
                         doc.model = Some(model.clone());
                         doc.usage = Some(*usage);
+                        doc.cost = *cost;
                     }
                     Outcome::Failed { error } => doc.error = Some(error.clone()),
                 }
@@ -544,6 +543,14 @@ impl Worker {
                 tracing::info!(status = status.as_str(), "job generated");
                 self.metrics
                     .job_finished(request.kind.as_str(), status.as_str());
+                if let Some(cost) = doc.cost {
+                    self.metrics.cost(
+                        request.kind.as_str(),
+                        doc.tenant.as_deref(),
+                        jetcall::cost::Path::Sync,
+                        cost,
+                    );
+                }
                 Ok(Step::Finished(status))
             }
             // Another call got there first; its outcome stands.

@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::allowlist::CallbackUrl;
+pub use crate::cost::{Cost, Usage};
 use crate::job::{JobId, Kind};
 
 /// `jobs.requested.<kind>`: a job the gateway accepted.
@@ -18,13 +19,6 @@ pub struct JobRequested {
     pub metadata: Map<String, Value>,
     #[serde(with = "time::serde::rfc3339")]
     pub requested_at: OffsetDateTime,
-}
-
-/// Tokens spent on one job, as the provider reported them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
 }
 
 /// Why a job failed: a stable `type` a program can switch on and a `message` for people.
@@ -43,6 +37,10 @@ pub enum Outcome {
         result: Value,
         model: String,
         usage: Usage,
+        /// What `usage` cost at the configured price of `model`; absent for a model with no
+        /// price (`[prices]`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost: Option<Cost>,
     },
     Failed {
         error: JobError,
@@ -63,6 +61,10 @@ pub struct JobFinished {
     pub metadata: Map<String, Value>,
     #[serde(with = "time::serde::rfc3339")]
     pub finished_at: OffsetDateTime,
+    /// The name of the API key the job was submitted with (absent without keys): whose bill
+    /// the job's cost is on. Kept out of the webhook, which goes to the tenant itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl JobFinished {

@@ -9,6 +9,7 @@ pub mod allowlist;
 pub mod config;
 pub mod connect;
 pub mod consume;
+pub mod cost;
 pub mod durations;
 pub mod events;
 pub mod gate;

@@ -6,8 +6,9 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::allowlist::CallbackUrl;
+use crate::cost::{Cost, Usage};
 pub use crate::events::{CIRCUIT_OPEN, DeliveryAttempt};
-use crate::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
+use crate::events::{JobError, JobFinished, JobRequested, Outcome};
 use crate::job::{JobId, Kind};
 
 /// Where a job is: `accepted` → `generating` → `completed` | `failed` → `delivered` |
@@ -132,6 +133,9 @@ pub struct JobStatus {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// What `usage` cost, once `completed` with a model that has a price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
     /// Why the job `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
@@ -190,6 +194,7 @@ impl JobStatus {
             result: None,
             model: None,
             usage: None,
+            cost: None,
             error: None,
             finished_at: None,
             deliveries: Vec::new(),
@@ -213,6 +218,7 @@ impl JobStatus {
                 result: result.clone(),
                 model: self.model.clone().unwrap_or_default(),
                 usage: self.usage.unwrap_or_default(),
+                cost: self.cost,
             },
             (None, Some(error)) => Outcome::Failed {
                 error: error.clone(),
@@ -227,6 +233,7 @@ impl JobStatus {
             callback_url: self.callback_url.clone(),
             metadata: self.metadata.clone(),
             finished_at: self.finished_at.unwrap_or(self.updated_at),
+            tenant: self.tenant.clone(),
         })
     }
 

@@ -11,7 +11,8 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use crate::events::{DeliveryAttempt, JobError, Usage};
+use crate::cost::{Cost, Usage};
+use crate::events::{DeliveryAttempt, JobError};
 use crate::job::{JobId, Kind};
 use crate::status::{JobStatus, Status};
 
@@ -48,6 +49,10 @@ pub struct JobView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub usage: Option<Usage>,
+    /// What `usage` cost at the configured price of `model`; absent for a model with no price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cost: Option<Cost>,
     /// Why the job `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -113,6 +118,7 @@ impl From<JobStatus> for JobView {
             result,
             model,
             usage,
+            cost,
             error,
             finished_at,
             deliveries,
@@ -135,6 +141,7 @@ impl From<JobStatus> for JobView {
             result,
             model,
             usage,
+            cost,
             error,
             finished_at,
             deliveries,

@@ -33,6 +33,7 @@ pub fn payload(job: &JobFinished) -> Value {
             result,
             model,
             usage,
+            cost,
         } => {
             if let Some(description) = result.get("description").filter(|d| d.is_string()) {
                 body.insert("description".into(), description.clone());
@@ -40,6 +41,9 @@ pub fn payload(job: &JobFinished) -> Value {
             body.insert("result".into(), result.clone());
             body.insert("model".into(), model.as_str().into());
             body.insert("usage".into(), json!(usage));
+            if let Some(cost) = cost {
+                body.insert("cost".into(), json!(cost));
+            }
             body.insert("completed_at".into(), finished_at.into());
         }
         Outcome::Failed { error } => {
@@ -56,7 +60,8 @@ pub fn payload(job: &JobFinished) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{JobError, Usage};
+    use crate::cost::{Cost, Currency, Usage};
+    use crate::events::JobError;
     use crate::job::{JobId, Kind};
     use time::macros::datetime;
 
@@ -73,6 +78,7 @@ mod tests {
                 .expect("a callback URL"),
             metadata: Map::new(),
             finished_at: datetime!(2026-11-29 10:00:00 UTC),
+            tenant: Some("shopmax".into()),
         }
     }
 
@@ -84,7 +90,13 @@ mod tests {
             usage: Usage {
                 input_tokens: 3,
                 output_tokens: 5,
+                cache_creation_input_tokens: 7,
+                cache_read_input_tokens: 11,
             },
+            cost: Some(Cost {
+                microdollars: 123,
+                currency: Currency::Usd,
+            }),
         }));
         assert_eq!(
             body,
@@ -92,7 +104,10 @@ mod tests {
                 "type": "job.completed", "job_id": "JOB-771", "status": "completed",
                 "kind": "product-description", "product_id": "PROD-AC15",
                 "description": "Beat the heat", "result": {"description": "Beat the heat"},
-                "model": "offline", "usage": {"input_tokens": 3, "output_tokens": 5},
+                "model": "offline",
+                "usage": {"input_tokens": 3, "output_tokens": 5,
+                          "cache_creation_input_tokens": 7, "cache_read_input_tokens": 11},
+                "cost": {"microdollars": 123, "currency": "USD"},
                 "completed_at": "2026-11-29T10:00:00Z"
             })
         );

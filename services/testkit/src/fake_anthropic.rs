@@ -1,10 +1,13 @@
 //! A local stand-in for the Anthropic Messages API (`POST /v1/messages`), speaking its wire
 //! format: request validation, `content` blocks, `usage`, `request-id` and
-//! `anthropic-ratelimit-*` headers, and the documented error bodies.
+//! `anthropic-ratelimit-*` headers, the documented error bodies, and prompt caching
+//! (`cache_control` blocks, `cache_creation_input_tokens`, `cache_read_input_tokens`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -20,6 +23,14 @@ use crate::tls::{PrivateCa, Serving};
 pub const API_KEY: &str = "sk-ant-test-key";
 
 pub use crate::llm_script::{Recorded, Scripted, first_user_line};
+
+/// The shortest prefix the API caches, in tokens (Claude Sonnet's and Opus 4's minimum); a
+/// shorter one marked for caching is charged as plain input.
+pub const MIN_CACHEABLE_TOKENS: u64 = 1024;
+/// How long a cached prefix lives without being read: the default (`5m`) cache.
+const CACHE_TTL: Duration = Duration::from_secs(300);
+/// At most this many blocks may carry `cache_control` in one request.
+const MAX_CACHE_BREAKPOINTS: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct FakeAnthropic {
@@ -73,9 +84,144 @@ impl FakeAnthropic {
 }
 
 fn app(script: &Arc<LlmScript>) -> Router {
+    let state = Served {
+        script: script.clone(),
+        cache: Arc::new(PromptCache::default()),
+    };
     Router::new()
         .route("/v1/messages", post(messages))
-        .with_state(script.clone())
+        .with_state(state)
+}
+
+#[derive(Debug, Clone)]
+struct Served {
+    script: Arc<LlmScript>,
+    cache: Arc<PromptCache>,
+}
+
+/// The prompt prefixes the API holds cached, by their text up to the last `cache_control`
+/// breakpoint, with when each was last written or read (reads refresh the lifetime).
+#[derive(Debug, Default)]
+struct PromptCache(Mutex<HashMap<String, Instant>>);
+
+/// How a request's input tokens split: plain, written to the cache, read from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct InputTokens {
+    plain: u64,
+    cache_write: u64,
+    cache_read: u64,
+}
+
+impl PromptCache {
+    /// Splits the request's input tokens (a quarter of its JSON's length, like the rest of the
+    /// fake's counts) the way the API does: the prefix up to the last `cache_control` block
+    /// is read from the cache when it was cached within the TTL, written otherwise, and
+    /// charged as plain input when shorter than [`MIN_CACHEABLE_TOKENS`].
+    fn split(&self, body: &Value) -> InputTokens {
+        let total = body.to_string().len() as u64 / 4;
+        let Some(prefix) = cached_prefix(body) else {
+            return InputTokens {
+                plain: total,
+                ..InputTokens::default()
+            };
+        };
+        let prefix_tokens = (prefix.len() as u64 / 4).min(total);
+        if prefix_tokens < MIN_CACHEABLE_TOKENS {
+            return InputTokens {
+                plain: total,
+                ..InputTokens::default()
+            };
+        }
+        let now = Instant::now();
+        let mut cached = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let hit = cached
+            .get(&prefix)
+            .is_some_and(|at| now.duration_since(*at) < CACHE_TTL);
+        cached.insert(prefix, now);
+        let plain = total - prefix_tokens;
+        if hit {
+            InputTokens {
+                plain,
+                cache_read: prefix_tokens,
+                ..InputTokens::default()
+            }
+        } else {
+            InputTokens {
+                plain,
+                cache_write: prefix_tokens,
+                ..InputTokens::default()
+            }
+        }
+    }
+}
+
+/// The model and the system blocks up to and including the last one with `cache_control`
+/// (the fake caches system prompts, which is what Jetcall marks), as one string.
+fn cached_prefix(body: &Value) -> Option<String> {
+    let blocks = body["system"].as_array()?;
+    let last = blocks
+        .iter()
+        .rposition(|block| block.get("cache_control").is_some())?;
+    let mut prefix = body["model"].as_str().unwrap_or_default().to_owned();
+    for block in &blocks[..=last] {
+        prefix.push('\n');
+        prefix.push_str(block["text"].as_str().unwrap_or_default());
+    }
+    Some(prefix)
+}
+
+/// The checks the API makes of `cache_control` blocks.
+fn check_cache_control(body: &Value) -> Result<(), String> {
+    let mut blocks: Vec<(String, &Value)> = Vec::new();
+    if let Some(system) = body["system"].as_array() {
+        for (i, block) in system.iter().enumerate() {
+            if block["type"] != "text" || !block["text"].is_string() {
+                return Err(format!("system.{i}: Input should be a text block"));
+            }
+            blocks.push((format!("system.{i}"), block));
+        }
+    }
+    if let Some(messages) = body["messages"].as_array() {
+        for (i, message) in messages.iter().enumerate() {
+            for (j, block) in message["content"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                blocks.push((format!("messages.{i}.content.{j}"), block));
+            }
+        }
+    }
+    let mut breakpoints = 0;
+    for (path, block) in blocks {
+        let Some(control) = block.get("cache_control") else {
+            continue;
+        };
+        breakpoints += 1;
+        if control["type"] != "ephemeral" {
+            return Err(format!(
+                "{path}.cache_control.type: Input should be 'ephemeral'"
+            ));
+        }
+        if !matches!(
+            control.get("ttl").map(Value::as_str),
+            None | Some(Some("5m" | "1h"))
+        ) {
+            return Err(format!(
+                "{path}.cache_control.ttl: Input should be '5m' or '1h'"
+            ));
+        }
+    }
+    if breakpoints > MAX_CACHE_BREAKPOINTS {
+        return Err(format!(
+            "A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may be provided. Found {breakpoints}."
+        ));
+    }
+    Ok(())
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {
@@ -166,11 +312,11 @@ fn validate(
     if !(body["system"].is_null() || body["system"].is_string() || body["system"].is_array()) {
         return Err(bad("system: Input should be a valid string"));
     }
+    check_cache_control(body).map_err(|message| bad(&message))?;
     Ok(())
 }
 
-fn success(body: &Value, text: String) -> Response {
-    let input_tokens = body.to_string().len() as u64 / 4;
+fn success(body: &Value, text: String, input: InputTokens) -> Response {
     let output_tokens = text.split_whitespace().count() as u64;
     let reply = json!({
         "id": "msg_fake_0001",
@@ -180,7 +326,12 @@ fn success(body: &Value, text: String) -> Response {
         "content": [{"type": "text", "text": text}],
         "stop_reason": "end_turn",
         "stop_sequence": null,
-        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        "usage": {
+            "input_tokens": input.plain,
+            "cache_creation_input_tokens": input.cache_write,
+            "cache_read_input_tokens": input.cache_read,
+            "output_tokens": output_tokens,
+        }
     });
     let mut response = (StatusCode::OK, axum::Json(reply)).into_response();
     let headers = response.headers_mut();
@@ -205,19 +356,20 @@ fn success(body: &Value, text: String) -> Response {
 }
 
 async fn messages(
-    State(script): State<Arc<LlmScript>>,
+    State(served): State<Served>,
     version: Version,
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
     let body = serde_json::from_slice::<Value>(&raw).unwrap_or(Value::Null);
-    let index = script.arrive(version, &headers, &body);
-    let response = answer(&script, &headers, &body).await;
-    script.answered(index, &response);
+    let index = served.script.arrive(version, &headers, &body);
+    let response = answer(&served, &headers, &body).await;
+    served.script.answered(index, &response);
     response
 }
 
-async fn answer(script: &LlmScript, headers: &HeaderMap, body: &Value) -> Response {
+async fn answer(served: &Served, headers: &HeaderMap, body: &Value) -> Response {
+    let script = &served.script;
     if body.is_null() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -241,7 +393,7 @@ async fn answer(script: &LlmScript, headers: &HeaderMap, body: &Value) -> Respon
         Answer::Text(text) => {
             let text =
                 text.unwrap_or_else(|| format!("Fake Claude reply to: {}", first_user_line(body)));
-            success(body, text)
+            success(body, text, served.cache.split(body))
         }
     }
 }

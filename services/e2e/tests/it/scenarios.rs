@@ -79,15 +79,21 @@ async fn the_article_job_is_accepted_generated_and_delivered_signed() {
     assert!(doc["delivered_at"].is_string());
 
     assert_eq!(
-        pipeline.count("jobs.requested.product-description").await,
+        pipeline
+            .count_at_least("jobs.requested.product-description", 1)
+            .await,
         1
     );
     assert_eq!(
-        pipeline.count("jobs.completed.product-description").await,
+        pipeline
+            .count_at_least("jobs.completed.product-description", 1)
+            .await,
         1
     );
     assert_eq!(
-        pipeline.count("jobs.delivered.product-description").await,
+        pipeline
+            .count_at_least("jobs.delivered.product-description", 1)
+            .await,
         1
     );
     pipeline.stop().await;
@@ -103,6 +109,10 @@ async fn claude_is_called_over_the_messages_api_when_a_key_is_set() {
         ("anthropic.api_key", json!(fake_anthropic::API_KEY)),
         ("anthropic.base_url", json!(claude.base_url())),
         ("anthropic.model", json!("claude-test-model")),
+        (
+            "prices.claude-test-model",
+            json!({"input": 3.0, "output": 15.0}),
+        ),
     ])
     .await;
 
@@ -119,10 +129,17 @@ async fn claude_is_called_over_the_messages_api_when_a_key_is_set() {
         "Beat the heat with the LG 1.5 Ton inverter AC."
     );
     assert_eq!(payload["model"], "claude-test-model");
-    assert!(
-        payload["usage"]["output_tokens"]
-            .as_u64()
-            .is_some_and(|n| n > 0)
+    let tokens = |name: &str| payload["usage"][name].as_u64().expect(name);
+    assert!(tokens("output_tokens") > 0);
+    assert_eq!(tokens("cache_creation_input_tokens"), 0);
+    assert_eq!(tokens("cache_read_input_tokens"), 0);
+    // $3 and $15 per million input and output tokens is 3 and 15 micro-dollars a token.
+    assert_eq!(
+        payload["cost"],
+        json!({
+            "microdollars": tokens("input_tokens") * 3 + tokens("output_tokens") * 15,
+            "currency": "USD",
+        })
     );
 
     let requests = claude.requests();
@@ -204,7 +221,12 @@ async fn a_job_the_model_refuses_is_delivered_as_failed() {
     assert_eq!(payload["error"]["type"], "invalid_request_error");
     assert_eq!(claude.calls(), 1, "a 400 is not retried");
     pipeline.wait_for_status("JOB-771", "delivered", WAIT).await;
-    assert_eq!(pipeline.count("jobs.failed.product-description").await, 1);
+    assert_eq!(
+        pipeline
+            .count_at_least("jobs.failed.product-description", 1)
+            .await,
+        1
+    );
     pipeline.stop().await;
 }
 

@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use jetcall::JobId;
-use jetcall::events::{JobError, Usage};
+use jetcall::cost::{Cost, Currency, Usage};
+use jetcall::events::JobError;
 use jetcall::status::{DeliveryAttempt, Status};
 
 use crate::harness::{Gateway, article_job};
@@ -392,6 +393,12 @@ async fn real_answers_match_the_documented_schemas() {
         doc.usage = Some(Usage {
             input_tokens: 100,
             output_tokens: 20,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: 1500,
+        });
+        doc.cost = Some(Cost {
+            microdollars: 1050,
+            currency: Currency::Usd,
         });
         doc.finished_at = Some(now);
         doc.deliveries = vec![attempt(Some(503), "http_status"), attempt(None, "timeout")];

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use jetcall::config::{LlmEndpointConfig, Secret};
 use jetcall::events::Usage;
+use jetcall::kinds::KindSpec;
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -25,8 +26,45 @@ struct MessagesRequest<'a> {
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
-    system: &'a str,
+    system: System<'a>,
     messages: [MessageParam<'a>; 1],
+}
+
+/// The system prompt: plain text, or one text block marked for the prompt cache.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum System<'a> {
+    Text(&'a str),
+    Cached([SystemBlock<'a>; 1]),
+}
+
+impl<'a> System<'a> {
+    fn of(spec: &'a KindSpec) -> Self {
+        if spec.cache {
+            Self::Cached([SystemBlock {
+                kind: "text",
+                text: &spec.system,
+                cache_control: CacheControl { kind: "ephemeral" },
+            }])
+        } else {
+            Self::Text(&spec.system)
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct SystemBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    cache_control: CacheControl,
+}
+
+/// The default five-minute cache: writes cost 1.25 times input, reads a tenth.
+#[derive(Debug, Serialize)]
+struct CacheControl {
+    #[serde(rename = "type")]
+    kind: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,10 +90,15 @@ enum ContentBlock {
     Other,
 }
 
+/// `cache_*` are absent or `null` from calls that touch no cache.
 #[derive(Debug, Deserialize)]
 struct ApiUsage {
     input_tokens: u64,
     output_tokens: u64,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,7 +154,7 @@ impl Anthropic {
             model: request.spec.model.as_deref().unwrap_or(&self.default_model),
             max_tokens: request.max_tokens(self.max_tokens),
             temperature: self.temperature,
-            system: &request.spec.system,
+            system: System::of(request.spec),
             messages: [MessageParam {
                 role: "user",
                 content: request.prompt,
@@ -144,6 +187,8 @@ impl Anthropic {
             usage: Usage {
                 input_tokens: reply.usage.input_tokens,
                 output_tokens: reply.usage.output_tokens,
+                cache_creation_input_tokens: reply.usage.cache_creation_input_tokens.unwrap_or(0),
+                cache_read_input_tokens: reply.usage.cache_read_input_tokens.unwrap_or(0),
             },
             slow_down: slow_down(&headers, OffsetDateTime::now_utc()),
         })

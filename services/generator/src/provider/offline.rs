@@ -21,6 +21,7 @@ impl Offline {
         let usage = Usage {
             input_tokens: count_words(request.prompt),
             output_tokens: count_words(&text),
+            ..Usage::default()
         };
         Generation {
             text,

@@ -57,6 +57,16 @@ struct ApiUsage {
     prompt_tokens: u64,
     #[serde(default)]
     completion_tokens: u64,
+    /// OpenAI caches long prompts by itself and counts the tokens it read from the cache
+    /// here, within `prompt_tokens`.
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PromptTokensDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -150,9 +160,18 @@ fn parse_success(body: &[u8], requested_model: &str) -> Result<Generation, LlmEr
         .into_iter()
         .next()
         .ok_or_else(|| invalid("no choices".into()))?;
-    let usage = reply.usage.map_or_else(Usage::default, |usage| Usage {
-        input_tokens: usage.prompt_tokens,
-        output_tokens: usage.completion_tokens,
+    let usage = reply.usage.map_or_else(Usage::default, |usage| {
+        let cached = usage
+            .prompt_tokens_details
+            .and_then(|details| details.cached_tokens)
+            .unwrap_or(0)
+            .min(usage.prompt_tokens);
+        Usage {
+            input_tokens: usage.prompt_tokens - cached,
+            output_tokens: usage.completion_tokens,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: cached,
+        }
     });
     Ok(Generation {
         text: choice.message.content.unwrap_or_default(),
@@ -276,7 +295,8 @@ mod tests {
         let body = json!({
             "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
+                      "prompt_tokens_details": {"cached_tokens": 8, "audio_tokens": 0}}
         });
         let generation = parse_success(body.to_string().as_bytes(), "gpt-4o-mini").expect("ok");
         assert_eq!(
@@ -285,8 +305,10 @@ mod tests {
                 text: "Hello".into(),
                 model: "gpt-4o-mini-2024-07-18".into(),
                 usage: Usage {
-                    input_tokens: 12,
-                    output_tokens: 3
+                    input_tokens: 4,
+                    output_tokens: 3,
+                    cache_creation_input_tokens: 0,
+                    cache_read_input_tokens: 8,
                 },
                 slow_down: None,
             }

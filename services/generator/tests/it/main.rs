@@ -1,3 +1,4 @@
+mod cost;
 mod harness;
 mod hostile;
 mod limits;

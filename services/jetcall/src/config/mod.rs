@@ -13,6 +13,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::cost::PriceTable;
 use crate::kinds::{KindSpec, builtin_kinds};
 
 mod callback;
@@ -88,6 +89,10 @@ pub struct Config {
     /// of them, keyed by kind name.
     #[serde(default)]
     pub kinds: BTreeMap<String, KindSpec>,
+    /// What each model's tokens cost, in dollars per million tokens: Anthropic's published
+    /// prices unless replaced or added to here.
+    #[serde(default)]
+    pub prices: PriceTable,
 }
 
 impl Default for Config {
@@ -101,6 +106,7 @@ impl Default for Config {
             openai: LlmEndpointConfig::openai(),
             callback: CallbackConfig::default(),
             kinds: BTreeMap::new(),
+            prices: PriceTable::default(),
         }
     }
 }
@@ -193,6 +199,9 @@ impl Config {
         self.anthropic.validate("anthropic", 1.0)?;
         self.openai.validate("openai", 2.0)?;
         self.callback.validate()?;
+        self.prices
+            .validate()
+            .map_err(|problem| ConfigError::invalid("prices", problem))?;
         for (name, spec) in &self.kinds {
             crate::job::Kind::parse(name)
                 .map_err(|err| ConfigError::invalid(format!("kinds.{name}"), err.to_string()))?;
