@@ -69,9 +69,9 @@ pub enum Command {
     /// Put an undeliverable job, or every job that became undeliverable in a time window,
     /// back to be delivered.
     Redeliver(RedeliverArgs),
-    /// What completed jobs cost, by API key and kind: the `usage` and `cost` of every
-    /// `jobs.completed.*` event in the JOBS stream since a time (straight to NATS, with the
-    /// services' configuration, like `topology`).
+    /// What jobs cost, by API key and kind: the `usage` and `cost` of every
+    /// `jobs.completed.*` and charged `jobs.failed.*` event in the JOBS stream since a time
+    /// (straight to NATS, with the services' configuration, like `topology`).
     Cost {
         /// From this time: RFC 3339 (2026-11-29T00:00:00Z), or a duration before now (24h).
         #[arg(long, value_name = "TIME", default_value = "24h")]

@@ -98,7 +98,7 @@ impl Metrics {
         let cost = Family::<CostLabels, Counter>::default();
         registry.register(
             "cost_microdollars",
-            "What completed jobs cost at the configured prices, in micro-dollars, by kind, API key and path",
+            "What jobs cost at the configured prices (completed ones, and failed ones charged for answers), in micro-dollars, by kind, API key and path",
             cost.clone(),
         );
         let jobs = Family::<JobLabels, Counter>::default();

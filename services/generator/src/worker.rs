@@ -33,7 +33,7 @@ use jetcall::trace::TraceParent;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::output::to_result;
-use crate::provider::{Disposition, Generation, GenerationRequest, LlmError, Provider};
+use crate::provider::{Disposition, Generation, GenerationRequest, LlmError, Paid, Provider};
 
 /// How long every instance holds off after a 429 that named no wait.
 const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(1);
@@ -250,9 +250,26 @@ impl Worker {
                 Ok(Step::Retry(self.config.generator.probe_interval))
             }
             Disposition::Retry { .. } | Disposition::Permanent => {
-                let outcome = failure(&error.error_type, error.message);
+                let outcome = self.charged_failure(error);
                 Box::pin(self.finish(request, trace, outcome, current, Some(&lease))).await
             }
+        }
+    }
+
+    /// A job failed by `error`, with the answers it was charged for (if any) and their cost.
+    fn charged_failure(&self, error: LlmError) -> Outcome {
+        let cost = error.paid.as_ref().and_then(|paid| {
+            self.config
+                .prices
+                .cost(&paid.model, &paid.usage, jetcall::cost::Path::Sync)
+        });
+        Outcome::Failed {
+            error: JobError {
+                kind: error.error_type,
+                message: error.message,
+            },
+            usage: error.paid.map(|paid| paid.usage),
+            cost,
         }
     }
 
@@ -344,11 +361,17 @@ impl Worker {
                     retried = true;
                 }
                 Err(err) => {
-                    return Err(LlmError::new(
-                        Disposition::Permanent,
-                        "invalid_output",
-                        format!("{err} (the model was asked twice)"),
-                    ));
+                    return Err(LlmError {
+                        paid: Some(Box::new(Paid {
+                            model: generation.model,
+                            usage: used,
+                        })),
+                        ..LlmError::new(
+                            Disposition::Permanent,
+                            "invalid_output",
+                            format!("{err} (the model was asked twice)"),
+                        )
+                    });
                 }
             }
         }
@@ -529,7 +552,11 @@ impl Worker {
                         doc.usage = Some(*usage);
                         doc.cost = *cost;
                     }
-                    Outcome::Failed { error } => doc.error = Some(error.clone()),
+                    Outcome::Failed { error, usage, cost } => {
+                        doc.error = Some(error.clone());
+                        doc.usage = *usage;
+                        doc.cost = *cost;
+                    }
                 }
                 doc.finished_at = Some(finished_at);
                 true
@@ -606,12 +633,15 @@ fn no_status_document(request: &JobRequested) -> Step {
     Step::Rejected(format!("job {} has no status document", request.job_id))
 }
 
+/// A job failed before any answer was paid for.
 fn failure(error_type: &str, message: String) -> Outcome {
     Outcome::Failed {
         error: JobError {
             kind: error_type.to_owned(),
             message,
         },
+        usage: None,
+        cost: None,
     }
 }
 

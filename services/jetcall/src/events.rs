@@ -44,6 +44,13 @@ pub enum Outcome {
     },
     Failed {
         error: JobError,
+        /// Tokens the job was charged for although it failed: answers that did not fit its
+        /// kind (`invalid_output`). Absent when no answer came.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<Usage>,
+        /// What those tokens cost, for a model with a price.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost: Option<Cost>,
     },
 }
 

@@ -133,7 +133,8 @@ pub struct JobStatus {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
-    /// What `usage` cost, once `completed` with a model that has a price.
+    /// What `usage` cost, for a model that has a price: a completed job's, or a failed one's
+    /// that was charged for answers it could not use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Cost>,
     /// Why the job `failed`.
@@ -222,6 +223,8 @@ impl JobStatus {
             },
             (None, Some(error)) => Outcome::Failed {
                 error: error.clone(),
+                usage: self.usage,
+                cost: self.cost,
             },
             (None, None) => return None,
         };

@@ -46,8 +46,14 @@ pub fn payload(job: &JobFinished) -> Value {
             }
             body.insert("completed_at".into(), finished_at.into());
         }
-        Outcome::Failed { error } => {
+        Outcome::Failed { error, usage, cost } => {
             body.insert("error".into(), json!(error));
+            if let Some(usage) = usage {
+                body.insert("usage".into(), json!(usage));
+            }
+            if let Some(cost) = cost {
+                body.insert("cost".into(), json!(cost));
+            }
             body.insert("failed_at".into(), finished_at.into());
         }
     }
@@ -120,6 +126,8 @@ mod tests {
                 kind: "llm_error".into(),
                 message: "boom".into(),
             },
+            usage: None,
+            cost: None,
         }));
         assert_eq!(body["type"], "job.failed");
         assert_eq!(body["status"], "failed");
@@ -128,5 +136,32 @@ mod tests {
             json!({"type": "llm_error", "message": "boom"})
         );
         assert!(body.get("description").is_none());
+        assert!(body.get("usage").is_none(), "no answer, no usage");
+        assert!(body.get("cost").is_none());
+    }
+
+    #[test]
+    fn a_failed_job_that_was_charged_says_what_it_cost() {
+        let usage = Usage {
+            input_tokens: 40,
+            output_tokens: 60,
+            ..Usage::default()
+        };
+        let body = payload(&finished(Outcome::Failed {
+            error: JobError {
+                kind: "invalid_output".into(),
+                message: "not JSON (the model was asked twice)".into(),
+            },
+            usage: Some(usage),
+            cost: Some(Cost {
+                microdollars: 1_020,
+                currency: Currency::Usd,
+            }),
+        }));
+        assert_eq!(body["usage"]["output_tokens"], 60);
+        assert_eq!(
+            body["cost"],
+            json!({"microdollars": 1020, "currency": "USD"})
+        );
     }
 }

@@ -1,7 +1,8 @@
-//! `jetcall cost --since 24h`: what completed jobs cost, by API key and kind.
+//! `jetcall cost --since 24h`: what jobs cost, by API key and kind.
 //!
-//! Summed from the `jobs.completed.*` events in the JOBS stream, which carry each job's
-//! tenant, `usage` and `cost`: one pass from the first event published at `--since` to the
+//! Summed from the `jobs.completed.*` and `jobs.failed.*` events in the JOBS stream, which
+//! carry each job's tenant, `usage` and `cost` (a failed job's only when it was charged for
+//! answers it could not use): one pass from the first event published at `--since` to the
 //! stream's end as the pass began. A job counts once even if its event was published twice
 //! (a republish after a crash). What the stream no longer holds (`nats.max_age`) cannot be
 //! counted, and the report says so.
@@ -27,6 +28,7 @@ use crate::{CliError, output};
 /// What one API key's jobs of one kind used and cost.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Totals {
+    /// Jobs charged for: every completed one, and each failed one that was.
     pub jobs: u64,
     pub usage: Usage,
     pub microdollars: u64,
@@ -67,8 +69,14 @@ impl Ledger {
             self.unreadable += 1;
             return;
         };
-        let Outcome::Completed { usage, cost, .. } = event.outcome else {
-            return;
+        let (usage, cost) = match event.outcome {
+            Outcome::Completed { usage, cost, .. } => (usage, cost),
+            Outcome::Failed {
+                usage: Some(usage),
+                cost,
+                ..
+            } => (usage, cost),
+            Outcome::Failed { usage: None, .. } => return,
         };
         if !self.seen.insert(event.job_id.to_string()) {
             return;
@@ -108,18 +116,22 @@ pub async fn run(
     let aged_out = (state.first_sequence > 1 && state.first_timestamp > since)
         .then_some(state.first_timestamp);
 
-    let mut scan = Scan::open(
-        &stream,
-        OrderedConfig {
-            filter_subject: Event::Completed.filter(),
-            deliver_policy: DeliverPolicy::ByStartTime { start_time: since },
-            ..Default::default()
-        },
-    )
-    .await?;
     let mut ledger = Ledger::default();
-    while let Some(scanned) = scan.next().await? {
-        ledger.record(&scanned.message.payload);
+    // A pass per subject: an ordered consumer given both filters and a start time delivered
+    // only the last message (async-nats 0.51, nats-server 2.15), which would undercount.
+    for event in [Event::Completed, Event::Failed] {
+        let mut scan = Scan::open(
+            &stream,
+            OrderedConfig {
+                filter_subject: event.filter(),
+                deliver_policy: DeliverPolicy::ByStartTime { start_time: since },
+                ..Default::default()
+            },
+        )
+        .await?;
+        while let Some(scanned) = scan.next().await? {
+            ledger.record(&scanned.message.payload);
+        }
     }
 
     let total = ledger.total();

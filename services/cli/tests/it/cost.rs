@@ -1,4 +1,4 @@
-//! `jetcall cost`: completed jobs' usage and cost from the JOBS stream, by API key and kind.
+//! `jetcall cost`: jobs' usage and cost from the JOBS stream, by API key and kind.
 
 use async_nats::jetstream::message::PublishMessage;
 use serde_json::json;
@@ -26,27 +26,32 @@ struct Finished<'a> {
 async fn publish(topology: &Topology, job: Finished<'_>, copy: u32) {
     let kind = Kind::parse(job.kind).expect("a kind");
     let job_id = JobId::parse(job.job_id).expect("an id");
+    let usage = Usage {
+        input_tokens: 100,
+        output_tokens: 10,
+        cache_creation_input_tokens: 0,
+        cache_read_input_tokens: 2000,
+    };
+    let cost = job.microdollars.map(|microdollars| Cost {
+        microdollars,
+        currency: Currency::Usd,
+    });
     let outcome = if job.failed {
+        // Charged (answers that did not fit) when it has a cost; otherwise no answer came.
         Outcome::Failed {
             error: JobError {
                 kind: "invalid_output".into(),
                 message: "no".into(),
             },
+            usage: cost.map(|_| usage),
+            cost,
         }
     } else {
         Outcome::Completed {
             result: json!({"description": "ok"}),
             model: "claude-sonnet-4-5".into(),
-            usage: Usage {
-                input_tokens: 100,
-                output_tokens: 10,
-                cache_creation_input_tokens: 0,
-                cache_read_input_tokens: 2000,
-            },
-            cost: job.microdollars.map(|microdollars| Cost {
-                microdollars,
-                currency: Currency::Usd,
-            }),
+            usage,
+            cost,
         }
     };
     let event = JobFinished {
@@ -90,7 +95,7 @@ fn completed<'a>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cost_sums_completed_jobs_once_each_by_key_and_kind_since_a_time() {
+async fn cost_sums_charged_jobs_once_each_by_key_and_kind_since_a_time() {
     let nats = testkit::NatsServer::start();
     let config = testkit::config::config(&nats.url(), &[]);
     let topology = testkit::config::provision(&config).await;
@@ -139,11 +144,16 @@ async fn cost_sums_completed_jobs_once_each_by_key_and_kind_since_a_time() {
     ] {
         publish(&topology, job, copy).await;
     }
-    let failed = Finished {
+    let unanswered = Finished {
         failed: true,
         ..completed("F-1", "product-description", Some("shop-b"), None)
     };
-    publish(&topology, failed, 0).await;
+    publish(&topology, unanswered, 0).await;
+    let charged = Finished {
+        failed: true,
+        ..completed("F-2", "return-analysis", Some("shop-b"), Some(300))
+    };
+    publish(&topology, charged, 0).await;
 
     let report = run(jetcall().args([
         "--json",
@@ -169,7 +179,12 @@ async fn cost_sums_completed_jobs_once_each_by_key_and_kind_since_a_time() {
     assert_eq!(shop_a["jobs"], 2, "A-2 once, OLD-1 before --since");
     assert_eq!(shop_a["microdollars"], 3_500);
     assert_eq!(shop_a["usage"]["cache_read_input_tokens"], 4_000);
-    assert_eq!(row("shop-b", "return-analysis")["microdollars"], 700);
+    let shop_b = row("shop-b", "return-analysis");
+    assert_eq!(
+        (shop_b["jobs"].as_u64(), shop_b["microdollars"].as_u64()),
+        (Some(2), Some(1_000)),
+        "B-1, and F-2, which failed but was charged"
+    );
     let anonymous = row("", "product-description");
     assert_eq!(
         (
@@ -181,10 +196,10 @@ async fn cost_sums_completed_jobs_once_each_by_key_and_kind_since_a_time() {
     assert_eq!(
         report["rows"].as_array().map(Vec::len),
         Some(3),
-        "no row for the failed job"
+        "no row for F-1, which failed before any answer"
     );
-    assert_eq!(report["total"]["jobs"], 4);
-    assert_eq!(report["total"]["microdollars"], 4_200);
+    assert_eq!(report["total"]["jobs"], 5);
+    assert_eq!(report["total"]["microdollars"], 4_500);
     assert_eq!(report["currency"], "USD");
 
     let table = run(jetcall().args(["--config", &config_file, "cost", "--since", "1h"])).await;
@@ -195,8 +210,8 @@ async fn cost_sums_completed_jobs_once_each_by_key_and_kind_since_a_time() {
         .find(|line| line.starts_with("TOTAL"))
         .unwrap_or_else(|| panic!("a TOTAL line: {table:?}"));
     let cells: Vec<&str> = total_line.split_whitespace().collect();
-    assert_eq!(cells[1], "5", "OLD-1 is within the hour: {total_line}");
-    assert_eq!(cells.last(), Some(&"0.013200"), "{total_line}");
+    assert_eq!(cells[1], "6", "OLD-1 is within the hour: {total_line}");
+    assert_eq!(cells.last(), Some(&"0.013500"), "{total_line}");
     assert!(table.stderr.contains("1 job without a price"), "{table:?}");
 }
 

@@ -71,6 +71,17 @@ pub struct LlmError {
     pub message: String,
     /// The API refused the call for our rate (HTTP 429): every instance should slow down.
     pub rate_limited: bool,
+    /// Answers already paid for when the error came after them (answers that did not fit
+    /// the kind): the failed job's cost is still counted. Boxed: rare, and every call's
+    /// future holds room for an error.
+    pub paid: Option<Box<Paid>>,
+}
+
+/// Tokens paid for, and the model that answered, which prices them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paid {
+    pub model: String,
+    pub usage: Usage,
 }
 
 impl LlmError {
@@ -84,6 +95,7 @@ impl LlmError {
             error_type: error_type.into(),
             message: message.into(),
             rate_limited: false,
+            paid: None,
         }
     }
 }

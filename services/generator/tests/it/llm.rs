@@ -348,6 +348,21 @@ async fn an_answer_that_does_not_fit_the_kind_is_asked_for_once_more_then_fails(
     assert!(error.message.contains("`decision`"), "{}", error.message);
     assert!(error.message.contains("asked twice"), "{}", error.message);
     assert_eq!(harness.claude.calls(), 4);
+    // Both unusable answers were paid for, so the failed job says what they cost.
+    let usage = doc.usage.expect("the charged tokens are recorded");
+    assert!(
+        usage.input_tokens > 0 && usage.output_tokens > 0,
+        "{usage:?}"
+    );
+    let price = harness
+        .config
+        .prices
+        .price_of(&harness.config.anthropic.model)
+        .expect("the default model has a price");
+    assert_eq!(
+        doc.cost,
+        Some(price.cost(&usage, jetcall::cost::Path::Sync))
+    );
     assert_eq!(
         harness
             .count_at_least("jobs.failed.return-analysis", 1)
