@@ -214,12 +214,7 @@ fn spawn(
         command.args(["-m", "-1"]);
     }
     if let Some(log) = &options.log {
-        let out = std::fs::File::create(log)
-            .map_err(|err| format!("creating {}: {err}", log.display()))?;
-        let err = out
-            .try_clone()
-            .map_err(|err| format!("duplicating a log file handle: {err}"))?;
-        command.stdout(out).stderr(err);
+        crate::procs::log_to(&mut command, log)?;
     }
     if let Some(configured) = configured {
         // Flags win over the file, so the address, port and store above still apply.

@@ -32,6 +32,17 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
     command
 }
 
+/// Sends the child's stdout and stderr both to `log`, created afresh.
+pub fn log_to(command: &mut Command, log: &std::path::Path) -> Result<(), String> {
+    let out =
+        std::fs::File::create(log).map_err(|err| format!("creating {}: {err}", log.display()))?;
+    let err = out
+        .try_clone()
+        .map_err(|err| format!("duplicating a log file handle: {err}"))?;
+    command.stdout(out).stderr(err);
+    Ok(())
+}
+
 /// Asks Linux to SIGKILL the child when the thread that spawns it exits (see the module's
 /// documentation); [`command`] does this, and a test that builds its own command calls it.
 #[cfg(target_os = "linux")]

@@ -124,14 +124,7 @@ impl ServiceProcess {
         }
         command.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         match &self.launch.log {
-            Some(file) => {
-                let out = std::fs::File::create(file)
-                    .map_err(|err| format!("creating {}: {err}", file.display()))?;
-                let err = out
-                    .try_clone()
-                    .map_err(|err| format!("duplicating a log file handle: {err}"))?;
-                command.stdout(out).stderr(err);
-            }
+            Some(file) => crate::procs::log_to(&mut command, file)?,
             None => {
                 command.stdout(Stdio::null()).stderr(Stdio::piped());
             }
