@@ -2,6 +2,7 @@
 //! `generator`, calls the LLM, records the outcome and publishes `jobs.completed.<kind>` or
 //! `jobs.failed.<kind>`.
 
+mod gate_report;
 pub mod limiter;
 mod metrics;
 mod output;
@@ -81,6 +82,14 @@ pub async fn run(
         .with_gate(gate.clone())
         .spawn(listener, shutdown.clone());
     let settle_failures = metrics.settle_failures();
+    // Unique per process: a restarted generator must not pass for the one that died.
+    let instance = format!("generator-{:016x}", rand::random::<u64>());
+    tokio::spawn(gate_report::report(
+        gate.clone(),
+        topology.limits.clone(),
+        instance.clone(),
+        shutdown.clone(),
+    ));
     // Shared, not cloned per message: a Topology clone copies cached stream info.
     let worker = Arc::new(Worker {
         config: Arc::new(config),
@@ -89,8 +98,7 @@ pub async fn run(
         gate: gate.clone(),
         limiter,
         metrics,
-        // Unique per process: a restarted generator must not pass for the one that died.
-        instance: format!("generator-{:016x}", rand::random::<u64>()),
+        instance,
     });
     tracing::info!(concurrency, "generator consuming jobs.requested.>");
     consume(

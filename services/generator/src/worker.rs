@@ -25,7 +25,7 @@ use jetcall::gate::Gate;
 use jetcall::kinds::KindSpec;
 use jetcall::publish::publish_event_with_headers;
 use jetcall::retry::llm_backoff;
-use jetcall::status::{Claim, JobStatus, Lease, Status};
+use jetcall::status::{AttemptOutcome, Claim, JobStatus, Lease, Status};
 use jetcall::store::Updated;
 use jetcall::topology::Topology;
 use jetcall::trace::TraceParent;
@@ -235,7 +235,25 @@ impl Worker {
         match error.disposition {
             Disposition::Retry { retry_after } if attempt < max_attempts => {
                 let delay = retry_after.unwrap_or_else(|| llm_backoff(attempt, rand::random()));
-                self.release(request, &lease).await?;
+                let failed = JobError {
+                    kind: error.error_type.clone(),
+                    message: error.message.clone(),
+                };
+                let ended_at = OffsetDateTime::now_utc();
+                Box::pin(self.topology.status.update(&request.job_id, |doc| {
+                    let released = doc.release_lease(&lease);
+                    if released {
+                        doc.log_generation(
+                            &lease,
+                            ended_at,
+                            AttemptOutcome::Retry,
+                            Some(failed.clone()),
+                            Some(delay),
+                        );
+                    }
+                    released
+                }))
+                .await?;
                 Ok(Step::Retry(delay))
             }
             Disposition::Configuration => {
@@ -540,6 +558,15 @@ impl Worker {
                     return false;
                 }
                 doc.lease = None;
+                if let Some(lease) = lease {
+                    let (attempt_outcome, error) = match &outcome {
+                        Outcome::Completed { .. } => (AttemptOutcome::Completed, None),
+                        Outcome::Failed { error, .. } => {
+                            (AttemptOutcome::Failed, Some(error.clone()))
+                        }
+                    };
+                    doc.log_generation(lease, finished_at, attempt_outcome, error, None);
+                }
                 match &outcome {
                     Outcome::Completed {
                         result,

@@ -6,6 +6,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -26,7 +28,34 @@ enum State {
     Paused {
         next_probe: Instant,
         last_alarm: Instant,
+        /// What paused it, and when, for operators (`GateReport`).
+        reason: String,
+        since: OffsetDateTime,
     },
+}
+
+/// A generator instance's gate as it tells operators: written by the instance to
+/// `gate.<instance>` in the `llm_limits` bucket while it is paused (and once when it opens
+/// again), read by the gateway's overview.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GateReport {
+    pub instance: String,
+    pub paused: bool,
+    /// The fault that paused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub reason: Option<String>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = String, format = DateTime)]
+    pub since: Option<OffsetDateTime>,
+    /// When the instance wrote this: a report that is not renewed is from an instance gone.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub reported_at: OffsetDateTime,
 }
 
 #[derive(Debug)]
@@ -57,6 +86,21 @@ impl Gate {
 
     pub fn is_open(&self) -> bool {
         matches!(*self.state(), State::Open)
+    }
+
+    /// The gate as `instance` reports it to operators.
+    pub fn report(&self, instance: &str) -> GateReport {
+        let (paused, reason, since) = match &*self.state() {
+            State::Open => (false, None, None),
+            State::Paused { reason, since, .. } => (true, Some(reason.clone()), Some(*since)),
+        };
+        GateReport {
+            instance: instance.to_owned(),
+            paused,
+            reason,
+            since,
+            reported_at: OffsetDateTime::now_utc(),
+        }
     }
 
     /// Waits until a job may be taken: at once when open; when paused, until the gate opens
@@ -98,9 +142,15 @@ impl Gate {
             State::Paused { last_alarm, .. } if !alarm => *last_alarm,
             _ => now,
         };
+        let since = match &*state {
+            State::Paused { since, .. } => *since,
+            State::Open => OffsetDateTime::now_utc(),
+        };
         *state = State::Paused {
             next_probe: now + self.0.probe_interval,
             last_alarm,
+            reason: problem.to_string(),
+            since,
         };
         drop(state);
         if alarm {
@@ -137,6 +187,9 @@ mod tests {
         assert_eq!(gate.admit().await, Admission::Open);
         gate.fault(&"401");
         assert!(!gate.is_open());
+        let report = gate.report("generator-1");
+        assert!(report.paused);
+        assert_eq!(report.reason.as_deref(), Some("401"));
         let started = Instant::now();
         assert_eq!(gate.admit().await, Admission::Probe);
         assert_eq!(started.elapsed(), Duration::from_secs(30));
@@ -152,5 +205,6 @@ mod tests {
         assert_eq!(waiting.await.expect("admit"), Admission::Open);
         assert_eq!(started.elapsed(), Duration::from_secs(65));
         assert!(gate.is_open());
+        assert!(!gate.report("generator-1").paused);
     }
 }

@@ -74,6 +74,54 @@ pub struct Lease {
     pub attempt: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
+    /// When the attempt began, for its entry in `generations`.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub started_at: Option<OffsetDateTime>,
+}
+
+/// How many generation attempts a status document keeps: the latest, so a job retried
+/// without end stays a bounded document.
+pub const MAX_GENERATIONS_KEPT: usize = 20;
+
+/// One LLM attempt in a job's history.
+///
+/// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GenerationAttempt {
+    /// 1 for the first; the count behind `generation_attempts`.
+    pub attempt: u32,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = String, format = DateTime)]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub ended_at: OffsetDateTime,
+    pub outcome: AttemptOutcome,
+    /// Why it did not complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub error: Option<JobError>,
+    /// For a `retry`: how long the job waited before its next attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub retry_in_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptOutcome {
+    Completed,
+    Failed,
+    /// Failed in a way worth another attempt, which followed.
+    Retry,
 }
 
 impl Lease {
@@ -123,6 +171,9 @@ pub struct JobStatus {
     /// LLM attempts so far, across redeliveries and generator instances.
     #[serde(default)]
     pub generation_attempts: u32,
+    /// The latest `MAX_GENERATIONS_KEPT` of those attempts that ended, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generations: Vec<GenerationAttempt>,
     /// While `generating`: the call that holds the current attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
@@ -191,6 +242,7 @@ impl JobStatus {
             created_at: request.requested_at,
             updated_at: request.requested_at,
             generation_attempts: 0,
+            generations: Vec::new(),
             lease: None,
             result: None,
             model: None,
@@ -320,6 +372,7 @@ impl JobStatus {
             owner: owner.to_owned(),
             attempt: self.generation_attempts,
             expires_at: now + lease_for,
+            started_at: Some(now),
         };
         self.lease = Some(lease.clone());
         Claim::Taken(lease)
@@ -348,6 +401,28 @@ impl JobStatus {
             }
             _ => false,
         }
+    }
+
+    /// Adds the attempt held by `lease` to `generations`, ended at `now`.
+    pub fn log_generation(
+        &mut self,
+        lease: &Lease,
+        now: OffsetDateTime,
+        outcome: AttemptOutcome,
+        error: Option<JobError>,
+        retry_in: Option<std::time::Duration>,
+    ) {
+        if self.generations.len() >= MAX_GENERATIONS_KEPT {
+            self.generations.remove(0);
+        }
+        self.generations.push(GenerationAttempt {
+            attempt: lease.attempt,
+            started_at: lease.started_at,
+            ended_at: now,
+            outcome,
+            error,
+            retry_in_ms: retry_in.map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+        });
     }
 
     /// Gives up the lease if it is still `mine`, so the request handed back is taken up at

@@ -10,6 +10,9 @@ pub const STATUS_BUCKET: &str = "job_status";
 pub const LIMITS_BUCKET: &str = "llm_limits";
 /// The `job_status` key whose lease says which gateway sweeps (see `StatusStore::take_lease`).
 pub const SWEEP_LEASE_KEY: &str = "gateway.sweep";
+/// `gate.<instance>` in the `llm_limits` bucket: a generator instance's paused gate
+/// (`jetcall::gate::GateReport`), for the console.
+pub const GATE_KEY_PREFIX: &str = "gate.";
 pub const GENERATOR_CONSUMER: &str = "generator";
 pub const CALLBACK_CONSUMER: &str = "callback";
 

@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use crate::cost::{Cost, Usage};
 use crate::events::{DeliveryAttempt, JobError};
 use crate::job::{JobId, Kind};
-use crate::status::{JobStatus, Status};
+use crate::status::{GenerationAttempt, JobStatus, Status};
 
 /// A job: where it is, its result or error, and its delivery attempts.
 ///
@@ -39,6 +39,10 @@ pub struct JobView {
     #[serde(default)]
     #[schema(required = true)]
     pub generation_attempts: u32,
+    /// Each LLM attempt that ended (the latest 20), oldest first: its outcome, its error and
+    /// the wait before the next.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generations: Vec<GenerationAttempt>,
     /// The kind's output, once `completed`: text or JSON, per the kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Value, nullable = false)]
@@ -115,6 +119,7 @@ impl From<JobStatus> for JobView {
             created_at,
             updated_at,
             generation_attempts,
+            generations,
             result,
             model,
             usage,
@@ -138,6 +143,7 @@ impl From<JobStatus> for JobView {
             created_at,
             updated_at,
             generation_attempts,
+            generations,
             result,
             model,
             usage,

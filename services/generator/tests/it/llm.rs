@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use jetcall::Kind;
+use jetcall::status::AttemptOutcome;
 use testkit::FakeAnthropic;
 use testkit::fake_anthropic::{API_KEY, Recorded, Scripted};
 use testkit::tls::Serving;
@@ -281,6 +282,18 @@ async fn a_refused_key_pauses_the_generator_without_failing_jobs_until_it_is_fix
     .await;
     let (_, metrics) = get(admin, "/metrics").await;
     assert_eq!(sample(&metrics, "jetcall_generator_paused", &[]), Some(1.0));
+    // Operators see the pause and its cause where the console reads it.
+    let report = wait_until(
+        "the instance to report its pause",
+        Duration::from_secs(15),
+        || gate_report(&harness),
+    )
+    .await;
+    assert!(report.paused, "{report:?}");
+    assert!(
+        report.reason.as_deref().is_some_and(|r| r.contains("401")),
+        "{report:?}"
+    );
 
     harness.claude.set_accepted_key(API_KEY);
     for i in 0..JOBS {
@@ -289,6 +302,12 @@ async fn a_refused_key_pauses_the_generator_without_failing_jobs_until_it_is_fix
             .await;
     }
     assert_eq!(get(admin, "/readyz").await.0, 200);
+    wait_until(
+        "the instance to report it resumed",
+        Duration::from_secs(15),
+        || async { gate_report(&harness).await.filter(|report| !report.paused) },
+    )
+    .await;
     let (_, metrics) = get(admin, "/metrics").await;
     assert_eq!(sample(&metrics, "jetcall_generator_paused", &[]), Some(0.0));
     let completed = sample(
@@ -370,4 +389,63 @@ async fn an_answer_that_does_not_fit_the_kind_is_asked_for_once_more_then_fails(
         1
     );
     generator.stop().await;
+}
+
+/// The one generator instance's gate report in `llm_limits`, once it has written one.
+async fn gate_report(harness: &Harness) -> Option<jetcall::gate::GateReport> {
+    use futures::StreamExt;
+    let limits = &harness.topology.limits;
+    let mut keys = limits.keys().await.expect("keys");
+    while let Some(key) = keys.next().await {
+        let key = key.expect("key");
+        if key.starts_with(jetcall::subjects::GATE_KEY_PREFIX) {
+            let value = limits.get(&key).await.expect("get")?;
+            return Some(serde_json::from_slice(&value).expect("a gate report"));
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_attempt_is_kept_with_its_error_and_the_wait_before_the_next() {
+    let harness = Harness::start(&[("generator.max_attempts", json!(3))]).await;
+    harness.claude.push(Scripted::Error {
+        status: 529,
+        retry_after: None,
+    });
+    harness.submit("RETRIED-1").await;
+    let (generator, _) = harness.run_generator();
+    harness.wait_for_status("RETRIED-1", "completed").await;
+    generator.stop().await;
+
+    let doc = harness.status("RETRIED-1").await.expect("status document");
+    let log: Vec<_> = doc
+        .generations
+        .iter()
+        .map(|g| {
+            (
+                g.attempt,
+                g.outcome,
+                g.error.as_ref().map(|e| e.kind.as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        log,
+        [
+            (1, AttemptOutcome::Retry, Some("overloaded_error")),
+            (2, AttemptOutcome::Completed, None),
+        ]
+    );
+    let retried = &doc.generations[0];
+    assert!(retried.retry_in_ms.is_some_and(|ms| ms > 0), "{retried:?}");
+    assert!(
+        retried
+            .started_at
+            .is_some_and(|start| start <= retried.ended_at)
+    );
+    assert!(doc.generations[1].started_at >= Some(retried.ended_at));
+    // The API shows the same history.
+    let view = jetcall::view::JobView::from(doc);
+    assert_eq!(view.generations.len(), 2);
 }
