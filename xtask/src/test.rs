@@ -15,15 +15,19 @@ pub async fn run(ws: &Workspace, cargo_test_args: &[String]) -> anyhow::Result<(
     let nats_cli = tools::nats_cli(ws).await?;
     let schemathesis = tools::schemathesis(ws).await?;
     let python = tools::python_with_nats_py(ws).await?;
+    let (chromium, chromedriver) = tools::chromium_and_chromedriver().await?;
     // The integration tests start their own nats-server and drive the nats CLI (and the
-    // gateway's, schemathesis; the end-to-end subscriber's, Python with nats-py); these name
-    // the exact binaries, and PATH serves anything that looks the NATS tools up by name.
+    // gateway's, schemathesis; the end-to-end subscriber's, Python with nats-py; the
+    // console's, Chromium through chromedriver); these name the exact binaries, and PATH
+    // serves anything that looks the NATS tools up by name.
     let path = path_with(&[&nats_server, &nats_cli])?;
     let with_tools = |mut cmd: tokio::process::Command| {
         cmd.env("JETCALL_NATS_SERVER", &nats_server)
             .env("JETCALL_NATS_CLI", &nats_cli)
             .env("JETCALL_SCHEMATHESIS", &schemathesis)
             .env("JETCALL_PYTHON", &python)
+            .env("JETCALL_CHROMIUM", &chromium)
+            .env("JETCALL_CHROMEDRIVER", &chromedriver)
             .env("PATH", &path);
         cmd
     };

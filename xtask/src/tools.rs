@@ -1,5 +1,6 @@
-//! Finding, or installing (with `go install`, or pip into a venv), the tools the demo and tests
-//! need: the NATS server and CLI, schemathesis, and Python with nats-py.
+//! Finding, or installing (with `go install`, pip into a venv, or apt-get), the tools the demo
+//! and tests need: the NATS server and CLI, schemathesis, Python with nats-py, and Chromium
+//! with its chromedriver.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,11 @@ const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 /// The NATS client library for Python, which the external-subscriber test uses to consume
 /// `jobs.completed.>` with a durable consumer of its own, as another team's service would.
 const NATS_PY: &str = "nats-py==2.16.0";
+
+/// The Debian packages of the browser the console's tests drive, and where they put it.
+const BROWSER_PACKAGES: [&str; 2] = ["chromium", "chromium-driver"];
+const DEBIAN_CHROMIUM: &str = "/usr/bin/chromium";
+const DEBIAN_CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
 /// The callback consumer needs `filter_subjects`; older servers (Debian ships 2.9)
 /// accept the consumer and silently ignore the filters.
@@ -183,6 +189,151 @@ pub async fn python_with_nats_py(ws: &Workspace) -> anyhow::Result<PathBuf> {
     Ok(python)
 }
 
+/// Chromium and its chromedriver, for the console's browser tests (`testkit::Browser`):
+/// `JETCALL_CHROMIUM` and `JETCALL_CHROMEDRIVER`, else `chromium` and `chromedriver` on `PATH`,
+/// else Debian's packages, installed with apt-get (as root, or through `sudo -n`). A
+/// chromedriver drives only the Chromium of its own major version, so the two must agree.
+pub async fn chromium_and_chromedriver() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let chromium = browser_tool("JETCALL_CHROMIUM", "chromium").await?;
+    let chromedriver = browser_tool("JETCALL_CHROMEDRIVER", "chromedriver").await?;
+    let (chromium, chromedriver) = match (chromium, chromedriver) {
+        (Some(chromium), Some(chromedriver)) => (chromium, chromedriver),
+        (chromium, chromedriver) => {
+            apt_install(
+                &BROWSER_PACKAGES,
+                "JETCALL_CHROMIUM and JETCALL_CHROMEDRIVER",
+            )
+            .await?;
+            let installed = |path: &str| {
+                let path = PathBuf::from(path);
+                ensure!(
+                    path.is_file(),
+                    "`apt-get install {}` succeeded but {} is missing",
+                    BROWSER_PACKAGES.join(" "),
+                    path.display()
+                );
+                Ok(path)
+            };
+            (
+                chromium.map_or_else(|| installed(DEBIAN_CHROMIUM), Ok)?,
+                chromedriver.map_or_else(|| installed(DEBIAN_CHROMEDRIVER), Ok)?,
+            )
+        }
+    };
+    let browser_version = version_output(&chromium).await?;
+    let driver_version = version_output(&chromedriver).await?;
+    let major = |text: &str| Version::parse(text).map(|Version(major, ..)| major);
+    ensure!(
+        major(&browser_version) == major(&driver_version),
+        "{} is `{browser_version}` but {} is `{driver_version}`: a chromedriver drives only the \
+         Chromium of its own major version (Debian's chromium and chromium-driver packages \
+         always agree)",
+        chromium.display(),
+        chromedriver.display()
+    );
+    announce("Chromium", &chromium, version_word(&browser_version));
+    announce("chromedriver", &chromedriver, version_word(&driver_version));
+    Ok((chromium, chromedriver))
+}
+
+/// The browser tool named by `env` (which must exist) or `name` on `PATH`; `None` when
+/// neither, for apt-get to install.
+async fn browser_tool(env: &str, name: &str) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(path) = std::env::var_os(env) {
+        let path = std::path::absolute(&path).with_context(|| format!("resolving {env}"))?;
+        ensure!(path.is_file(), "{env}={} does not exist", path.display());
+        return Ok(Some(path));
+    }
+    Ok(on_path(name))
+}
+
+/// `apt-get install -y --no-install-recommends <packages>`, as root or through `sudo -n`;
+/// after an `apt-get update` when the first try fails (a fresh machine has no package lists).
+/// `instead` names the variables that spare the install, for the error when it cannot run.
+async fn apt_install(packages: &[&str], instead: &str) -> anyhow::Result<()> {
+    let wanted = packages.join(" ");
+    let cannot = |why: &str| {
+        anyhow!(
+            "{wanted} not found, and {why}: install them (on Debian, as root: `apt-get install \
+             -y --no-install-recommends {wanted}`), or set {instead}"
+        )
+    };
+    if on_path("apt-get").is_none() {
+        return Err(cannot("apt-get is not here to install them"));
+    }
+    let sudo = if effective_uid()? == 0 {
+        None
+    } else {
+        let Some(sudo) = on_path("sudo") else {
+            return Err(cannot("we are not root and there is no sudo"));
+        };
+        let allowed = Command::new(&sudo)
+            .args(["-n", "true"])
+            .output()
+            .await
+            .is_ok_and(|output| output.status.success());
+        if !allowed {
+            return Err(cannot(
+                "we are not root and `sudo -n` (without a password) is not allowed",
+            ));
+        }
+        Some(sudo)
+    };
+    let apt_get = |args: &[&str]| {
+        let mut cmd = match &sudo {
+            Some(sudo) => {
+                let mut cmd = Command::new(sudo);
+                // sudo resets the environment; `env` sets the one variable apt needs.
+                cmd.args(["-n", "env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new("apt-get");
+                cmd.env("DEBIAN_FRONTEND", "noninteractive");
+                cmd
+            }
+        };
+        cmd.args(args);
+        cmd
+    };
+    let install: Vec<&str> = ["install", "-y", "--no-install-recommends"]
+        .into_iter()
+        .chain(packages.iter().copied())
+        .collect();
+    let line = format!(
+        "{}apt-get {}",
+        if sudo.is_some() { "sudo -n " } else { "" },
+        install.join(" ")
+    );
+    println!("==> installing {wanted}: {line}");
+    if procs::run(&mut apt_get(&install), &line).await.is_ok() {
+        return Ok(());
+    }
+    println!("==> `{line}` failed: updating the package lists and trying again");
+    procs::run(&mut apt_get(&["update"]), "apt-get update").await?;
+    procs::run(&mut apt_get(&install), &line).await
+}
+
+/// This process's effective user id, from `/proc/self/status` (Linux).
+fn effective_uid() -> anyhow::Result<u32> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse().ok())
+        .context("no effective user id in /proc/self/status")
+}
+
+/// The version in a `--version` line: `156.0.8078.114` of `Chromium 156.0.8078.114 built on
+/// Debian`; the whole line when no word starts with a digit.
+fn version_word(text: &str) -> &str {
+    text.split_whitespace()
+        .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))
+        .unwrap_or(text)
+}
+
 /// The version of nats-py that `python` imports.
 async fn nats_py_version(python: &Path) -> anyhow::Result<String> {
     let output = Command::new(python)
@@ -338,7 +489,26 @@ impl fmt::Display for Version {
 
 #[cfg(test)]
 mod tests {
-    use super::{MIN_NATS_SERVER, Version};
+    use super::{MIN_NATS_SERVER, Version, effective_uid, version_word};
+
+    #[test]
+    fn reads_the_browsers_versions() {
+        let chromium = "Chromium 156.0.8078.114 built on Debian GNU/Linux 12 (bookworm)";
+        let driver = "ChromeDriver 156.0.8078.114 (ea19f9737303a76e07b53c6a1eec43355aca3b1d)";
+        assert_eq!(version_word(chromium), "156.0.8078.114");
+        assert_eq!(version_word(driver), "156.0.8078.114");
+        assert_eq!(version_word("ChromeDriver"), "ChromeDriver");
+        assert_eq!(Version::parse(chromium), Some(Version(156, 0, 8078)));
+        assert_eq!(Version::parse(driver), Some(Version(156, 0, 8078)));
+    }
+
+    #[test]
+    fn knows_who_it_runs_as() {
+        use std::os::unix::fs::MetadataExt as _;
+        // `/proc/self` belongs to the process's effective user.
+        let owner = std::fs::metadata("/proc/self").expect("/proc/self").uid();
+        assert_eq!(effective_uid().expect("an effective uid"), owner);
+    }
 
     #[test]
     fn parses_nats_server_version_output() {

@@ -4,6 +4,7 @@
 //! Completions API.
 
 pub mod blackhole;
+pub mod browser;
 pub mod closed_port;
 pub mod config;
 pub mod deployment;
@@ -20,6 +21,7 @@ pub mod tls;
 pub mod wait;
 
 pub use blackhole::Blackhole;
+pub use browser::Browser;
 pub use closed_port::ClosedPort;
 pub use deployment::{Deployment, Instance, Service};
 pub use fake_anthropic::FakeAnthropic;
