@@ -131,6 +131,7 @@ async fn scenario(stack: &mut Stack, secret: &str, mode: Mode) -> anyhow::Result
         "==> gateway ready on {gateway} after {} ms",
         starting.elapsed().as_millis()
     );
+    println!("==> the console: open {gateway}/console in a browser and watch the job go through");
 
     let accepted_at = submit(&client, &gateway, &callback_url).await?;
     let delivery = tokio::select! {
@@ -155,7 +156,7 @@ async fn scenario(stack: &mut Stack, secret: &str, mode: Mode) -> anyhow::Result
     println!("==> GET {url}\n{}", pretty_value(&document));
     if mode == Mode::UntilCtrlC {
         println!(
-            "\nThe services keep running: try `curl -s {url}`, logs in {}; \
+            "\nThe services keep running: open {gateway}/console, try `curl -s {url}`, logs in {}; \
              Ctrl-C stops everything",
             stack.logs_dir().display()
         );

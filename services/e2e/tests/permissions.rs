@@ -376,6 +376,18 @@ async fn each_service_does_all_its_work_with_its_own_user_and_no_violation() {
     let listing: Value = serde_json::from_str(&body).expect("listing JSON");
     assert_eq!(listing["jobs"].as_array().map(Vec::len), Some(4), "{body}");
 
+    // The console's overview, as `gateway`: the stream read from 15 minutes back, the two
+    // consumers' info and their oldest messages, the shared budgets in `llm_limits`.
+    let overview = wait_clean(&nats, "the overview to count every delivery", || async {
+        let (status, body) = gateway.get("/api/v1/overview").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let overview: Value = serde_json::from_str(&body).expect("overview JSON");
+        (overview["totals"]["delivered"] == 4).then_some(overview)
+    })
+    .await;
+    assert_eq!(overview["totals"]["undeliverable"], 1, "{overview}");
+    assert_eq!(overview["consumers"][0]["waiting"], 0, "{overview}");
+
     // Each /metrics reads its consumer's lag, as its own user.
     for admin in [&generator_admin, &callback_admin] {
         let response = gateway

@@ -9,10 +9,10 @@ use crate::error::ApiError;
 use crate::middleware::{limit_in_flight, require_api_key, track};
 use crate::routes::{
     generate_description, healthz, job_named_batch, job_status, metrics, readyz, redeliver_job,
-    redeliver_window, submit_batch, submit_job,
+    redeliver_window, submit_batch, submit_job, whoami,
 };
 use crate::state::AppState;
-use crate::{events, listing, openapi};
+use crate::{console, events, listing, openapi, overview};
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
@@ -30,11 +30,19 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{job_id}/events", get(events::job_events))
         .route("/api/v1/jobs/{job_id}/redeliver", post(redeliver_job))
         .route("/api/v1/deliveries/redeliver", post(redeliver_window))
+        .route("/api/v1/whoami", get(whoami))
+        .route("/api/v1/overview", get(overview::overview))
         .route_layer(from_fn_with_state(state.clone(), require_api_key))
         // Outermost, so a flood is turned away before any other work is done for it.
         .route_layer(from_fn_with_state(state.clone(), limit_in_flight));
+    let console = if state.config.gateway.console {
+        console::routes()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(api)
+        .merge(console)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

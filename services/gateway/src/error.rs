@@ -46,6 +46,8 @@ pub enum ApiError {
     },
     #[error("missing or invalid API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error(
@@ -91,6 +93,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Overloaded(_) | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -114,6 +117,7 @@ impl ApiError {
             Self::BodyTimeout { .. } => ErrorType::RequestTimeout,
             Self::NotRedeliverable { .. } => ErrorType::NotUndeliverable,
             Self::Unauthorized => ErrorType::Unauthorized,
+            Self::Forbidden(_) => ErrorType::Forbidden,
             Self::MethodNotAllowed => ErrorType::MethodNotAllowed,
             Self::Unavailable(_) => ErrorType::Unavailable,
             Self::Overloaded(_) => ErrorType::Overloaded,
@@ -172,6 +176,8 @@ pub enum ErrorType {
     NotUndeliverable,
     /// 401: a missing or unknown API key.
     Unauthorized,
+    /// 403: the API key is valid but its role may not do this (an operator's route).
+    Forbidden,
     /// 405: the route does not take this method.
     MethodNotAllowed,
     /// 503: NATS JetStream could not confirm the write; nothing was accepted, retry.

@@ -54,6 +54,10 @@ impl Caller {
         Ok(())
     }
 
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
     /// Whether the caller may see and act on `doc`: its own tenant's job, or any job for an
     /// operator's key.
     pub fn sees(&self, doc: &JobStatus) -> bool {
@@ -71,6 +75,18 @@ impl Caller {
                 retry_after: wait.max(Duration::from_secs(1)),
             }
         })
+    }
+}
+
+/// Operators' routes (the overview) are for an admin key; without keys the one tenant is the
+/// operator.
+pub fn require_operator(caller: Option<&Caller>) -> Result<(), ApiError> {
+    match caller {
+        Some(caller) if caller.role != Role::Admin => Err(ApiError::Forbidden(format!(
+            "API key `{}` is not an admin key; only an admin key sees the whole pipeline",
+            caller.name
+        ))),
+        _ => Ok(()),
     }
 }
 

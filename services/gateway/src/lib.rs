@@ -5,15 +5,18 @@
 mod accept;
 mod app;
 mod batch;
+mod console;
 mod error;
 mod events;
 mod extract;
+mod feed;
 mod input_schema;
 mod keys;
 mod listing;
 mod metrics;
 mod middleware;
 mod openapi;
+mod overview;
 mod redeliver;
 mod routes;
 mod serve;
@@ -76,6 +79,7 @@ pub async fn run(
         config,
         topology,
         metrics: metrics::Metrics::default(),
+        overviews: overview::Overviews::default(),
         shutdown: shutdown.clone(),
     });
     // Jobs a gateway recorded but died before publishing: repaired while this one serves, at

@@ -1,4 +1,5 @@
-//! `GET /api/v1/jobs?status=&kind=&limit=`: the jobs changed most recently, for operators.
+//! `GET /api/v1/jobs?status=&kind=&tenant=&since=&until=&limit=&offset=`: the jobs changed
+//! most recently, for operators and the console.
 //!
 //! The `job_status` bucket has no index, so the listing reads the last `SCAN_REVISIONS` writes
 //! to it and keeps each job's newest. A job's newest revision is always later than its older
@@ -39,9 +40,23 @@ pub struct Filter {
     /// Only jobs of this kind.
     #[param(value_type = Option<jetcall::Kind>)]
     pub kind: Option<String>,
+    /// Only jobs of this tenant (the name of the API key that submitted them). A key that is
+    /// not an operator's sees its own jobs whatever this says.
+    pub tenant: Option<String>,
+    /// Only jobs changed at or after this moment (RFC 3339).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub since: Option<OffsetDateTime>,
+    /// Only jobs changed at or before this moment (RFC 3339).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub until: Option<OffsetDateTime>,
     /// At most this many jobs: 1 to 1,000, 50 when left out.
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
+    /// Skip this many of the matching jobs first: the next page is at `offset + limit`.
+    #[param(minimum = 0)]
+    pub offset: Option<usize>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -63,6 +78,13 @@ pub struct JobSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub tenant: Option<String>,
+    /// Where the webhook goes: the `callback_url`'s `host:port`, by which deliveries are
+    /// grouped.
+    pub destination: String,
+    /// What went wrong at the latest delivery attempt, if it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub last_delivery_error: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -72,6 +94,46 @@ pub struct JobList {
     /// Writes to the bucket read to answer.
     pub scanned: u64,
     /// Whether those writes reach back to the oldest the bucket holds, so every job was seen.
+    pub complete: bool,
+    /// The `offset` asked for.
+    pub offset: usize,
+    /// Whether more jobs match past this page.
+    pub more: bool,
+}
+
+/// Each job's newest state among the bucket's latest writes, summarised by `summarise` as it
+/// is read (`None`: not wanted), so a pass holds up to `SCAN_REVISIONS` small summaries, never
+/// that many documents (each as large as a job's input and result).
+pub(crate) async fn newest<T>(
+    state: &AppState,
+    summarise: impl Fn(&JobId, JobStatus) -> Option<T>,
+) -> Result<(Vec<T>, Scanned), ApiError> {
+    let mut writes = state
+        .topology
+        .status
+        .recent_writes(SCAN_REVISIONS)
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    let mut newest = HashMap::new();
+    while let Some((job_id, doc)) = writes
+        .next()
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+    {
+        let summary = doc.and_then(|doc| summarise(&job_id, doc));
+        newest.insert(job_id, summary);
+    }
+    let scanned = Scanned {
+        scanned: writes.scanned,
+        complete: writes.complete,
+    };
+    Ok((newest.into_values().flatten().collect(), scanned))
+}
+
+/// How much of the bucket a pass read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scanned {
+    pub scanned: u64,
     pub complete: bool,
 }
 
@@ -99,7 +161,7 @@ pub(crate) async fn list_jobs(
         ApiError::invalid_field(
             "query",
             format!(
-                "filter with `status` (a job status), `kind` and `limit` (1 to {MAX_LIMIT}): {}",
+                "filter with `status` (a job status), `kind`, `tenant`, `since` and `until` (RFC 3339), `limit` (1 to {MAX_LIMIT}) and `offset`: {}",
                 err.body_text()
             ),
         )
@@ -126,33 +188,18 @@ async fn list(
     {
         return Err(ApiError::unknown_kind(kind, &state.config));
     }
-    let mut writes = state
-        .topology
-        .status
-        .recent_writes(SCAN_REVISIONS)
-        .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
-    // Each key's newest state, as the summary `filter` wants, or `None` (removed, filtered
-    // out). Each document is summarised as it arrives, so a listing holds up to
-    // `SCAN_REVISIONS` small summaries, never that many documents (each as large as a job's
-    // input and result).
-    let mut newest = HashMap::new();
-    while let Some((job_id, doc)) = writes
-        .next()
-        .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?
-    {
-        let summary = doc.and_then(|doc| summary(&job_id, doc, &filter, caller));
-        newest.insert(job_id, summary);
-    }
-
-    let mut jobs: Vec<JobSummary> = newest.into_values().flatten().collect();
+    let (mut jobs, scanned) =
+        newest(state, |job_id, doc| summary(job_id, doc, &filter, caller)).await?;
     jobs.sort_by_key(|job| std::cmp::Reverse(job.updated_at));
-    jobs.truncate(limit);
+    let offset = filter.offset.unwrap_or(0);
+    let more = jobs.len() > offset.saturating_add(limit);
+    let jobs = jobs.into_iter().skip(offset).take(limit).collect();
     Ok(JobList {
         jobs,
-        scanned: writes.scanned,
-        complete: writes.complete,
+        scanned: scanned.scanned,
+        complete: scanned.complete,
+        offset,
+        more,
     })
 }
 
@@ -169,8 +216,16 @@ fn summary(
         && filter
             .kind
             .as_deref()
-            .is_none_or(|kind| kind == doc.kind.as_str());
+            .is_none_or(|kind| kind == doc.kind.as_str())
+        && filter
+            .tenant
+            .as_deref()
+            .is_none_or(|tenant| Some(tenant) == doc.tenant.as_deref())
+        && filter.since.is_none_or(|since| doc.updated_at >= since)
+        && filter.until.is_none_or(|until| doc.updated_at <= until);
     wanted.then(|| JobSummary {
+        destination: doc.callback_url.destination(),
+        last_delivery_error: doc.deliveries.last().and_then(delivery_error),
         status: doc.status,
         kind: doc.kind.to_string(),
         created_at: doc.created_at,
@@ -181,4 +236,13 @@ fn summary(
         tenant: doc.tenant,
         job_id: job_id.clone(),
     })
+}
+
+/// A failed delivery attempt in a few words: its error, else its HTTP status.
+fn delivery_error(attempt: &jetcall::events::DeliveryAttempt) -> Option<String> {
+    match (&attempt.error, attempt.status_code) {
+        (Some(error), _) => Some(error.clone()),
+        (None, Some(code)) if !(200..300).contains(&code) => Some(format!("HTTP {code}")),
+        _ => attempt.error_kind.clone(),
+    }
 }

@@ -20,7 +20,7 @@ use crate::error::{ErrorBody, ErrorType};
 use jetcall::Config;
 
 use crate::state::AppState;
-use crate::{events, input_schema, listing, routes};
+use crate::{events, input_schema, listing, overview, routes};
 
 /// The name of the API-key security scheme, as `security(...)` names it.
 pub const BEARER: &str = "bearer";
@@ -43,6 +43,8 @@ pub const BEARER: &str = "bearer";
         events::job_events,
         routes::redeliver_job,
         routes::redeliver_window,
+        routes::whoami,
+        overview::overview,
         routes::healthz,
         routes::readyz,
         routes::metrics,
@@ -52,6 +54,7 @@ pub const BEARER: &str = "bearer";
     tags(
         (name = "jobs", description = "Submitting jobs and reading their status"),
         (name = "deliveries", description = "Delivering webhooks again"),
+        (name = "operators", description = "What the console at `/console` shows: who the caller is, and the pipeline at a glance"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )
 )]

@@ -11,6 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use jetcall::JobId;
+use jetcall::config::Role;
 
 use crate::accept::{Accepted, accept};
 use crate::batch::{self, BatchResult, SubmitBatch};
@@ -118,6 +119,43 @@ pub(crate) async fn submit_batch(
     Ok(Json(
         batch::accept_batch(&state, body, trace, caller).await?,
     ))
+}
+
+/// Who the API takes the caller for: what the console asks first, to know whether to ask for
+/// a key and which pages to show.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WhoAmI {
+    /// Whether the gateway has API keys: without them anyone who reaches it is the operator.
+    keys_required: bool,
+    /// The key's tenant (its `name`); `null` without keys.
+    tenant: Option<String>,
+    /// `admin` sees every tenant's jobs and the overview; `user` its own jobs.
+    role: Role,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/whoami",
+    operation_id = "whoami",
+    tag = "operators",
+    responses(
+        (status = 200, description = "The caller's tenant and role", body = WhoAmI),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn whoami(caller: Option<Extension<Arc<Caller>>>) -> Json<WhoAmI> {
+    Json(match caller.as_deref() {
+        Some(caller) => WhoAmI {
+            keys_required: true,
+            tenant: Some(caller.name.clone()),
+            role: caller.role(),
+        },
+        None => WhoAmI {
+            keys_required: false,
+            tenant: None,
+            role: Role::Admin,
+        },
+    })
 }
 
 /// A job's status document: where it is, its result or error, and its delivery attempts.

@@ -37,6 +37,8 @@ pub struct Shared {
     /// The configured API keys; empty when the API is open.
     pub keys: crate::keys::Keys,
     pub metrics: crate::metrics::Metrics,
+    /// The console overview's feed of the stream and its cached counts.
+    pub overviews: crate::overview::Overviews,
     /// API requests being served (`gateway.max_in_flight`).
     pub in_flight: crate::shed::Limit,
     /// Open job event streams (`gateway.max_event_streams`).

@@ -1,3 +1,4 @@
+mod console;
 mod delivery;
 mod observability;
 mod pipeline;

@@ -6,6 +6,7 @@ mod lifecycle;
 mod limits;
 mod live;
 mod openapi;
+mod operators;
 mod properties;
 mod redeliver;
 mod resubmission;

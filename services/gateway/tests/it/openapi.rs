@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use jetcall::JobId;
 use jetcall::cost::{Cost, Currency, Usage};
 use jetcall::events::JobError;
-use jetcall::status::{DeliveryAttempt, Status};
+use jetcall::status::{AttemptOutcome, DeliveryAttempt, GenerationAttempt, Status};
 
 use crate::harness::{Gateway, article_job};
 
@@ -402,12 +402,44 @@ async fn real_answers_match_the_documented_schemas() {
         });
         doc.finished_at = Some(now);
         doc.deliveries = vec![attempt(Some(503), "http_status"), attempt(None, "timeout")];
+        doc.generations = vec![
+            GenerationAttempt {
+                attempt: 1,
+                started_at: Some(now),
+                ended_at: now,
+                outcome: AttemptOutcome::Retry,
+                error: Some(JobError {
+                    kind: "overloaded_error".into(),
+                    message: "Overloaded".into(),
+                }),
+                retry_in_ms: Some(2000),
+            },
+            GenerationAttempt {
+                attempt: 2,
+                started_at: None,
+                ended_at: now,
+                outcome: AttemptOutcome::Completed,
+                error: None,
+                retry_in_ms: None,
+            },
+        ];
     })
     .await;
     let (status, shown) = call(&gateway, &doc, "get", "/api/v1/jobs/JOB-B", None).await;
     assert_eq!(status, 200);
     assert!(shown.get("signing_secret").is_none(), "{shown}");
     assert_eq!(shown["metadata"]["batch"], 7);
+
+    // What the console reads: the listing with its filters, the caller, the overview.
+    for path in [
+        "/api/v1/jobs?limit=5&offset=1",
+        "/api/v1/jobs?status=undeliverable&tenant=nobody&since=2020-01-01T00:00:00Z",
+        "/api/v1/whoami",
+        "/api/v1/overview",
+    ] {
+        let (status, body) = call(&gateway, &doc, "get", path, None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
 
     // Moved on: the same submission is a 200, a different one a 409.
     let (status, body) = call(

@@ -13,9 +13,9 @@ use jetcall::subjects::Event;
 
 use crate::harness::{Gateway, article_job};
 
-const KEYS: [(&str, &str); 3] = [("key-a", "a"), ("key-b", "b"), ("key-ops", "ops")];
+pub(crate) const KEYS: [(&str, &str); 3] = [("key-a", "a"), ("key-b", "b"), ("key-ops", "ops")];
 
-async fn tenants() -> Gateway {
+pub(crate) async fn tenants() -> Gateway {
     Gateway::start(&[(
         "gateway.api_keys",
         json!([
@@ -27,7 +27,7 @@ async fn tenants() -> Gateway {
     .await
 }
 
-async fn call(
+pub(crate) async fn call(
     gateway: &Gateway,
     key: &str,
     method: &str,
@@ -58,7 +58,7 @@ async fn call(
 
 /// Makes the job undeliverable with a result, and publishes its dead letter, as the callback
 /// service would after giving up.
-async fn make_undeliverable(gateway: &Gateway, id: &str) {
+pub(crate) async fn make_undeliverable(gateway: &Gateway, id: &str) {
     let job_id = JobId::parse(id).expect("id");
     let now = OffsetDateTime::now_utc();
     let updated = gateway

@@ -49,6 +49,9 @@ pub struct GatewayConfig {
     /// upload holds none.
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
+    /// Serve the operators' web console at `/console` (its data comes from the same API, under
+    /// the same keys).
+    pub console: bool,
 }
 
 impl Default for GatewayConfig {
@@ -66,6 +69,7 @@ impl Default for GatewayConfig {
             sweep_interval: Duration::from_secs(5 * 60),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            console: true,
         }
     }
 }
@@ -176,7 +180,7 @@ pub struct ScopedApiKey {
 }
 
 /// What a key may see: its own jobs, or (an operator's key) everyone's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     #[default]
