@@ -1,7 +1,8 @@
 //! Tells operators when this instance's gate is closed: the gate lives in the process, and the
 //! console reads only JetStream, so the instance writes its `GateReport` to
 //! `gate.<instance>` in the `llm_limits` bucket while paused (renewed, so a report that
-//! stops being renewed is from an instance gone) and once more when it opens.
+//! stops being renewed is from an instance gone), and deletes it when the gate opens or the
+//! instance stops, so the bucket does not gather one key per instance that ever paused.
 
 use std::time::Duration;
 
@@ -20,19 +21,30 @@ pub async fn report(gate: Gate, limits: kv::Store, instance: String, shutdown: C
     let mut tick = tokio::time::interval(EVERY);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
         let report = gate.report(&instance);
-        if !report.paused && !reported_paused {
-            continue;
-        }
-        let Ok(body) = serde_json::to_vec(&report) else {
+        let written = if report.paused {
+            let Ok(body) = serde_json::to_vec(&report) else {
+                continue;
+            };
+            limits
+                .put(&key, body.into())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        } else if reported_paused {
+            limits.delete(&key).await.map_err(|e| e.to_string())
+        } else {
             continue;
         };
-        match limits.put(&key, body.into()).await {
-            Ok(_) => reported_paused = report.paused,
+        match written {
+            Ok(()) => reported_paused = report.paused,
             Err(err) => tracing::debug!(error = %err, "could not report the gate's state"),
         }
+    }
+    if reported_paused && let Err(err) = limits.delete(&key).await {
+        tracing::debug!(error = %err, "could not withdraw the gate's report");
     }
 }

@@ -35,7 +35,7 @@ enum State {
 }
 
 /// A generator instance's gate as it tells operators: written by the instance to
-/// `gate.<instance>` in the `llm_limits` bucket while it is paused (and once when it opens
+/// `gate.<instance>` in the `llm_limits` bucket while it is paused (and deleted when it opens
 /// again), read by the gateway's overview.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GateReport {

@@ -178,12 +178,7 @@ async fn an_open_gateway_shows_the_article_job_from_overview_to_timeline() {
     // The job itself, through its row's link.
     browser.click(&format!("{row} a")).await;
     browser.wait_for("#job[data-job-id=\"JOB-771\"]").await;
-    browser
-        .wait_for_text("#job-status", |t| t == "delivered")
-        .await;
-    browser
-        .wait_for("#timeline li[data-step=\"delivered\"]")
-        .await;
+    wait_for_delivered_timeline(&browser).await;
     let steps = step_names(&browser).await;
     assert_eq!(
         steps.first().map(String::as_str),
@@ -246,6 +241,16 @@ async fn an_open_gateway_shows_the_article_job_from_overview_to_timeline() {
     browser.assert_no_console_errors().await;
     browser.close().await;
     pipeline.stop().await;
+}
+
+/// Waits until the job page shows its job delivered, status and timeline both.
+async fn wait_for_delivered_timeline(browser: &Browser) {
+    browser
+        .wait_for_text("#job-status", |t| t == "delivered")
+        .await;
+    browser
+        .wait_for("#timeline li[data-step=\"delivered\"]")
+        .await;
 }
 
 /// The `data-step` of each timeline entry, in order.
@@ -324,12 +329,7 @@ async fn a_dead_letter_is_replayed_by_clicking() {
     browser
         .goto(&console_url(&pipeline, "#/jobs/JOB-DLQ"))
         .await;
-    browser
-        .wait_for_text("#job-status", |t| t == "delivered")
-        .await;
-    browser
-        .wait_for("#timeline li[data-step=\"delivered\"]")
-        .await;
+    wait_for_delivered_timeline(&browser).await;
     browser.click("nav a[href=\"#/dead-letters\"]").await;
     browser.wait_for("#dead-letters").await;
     browser.wait_for_hidden(&row).await;

@@ -175,3 +175,13 @@ pub fn article_job(job_id: &str) -> Value {
         "callback_url": "http://127.0.0.1:9/webhooks/description"
     })
 }
+
+/// The `job_id`s of a `GET /api/v1/jobs` answer, in its order.
+pub fn listed_ids(list: &Value) -> Vec<String> {
+    list["jobs"]
+        .as_array()
+        .expect("a job list")
+        .iter()
+        .map(|job| job["job_id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}

@@ -13,7 +13,7 @@ use jetcall::publish::publish_event;
 use jetcall::subjects::{Event, GATE_KEY_PREFIX};
 use testkit::wait_until;
 
-use crate::harness::{Gateway, article_job};
+use crate::harness::{Gateway, article_job, listed_ids};
 use crate::tenants::{KEYS, call, make_undeliverable, tenants};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -250,25 +250,16 @@ async fn the_listing_filters_by_tenant_and_time_and_pages() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     make_undeliverable(&gateway, "JOB-A0").await;
     let ops = KEYS[2].0;
-    let ids = |list: &Value| -> Vec<String> {
-        list["jobs"]
-            .as_array()
-            .expect("jobs")
-            .iter()
-            .map(|job| job["job_id"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    };
-
     let (_, body) = call(&gateway, ops, "GET", "/api/v1/jobs?tenant=b", None).await;
-    assert_eq!(ids(&json_of(&body)), ["JOB-B0"]);
+    assert_eq!(listed_ids(&json_of(&body)), ["JOB-B0"]);
     // A tenant's key cannot ask for another's jobs.
     let (_, body) = call(&gateway, KEYS[0].0, "GET", "/api/v1/jobs?tenant=b", None).await;
-    assert!(ids(&json_of(&body)).is_empty(), "{body}");
+    assert!(listed_ids(&json_of(&body)).is_empty(), "{body}");
 
     // Newest change first, in pages.
     let (_, body) = call(&gateway, ops, "GET", "/api/v1/jobs?tenant=a&limit=2", None).await;
     let first = json_of(&body);
-    assert_eq!(ids(&first), ["JOB-A0", "JOB-A4"], "{first}");
+    assert_eq!(listed_ids(&first), ["JOB-A0", "JOB-A4"], "{first}");
     assert_eq!(first["more"], true);
     let (_, body) = call(
         &gateway,
@@ -279,7 +270,7 @@ async fn the_listing_filters_by_tenant_and_time_and_pages() {
     )
     .await;
     let last = json_of(&body);
-    assert_eq!(ids(&last), ["JOB-A1"], "{last}");
+    assert_eq!(listed_ids(&last), ["JOB-A1"], "{last}");
     assert_eq!(
         (last["offset"].clone(), last["more"].clone()),
         (json!(4), json!(false))
@@ -301,7 +292,7 @@ async fn the_listing_filters_by_tenant_and_time_and_pages() {
         None,
     )
     .await;
-    assert!(ids(&json_of(&body)).is_empty(), "{body}");
+    assert!(listed_ids(&json_of(&body)).is_empty(), "{body}");
     let (_, body) = call(
         &gateway,
         ops,
@@ -310,7 +301,7 @@ async fn the_listing_filters_by_tenant_and_time_and_pages() {
         None,
     )
     .await;
-    assert_eq!(ids(&json_of(&body)).len(), 6, "{body}");
+    assert_eq!(listed_ids(&json_of(&body)).len(), 6, "{body}");
     let (status, body) = call(&gateway, ops, "GET", "/api/v1/jobs?since=yesterday", None).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(json_of(&body)["type"], "invalid_field");

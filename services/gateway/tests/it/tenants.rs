@@ -11,7 +11,7 @@ use jetcall::publish::publish_event;
 use jetcall::status::Status;
 use jetcall::subjects::Event;
 
-use crate::harness::{Gateway, article_job};
+use crate::harness::{Gateway, article_job, listed_ids};
 
 pub(crate) const KEYS: [(&str, &str); 3] = [("key-a", "a"), ("key-b", "b"), ("key-ops", "ops")];
 
@@ -126,15 +126,7 @@ async fn a_key_sees_and_acts_on_its_own_jobs_only() {
     }
 
     // The listing holds the caller's own jobs; the operator's holds everyone's.
-    let listed = |body: String| -> Vec<String> {
-        let list: Value = serde_json::from_str(&body).expect("a job list");
-        list["jobs"]
-            .as_array()
-            .expect("jobs")
-            .iter()
-            .map(|job| job["job_id"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    };
+    let listed = |body: String| listed_ids(&serde_json::from_str(&body).expect("a job list"));
     let (_, body) = call(&gateway, b, "GET", "/api/v1/jobs", None).await;
     assert_eq!(listed(body), ["JOB-OF-B"]);
     let (_, body) = call(&gateway, ops, "GET", "/api/v1/jobs", None).await;
