@@ -166,12 +166,11 @@ function jsonText(value) {
   return typeof value === 'string' ? value : JSON.stringify(value, null, 2);
 }
 
-/** A job error as one line; the spec names the field `code`, the gateway's JobError `type`. */
+/** A job error (`{type, message}`) as one line. */
 function errorText(error) {
   if (!error) return '';
   if (typeof error === 'string') return error;
-  const code = error.code ?? error.type;
-  return code ? `${code}: ${error.message ?? ''}` : (error.message ?? '');
+  return error.type ? `${error.type}: ${error.message ?? ''}` : (error.message ?? '');
 }
 
 /** A `datetime-local` value (local time) as RFC 3339, or null when empty or unreadable. */

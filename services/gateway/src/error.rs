@@ -54,6 +54,9 @@ pub enum ApiError {
         "NATS JetStream is unavailable, so the job was not accepted; retry with the same job_id ({0})"
     )]
     Unavailable(String),
+    /// The same outage on a route that submits nothing: a read, or a redelivery.
+    #[error("NATS JetStream is unavailable; retry ({0})")]
+    NatsUnavailable(String),
     #[error("the gateway is serving as many {0} as it can; retry after a second")]
     Overloaded(&'static str),
     #[error("this API key has used its request rate; retry after {} s", retry_after.as_secs())]
@@ -95,7 +98,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::NatsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Overloaded(_) | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -119,7 +122,7 @@ impl ApiError {
             Self::Unauthorized => ErrorType::Unauthorized,
             Self::Forbidden(_) => ErrorType::Forbidden,
             Self::MethodNotAllowed => ErrorType::MethodNotAllowed,
-            Self::Unavailable(_) => ErrorType::Unavailable,
+            Self::Unavailable(_) | Self::NatsUnavailable(_) => ErrorType::Unavailable,
             Self::Overloaded(_) => ErrorType::Overloaded,
             Self::RateLimited { .. } => ErrorType::RateLimited,
         }

@@ -71,7 +71,7 @@ pub(crate) async fn job_events(
         .status
         .get(job_id)
         .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+        .map_err(|err| ApiError::NatsUnavailable(err.to_string()))?
         // A job's tenant never changes, so one look before the watch decides for its events.
         .filter(|(doc, _)| may_see(caller, doc))
         .ok_or_else(|| ApiError::NotFound(format!("no job with id `{job_id}`")))?;
@@ -92,7 +92,7 @@ pub(crate) async fn job_events(
             .status
             .watch(job_id, revision)
             .await
-            .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+            .map_err(|err| ApiError::NatsUnavailable(err.to_string()))?;
         current
             .chain(changes(job_id.clone(), watch, permit))
             .boxed()

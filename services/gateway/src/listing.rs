@@ -113,12 +113,12 @@ pub(crate) async fn newest<T>(
         .status
         .recent_writes(SCAN_REVISIONS)
         .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+        .map_err(|err| ApiError::NatsUnavailable(err.to_string()))?;
     let mut newest = HashMap::new();
     while let Some((job_id, doc)) = writes
         .next()
         .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+        .map_err(|err| ApiError::NatsUnavailable(err.to_string()))?
     {
         let summary = doc.and_then(|doc| summarise(&job_id, doc));
         newest.insert(job_id, summary);

@@ -153,7 +153,7 @@ pub(crate) async fn overview(
 }
 
 fn unavailable(err: impl std::fmt::Display) -> ApiError {
-    ApiError::Unavailable(err.to_string())
+    ApiError::NatsUnavailable(err.to_string())
 }
 
 async fn consumers(state: &AppState) -> Result<Vec<ConsumerView>, ApiError> {

@@ -51,7 +51,7 @@ pub async fn redeliver(
             may_see(caller, doc) && doc.reopen_delivery(now)
         })
         .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+        .map_err(|err| ApiError::NatsUnavailable(err.to_string()))?;
     let (doc, reopened) = match updated {
         Updated::Written(doc, _) => (doc, true),
         Updated::Unchanged(doc) if !may_see(caller, &doc) => {
@@ -66,9 +66,9 @@ pub async fn redeliver(
         }
         Updated::Missing => return Err(ApiError::NotFound(format!("no job with id `{job_id}`"))),
     };
-    let event = doc
-        .finished_event()
-        .ok_or_else(|| ApiError::Unavailable(format!("job {job_id} has no outcome to deliver")))?;
+    let event = doc.finished_event().ok_or_else(|| {
+        ApiError::NatsUnavailable(format!("job {job_id} has no outcome to deliver"))
+    })?;
     let kind = event.event();
     // A fresh msg id per round: the first publish of this event is long past, and would
     // otherwise make JetStream drop this one as a duplicate.
@@ -85,7 +85,7 @@ pub async fn redeliver(
             &msg_id,
         )
         .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+        .map_err(|err| ApiError::NatsUnavailable(err.to_string()))?
         .is_some()
     };
     if !stored {
@@ -100,7 +100,7 @@ pub async fn redeliver(
                 .unwrap_or_default(),
         )
         .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+        .map_err(|err| ApiError::NatsUnavailable(err.to_string()))?;
     }
     tracing::info!(%job_id, round = doc.delivery_round, reopened, "job re-queued for delivery");
     Ok(Requeued {
@@ -156,7 +156,7 @@ pub async fn redeliver_window(
             "`until` is before `since`",
         ));
     }
-    let unavailable = |err: ScanError| ApiError::Unavailable(err.to_string());
+    let unavailable = |err: ScanError| ApiError::NatsUnavailable(err.to_string());
     let mut scan = Scan::open(
         &state.topology.stream,
         OrderedConfig {

@@ -210,7 +210,7 @@ async fn status_of(
     match state.topology.status.get(id).await {
         Ok(Some((doc, _))) if may_see(caller, &doc) => Ok(Json(doc.into())),
         Ok(_) => Err(ApiError::NotFound(format!("no job with id `{id}`"))),
-        Err(err) => Err(ApiError::Unavailable(err.to_string())),
+        Err(err) => Err(ApiError::NatsUnavailable(err.to_string())),
     }
 }
 
