@@ -369,26 +369,23 @@ async fn read(
             ..OrderedConfig::default()
         })
         .await;
-    let mut messages = match consumer {
-        Ok(consumer) => match consumer.messages().await {
-            Ok(messages) => messages,
-            Err(err) => {
-                tracing::warn!(error = %err, "overview feed: could not read the stream");
-                return;
-            }
-        },
+    let consumer = match consumer {
+        Ok(consumer) => consumer,
         Err(err) => {
             tracing::warn!(error = %err, "overview feed: could not read the stream");
             return;
         }
     };
-    // An empty window has nothing to catch up on.
-    let empty = stream
-        .get_info()
-        .await
-        .map(|info| info.state.messages == 0)
-        .unwrap_or(false);
-    lock(&flow).caught_up = empty;
+    // A window with nothing in it has nothing to catch up on: no message will say so. (As
+    // the consumer was created, so no API call, which the gateway's NATS user may not make.)
+    lock(&flow).caught_up = consumer.cached_info().num_pending == 0;
+    let mut messages = match consumer.messages().await {
+        Ok(messages) => messages.ready_chunks(512),
+        Err(err) => {
+            tracing::warn!(error = %err, "overview feed: could not read the stream");
+            return;
+        }
+    };
     let mut tick = tokio::time::interval(BUCKET);
     loop {
         tokio::select! {
@@ -399,38 +396,41 @@ async fn read(
                 }
                 lock(&flow).prune(OffsetDateTime::now_utc());
             }
-            message = messages.next() => match message {
-                Some(Ok(message)) => {
-                    let Ok(info) = message.info() else { continue };
-                    let (published, pending) = (info.published, info.pending);
-                    let Some(event) = Event::of_subject(&message.subject) else { continue };
-                    let job_id = message
-                        .headers
-                        .as_ref()
-                        .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
-                        .and_then(|id| job_of_msg_id(id.as_str(), event))
-                        .unwrap_or_default();
-                    let mut flow = lock(&flow);
-                    flow.record(event, job_id, published);
-                    if pending == 0 {
-                        flow.caught_up = true;
+            // What has arrived, under one lock: the feed reads every event of a busy pipeline.
+            batch = messages.next() => {
+                let Some(batch) = batch else { return };
+                let mut flow = lock(&flow);
+                for message in batch {
+                    match message {
+                        Ok(message) => record(&mut flow, &message),
+                        Err(err) => tracing::debug!(error = %err, "overview feed: the stream read failed; it resumes"),
                     }
                 }
-                Some(Err(err)) => {
-                    tracing::debug!(error = %err, "overview feed: the stream read failed; it resumes");
-                }
-                None => return,
-            },
+            }
         }
     }
 }
 
-/// The job of an event's `Nats-Msg-Id`: `<job>.<event>`, with `.<round>` after it for a
-/// redelivery's report.
-fn job_of_msg_id(msg_id: &str, event: Event) -> Option<&str> {
-    let suffix = format!(".{}", event.token());
-    let end = msg_id.rfind(&suffix)?;
-    Some(&msg_id[..end])
+fn record(flow: &mut Flow, message: &async_nats::jetstream::Message) {
+    let Ok(info) = message.info() else { return };
+    let Some(event) = Event::of_subject(&message.subject) else {
+        return;
+    };
+    let job_id = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+        .map_or("", |id| job_of_msg_id(id.as_str()));
+    flow.record(event, job_id, info.published);
+    if info.pending == 0 {
+        flow.caught_up = true;
+    }
+}
+
+/// The job of an event's `Nats-Msg-Id`: `<job>.<event>`, with more after it for a
+/// redelivery (`.<round>`, `.redeliver.<round>`). A job id has no dot.
+fn job_of_msg_id(msg_id: &str) -> &str {
+    msg_id.split('.').next().unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -490,14 +490,14 @@ mod tests {
 
     #[test]
     fn the_job_is_read_from_every_msg_id_shape() {
-        assert_eq!(
-            job_of_msg_id("JOB-1.delivered", Event::Delivered),
-            Some("JOB-1")
-        );
-        assert_eq!(
-            job_of_msg_id("a.b.delivered.2", Event::Delivered),
-            Some("a.b")
-        );
-        assert_eq!(job_of_msg_id("JOB-1.requested", Event::Delivered), None);
+        for event in Event::ALL {
+            assert_eq!(job_of_msg_id(&event.msg_id(&job("JOB-1"))), "JOB-1");
+        }
+        assert_eq!(job_of_msg_id("JOB-1.delivered.2"), "JOB-1");
+        assert_eq!(job_of_msg_id("JOB-1.completed.redeliver.1"), "JOB-1");
+    }
+
+    fn job(id: &str) -> jetcall::JobId {
+        jetcall::JobId::parse(id).expect("a job id")
     }
 }
