@@ -883,10 +883,18 @@ function jobFacts(job) {
 /** One entry per thing that happened, oldest first; `data-step` names the kind of entry. */
 function timeline(job) {
   const entries = [step('accepted', 'Accepted', job.created_at, `kind ${job.kind}`)];
-  for (const gen of job.generations ?? []) entries.push(generationStep(gen));
-  if (!job.generations && job.status === 'generating') {
-    // A gateway without the generations log still says an attempt is under way.
-    entries.push(step('generation', `Generation attempt ${job.generation_attempts || 1}`, null, 'in progress'));
+  // `generations` holds the attempts that did not complete; the one that did is attempt
+  // `generation_attempts`, ended at `finished_at`, and one under way is `generating`.
+  const logged = job.generations ?? [];
+  for (const gen of logged) entries.push(generationStep(gen));
+  const last = job.generation_attempts ?? 0;
+  const lastLogged = logged.some((gen) => gen.attempt === last);
+  if (job.status === 'generating' && !lastLogged) {
+    entries.push(step('generation', `Generation attempt ${last || 1}`, null,
+      el('div', { class: 'step-detail' }, el('span', { class: 'outcome outcome-pending' }, 'in progress'))));
+  } else if (job.result !== undefined && last > 0 && !lastLogged) {
+    entries.push(step('generation', `Generation attempt ${last}`, job.finished_at,
+      el('div', { class: 'step-detail' }, el('span', { class: 'outcome outcome-completed' }, 'completed'))));
   }
   if (job.error) entries.push(step('failed', 'Failed', job.finished_at, errorText(job.error)));
   else if (job.result !== undefined) entries.push(step('completed', 'Completed', job.finished_at, job.model ? `by ${job.model}` : ''));

@@ -558,14 +558,16 @@ impl Worker {
                     return false;
                 }
                 doc.lease = None;
-                if let Some(lease) = lease {
-                    let (attempt_outcome, error) = match &outcome {
-                        Outcome::Completed { .. } => (AttemptOutcome::Completed, None),
-                        Outcome::Failed { error, .. } => {
-                            (AttemptOutcome::Failed, Some(error.clone()))
-                        }
-                    };
-                    doc.log_generation(lease, finished_at, attempt_outcome, error, None);
+                // A completed attempt is the job's `finished_at`; only those that did not
+                // complete are logged, so the common job's document does not grow.
+                if let (Some(lease), Outcome::Failed { error, .. }) = (lease, &outcome) {
+                    doc.log_generation(
+                        lease,
+                        finished_at,
+                        AttemptOutcome::Failed,
+                        Some(error.clone()),
+                        None,
+                    );
                 }
                 match &outcome {
                     Outcome::Completed {

@@ -87,7 +87,7 @@ pub struct Lease {
 /// without end stays a bounded document.
 pub const MAX_GENERATIONS_KEPT: usize = 20;
 
-/// One LLM attempt in a job's history.
+/// One LLM attempt that did not complete, in a job's history.
 ///
 /// In the OpenAPI schema, a field that is left out when empty is optional and never `null`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -118,6 +118,7 @@ pub struct GenerationAttempt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AttemptOutcome {
+    /// Only in documents written before completed attempts stopped being logged.
     Completed,
     Failed,
     /// Failed in a way worth another attempt, which followed.
@@ -171,7 +172,10 @@ pub struct JobStatus {
     /// LLM attempts so far, across redeliveries and generator instances.
     #[serde(default)]
     pub generation_attempts: u32,
-    /// The latest `MAX_GENERATIONS_KEPT` of those attempts that ended, oldest first.
+    /// The latest `MAX_GENERATIONS_KEPT` attempts that did not complete (retried, or the
+    /// failure that ended the job), oldest first. The attempt that completed is not logged:
+    /// it is attempt `generation_attempts`, ended at `finished_at`, and every job's
+    /// document would otherwise carry it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub generations: Vec<GenerationAttempt>,
     /// While `generating`: the call that holds the current attempt.

@@ -39,8 +39,9 @@ pub struct JobView {
     #[serde(default)]
     #[schema(required = true)]
     pub generation_attempts: u32,
-    /// Each LLM attempt that ended (the latest 20), oldest first: its outcome, its error and
-    /// the wait before the next.
+    /// Each LLM attempt that did not complete (the latest 20), oldest first: its outcome,
+    /// its error and the wait before the next. The attempt that completed is attempt
+    /// `generation_attempts`, ended at `finished_at`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub generations: Vec<GenerationAttempt>,
     /// The kind's output, once `completed`: text or JSON, per the kind.
