@@ -48,6 +48,8 @@ struct Slot {
     counts: Counts,
     /// Only for buckets in which a job was delivered.
     latency: Option<Box<[u32; BINS]>>,
+    /// The longest of those deliveries, exactly.
+    max_latency_ms: Option<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -59,8 +61,6 @@ struct Flow {
     /// Whether the feed has read up to the stream's end once: until then the figures are
     /// still growing from history.
     caught_up: bool,
-    /// The longest request-to-delivery time seen in the window's deliveries, exactly.
-    max_latency_ms: Vec<(i64, f64)>,
 }
 
 fn bucket_of(at: OffsetDateTime) -> i64 {
@@ -109,31 +109,33 @@ impl Flow {
     }
 
     fn record(&mut self, event: Event, job_id: &str, at: OffsetDateTime) {
-        let bucket = bucket_of(at);
-        let Some(slot) = self.slot(bucket) else {
-            return;
-        };
-        slot.counts[event as usize] += 1;
-        match event {
+        let latency_ms = match event {
             Event::Requested => {
                 if self.awaited.len() < MAX_AWAITED {
                     self.awaited.insert(job_id.to_owned(), at);
                 }
+                None
             }
-            Event::Delivered => {
-                if let Some(requested) = self.awaited.remove(job_id) {
-                    let latency_ms = (at - requested).as_seconds_f64().max(0.0) * 1000.0;
-                    if let Some(slot) = self.slot(bucket) {
-                        slot.latency.get_or_insert_with(|| Box::new([0; BINS]))
-                            [bin_of(latency_ms)] += 1;
-                    }
-                    self.max_latency_ms.push((bucket, latency_ms));
-                }
-            }
+            Event::Delivered => self
+                .awaited
+                .remove(job_id)
+                .map(|requested| (at - requested).as_seconds_f64().max(0.0) * 1000.0),
             Event::Undeliverable => {
                 self.awaited.remove(job_id);
+                None
             }
-            Event::Completed | Event::Failed => {}
+            Event::Completed | Event::Failed => None,
+        };
+        let Some(slot) = self.slot(bucket_of(at)) else {
+            return;
+        };
+        slot.counts[event as usize] += 1;
+        if let Some(latency_ms) = latency_ms {
+            slot.latency.get_or_insert_with(|| Box::new([0; BINS]))[bin_of(latency_ms)] += 1;
+            slot.max_latency_ms = Some(
+                slot.max_latency_ms
+                    .map_or(latency_ms, |max| max.max(latency_ms)),
+            );
         }
     }
 
@@ -141,18 +143,6 @@ impl Flow {
     fn prune(&mut self, now: OffsetDateTime) {
         let horizon = now - WINDOW;
         self.awaited.retain(|_, requested| *requested > horizon);
-        let oldest = bucket_of(horizon);
-        self.max_latency_ms.retain(|(bucket, _)| *bucket > oldest);
-        // Only the largest ever matters, so keep the list short.
-        if self.max_latency_ms.len() > 1024 {
-            let max = self
-                .max_latency_ms
-                .iter()
-                .copied()
-                .max_by(|a, b| a.1.total_cmp(&b.1));
-            self.max_latency_ms.clear();
-            self.max_latency_ms.extend(max);
-        }
     }
 
     fn snapshot(&self, now: OffsetDateTime) -> FlowView {
@@ -163,6 +153,7 @@ impl Flow {
         let mut series: [Vec<f64>; 5] = Default::default();
         let mut totals: Counts = [0; 5];
         let mut bins = [0u64; BINS];
+        let mut max: Option<f64> = None;
         for bucket in oldest..=newest {
             let slot = self.slots.front().and_then(|front| {
                 usize::try_from(bucket - front.bucket)
@@ -184,15 +175,10 @@ impl Flow {
                     bins[bin] += u64::from(*count);
                 }
             }
+            if let Some(slot_max) = slot.and_then(|slot| slot.max_latency_ms) {
+                max = Some(max.map_or(slot_max, |max| max.max(slot_max)));
+            }
         }
-        let max = self
-            .max_latency_ms
-            .iter()
-            .filter(|(bucket, _)| *bucket >= oldest)
-            .map(|(_, ms)| *ms)
-            .fold(None, |max: Option<f64>, ms| {
-                Some(max.map_or(ms, |m| m.max(ms)))
-            });
         let [accepted, completed, failed, delivered, undeliverable] = series;
         FlowView {
             now,
@@ -476,6 +462,25 @@ mod tests {
         assert!((1000.0..=1100.0).contains(&p50), "{p50}");
         assert_eq!(latency.max, Some(4000.0));
         assert!(latency.p99.expect("p99") <= 1100.0);
+    }
+
+    #[test]
+    fn the_max_is_of_the_deliveries_still_in_the_window() {
+        let mut flow = Flow::default();
+        flow.record(Event::Requested, "JOB-SLOW", at(0));
+        flow.record(Event::Delivered, "JOB-SLOW", at(10));
+        for n in 0..1100 {
+            let job = format!("JOB-{n}");
+            flow.record(Event::Requested, &job, at(600));
+            flow.record(Event::Delivered, &job, at(601));
+        }
+        flow.prune(at(602));
+        // The slow delivery has left the window; the thousand fast ones have not.
+        flow.prune(at(15 * 60 + 20));
+        let latency = flow.snapshot(at(15 * 60 + 20)).latency_ms;
+        assert_eq!(latency.count, 1100);
+        assert_eq!(latency.max, Some(1000.0));
+        assert!(latency.p50.is_some_and(|p50| p50 <= 1000.0), "{latency:?}");
     }
 
     #[test]
