@@ -308,6 +308,20 @@ pub fn unparsed_error(status: StatusCode, body: &[u8]) -> (String, String) {
     )
 }
 
+/// The most of a provider's error `type` and `message` kept. They come from whatever answered
+/// (the provider, or a proxy in front of it, up to the 16 MiB an answer may be) and are
+/// stored: in the job's `generations` on every retry, in its `error`, in a paused instance's
+/// gate report, in logs and in the errors metric's label.
+const MAX_ERROR_TYPE_CHARS: usize = 64;
+const MAX_ERROR_MESSAGE_CHARS: usize = 500;
+
+fn bounded(text: String, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
 /// Classifies an error answer the way the official SDKs do: `x-should-retry` first, then
 /// 408/409/429/5xx retry and the rest do not; 401-403 are our configuration, not the job.
 pub fn api_error(
@@ -316,6 +330,8 @@ pub fn api_error(
     error_type: String,
     message: String,
 ) -> LlmError {
+    let error_type = bounded(error_type, MAX_ERROR_TYPE_CHARS);
+    let message = bounded(message, MAX_ERROR_MESSAGE_CHARS);
     let retry = || Disposition::Retry {
         retry_after: retry_after(headers),
     };
@@ -381,6 +397,40 @@ fn bounded_wait(text: &str, units_per_second: f64) -> Option<Duration> {
 mod tests {
     use super::*;
     use crate::provider::MAX_PROVIDER_WAIT;
+
+    #[test]
+    fn an_error_answer_s_type_and_message_are_kept_bounded() {
+        let huge = "é".repeat(100_000);
+        let err = api_error(
+            StatusCode::from_u16(529).expect("status"),
+            &HeaderMap::new(),
+            huge.clone(),
+            huge,
+        );
+        assert_eq!(err.error_type.chars().count(), MAX_ERROR_TYPE_CHARS + 1);
+        assert!(err.error_type.ends_with('…'));
+        // The message, then " (HTTP 529)".
+        assert!(
+            err.message.chars().count() <= MAX_ERROR_MESSAGE_CHARS + 20,
+            "{}",
+            err.message.len()
+        );
+        assert!(
+            err.message.ends_with("… (HTTP 529)"),
+            "{}",
+            &err.message[err.message.len() - 20..]
+        );
+        let short = api_error(
+            StatusCode::from_u16(529).expect("status"),
+            &HeaderMap::new(),
+            "overloaded_error".into(),
+            "Overloaded".into(),
+        );
+        assert_eq!(
+            (short.error_type.as_str(), short.message.as_str()),
+            ("overloaded_error", "Overloaded (HTTP 529)")
+        );
+    }
 
     /// Each of 10,000 calls in flight holds this future: opening a connection (TLS state) and
     /// the reqwest fallback are boxed so that neither sizes it (unboxed, it was 8.7 KB).
