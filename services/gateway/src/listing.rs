@@ -54,8 +54,9 @@ pub struct Filter {
     /// At most this many jobs: 1 to 1,000, 50 when left out.
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
-    /// Skip this many of the matching jobs first: the next page is at `offset + limit`.
-    #[param(minimum = 0)]
+    /// Skip this many of the matching jobs first: the next page is at `offset + limit`. At most
+    /// 20,000, the most writes one listing reads.
+    #[param(minimum = 0, maximum = 20000)]
     pub offset: Option<usize>,
 }
 
@@ -181,6 +182,15 @@ async fn list(
         return Err(ApiError::invalid_field(
             "limit",
             format!("`limit` must be 1 to {MAX_LIMIT}"),
+        ));
+    }
+    if filter
+        .offset
+        .is_some_and(|offset| offset as u64 > SCAN_REVISIONS)
+    {
+        return Err(ApiError::invalid_field(
+            "offset",
+            format!("`offset` must be 0 to {SCAN_REVISIONS}"),
         ));
     }
     if let Some(kind) = &filter.kind

@@ -302,6 +302,13 @@ async fn the_listing_filters_by_tenant_and_time_and_pages() {
     )
     .await;
     assert_eq!(listed_ids(&json_of(&body)).len(), 6, "{body}");
+    // Past what one listing reads, and past what any integer holds: the same clear 422.
+    for offset in ["20001", "77483812858344603648"] {
+        let path = format!("/api/v1/jobs?offset={offset}");
+        let (status, body) = call(&gateway, ops, "GET", &path, None).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(json_of(&body)["type"], "invalid_field");
+    }
     let (status, body) = call(&gateway, ops, "GET", "/api/v1/jobs?since=yesterday", None).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(json_of(&body)["type"], "invalid_field");
