@@ -69,6 +69,9 @@ pub enum Command {
     /// Put an undeliverable job, or every job that became undeliverable in a time window,
     /// back to be delivered.
     Redeliver(RedeliverArgs),
+    /// Cancel jobs not yet generated: a waiting job never reaches the model, a call in
+    /// flight is abandoned, and each job's webhook says `job.cancelled`.
+    Cancel(CancelArgs),
     /// What jobs cost, by API key and kind: the `usage` and `cost` of every
     /// `jobs.completed.*` and charged `jobs.failed.*` event in the JOBS stream since a time
     /// (straight to NATS, with the services' configuration, like `topology`).
@@ -120,6 +123,11 @@ pub struct SubmitArgs {
     /// have none.
     #[arg(long, value_name = "JSON")]
     pub metadata: Option<String>,
+
+    /// How long the job may wait to be started before it expires (`90s`, `30m`, `2h`); with
+    /// --file, for rows that give neither `ttl` nor `expires_at`.
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
 
     /// Jobs to submit in batches: `.jsonl` (one job body per line), `.json` (an array of job
     /// bodies) or `.csv` (a header row; `job_id`, `kind`, `callback_url` columns are job
@@ -192,6 +200,18 @@ pub struct RedeliverArgs {
     /// The end of the window (RFC 3339 or a duration before now); now when left out.
     #[arg(long, value_name = "TIME", requires = "since")]
     pub until: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("which").args(["ids", "file"]).multiple(true).required(true)))]
+pub struct CancelArgs {
+    /// The jobs to cancel.
+    pub ids: Vec<String>,
+
+    /// A file of job ids, one a line (`-` for standard input); blank lines and lines
+    /// starting with `#` are skipped.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<std::path::PathBuf>,
 }
 
 #[cfg(test)]

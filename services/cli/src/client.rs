@@ -166,6 +166,15 @@ impl Gateway {
         self.answer(request).await
     }
 
+    /// `POST /api/v1/jobs/cancel`: up to 1,000 ids.
+    pub async fn cancel(&self, job_ids: &[String]) -> Result<Answer, ClientError> {
+        let request = self
+            .http
+            .post(self.url(&["api", "v1", "jobs", "cancel"]))
+            .json(&serde_json::json!({ "job_ids": job_ids }));
+        self.answer(request).await
+    }
+
     /// `GET /api/v1/jobs/{id}`.
     pub async fn job(&self, id: &str) -> Result<Answer, ClientError> {
         let request = self.http.get(self.url(&["api", "v1", "jobs", id]));

@@ -59,6 +59,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Watch(ref args) => commands::watch::run(&context()?, args).await,
         Command::List(ref args) => commands::list::run(&context()?, args).await,
         Command::Redeliver(ref args) => commands::redeliver::run(&context()?, args).await,
+        Command::Cancel(ref args) => commands::cancel::run(&context()?, args).await,
         Command::Cost { ref since } => {
             let since =
                 when::at(since, time::OffsetDateTime::now_utc()).map_err(CliError::Usage)?;

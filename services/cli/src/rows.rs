@@ -80,6 +80,8 @@ pub struct Defaults {
     pub kind: Option<String>,
     pub callback_url: Option<String>,
     pub metadata: Option<Map<String, Value>>,
+    /// For rows that give neither `ttl` nor `expires_at`.
+    pub ttl: Option<String>,
 }
 
 impl Defaults {
@@ -94,6 +96,12 @@ impl Defaults {
             if let Some(value) = value {
                 job.entry(name).or_insert(value);
             }
+        }
+        if let Some(ttl) = &self.ttl
+            && !job.contains_key("ttl")
+            && !job.contains_key("expires_at")
+        {
+            job.insert("ttl".into(), Value::String(ttl.clone()));
         }
     }
 }
@@ -337,6 +345,7 @@ mod tests {
             kind: Some("product-description".into()),
             callback_url: Some("http://127.0.0.1:9/hook".into()),
             metadata: None,
+            ttl: None,
         }
     }
 
@@ -416,6 +425,31 @@ mod tests {
             Some(&json!("haiku")),
             "a row's own kind wins over --kind"
         );
+    }
+
+    #[test]
+    fn a_default_ttl_fills_only_rows_without_an_expiry_of_their_own() {
+        let jsonl = file(
+            ".jsonl",
+            "{\"job_id\": \"J-1\"}\n{\"job_id\": \"J-2\", \"ttl\": \"5m\"}\n\
+             {\"job_id\": \"J-3\", \"expires_at\": \"2030-01-01T00:00:00Z\"}\n",
+        );
+        let defaults = Defaults {
+            ttl: Some("2h".into()),
+            ..defaults()
+        };
+        let (_, rows) = read(&jsonl, defaults);
+        let ttl = |n: usize| {
+            rows[n]
+                .job
+                .as_ref()
+                .ok()
+                .and_then(|job| job.get("ttl"))
+                .cloned()
+        };
+        assert_eq!(ttl(0), Some(json!("2h")));
+        assert_eq!(ttl(1), Some(json!("5m")), "a row's own ttl wins");
+        assert_eq!(ttl(2), None, "a row with expires_at gets no ttl beside it");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use jetcall::signing::SigningKey;
 use jetcall::status::JobStatus;
 use jetcall::topology::Topology;
 use jetcall::{JobId, Kind};
-use testkit::fake_anthropic;
+use testkit::fake_anthropic::{self, Scripted};
 use testkit::{FakeAnthropic, NatsServer, WebhookReceiver};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -139,6 +139,7 @@ async fn accepted_only(topology: &Topology, job_id: &str, callback_url: &str) {
         callback_url: jetcall::allowlist::CallbackUrl::parse(callback_url).expect("a callback URL"),
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
+        expires_at: None,
     };
     topology
         .status
@@ -259,6 +260,10 @@ async fn each_service_does_all_its_work_with_its_own_user_and_no_violation() {
         .await
         .expect("seed a published job");
     accepted_only(&topology, "JOB-STRANDED", &callback_url).await;
+    // Expired by the generator's claim, published on `jobs.expired.>` as `generator`.
+    testkit::jobs::expired_job(&topology, "JOB-EXPIRED", &callback_url)
+        .await
+        .expect("seed an expired job");
 
     let mut services = Vec::new();
     let listener = testkit::loopback_listener();
@@ -337,7 +342,7 @@ async fn each_service_does_all_its_work_with_its_own_user_and_no_violation() {
         .expect("read the event stream");
     assert!(events.contains(r#""status":"delivered""#), "{events}");
 
-    for job_id in ["JOB-PUBLISHED", "JOB-STRANDED", "JOB-771"] {
+    for job_id in ["JOB-PUBLISHED", "JOB-STRANDED", "JOB-771", "JOB-EXPIRED"] {
         gateway.wait_for_status(job_id, "delivered").await;
     }
     let delivered = receiver.deliveries().len();
@@ -374,7 +379,7 @@ async fn each_service_does_all_its_work_with_its_own_user_and_no_violation() {
     let (status, body) = gateway.get("/api/v1/jobs?status=delivered&limit=10").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let listing: Value = serde_json::from_str(&body).expect("listing JSON");
-    assert_eq!(listing["jobs"].as_array().map(Vec::len), Some(4), "{body}");
+    assert_eq!(listing["jobs"].as_array().map(Vec::len), Some(5), "{body}");
 
     // The console's overview, as `gateway`: the stream read from 15 minutes back, the two
     // consumers' info and their oldest messages, the shared budgets in `llm_limits`.
@@ -382,10 +387,55 @@ async fn each_service_does_all_its_work_with_its_own_user_and_no_violation() {
         let (status, body) = gateway.get("/api/v1/overview").await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let overview: Value = serde_json::from_str(&body).expect("overview JSON");
-        (overview["totals"]["delivered"] == 4).then_some(overview)
+        (overview["totals"]["delivered"] == 5).then_some(overview)
     })
     .await;
     assert_eq!(overview["totals"]["undeliverable"], 1, "{overview}");
+    assert_eq!(overview["totals"]["expired"], 1, "{overview}");
+
+    // A cancellation during a call that would take ten minutes: published on
+    // `jobs.cancelled.>` as `gateway`, heard by the generator as `generator`, delivered.
+    let calls = claude.calls();
+    claude.push(Scripted::Delay(Duration::from_secs(600)));
+    let (status, body) = gateway
+        .post(
+            "/api/v1/jobs",
+            &json!({
+                "job_id": "JOB-SLOW",
+                "kind": "product-description",
+                "input": {"product_id": "P-2", "product_name": "Heater", "specs": "slow"},
+                "callback_url": callback_url,
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    wait_clean(&nats, "the slow call to reach the model", || async {
+        (claude.calls() > calls).then_some(())
+    })
+    .await;
+    let response = gateway
+        .http
+        .delete(format!("{}/api/v1/jobs/JOB-SLOW", gateway.url))
+        .send()
+        .await
+        .expect("DELETE a job");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let doc = gateway.wait_for_status("JOB-SLOW", "delivered").await;
+    assert_eq!(doc["ended_as"], "cancelled", "{doc}");
+    wait_clean(&nats, "the cancelled call to be abandoned", || async {
+        let text = gateway
+            .http
+            .get(format!("{generator_admin}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (testkit::metrics::sample(&text, "jetcall_generator_llm_in_flight", &[]) == Some(0.0))
+            .then_some(())
+    })
+    .await;
     assert_eq!(overview["consumers"][0]["waiting"], 0, "{overview}");
 
     // Each /metrics reads its consumer's lag, as its own user.

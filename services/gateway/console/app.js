@@ -14,7 +14,7 @@ const KEY_STORAGE = 'jetcall.key';
 const PAGE_SIZE = 50;
 const DEAD_LETTER_LIMIT = 1000;
 const REFRESH_MS = { overview: 3000, jobs: 5000, deadLetters: 5000, ages: 5000 };
-const STATUSES = ['accepted', 'generating', 'completed', 'failed', 'delivered', 'undeliverable'];
+const STATUSES = ['accepted', 'generating', 'completed', 'failed', 'cancelled', 'expired', 'delivered', 'undeliverable'];
 const FINAL = new Set(['delivered', 'undeliverable']);
 const SERIES = ['accepted', 'completed', 'failed', 'delivered', 'undeliverable'];
 const SVG_NS = 'http://www.w3.org/2000/svg';
@@ -896,7 +896,9 @@ function timeline(job) {
     entries.push(step('generation', `Generation attempt ${last}`, job.finished_at,
       el('div', { class: 'step-detail' }, el('span', { class: 'outcome outcome-completed' }, 'completed'))));
   }
-  if (job.error) entries.push(step('failed', 'Failed', job.finished_at, errorText(job.error)));
+  if (job.ended_as === 'cancelled') entries.push(step('cancelled', 'Cancelled', job.finished_at, errorText(job.error)));
+  else if (job.ended_as === 'expired') entries.push(step('expired', 'Expired', job.finished_at, errorText(job.error)));
+  else if (job.error) entries.push(step('failed', 'Failed', job.finished_at, errorText(job.error)));
   else if (job.result !== undefined) entries.push(step('completed', 'Completed', job.finished_at, job.model ? `by ${job.model}` : ''));
   const perRound = new Map();
   for (const attempt of job.deliveries ?? []) {

@@ -8,8 +8,8 @@ use axum::routing::{get, post};
 use crate::error::ApiError;
 use crate::middleware::{limit_in_flight, require_api_key, track};
 use crate::routes::{
-    generate_description, healthz, job_named_batch, job_status, metrics, readyz, redeliver_job,
-    redeliver_window, submit_batch, submit_job, whoami,
+    cancel_job, cancel_jobs, generate_description, healthz, job_named_batch, job_named_cancel,
+    job_status, metrics, readyz, redeliver_job, redeliver_window, submit_batch, submit_job, whoami,
 };
 use crate::state::AppState;
 use crate::{console, events, listing, openapi, overview};
@@ -26,7 +26,13 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(state.config.gateway.max_batch_bytes))
                 .get(job_named_batch),
         )
-        .route("/api/v1/jobs/{job_id}", get(job_status))
+        .route(
+            "/api/v1/jobs/cancel",
+            post(cancel_jobs)
+                .layer(DefaultBodyLimit::max(state.config.gateway.max_batch_bytes))
+                .get(job_named_cancel),
+        )
+        .route("/api/v1/jobs/{job_id}", get(job_status).delete(cancel_job))
         .route("/api/v1/jobs/{job_id}/events", get(events::job_events))
         .route("/api/v1/jobs/{job_id}/redeliver", post(redeliver_job))
         .route("/api/v1/deliveries/redeliver", post(redeliver_window))

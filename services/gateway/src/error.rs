@@ -44,6 +44,11 @@ pub enum ApiError {
         job_id: String,
         status: &'static str,
     },
+    #[error("job {job_id} is {}; only a job not yet generated can be cancelled", status.as_str())]
+    NotCancellable {
+        job_id: String,
+        status: jetcall::status::Status,
+    },
     #[error("missing or invalid API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
     #[error("{0}")]
@@ -79,7 +84,7 @@ impl ApiError {
         }
     }
 
-    fn status(&self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -92,7 +97,9 @@ impl ApiError {
             | Self::BatchEmpty { .. }
             | Self::BatchTooLarge { .. }
             | Self::DuplicateInBatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Conflict { .. } | Self::NotRedeliverable { .. } => StatusCode::CONFLICT,
+            Self::Conflict { .. } | Self::NotRedeliverable { .. } | Self::NotCancellable { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -119,6 +126,7 @@ impl ApiError {
             Self::NotFound(_) => ErrorType::NotFound,
             Self::BodyTimeout { .. } => ErrorType::RequestTimeout,
             Self::NotRedeliverable { .. } => ErrorType::NotUndeliverable,
+            Self::NotCancellable { .. } => ErrorType::NotCancellable,
             Self::Unauthorized => ErrorType::Unauthorized,
             Self::Forbidden(_) => ErrorType::Forbidden,
             Self::MethodNotAllowed => ErrorType::MethodNotAllowed,
@@ -139,10 +147,15 @@ impl ApiError {
             Self::DuplicateInBatch { .. } => Some("job_id".into()),
             _ => None,
         };
+        let status = match self {
+            Self::NotCancellable { status, .. } => Some(*status),
+            _ => None,
+        };
         ErrorBody {
             kind: self.slug(),
             message: self.to_string(),
             field,
+            status,
         }
     }
 }
@@ -177,6 +190,8 @@ pub enum ErrorType {
     RequestTimeout,
     /// 409: only an `undeliverable` job can be redelivered.
     NotUndeliverable,
+    /// 409: the job is generated already (or expired); `status` says where it is.
+    NotCancellable,
     /// 401: a missing or unknown API key.
     Unauthorized,
     /// 403: the API key is valid but its role may not do this (an operator's route).
@@ -204,6 +219,10 @@ pub struct ErrorBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub field: Option<String>,
+    /// The job's status, for `not_cancellable`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub status: Option<jetcall::status::Status>,
 }
 
 impl IntoResponse for ApiError {

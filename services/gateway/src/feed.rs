@@ -39,8 +39,9 @@ const MAX_AWAITED: usize = 200_000;
 const GROWTH: f64 = 1.1;
 const BINS: usize = 160;
 
-/// Counts of the five steps, in `Event::ALL`'s order.
-type Counts = [u32; 5];
+/// Counts of each step, in `Event::ALL`'s order.
+type Counts = [u32; STEPS];
+const STEPS: usize = Event::ALL.len();
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -120,7 +121,8 @@ impl Flow {
                 .awaited
                 .remove(job_id)
                 .map(|requested| (at - requested).as_seconds_f64().max(0.0) * 1000.0),
-            Event::Undeliverable => {
+            // Ended without a webhook of a result: not a delivery to time.
+            Event::Undeliverable | Event::Cancelled | Event::Expired => {
                 self.awaited.remove(job_id);
                 None
             }
@@ -150,8 +152,8 @@ impl Flow {
         let oldest = newest - BUCKETS + 1;
         let bucket_seconds = BUCKET.as_secs() as i64;
         let into_newest = (now.unix_timestamp() - newest * bucket_seconds).max(1) as f64;
-        let mut series: [Vec<f64>; 5] = Default::default();
-        let mut totals: Counts = [0; 5];
+        let mut series: [Vec<f64>; STEPS] = Default::default();
+        let mut totals: Counts = [0; STEPS];
         let mut bins = [0u64; BINS];
         let mut max: Option<f64> = None;
         for bucket in oldest..=newest {
@@ -179,7 +181,15 @@ impl Flow {
                 max = Some(max.map_or(slot_max, |max| max.max(slot_max)));
             }
         }
-        let [accepted, completed, failed, delivered, undeliverable] = series;
+        let [
+            accepted,
+            completed,
+            failed,
+            delivered,
+            undeliverable,
+            cancelled,
+            expired,
+        ] = series;
         FlowView {
             now,
             window_seconds: WINDOW.as_secs(),
@@ -192,6 +202,8 @@ impl Flow {
                 failed,
                 delivered,
                 undeliverable,
+                cancelled,
+                expired,
             },
             totals: Totals {
                 accepted: totals[Event::Requested as usize],
@@ -199,6 +211,8 @@ impl Flow {
                 failed: totals[Event::Failed as usize],
                 delivered: totals[Event::Delivered as usize],
                 undeliverable: totals[Event::Undeliverable as usize],
+                cancelled: totals[Event::Cancelled as usize],
+                expired: totals[Event::Expired as usize],
             },
             latency_ms: Latency::of(&bins, max),
         }
@@ -214,6 +228,8 @@ pub struct Series {
     pub failed: Vec<f64>,
     pub delivered: Vec<f64>,
     pub undeliverable: Vec<f64>,
+    pub cancelled: Vec<f64>,
+    pub expired: Vec<f64>,
 }
 
 /// How many events of each step the window holds.
@@ -224,6 +240,8 @@ pub struct Totals {
     pub failed: u32,
     pub delivered: u32,
     pub undeliverable: u32,
+    pub cancelled: u32,
+    pub expired: u32,
 }
 
 /// From a job's request to its first delivery, for the jobs delivered in the window whose

@@ -5,6 +5,7 @@
 mod accept;
 mod app;
 mod batch;
+mod cancel;
 mod console;
 mod error;
 mod events;

@@ -42,6 +42,7 @@ struct Inner {
     requests: Family<RequestLabels, Counter>,
     seconds: Family<RouteLabels, Histogram>,
     accepted: Family<KindLabels, Counter>,
+    cancelled: Family<KindLabels, Counter>,
     sweeps: Family<OutcomeLabels, Counter>,
     sweep_republished: Counter,
 }
@@ -72,6 +73,12 @@ impl Default for Metrics {
             "jobs_accepted",
             "New jobs recorded and stored in JetStream, by kind",
             accepted.clone(),
+        );
+        let cancelled = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "jobs_cancelled",
+            "Jobs cancelled before they were generated, by kind",
+            cancelled.clone(),
         );
         let sweeps = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -104,6 +111,7 @@ impl Default for Metrics {
             requests,
             seconds,
             accepted,
+            cancelled,
             sweeps,
             sweep_republished,
         }))
@@ -114,6 +122,15 @@ impl Metrics {
     pub fn job_accepted(&self, kind: &str) {
         self.0
             .accepted
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn job_cancelled(&self, kind: &str) {
+        self.0
+            .cancelled
             .get_or_create(&KindLabels {
                 kind: kind.to_owned(),
             })

@@ -25,7 +25,7 @@ const MAX_WINDOW_JOBS: usize = 10_000;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Requeued {
     pub job_id: String,
-    /// `completed` or `failed` again: what is delivered.
+    /// `completed`, `failed`, `cancelled` or `expired` again: what is delivered.
     pub status: Status,
     /// The new delivery round: 1 for the first redelivery.
     pub delivery_round: u32,
@@ -113,9 +113,7 @@ pub async fn redeliver(
 /// Whether `doc` is in a delivery round an operator opened that has not made an attempt yet:
 /// its event may never have reached the stream, so a redelivery is asked for again.
 fn round_awaits_its_event(doc: &JobStatus) -> bool {
-    matches!(doc.status, Status::Completed | Status::Failed)
-        && doc.delivery_round > 0
-        && doc.attempts_this_round() == 0
+    doc.awaits_delivery() && doc.delivery_round > 0 && doc.attempts_this_round() == 0
 }
 
 /// The query of `POST /api/v1/deliveries/redeliver`: jobs that became undeliverable between

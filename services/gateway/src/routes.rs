@@ -18,10 +18,10 @@ use crate::batch::{self, BatchResult, SubmitBatch};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{BatchBody, JsonBody, parse_path_id};
 use crate::keys::{Caller, may_see};
-use crate::redeliver;
 use crate::state::AppState;
 use crate::submission::{GenerateDescription, SubmitJob};
 use crate::trace::IncomingTrace;
+use crate::{cancel, redeliver};
 use jetcall::view::JobView;
 
 /// Submit a product description job: the article's endpoint and body.
@@ -196,8 +196,91 @@ pub(crate) async fn job_named_batch(
     State(state): State<AppState>,
     caller: Option<Extension<Arc<Caller>>>,
 ) -> Result<Json<JobView>, ApiError> {
-    let id = JobId::parse("batch").map_err(|err| ApiError::NotFound(err.to_string()))?;
-    status_of(&state, &id, caller.as_deref().map(Arc::as_ref)).await
+    job_named(&state, "batch", caller).await
+}
+
+/// The status document of the job whose id is `cancel`, as `/api/v1/jobs/{job_id}` gives it.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/cancel",
+    tag = "jobs",
+    responses(
+        (status = 200, description = "The status document of the job `cancel`", body = JobView),
+        (status = 404, description = "No job has the id `cancel` (`not_found`)", body = ErrorBody),
+        (status = 503, description = "NATS could not be read (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn job_named_cancel(
+    State(state): State<AppState>,
+    caller: Option<Extension<Arc<Caller>>>,
+) -> Result<Json<JobView>, ApiError> {
+    job_named(&state, "cancel", caller).await
+}
+
+/// A job whose id is also the name of a route under `/api/v1/jobs/`.
+async fn job_named(
+    state: &AppState,
+    name: &str,
+    caller: Option<Extension<Arc<Caller>>>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = JobId::parse(name).map_err(|err| ApiError::NotFound(err.to_string()))?;
+    status_of(state, &id, caller.as_deref().map(Arc::as_ref)).await
+}
+
+/// Cancel a job that is not generated yet.
+///
+/// A job waiting never reaches the LLM; a call in flight is abandoned (what it was charged is
+/// still recorded if it answers). The caller's webhook gets `job.cancelled`. Cancelling a
+/// cancelled job again answers `202` again. A job whose id is `batch` or `cancel` is cancelled
+/// through `POST /api/v1/jobs/cancel`.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/jobs/{job_id}",
+    operation_id = "cancel_job",
+    tag = "jobs",
+    params(("job_id" = JobId, Path, description = "The job's id", example = "JOB-771")),
+    responses(
+        (status = 202, description = "The job is cancelled; its status document", body = JobView),
+        (status = 404, description = "No job has this id, or it is another API key's (`not_found`)", body = ErrorBody),
+        (status = 409, description = "The job is generated already or expired (`not_cancellable`); `status` says where it is", body = ErrorBody),
+        (status = 503, description = "NATS could not confirm the cancellation; retry (`unavailable`)", body = ErrorBody, headers(("retry-after" = u32, description = "Seconds to wait"))),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn cancel_job(
+    State(state): State<AppState>,
+    caller: Option<Extension<Arc<Caller>>>,
+    job_id: Result<Path<String>, PathRejection>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let id = parse_path_id(job_id)?;
+    let job = cancel::cancel(&state, &id, caller.as_deref().map(Arc::as_ref)).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+/// Cancel up to 1,000 jobs at once, each as `DELETE /api/v1/jobs/{job_id}` would.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/cancel",
+    operation_id = "cancel_jobs",
+    tag = "jobs",
+    request_body = cancel::CancelJobs,
+    responses(
+        (status = 200, description = "One result per id, in the order of `job_ids`", body = cancel::CancelResults),
+        (status = 400, description = "The body is not JSON (`malformed_json`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than `gateway.max_batch_bytes` (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "The body is not declared as JSON (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "No `job_ids`, none, or more than 1,000 (`invalid_field`)", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
+pub(crate) async fn cancel_jobs(
+    State(state): State<AppState>,
+    caller: Option<Extension<Arc<Caller>>>,
+    BatchBody(body): BatchBody<cancel::CancelJobs>,
+) -> Result<Json<cancel::CancelResults>, ApiError> {
+    let caller = caller.as_deref().map(Arc::as_ref);
+    Ok(Json(cancel::cancel_many(&state, body, caller).await?))
 }
 
 /// Another tenant's job is answered as if there were none: the same `404`, so a key cannot

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use jetcall::events::JobRequested;
-use jetcall::kinds::KindSpec;
+use jetcall::kinds::{KindSpec, MAX_TTL, MIN_TTL};
 use jetcall::signing::SigningKey;
 use jetcall::{JobId, Kind};
 
@@ -85,6 +85,17 @@ pub struct SubmitJob {
     /// and never shown again.
     #[serde(default)]
     pub signing_secret: Option<String>,
+    /// RFC 3339: if the job has not started by then it expires, with no LLM call, and its
+    /// webhook says `job.expired`. 1 s to 365 days from now; the kind's `ttl` when left out
+    /// (or `null`).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<OffsetDateTime>,
+    /// Another way to give `expires_at`: how long from now, such as `"90s"`, `"30m"` or
+    /// `"2h"`. A retry of the job does not move its expiry.
+    #[serde(default)]
+    #[schema(example = "2h")]
+    pub ttl: Option<String>,
 }
 
 impl From<GenerateDescription> for SubmitJob {
@@ -100,6 +111,8 @@ impl From<GenerateDescription> for SubmitJob {
             callback_url: body.callback_url,
             metadata: Map::new(),
             signing_secret: None,
+            expires_at: None,
+            ttl: None,
         }
     }
 }
@@ -175,6 +188,8 @@ impl SubmitJob {
             return Err(ApiError::JobTooLarge { limit });
         }
         let digest = format!("{:x}", Sha256::digest(&canonical));
+        let now = OffsetDateTime::now_utc();
+        let expires_at = expiry(self.expires_at, self.ttl.as_deref(), spec, now)?;
         Ok(ValidJob {
             request: JobRequested {
                 job_id,
@@ -182,13 +197,59 @@ impl SubmitJob {
                 input: self.input,
                 callback_url,
                 metadata: self.metadata,
-                requested_at: OffsetDateTime::now_utc(),
+                requested_at: now,
+                expires_at,
             },
             digest,
             sealed_signing_secret: sealed.map(|(sealed, _)| sealed),
             tenant: caller.map(|caller| caller.name.clone()),
         })
     }
+}
+
+/// When the job expires if not started: `expires_at`, `ttl` from `now`, or the kind's `ttl`.
+/// Left out of the submission's digest: a retry with a `ttl` names a later moment, and is
+/// still the same job (the first expiry stands).
+fn expiry(
+    expires_at: Option<OffsetDateTime>,
+    ttl: Option<&str>,
+    spec: &KindSpec,
+    now: OffsetDateTime,
+) -> Result<Option<OffsetDateTime>, ApiError> {
+    let (field, at) = match (expires_at, ttl) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_field(
+                "ttl",
+                "give `ttl` or `expires_at`, not both",
+            ));
+        }
+        (Some(at), None) => ("expires_at", at),
+        (None, Some(ttl)) => {
+            let ttl = humantime::parse_duration(ttl).map_err(|err| {
+                ApiError::invalid_field(
+                    "ttl",
+                    format!("`ttl` is not a duration such as \"90s\" or \"2h\": {err}"),
+                )
+            })?;
+            ("ttl", now + bounded(ttl))
+        }
+        (None, None) => return Ok(spec.ttl.map(|ttl| now + ttl)),
+    };
+    let from_now = at - now;
+    if from_now < MIN_TTL || from_now > MAX_TTL {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("`{field}` must be between 1 s and 365 days from now"),
+        ));
+    }
+    Ok(Some(at))
+}
+
+/// A duration past what `time` adds without overflow is as far out of range as `MAX_TTL`'s
+/// next second.
+fn bounded(ttl: std::time::Duration) -> time::Duration {
+    time::Duration::try_from(ttl.min(MAX_TTL + std::time::Duration::from_secs(1)))
+        .unwrap_or(time::Duration::MAX)
 }
 
 fn check_input(spec: &KindSpec, input: &Map<String, Value>) -> Result<(), ApiError> {

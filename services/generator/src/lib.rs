@@ -1,7 +1,9 @@
 //! The generator: consumes `jobs.requested.>` through the shared durable consumer
 //! `generator`, calls the LLM, records the outcome and publishes `jobs.completed.<kind>` or
-//! `jobs.failed.<kind>`.
+//! `jobs.failed.<kind>` (or `jobs.expired.<kind>` for a job not started in time). A call for
+//! a job cancelled meanwhile is abandoned.
 
+mod cancellations;
 mod gate_report;
 pub mod limiter;
 mod metrics;
@@ -90,6 +92,12 @@ pub async fn run(
         instance.clone(),
         shutdown.clone(),
     ));
+    let cancellations = Arc::new(cancellations::Cancellations::default());
+    tokio::spawn(cancellations::listen(
+        client.clone(),
+        cancellations.clone(),
+        shutdown.clone(),
+    ));
     // Shared, not cloned per message: a Topology clone copies cached stream info.
     let worker = Arc::new(Worker {
         config: Arc::new(config),
@@ -99,6 +107,7 @@ pub async fn run(
         limiter,
         metrics,
         instance,
+        cancellations,
     });
     tracing::info!(concurrency, "generator consuming jobs.requested.>");
     consume(

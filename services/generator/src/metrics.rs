@@ -104,7 +104,7 @@ impl Metrics {
         let jobs = Family::<JobLabels, Counter>::default();
         registry.register(
             "jobs",
-            "Jobs generated, by kind and final status",
+            "Jobs generated, or expired before they were started, by kind and final status",
             jobs.clone(),
         );
         let paused = Gauge::default();

@@ -30,6 +30,7 @@ use jetcall::store::Updated;
 use jetcall::topology::Topology;
 use jetcall::trace::TraceParent;
 
+use crate::cancellations::Cancellations;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::output::to_result;
@@ -104,6 +105,8 @@ pub struct Worker {
     pub metrics: Metrics,
     /// This process, as the owner of the leases it takes.
     pub instance: String,
+    /// The jobs this process works on, for a cancellation to reach their calls.
+    pub cancellations: Arc<Cancellations>,
 }
 
 impl Worker {
@@ -159,13 +162,14 @@ impl Worker {
         };
 
         let max_attempts = self.config.generator.max_attempts;
+        let watched = self.cancellations.watch(&request.job_id);
         let now = OffsetDateTime::now_utc();
         let mut claim = Claim::Generated;
         // Boxed here and below: only the LLM call's state stays in the task while it waits,
         // which keeps 10,000 calls in flight within a small heap.
         let started = Box::pin(self.topology.status.update(&request.job_id, |doc| {
             claim = doc.claim(&self.instance, now, self.lease_duration());
-            matches!(claim, Claim::Taken(_))
+            matches!(claim, Claim::Taken(_) | Claim::Expired)
         }))
         .await?;
         // The document as written, so recording the outcome needs no second read.
@@ -175,6 +179,9 @@ impl Worker {
             }
             (Updated::Missing, _) => return Ok(no_status_document(request)),
             (_, Claim::Held(left)) => return Ok(wait_for_holder(left)),
+            (Updated::Written(doc, _), Claim::Expired) => {
+                return Box::pin(self.expired(&doc, trace)).await;
+            }
             (Updated::Unchanged(doc) | Updated::Written(doc, _), _) => {
                 return Box::pin(self.already_generated(&doc, trace)).await;
             }
@@ -200,7 +207,8 @@ impl Worker {
         // Boxed once here: passed by value, it would be held twice (the argument, then the
         // pinned copy polled).
         let call = Box::pin(self.generate(request, spec, &prompt, shutdown));
-        let result = match self.hold(message, request, &lease, call, shutdown).await {
+        let held = self.hold(message, request, &lease, call, &watched.cancelled, shutdown);
+        let result = match held.await {
             Held::Done(result) => result,
             Held::LeaseLost => return Box::pin(self.lost_lease(request, trace)).await,
             Held::Abandoned => return Ok(self.hand_back(request, &lease).await),
@@ -485,6 +493,7 @@ impl Worker {
         request: &JobRequested,
         lease: &Lease,
         call: impl std::future::Future<Output = T>,
+        cancelled: &CancellationToken,
         stopping: &CancellationToken,
     ) -> Held<T> {
         let period = self.config.generator.ack_wait / 2;
@@ -498,6 +507,8 @@ impl Worker {
         loop {
             tokio::select! {
                 result = &mut call => return Held::Done(result),
+                // The cancellation took the lease: the call is dropped, its answer unwanted.
+                _ = cancelled.cancelled() => return Held::LeaseLost,
                 _ = ticker.tick() => {
                     let _ = message.ack_with(AckKind::Progress).await;
                     if renewal.is_terminated() {
@@ -546,10 +557,7 @@ impl Worker {
         lease: Option<&Lease>,
     ) -> Result<Step, WorkerError> {
         let finished_at = OffsetDateTime::now_utc();
-        let status = match &outcome {
-            Outcome::Completed { .. } => Status::Completed,
-            Outcome::Failed { .. } => Status::Failed,
-        };
+        let status = outcome.status();
         let recorded = self
             .topology
             .status
@@ -586,6 +594,8 @@ impl Worker {
                         doc.usage = *usage;
                         doc.cost = *cost;
                     }
+                    // Never generated here: the gateway cancels, the claim expires.
+                    Outcome::Cancelled { .. } | Outcome::Expired { .. } => return false,
                 }
                 doc.finished_at = Some(finished_at);
                 true
@@ -609,6 +619,11 @@ impl Worker {
                 }
                 Ok(Step::Finished(status))
             }
+            // Cancelled while the call ran: what it was charged still counts.
+            Updated::Unchanged(doc) if doc.generation_outcome() == Status::Cancelled => {
+                Box::pin(self.charge_cancelled(request, &outcome)).await?;
+                Box::pin(self.already_generated(&doc, trace)).await
+            }
             // Another call got there first; its outcome stands.
             Updated::Unchanged(doc) if doc.status.is_generated() => {
                 Box::pin(self.already_generated(&doc, trace)).await
@@ -619,6 +634,55 @@ impl Worker {
         }
     }
 
+    /// A call that answered after its job was cancelled was paid for all the same: its usage
+    /// and cost go on the cancelled job's document and into the cost metric; its result is
+    /// dropped.
+    async fn charge_cancelled(
+        &self,
+        request: &JobRequested,
+        outcome: &Outcome,
+    ) -> Result<(), WorkerError> {
+        let (usage, cost) = match outcome {
+            Outcome::Completed { usage, cost, .. } => (Some(*usage), *cost),
+            Outcome::Failed { usage, cost, .. } => (*usage, *cost),
+            Outcome::Cancelled { .. } | Outcome::Expired { .. } => (None, None),
+        };
+        let Some(usage) = usage else {
+            return Ok(());
+        };
+        // One call at a time holds a job, so the first charge is the only one.
+        let charged = Box::pin(self.topology.status.update(&request.job_id, |doc| {
+            if doc.usage.is_some() {
+                return false;
+            }
+            doc.usage = Some(usage);
+            doc.cost = cost;
+            true
+        }))
+        .await?;
+        if let (Updated::Written(doc, _), Some(cost)) = (charged, cost) {
+            self.metrics.cost(
+                request.kind.as_str(),
+                doc.tenant.as_deref(),
+                jetcall::cost::Path::Sync,
+                cost,
+            );
+        }
+        Ok(())
+    }
+
+    /// The job was not started before its `expires_at`: the claim recorded it `expired`
+    /// instead, and its event goes out for the webhook.
+    async fn expired(&self, doc: &JobStatus, trace: &TraceParent) -> Result<Step, WorkerError> {
+        if let Some(event) = doc.finished_event() {
+            self.publish(&event, trace).await?;
+        }
+        tracing::info!("job expired before it was started");
+        self.metrics
+            .job_finished(doc.kind.as_str(), Status::Expired.as_str());
+        Ok(Step::Finished(Status::Expired))
+    }
+
     /// A redelivered request for a job that is already generated: never call the LLM again.
     /// Until the job is delivered its event is published again, in case the first attempt
     /// stopped between the status write and the publish; `Nats-Msg-Id` keeps it single.
@@ -627,8 +691,7 @@ impl Worker {
         doc: &JobStatus,
         trace: &TraceParent,
     ) -> Result<Step, WorkerError> {
-        let undelivered = matches!(doc.status, Status::Completed | Status::Failed);
-        if let Some(event) = doc.finished_event().filter(|_| undelivered) {
+        if let Some(event) = doc.finished_event().filter(|_| doc.awaits_delivery()) {
             self.publish(&event, trace).await?;
         }
         Ok(Step::AlreadyDone(doc.status))

@@ -19,6 +19,13 @@ pub struct JobRequested {
     pub metadata: Map<String, Value>,
     #[serde(with = "time::serde::rfc3339")]
     pub requested_at: OffsetDateTime,
+    /// Not started by then, the job expires without a call (`jobs.expired.<kind>`).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// Why a job failed: a stable `type` a program can switch on and a `message` for people.
@@ -52,9 +59,20 @@ pub enum Outcome {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cost: Option<Cost>,
     },
+    /// Withdrawn by its caller before it was generated (`jobs.cancelled.<kind>`).
+    Cancelled {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<JobError>,
+    },
+    /// Not started before its `expires_at` (`jobs.expired.<kind>`); no call was made.
+    Expired {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<JobError>,
+    },
 }
 
-/// `jobs.completed.<kind>` and `jobs.failed.<kind>`: everything needed to tell the caller,
+/// `jobs.completed.<kind>`, `jobs.failed.<kind>`, `jobs.cancelled.<kind>` and
+/// `jobs.expired.<kind>`: everything needed to tell the caller,
 /// so the callback service and other subscribers need nothing else.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobFinished {
@@ -79,6 +97,8 @@ impl JobFinished {
         match self.outcome {
             Outcome::Completed { .. } => crate::subjects::Event::Completed,
             Outcome::Failed { .. } => crate::subjects::Event::Failed,
+            Outcome::Cancelled { .. } => crate::subjects::Event::Cancelled,
+            Outcome::Expired { .. } => crate::subjects::Event::Expired,
         }
     }
 }

@@ -23,6 +23,11 @@ pub enum OutputSpec {
     },
 }
 
+/// The shortest and longest time a job may be given to start (`ttl`, or `expires_at` from
+/// now): shorter could not be told from a clock's skew, longer than any stream keeps a job.
+pub const MIN_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KindSpec {
@@ -42,12 +47,25 @@ pub struct KindSpec {
     pub model: Option<String>,
     pub max_tokens: u32,
     pub output: OutputSpec,
+    /// How long a job of this kind may wait to be started before it expires, when its
+    /// submission gives no `ttl` or `expires_at`; never, when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<std::time::Duration>,
 }
 
 impl KindSpec {
     pub(crate) fn validate(&self) -> Result<(), String> {
         if self.max_tokens == 0 {
             return Err("max_tokens must be at least 1".into());
+        }
+        if let Some(ttl) = self.ttl
+            && !(MIN_TTL..=MAX_TTL).contains(&ttl)
+        {
+            return Err(format!("ttl must be between 1s and 365d, not {ttl:?}"));
         }
         for field in &self.required_fields {
             if !self.template.contains(&format!("{{{{{field}}}}}")) {
@@ -245,6 +263,7 @@ pub fn builtin_kinds() -> BTreeMap<String, KindSpec> {
         output: OutputSpec::Text {
             field: "description".into(),
         },
+        ttl: None,
     };
     let return_analysis = KindSpec {
         system: "You review product return requests for an online retailer. Decide fairly and \
@@ -269,6 +288,7 @@ pub fn builtin_kinds() -> BTreeMap<String, KindSpec> {
                 vec!["approve".into(), "reject".into(), "inspect".into()],
             )]),
         },
+        ttl: None,
     };
     BTreeMap::from([
         ("product-description".to_owned(), product_description),

@@ -11,8 +11,9 @@ pub use crate::events::{CIRCUIT_OPEN, DeliveryAttempt};
 use crate::events::{JobError, JobFinished, JobRequested, Outcome};
 use crate::job::{JobId, Kind};
 
-/// Where a job is: `accepted` → `generating` → `completed` | `failed` → `delivered` |
-/// `undeliverable`.
+/// Where a job is: `accepted` → `generating` → `completed` | `failed` | `cancelled` |
+/// `expired` → `delivered` | `undeliverable`. A cancelled or expired job's webhook says so,
+/// and its document keeps `ended_as` once that webhook has moved it on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -20,6 +21,10 @@ pub enum Status {
     Generating,
     Completed,
     Failed,
+    /// Withdrawn by its caller (`DELETE /api/v1/jobs/{job_id}`) before it was generated.
+    Cancelled,
+    /// Not started before its `expires_at`, so never sent to the LLM.
+    Expired,
     Delivered,
     Undeliverable,
 }
@@ -29,7 +34,7 @@ impl Status {
         match self {
             Status::Accepted => 0,
             Status::Generating => 1,
-            Status::Completed | Status::Failed => 2,
+            Status::Completed | Status::Failed | Status::Cancelled | Status::Expired => 2,
             Status::Delivered | Status::Undeliverable => 3,
         }
     }
@@ -57,8 +62,22 @@ impl Status {
             Status::Generating => "generating",
             Status::Completed => "completed",
             Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Expired => "expired",
             Status::Delivered => "delivered",
             Status::Undeliverable => "undeliverable",
+        }
+    }
+}
+
+impl Outcome {
+    /// The status a job with this outcome has.
+    pub fn status(&self) -> Status {
+        match self {
+            Outcome::Completed { .. } => Status::Completed,
+            Outcome::Failed { .. } => Status::Failed,
+            Outcome::Cancelled { .. } => Status::Cancelled,
+            Outcome::Expired { .. } => Status::Expired,
         }
     }
 }
@@ -143,6 +162,9 @@ pub enum Claim {
     Generated,
     /// Another call holds a live lease: wait this long, then look again.
     Held(std::time::Duration),
+    /// The job was never started and its `expires_at` has passed: the document is now
+    /// `expired`, and no call is made.
+    Expired,
     /// Taken: the document now holds this lease, for a new attempt.
     Taken(Lease),
 }
@@ -192,9 +214,21 @@ pub struct JobStatus {
     /// that was charged for answers it could not use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Cost>,
-    /// Why the job `failed`.
+    /// Why the job `failed`, was `cancelled` or `expired`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
+    /// `cancelled` or `expired`: how a job ended that was never generated, kept when its
+    /// webhook moves `status` on to `delivered` or `undeliverable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_as: Option<Status>,
+    /// A job not started by then expires instead (`ttl` or `expires_at` at submission, or
+    /// the kind's `ttl`).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
     #[serde(
         default,
         with = "time::serde::rfc3339::option",
@@ -253,6 +287,8 @@ impl JobStatus {
             usage: None,
             cost: None,
             error: None,
+            ended_as: None,
+            expires_at: request.expires_at,
             finished_at: None,
             deliveries: Vec::new(),
             delivered_at: None,
@@ -270,19 +306,25 @@ impl JobStatus {
         if !self.status.is_generated() {
             return None;
         }
-        let outcome = match (&self.result, &self.error) {
-            (Some(result), _) => Outcome::Completed {
+        let outcome = match (self.ended_as, &self.result, &self.error) {
+            (Some(Status::Cancelled), ..) => Outcome::Cancelled {
+                error: self.error.clone(),
+            },
+            (Some(Status::Expired), ..) => Outcome::Expired {
+                error: self.error.clone(),
+            },
+            (_, Some(result), _) => Outcome::Completed {
                 result: result.clone(),
                 model: self.model.clone().unwrap_or_default(),
                 usage: self.usage.unwrap_or_default(),
                 cost: self.cost,
             },
-            (None, Some(error)) => Outcome::Failed {
+            (_, None, Some(error)) => Outcome::Failed {
                 error: error.clone(),
                 usage: self.usage,
                 cost: self.cost,
             },
-            (None, None) => return None,
+            (_, None, None) => return None,
         };
         Some(JobFinished {
             job_id: self.job_id.clone(),
@@ -323,14 +365,50 @@ impl JobStatus {
         if self.status != Status::Undeliverable {
             return false;
         }
-        self.status = if self.result.is_some() {
-            Status::Completed
-        } else {
-            Status::Failed
-        };
+        self.status = self.generation_outcome();
         self.delivery_round += 1;
         self.delivered_at = None;
         self.updated_at = now;
+        true
+    }
+
+    /// How the job's generation ended, whatever became of its webhook since.
+    pub fn generation_outcome(&self) -> Status {
+        match (self.ended_as, &self.result) {
+            (Some(ended_as), _) => ended_as,
+            (None, Some(_)) => Status::Completed,
+            (None, None) => Status::Failed,
+        }
+    }
+
+    /// Whether the job's outcome is recorded and its webhook not yet settled: the state in
+    /// which its finished event is published (again, after a crash) for the callback service.
+    pub fn awaits_delivery(&self) -> bool {
+        self.status.is_generated() && !self.status.is_final()
+    }
+
+    /// Withdraws a job that has not been generated: `cancelled`, with no call made from now
+    /// on (a call in flight loses its lease and is not recorded). False for a job that is
+    /// generated already, or withdrawn before.
+    pub fn cancel(&mut self, now: OffsetDateTime, by: &str) -> bool {
+        self.withdraw(
+            Status::Cancelled,
+            now,
+            JobError {
+                kind: "cancelled".into(),
+                message: format!("cancelled by {by} before it was generated"),
+            },
+        )
+    }
+
+    fn withdraw(&mut self, as_status: Status, now: OffsetDateTime, error: JobError) -> bool {
+        if self.status.is_generated() || !self.advance(as_status, now) {
+            return false;
+        }
+        self.ended_as = Some(as_status);
+        self.error = Some(error);
+        self.lease = None;
+        self.finished_at = Some(now);
         true
     }
 
@@ -349,6 +427,7 @@ impl JobStatus {
             callback_url: self.callback_url.clone(),
             metadata: self.metadata.clone(),
             requested_at: self.created_at,
+            expires_at: self.expires_at,
         }
     }
 
@@ -364,6 +443,17 @@ impl JobStatus {
     ) -> Claim {
         if self.status.is_generated() {
             return Claim::Generated;
+        }
+        // Only a job never started expires: one that has had an attempt is the provider's
+        // to finish, and was paid for.
+        if self.generation_attempts == 0 && self.expires_at.is_some_and(|at| at <= now) {
+            let expired = JobError {
+                kind: "expired".into(),
+                message: "not started before its expires_at".into(),
+            };
+            if self.withdraw(Status::Expired, now, expired) {
+                return Claim::Expired;
+            }
         }
         if let Some(lease) = self.lease.as_ref().filter(|lease| lease.is_live(now)) {
             let left = (lease.expires_at - now).try_into().unwrap_or_default();
@@ -490,6 +580,7 @@ mod tests {
                 .expect("a callback URL"),
             metadata: Map::new(),
             requested_at: OffsetDateTime::UNIX_EPOCH,
+            expires_at: None,
         };
         JobStatus::accepted(&request, "digest".into())
     }
@@ -555,6 +646,70 @@ mod tests {
         assert!(!doc.may_record(Some(&lost), now + MINUTE * 2));
     }
 
+    #[test]
+    fn a_job_not_generated_is_cancelled_once_and_its_claim_and_lease_end() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let mut waiting = accepted_job();
+        assert!(waiting.cancel(now, "API key `a`"));
+        assert_eq!(waiting.claim("g", now, MINUTE), Claim::Generated);
+        assert!(!waiting.cancel(now, "API key `a`"), "cancelled once");
+
+        let mut generating = accepted_job();
+        let Claim::Taken(lease) = generating.claim("g", now, MINUTE) else {
+            panic!("taken");
+        };
+        assert!(generating.cancel(now, "API key `a`"));
+        assert!(
+            !generating.renew_lease(&lease, now + MINUTE),
+            "the call loses its lease"
+        );
+        assert!(
+            !generating.may_record(Some(&lease), now),
+            "and records nothing"
+        );
+        let event = generating
+            .finished_event()
+            .expect("a cancelled job has an event");
+        assert_eq!(event.event(), crate::subjects::Event::Cancelled);
+
+        generating.advance(Completed, now);
+        assert!(
+            !generating.cancel(now, "API key `a`"),
+            "generated is past taking back"
+        );
+    }
+
+    #[test]
+    fn only_a_job_never_started_expires_and_its_redelivery_says_so_again() {
+        let deadline = OffsetDateTime::UNIX_EPOCH + MINUTE;
+        let mut late = accepted_job();
+        late.expires_at = Some(deadline);
+        assert_eq!(late.claim("g", deadline, MINUTE), Claim::Expired);
+        assert_eq!((late.status, late.generation_attempts), (Expired, 0));
+        assert_eq!(late.claim("g", deadline, MINUTE), Claim::Generated);
+
+        // Started in time, then retried past the deadline: the provider's to finish.
+        let mut started = accepted_job();
+        started.expires_at = Some(deadline);
+        let Claim::Taken(first) = started.claim("g", deadline - MINUTE, MINUTE) else {
+            panic!("taken before its deadline");
+        };
+        assert!(started.release_lease(&first));
+        assert!(matches!(
+            started.claim("g", deadline + MINUTE, MINUTE),
+            Claim::Taken(_)
+        ));
+
+        late.advance(Undeliverable, deadline);
+        assert!(late.reopen_delivery(deadline));
+        assert_eq!(
+            late.status, Expired,
+            "a redelivery sends `job.expired` again"
+        );
+        let event = late.finished_event().expect("an expired job has an event");
+        assert_eq!(event.event(), crate::subjects::Event::Expired);
+    }
+
     fn attempt(at: i64, error_kind: Option<&str>, round: u32) -> DeliveryAttempt {
         DeliveryAttempt {
             at: OffsetDateTime::from_unix_timestamp(at).expect("a time"),
@@ -577,6 +732,7 @@ mod tests {
                 .expect("a callback URL"),
             metadata: Map::new(),
             requested_at: OffsetDateTime::UNIX_EPOCH,
+            expires_at: None,
         };
         let mut doc = JobStatus::accepted(&request, "digest".into());
         assert_eq!(doc.round_started_at(), None);

@@ -446,6 +446,7 @@ mod tests {
                 .expect("a callback URL"),
             metadata: serde_json::Map::new(),
             requested_at: OffsetDateTime::UNIX_EPOCH,
+            expires_at: None,
         };
         let mut doc = JobStatus::accepted(&request, "digest".into());
         assert!(encode(&doc).starts_with(ACCEPTED_PREFIX));

@@ -24,15 +24,27 @@ pub enum Event {
     Failed,
     Delivered,
     Undeliverable,
+    Cancelled,
+    Expired,
 }
 
 impl Event {
-    pub const ALL: [Event; 5] = [
+    pub const ALL: [Event; 7] = [
         Event::Requested,
         Event::Completed,
         Event::Failed,
         Event::Delivered,
         Event::Undeliverable,
+        Event::Cancelled,
+        Event::Expired,
+    ];
+
+    /// The events the callback service delivers a webhook for: a job's generation ended.
+    pub const FINISHED: [Event; 4] = [
+        Event::Completed,
+        Event::Failed,
+        Event::Cancelled,
+        Event::Expired,
     ];
 
     pub fn token(self) -> &'static str {
@@ -42,6 +54,8 @@ impl Event {
             Event::Failed => "failed",
             Event::Delivered => "delivered",
             Event::Undeliverable => "undeliverable",
+            Event::Cancelled => "cancelled",
+            Event::Expired => "expired",
         }
     }
 

@@ -110,7 +110,7 @@ pub fn callback_consumer_config(config: &Config) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(CALLBACK_CONSUMER.into()),
         description: Some("Shared by every callback instance".into()),
-        filter_subjects: vec![Event::Completed.filter(), Event::Failed.filter()],
+        filter_subjects: Event::FINISHED.map(Event::filter).to_vec(),
         ack_policy: consumer::AckPolicy::Explicit,
         // One attempt's timeout plus room for the status writes around it; long attempts also
         // send progress acks.

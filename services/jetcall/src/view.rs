@@ -58,10 +58,23 @@ pub struct JobView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub cost: Option<Cost>,
-    /// Why the job `failed`.
+    /// Why the job `failed`, was `cancelled` or `expired`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub error: Option<JobError>,
+    /// `cancelled` or `expired`, for a job that ended so: kept once its webhook has moved
+    /// `status` on to `delivered` or `undeliverable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub ended_as: Option<Status>,
+    /// Not started by then, the job expires.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: Option<OffsetDateTime>,
     #[serde(
         default,
         with = "time::serde::rfc3339::option",
@@ -126,6 +139,8 @@ impl From<JobStatus> for JobView {
             usage,
             cost,
             error,
+            ended_as,
+            expires_at,
             finished_at,
             deliveries,
             delivered_at,
@@ -150,6 +165,8 @@ impl From<JobStatus> for JobView {
             usage,
             cost,
             error,
+            ended_as,
+            expires_at,
             finished_at,
             deliveries,
             delivered_at,

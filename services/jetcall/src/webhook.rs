@@ -20,6 +20,8 @@ pub fn payload(job: &JobFinished) -> Value {
     let (event_type, status) = match &job.outcome {
         Outcome::Completed { .. } => ("job.completed", "completed"),
         Outcome::Failed { .. } => ("job.failed", "failed"),
+        Outcome::Cancelled { .. } => ("job.cancelled", "cancelled"),
+        Outcome::Expired { .. } => ("job.expired", "expired"),
     };
     body.insert("type".into(), event_type.into());
     body.insert("job_id".into(), json!(job.job_id));
@@ -55,6 +57,12 @@ pub fn payload(job: &JobFinished) -> Value {
                 body.insert("cost".into(), json!(cost));
             }
             body.insert("failed_at".into(), finished_at.into());
+        }
+        Outcome::Cancelled { .. } => {
+            body.insert("cancelled_at".into(), finished_at.into());
+        }
+        Outcome::Expired { .. } => {
+            body.insert("expired_at".into(), finished_at.into());
         }
     }
     if !job.metadata.is_empty() {
@@ -138,6 +146,32 @@ mod tests {
         assert!(body.get("description").is_none());
         assert!(body.get("usage").is_none(), "no answer, no usage");
         assert!(body.get("cost").is_none());
+    }
+
+    #[test]
+    fn withdrawn_jobs_say_so_and_when_and_nothing_of_who() {
+        let error = Some(JobError {
+            kind: "cancelled".into(),
+            message: "cancelled by API key `ops` before it was generated".into(),
+        });
+        let body = payload(&finished(Outcome::Cancelled { error }));
+        assert_eq!(
+            body,
+            json!({
+                "type": "job.cancelled", "job_id": "JOB-771", "status": "cancelled",
+                "kind": "product-description", "product_id": "PROD-AC15",
+                "cancelled_at": "2026-11-29T10:00:00Z"
+            })
+        );
+        let body = payload(&finished(Outcome::Expired { error: None }));
+        assert_eq!(
+            (&body["type"], &body["status"], &body["expired_at"]),
+            (
+                &json!("job.expired"),
+                &json!("expired"),
+                &json!("2026-11-29T10:00:00Z")
+            )
+        );
     }
 
     #[test]

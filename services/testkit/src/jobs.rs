@@ -24,6 +24,7 @@ fn request(job_id: &str, callback_url: &str) -> Result<JobRequested, Error> {
         callback_url: jetcall::allowlist::CallbackUrl::parse(callback_url)?,
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
+        expires_at: None,
     })
 }
 
@@ -34,7 +35,22 @@ pub async fn requested_job(
     job_id: &str,
     callback_url: &str,
 ) -> Result<(), Error> {
-    let request = request(job_id, callback_url)?;
+    publish_request(topology, request(job_id, callback_url)?).await
+}
+
+/// As [`requested_job`], for a job given until a minute ago to start: the generator expires
+/// it rather than calling the model.
+pub async fn expired_job(
+    topology: &Topology,
+    job_id: &str,
+    callback_url: &str,
+) -> Result<(), Error> {
+    let mut request = request(job_id, callback_url)?;
+    request.expires_at = Some(OffsetDateTime::now_utc() - time::Duration::MINUTE);
+    publish_request(topology, request).await
+}
+
+async fn publish_request(topology: &Topology, request: JobRequested) -> Result<(), Error> {
     topology
         .status
         .create(&JobStatus::accepted(&request, "seeded".into()))

@@ -104,6 +104,7 @@ async fn completed_job(topology: &Topology, job_id: &str, callback_url: &str) {
         callback_url: jetcall::allowlist::CallbackUrl::parse(callback_url).expect("a callback URL"),
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
+        expires_at: None,
     };
     let mut doc = JobStatus::accepted(&request, "seeded".into());
     doc.advance(Status::Completed, OffsetDateTime::now_utc());

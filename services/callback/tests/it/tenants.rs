@@ -30,6 +30,7 @@ async fn completed_for(topology: &Topology, id: &str, tenant: &str, callback_url
         callback_url: jetcall::allowlist::CallbackUrl::parse(callback_url).expect("a callback URL"),
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
+        expires_at: None,
     };
     let mut doc = JobStatus::accepted(&request, "seeded".into());
     doc.advance(Status::Completed, OffsetDateTime::now_utc());

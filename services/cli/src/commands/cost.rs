@@ -76,7 +76,11 @@ impl Ledger {
                 cost,
                 ..
             } => (usage, cost),
-            Outcome::Failed { usage: None, .. } => return,
+            // Their events carry no usage: what a call cut short by a cancellation was
+            // charged is on the job's document and in the generator's cost metric.
+            Outcome::Failed { usage: None, .. }
+            | Outcome::Cancelled { .. }
+            | Outcome::Expired { .. } => return,
         };
         if !self.seen.insert(event.job_id.to_string()) {
             return;

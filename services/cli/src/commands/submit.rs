@@ -54,6 +54,9 @@ async fn submit_one(
     if let Some(metadata) = metadata {
         job["metadata"] = Value::Object(metadata);
     }
+    if let Some(ttl) = &args.ttl {
+        job["ttl"] = Value::String(ttl.clone());
+    }
     let answer = context.gateway.submit(&job).await?;
     if context.json {
         output::line(&answer.body);
@@ -81,6 +84,7 @@ async fn submit_file(
         kind: args.kind.clone(),
         callback_url: args.callback_url.clone(),
         metadata,
+        ttl: args.ttl.clone(),
     };
     let rows = rows::open(file, args.format, defaults)?;
     let total = rows.total;

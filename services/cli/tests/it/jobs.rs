@@ -219,3 +219,90 @@ async fn the_api_key_comes_from_the_flag_or_the_environment() {
     assert!(!env.stderr.contains("s3cret"), "the key is never printed");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_takes_back_waiting_jobs_and_says_which_it_could_not() {
+    let stack = Stack::start(&[]).await;
+    submit(&stack, "CANCEL-1").await;
+    submit(&stack, "CANCEL-2").await;
+    stack.advance("CANCEL-2", Status::Completed).await;
+    let ids = tempfile::NamedTempFile::new().expect("a file");
+    std::fs::write(
+        ids.path(),
+        "# from the catalogue import\nCANCEL-2\n\nNO-SUCH-JOB\n",
+    )
+    .expect("write the ids");
+
+    let path = ids.path().to_str().expect("a UTF-8 path");
+    let run = stack.run(&["cancel", "CANCEL-1", "--file", path]).await;
+    assert_eq!(run.code, Some(1), "not every job was cancelled: {run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines[0], "CANCEL-1: cancelled (cancelled)", "{run:?}");
+    assert!(
+        lines[1].starts_with("CANCEL-2: not cancelled: job CANCEL-2 is completed"),
+        "{run:?}"
+    );
+    assert!(lines[1].ends_with("(not_cancellable)"), "{run:?}");
+    assert!(
+        lines[2].starts_with("NO-SUCH-JOB: not cancelled:"),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("1 cancelled, 2 not"), "{run:?}");
+
+    let run = stack.run(&["cancel", "CANCEL-1"]).await;
+    assert_eq!(run.code, Some(0), "cancelling again is no error: {run:?}");
+    let run = stack.run(&["status", "CANCEL-1"]).await;
+    assert!(run.stdout.contains("status      cancelled"), "{run:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_gives_a_job_a_time_to_live() {
+    let stack = Stack::start(&[]).await;
+    let run = stack
+        .run(&[
+            "submit",
+            "--kind",
+            "product-description",
+            "--callback-url",
+            CALLBACK,
+            "--job-id",
+            "TTL-1",
+            "--ttl",
+            "2h",
+            "--field",
+            "product_id=P",
+            "--field",
+            "product_name=N",
+            "--field",
+            "specs=S",
+        ])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let run = stack.run(&["--json", "status", "TTL-1"]).await;
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).expect("the job as JSON");
+    assert!(doc["expires_at"].is_string(), "{doc}");
+    let refused = stack
+        .run(&[
+            "submit",
+            "--kind",
+            "product-description",
+            "--callback-url",
+            CALLBACK,
+            "--ttl",
+            "soon",
+            "--field",
+            "product_id=P",
+            "--field",
+            "product_name=N",
+            "--field",
+            "specs=S",
+        ])
+        .await;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(
+        refused.stderr.contains("error: invalid_field: `ttl`"),
+        "{refused:?}"
+    );
+    stack.stop().await;
+}

@@ -297,3 +297,106 @@ async fn two_instances_of_each_service_share_the_work() {
         "no job called the model twice"
     );
 }
+
+/// Cancellations around a generator's kill -9: one job cancelled while the dead generator's
+/// call for it held its lease, one cancelled while it waited with no generator at all. The
+/// restarted generator meets both requests again and revives neither: no second call, no
+/// result, and each job's `job.cancelled` webhook goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellations_survive_a_generator_kill() {
+    const WAIT: Duration = Duration::from_secs(30);
+    let mut stack = Stack::start(Shape::SINGLE).await;
+    let gateway = stack.gateways[0].url.clone();
+    let hook = stack.receiver().url("/webhooks/jobs");
+    let body = |job_id: &str| {
+        serde_json::json!({
+            "job_id": job_id, "product_id": job_id, "product_name": "Slow Heater",
+            "specs": "2 kW", "callback_url": hook,
+        })
+    };
+    let submit = async |stack: &Stack, job_id: &str| {
+        let response = stack
+            .http
+            .post(format!("{gateway}/api/v1/generate-description"))
+            .json(&body(job_id))
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    };
+    let cancel = async |stack: &Stack, job_id: &str| {
+        let response = stack
+            .http
+            .delete(format!("{gateway}/api/v1/jobs/{job_id}"))
+            .send()
+            .await
+            .expect("cancel");
+        assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    };
+    let status = async |stack: &Stack, job_id: &str| -> Option<jetcall::status::JobStatus> {
+        let job_id = jetcall::JobId::parse(job_id).expect("an id");
+        stack
+            .topology
+            .status
+            .get(&job_id)
+            .await
+            .ok()?
+            .map(|(doc, _)| doc)
+    };
+
+    stack.llm().push(Scripted::Delay(Duration::from_secs(600)));
+    submit(&stack, "JOB-HELD").await;
+    wait_until("the held job's call to reach the model", WAIT, || async {
+        (stack.llm().calls() == 1).then_some(())
+    })
+    .await;
+    stack.generators[0].process.kill();
+    cancel(&stack, "JOB-HELD").await;
+    submit(&stack, "JOB-WAITING").await;
+    cancel(&stack, "JOB-WAITING").await;
+    stack.generators[0].process.restart();
+    stack.wait_generator_ready(0).await;
+
+    for job_id in ["JOB-HELD", "JOB-WAITING"] {
+        wait_until(&format!("{job_id} to be delivered"), WAIT, || async {
+            status(&stack, job_id)
+                .await
+                .filter(|doc| doc.status == Status::Delivered)
+        })
+        .await;
+    }
+    // Both requests settled: the restarted generator has met each and called nothing.
+    wait_until("the generator consumer to settle", WAIT, || async {
+        let mut consumer = stack.topology.generator_consumer().await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    for job_id in ["JOB-HELD", "JOB-WAITING"] {
+        let doc = status(&stack, job_id).await.expect("a document");
+        assert_eq!(doc.ended_as, Some(Status::Cancelled), "{job_id}");
+        assert!(doc.result.is_none(), "{job_id} was revived: {doc:?}");
+    }
+    assert_eq!(stack.llm().calls(), 1, "only the held job's first call");
+    let types: Vec<String> = stack
+        .receiver()
+        .deliveries()
+        .iter()
+        .map(|delivery| {
+            delivery.json()["type"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(types, ["job.cancelled", "job.cancelled"]);
+    let stream = &stack.topology.stream;
+    assert_eq!(
+        testkit::nats::count_at_least(stream, "jobs.cancelled.>", 2).await,
+        2
+    );
+    assert_eq!(
+        testkit::nats::count_at_least(stream, "jobs.completed.>", 0).await,
+        0
+    );
+}

@@ -1,3 +1,4 @@
+mod cancellation;
 mod console;
 mod delivery;
 mod observability;

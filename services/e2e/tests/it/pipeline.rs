@@ -156,6 +156,17 @@ impl Pipeline {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.gateway_url))
+            .send()
+            .await
+            .expect("DELETE to the gateway");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn status(&self, job_id: &str) -> (StatusCode, Value) {
         let response = self
             .http

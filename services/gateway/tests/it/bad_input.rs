@@ -352,3 +352,76 @@ async fn a_job_whose_prompt_would_pass_max_prompt_bytes_is_refused() {
     );
     gateway.stop().await;
 }
+
+/// `ttl` and `expires_at` are checked as any field: one or the other, a duration, within a
+/// year and at least a second ahead. What is accepted is stored as a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_is_a_duration_or_a_moment_within_bounds() {
+    let gateway = Gateway::start(&[]).await;
+    let job = |extra: Value| {
+        let mut body = json!({
+            "job_id": "JOB-TTL", "kind": "product-description",
+            "callback_url": "http://127.0.0.1:9/hook",
+            "input": {"product_id": "P", "product_name": "N", "specs": "S"},
+        });
+        body.as_object_mut()
+            .expect("an object")
+            .extend(extra.as_object().expect("an object").clone());
+        body
+    };
+    let in_an_hour = (time::OffsetDateTime::now_utc() + time::Duration::HOUR)
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("a time");
+    let cases = [
+        (
+            json!({"ttl": "2h", "expires_at": in_an_hour}),
+            "ttl",
+            "not both",
+        ),
+        (json!({"ttl": "soon"}), "ttl", "duration"),
+        (json!({"ttl": "0s"}), "ttl", "between 1 s and 365 days"),
+        (json!({"ttl": "400days"}), "ttl", "between 1 s and 365 days"),
+        (json!({"ttl": "99999999999999999999y"}), "ttl", "duration"),
+        (json!({"ttl": 60}), "ttl", "ttl"),
+        (
+            json!({"expires_at": "2020-01-01T00:00:00Z"}),
+            "expires_at",
+            "between 1 s",
+        ),
+        (
+            json!({"expires_at": "9999-12-31T23:59:59Z"}),
+            "expires_at",
+            "between 1 s",
+        ),
+        (
+            json!({"expires_at": "tomorrow"}),
+            "expires_at",
+            "expires_at",
+        ),
+    ];
+    for (extra, field, needle) in cases {
+        let (status, error) = gateway.post("/api/v1/jobs", &job(extra.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{extra}: {error}");
+        assert_eq!(error["field"], field, "{extra}: {error}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{extra}: {error}");
+    }
+    assert_eq!(gateway.recorded().await, 0, "nothing may be recorded");
+
+    let (status, body) = gateway
+        .post("/api/v1/jobs", &job(json!({"ttl": "2h"})))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (_, doc) = gateway.get("/api/v1/jobs/JOB-TTL").await;
+    let expires_at = time::OffsetDateTime::parse(
+        doc["expires_at"].as_str().expect("expires_at is shown"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("RFC 3339");
+    let ahead = expires_at - time::OffsetDateTime::now_utc();
+    assert!(
+        ahead > time::Duration::minutes(119) && ahead <= time::Duration::HOUR * 2,
+        "{ahead}"
+    );
+    gateway.stop().await;
+}

@@ -199,6 +199,7 @@ async fn call(
     let mut request = match method {
         "get" => gateway.http.get(url),
         "post" => gateway.http.post(url),
+        "delete" => gateway.http.delete(url),
         other => panic!("no {other} here"),
     };
     if let Some(body) = body {
@@ -258,6 +259,7 @@ async fn every_route_the_router_serves_is_documented() {
         let request = match method.as_str() {
             "get" => gateway.http.get(url),
             "post" => gateway.http.post(url).json(&json!({})),
+            "delete" => gateway.http.delete(url),
             other => panic!("no probe for {other}"),
         };
         let response = request.send().await.expect("probe");
@@ -556,6 +558,62 @@ async fn real_answers_match_the_documented_schemas() {
     assert_eq!(body["results"][3]["job_id"], Value::Null);
     let (status, body) = call(&gateway, &doc, "post", batch, Some(json!({"jobs": []}))).await;
     assert_eq!((status, &body["type"]), (422, &json!("batch_empty")));
+
+    // Cancellation: one job given two hours to start, cancelled (twice, answered alike); a
+    // delivered job not cancellable; in bulk, an answer per id.
+    let callback_url = article_job("JOB-X")["callback_url"].clone();
+    let (status, body) = call(
+        &gateway,
+        &doc,
+        "post",
+        "/api/v1/jobs",
+        Some(json!({
+            "job_id": "JOB-X", "kind": "product-description", "callback_url": callback_url,
+            "input": {"product_id": "P", "product_name": "N", "specs": "S"}, "ttl": "2h"
+        })),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    for _ in 0..2 {
+        let (status, body) = call(&gateway, &doc, "delete", "/api/v1/jobs/JOB-X", None).await;
+        assert_eq!(
+            (status, &body["status"]),
+            (202, &json!("cancelled")),
+            "{body}"
+        );
+        assert_eq!(body["ended_as"], "cancelled");
+        assert!(body["expires_at"].is_string(), "{body}");
+    }
+    let (status, body) = call(&gateway, &doc, "delete", "/api/v1/jobs/JOB-C", None).await;
+    assert_eq!(
+        (status, &body["type"], &body["status"]),
+        (409, &json!("not_cancellable"), &json!("delivered"))
+    );
+    assert_eq!(
+        call(&gateway, &doc, "delete", "/api/v1/jobs/NOPE", None)
+            .await
+            .0,
+        404
+    );
+    let ids = json!({"job_ids": ["JOB-X", "JOB-C", "NOPE", "not.an.id"]});
+    let (status, body) = call(&gateway, &doc, "post", "/api/v1/jobs/cancel", Some(ids)).await;
+    assert_eq!(status, 200, "{body}");
+    let codes: Vec<&Value> = body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| &r["status_code"])
+        .collect();
+    assert_eq!(codes, [&json!(202), &json!(409), &json!(404), &json!(422)]);
+    assert_eq!(
+        (&body["cancelled"], &body["rejected"]),
+        (&json!(1), &json!(3))
+    );
+    let empty = json!({"job_ids": []});
+    let (status, body) = call(&gateway, &doc, "post", "/api/v1/jobs/cancel", Some(empty)).await;
+    assert_eq!((status, &body["field"]), (422, &json!("job_ids")));
+    let (status, body) = call(&gateway, &doc, "get", "/api/v1/jobs/cancel", None).await;
+    assert_eq!((status, &body["type"]), (404, &json!("not_found")));
 
     // Redelivery by time window.
     let window = "/api/v1/deliveries/redeliver?since=2020-01-01T00:00:00Z";

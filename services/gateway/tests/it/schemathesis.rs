@@ -22,12 +22,18 @@ const EXAMPLE_JOB_ID: &str = "JOB-771";
 ///
 /// A window whose `until` is before its `since` is a caller's mistake the gateway names
 /// (`422 invalid_field`), which no schema can state (one parameter must not precede another):
-/// for that operation alone, schema-valid data may be refused with a 422.
+/// for that operation alone, schema-valid data may be refused with a 422. So may a job's
+/// `expires_at` or `ttl`, which must fall 1 s to 365 days from the moment of submission: a
+/// bound relative to now, which no schema can state either.
 const SCHEMATHESIS_TOML: &str = r#"
 max-stream-events = 1
 
 [[operations]]
 include-operation-id = "redeliver_window"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "409", "422", "429"]
+
+[[operations]]
+include-operation-id = "submit_job"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "409", "422", "429"]
 "#;
 

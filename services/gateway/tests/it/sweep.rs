@@ -33,6 +33,7 @@ pub fn request(job_id: &str, age: Duration) -> JobRequested {
         .expect("a callback URL"),
         metadata: serde_json::Map::new(),
         requested_at: OffsetDateTime::now_utc() - age,
+        expires_at: None,
     }
 }
 

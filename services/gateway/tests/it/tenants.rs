@@ -37,6 +37,7 @@ pub(crate) async fn call(
     let url = format!("{}{path}", gateway.url);
     let request = match method {
         "POST" => gateway.http.post(url),
+        "DELETE" => gateway.http.delete(url),
         _ => gateway.http.get(url),
     };
     let request = match body {
@@ -112,6 +113,7 @@ async fn a_key_sees_and_acts_on_its_own_jobs_only() {
         ("GET", "/api/v1/jobs/JOB-OF-A"),
         ("GET", "/api/v1/jobs/JOB-OF-A/events"),
         ("POST", "/api/v1/jobs/JOB-OF-A/redeliver"),
+        ("DELETE", "/api/v1/jobs/JOB-OF-A"),
     ] {
         let (status, body) = call(&gateway, b, method, path, None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {body}");
@@ -159,6 +161,44 @@ async fn a_key_sees_and_acts_on_its_own_jobs_only() {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_cancels_its_own_jobs_and_an_operator_anyones() {
+    let gateway = tenants().await;
+    let (a, b, ops) = (KEYS[0].0, KEYS[1].0, KEYS[2].0);
+    let submit = "/api/v1/generate-description";
+    for id in ["JOB-A1", "JOB-A2"] {
+        let (status, body) = call(&gateway, a, "POST", submit, Some(&article_job(id))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let both = json!({"job_ids": ["JOB-A1", "JOB-A2"]});
+    let (status, body) = call(&gateway, b, "POST", "/api/v1/jobs/cancel", Some(&both)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        (&answer["cancelled"], &answer["rejected"]),
+        (&json!(0), &json!(2))
+    );
+    assert_eq!(answer["results"][0]["error"]["type"], "not_found", "{body}");
+    assert!(!body.contains("PROD-AC15"), "{body}");
+
+    let (status, body) = call(&gateway, a, "DELETE", "/api/v1/jobs/JOB-A1", None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, body) = call(&gateway, ops, "DELETE", "/api/v1/jobs/JOB-A2", None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let doc: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        (&doc["status"], &doc["tenant"]),
+        (&json!("cancelled"), &json!(KEYS[0].1))
+    );
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains(KEYS[2].1)),
+        "the document says who cancelled it: {doc}"
+    );
     gateway.stop().await;
 }
 

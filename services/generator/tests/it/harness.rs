@@ -109,6 +109,7 @@ impl Harness {
                 .expect("a callback URL"),
             metadata: Default::default(),
             requested_at: OffsetDateTime::now_utc(),
+            expires_at: None,
         };
         self.topology
             .status
