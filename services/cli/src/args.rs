@@ -172,8 +172,8 @@ pub struct WatchArgs {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Only jobs in this status: accepted, generating, completed, failed, delivered,
-    /// undeliverable.
+    /// Only jobs in this status: accepted, generating, completed, failed, cancelled, expired,
+    /// delivered, undeliverable.
     #[arg(long)]
     pub status: Option<String>,
 

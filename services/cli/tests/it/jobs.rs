@@ -259,46 +259,33 @@ async fn cancel_takes_back_waiting_jobs_and_says_which_it_could_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_gives_a_job_a_time_to_live() {
     let stack = Stack::start(&[]).await;
-    let run = stack
-        .run(&[
-            "submit",
-            "--kind",
-            "product-description",
-            "--callback-url",
-            CALLBACK,
-            "--job-id",
-            "TTL-1",
-            "--ttl",
-            "2h",
-            "--field",
-            "product_id=P",
-            "--field",
-            "product_name=N",
-            "--field",
-            "specs=S",
-        ])
-        .await;
+    let submit_with_ttl = async |job_id: &str, ttl: &str| {
+        stack
+            .run(&[
+                "submit",
+                "--kind",
+                "product-description",
+                "--callback-url",
+                CALLBACK,
+                "--job-id",
+                job_id,
+                "--ttl",
+                ttl,
+                "--field",
+                "product_id=P",
+                "--field",
+                "product_name=N",
+                "--field",
+                "specs=S",
+            ])
+            .await
+    };
+    let run = submit_with_ttl("TTL-1", "2h").await;
     assert_eq!(run.code, Some(0), "{run:?}");
     let run = stack.run(&["--json", "status", "TTL-1"]).await;
     let doc: serde_json::Value = serde_json::from_str(&run.stdout).expect("the job as JSON");
     assert!(doc["expires_at"].is_string(), "{doc}");
-    let refused = stack
-        .run(&[
-            "submit",
-            "--kind",
-            "product-description",
-            "--callback-url",
-            CALLBACK,
-            "--ttl",
-            "soon",
-            "--field",
-            "product_id=P",
-            "--field",
-            "product_name=N",
-            "--field",
-            "specs=S",
-        ])
-        .await;
+    let refused = submit_with_ttl("TTL-2", "soon").await;
     assert_eq!(refused.code, Some(1), "{refused:?}");
     assert!(
         refused.stderr.contains("error: invalid_field: `ttl`"),

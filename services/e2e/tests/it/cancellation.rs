@@ -234,3 +234,62 @@ async fn jobs_that_expire_in_a_backlog_never_reach_the_model() {
     );
     pipeline.stop().await;
 }
+
+/// A gateway that stopped between its two writes: the job is `cancelled` in its document but
+/// no event says so, and the generator, not hearing of it, lets its call answer. The answer
+/// is not used but its cost is kept, and the generator publishes the missing event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_whose_event_was_lost_is_finished_by_the_generator_and_still_charged() {
+    let receiver = WebhookReceiver::start().await;
+    let claude = FakeAnthropic::start().await;
+    claude.push(Scripted::Delay(Duration::from_secs(2)));
+    let mut settings = one_at_a_time(&claude);
+    settings.extend([
+        ("anthropic.model", json!("claude-test-model")),
+        (
+            "prices.claude-test-model",
+            json!({"input": 3.0, "output": 15.0}),
+        ),
+        // No lease renewal within the call: only the document can tell.
+        ("generator.ack_wait", json!("300s")),
+    ]);
+    let pipeline = Pipeline::start(&settings).await;
+    let (status, _) = pipeline
+        .post(
+            "/api/v1/jobs",
+            &job("JOB-LOST", "Lost Lamp", &receiver.url("/cb")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    wait_until("the call to reach the model", WAIT, || async {
+        (claude.calls() == 1).then_some(())
+    })
+    .await;
+    let job_id = jetcall::JobId::parse("JOB-LOST").expect("an id");
+    let now = time::OffsetDateTime::now_utc();
+    pipeline
+        .topology
+        .status
+        .update(&job_id, |doc| {
+            doc.cancel(now, "a gateway that then stopped")
+        })
+        .await
+        .expect("the cancellation's first write");
+
+    let payload = receiver.wait_for(1, WAIT).await[0].json();
+    assert_eq!(payload["type"], "job.cancelled", "{payload}");
+    let doc = pipeline
+        .wait_for_status("JOB-LOST", "delivered", WAIT)
+        .await;
+    assert!(doc.get("result").is_none(), "{doc}");
+    let tokens = |name: &str| doc["usage"][name].as_u64().expect(name);
+    assert!(tokens("output_tokens") > 0, "{doc}");
+    assert_eq!(
+        doc["cost"]["microdollars"],
+        json!(tokens("input_tokens") * 3 + tokens("output_tokens") * 15),
+        "{doc}"
+    );
+    assert_eq!(pipeline.count_at_least("jobs.cancelled.>", 1).await, 1);
+    assert_eq!(pipeline.count_at_least("jobs.completed.>", 0).await, 0);
+    pipeline.stop().await;
+}
