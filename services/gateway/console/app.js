@@ -16,6 +16,8 @@ const DEAD_LETTER_LIMIT = 1000;
 const REFRESH_MS = { overview: 3000, jobs: 5000, deadLetters: 5000, ages: 5000 };
 const STATUSES = ['accepted', 'generating', 'completed', 'failed', 'cancelled', 'expired', 'delivered', 'undeliverable'];
 const FINAL = new Set(['delivered', 'undeliverable']);
+/** What `DELETE /api/v1/jobs/{id}` takes back: a job not generated yet. */
+const CANCELLABLE = new Set(['accepted', 'generating']);
 const SERIES = ['accepted', 'completed', 'failed', 'delivered', 'undeliverable'];
 const SVG_NS = 'http://www.w3.org/2000/svg';
 
@@ -750,6 +752,7 @@ function clearJobView() {
   status.className = 'status';
   setText('#job-live', '');
   $('#btn-redeliver').disabled = true;
+  $('#btn-cancel-job').disabled = true;
   for (const id of ['#job-facts', '#timeline', '#job-sections']) $(id).replaceChildren();
   for (const id of ['#job-action-result', '#curl-text', '#job-missing']) show($(id), false);
   show($('#job-body'), true);
@@ -860,6 +863,7 @@ function renderJob(view, job) {
   status.textContent = job.status;
   status.className = `status st ${statusClass(job.status)}`;
   $('#btn-redeliver').disabled = job.status !== 'undeliverable';
+  $('#btn-cancel-job').disabled = !CANCELLABLE.has(job.status);
   $('#job-facts').replaceChildren(...jobFacts(job));
   $('#timeline').replaceChildren(...timeline(job));
   $('#job-sections').replaceChildren(...jobSections(job));
@@ -979,6 +983,23 @@ async function redeliverJob() {
   }
 }
 
+async function cancelJob() {
+  const view = ctx;
+  if (view?.name !== 'job' || !view.job) return;
+  const what = view.job.status === 'generating' ? ' Its call to the model is abandoned.' : '';
+  if (!(await confirmAction(`Cancel job ${view.jobId}?${what} Its webhook will say job.cancelled.`, 'Cancel job'))) return;
+  if (view !== ctx) return;
+  try {
+    const answer = await viewApi(`/api/v1/jobs/${encodeURIComponent(view.jobId)}`, { method: 'DELETE' });
+    actionResult(`Cancelled: status ${answer.status}.`);
+    if (view === ctx) renderJob(view, answer);
+  } catch (err) {
+    if (isQuiet(err)) return;
+    actionResult(`Cancellation failed: ${err.message}`);
+    reportError(err, 'Cancellation failed', 'job-action');
+  }
+}
+
 function actionResult(text) {
   setText('#job-action-result', text);
   show($('#job-action-result'), true);
@@ -1008,6 +1029,7 @@ async function copyCurl() {
 
 function wireJob() {
   $('#btn-redeliver').addEventListener('click', redeliverJob);
+  $('#btn-cancel-job').addEventListener('click', cancelJob);
   $('#btn-copy-curl').addEventListener('click', copyCurl);
 }
 

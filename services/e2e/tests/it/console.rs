@@ -527,3 +527,54 @@ async fn a_tenants_key_shows_its_own_jobs_and_an_admin_key_all() {
     browser.close().await;
     pipeline.stop().await;
 }
+
+/// A job whose call is taking long is cancelled from its page: the call is abandoned, the
+/// timeline ends `cancelled`, and the caller gets `job.cancelled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_job_is_cancelled_by_clicking() {
+    let receiver = WebhookReceiver::start().await;
+    let claude = testkit::FakeAnthropic::start().await;
+    claude.push(testkit::fake_anthropic::Scripted::Delay(
+        Duration::from_secs(600),
+    ));
+    let pipeline = Pipeline::start(&[
+        ("generator.provider", json!("anthropic")),
+        ("anthropic.api_key", json!(testkit::fake_anthropic::API_KEY)),
+        ("anthropic.base_url", json!(claude.base_url())),
+        ("generator.ack_wait", json!("300s")),
+    ])
+    .await;
+    submit(
+        &pipeline,
+        None,
+        &article_job("JOB-SLOW", &receiver.url("/webhooks/description")),
+    )
+    .await;
+    pipeline
+        .wait_for_status("JOB-SLOW", "generating", WAIT)
+        .await;
+
+    let browser = Browser::start().await;
+    browser.set_window_size(1280, 800).await;
+    browser
+        .goto(&console_url(&pipeline, "#/jobs/JOB-SLOW"))
+        .await;
+    browser.wait_for("#btn-cancel-job:enabled").await;
+    browser.click("#btn-cancel-job").await;
+    browser
+        .wait_for_text("#confirm-message", |t| t.contains("abandoned"))
+        .await;
+    browser.click("#confirm-ok").await;
+    browser.wait_for_hidden("#confirm").await;
+
+    let payload = receiver.wait_for(1, WAIT).await[0].json();
+    assert_eq!(payload["type"], "job.cancelled", "{payload}");
+    browser
+        .wait_for("#timeline li[data-step=\"cancelled\"]")
+        .await;
+    browser.wait_for("#btn-cancel-job:disabled").await;
+    assert_eq!(claude.calls(), 1);
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+    pipeline.stop().await;
+}
