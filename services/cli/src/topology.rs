@@ -12,6 +12,7 @@ use async_nats::jetstream::context::{
 use async_nats::jetstream::{self, ErrorCode, consumer, kv, stream};
 
 use jetcall::Config;
+use jetcall::budget;
 use jetcall::subjects::{
     CALLBACK_CONSUMER, GENERATOR_CONSUMER, LIMITS_BUCKET, STATUS_BUCKET, STREAM,
 };
@@ -98,7 +99,7 @@ pub async fn inspect(js: &jetstream::Context, config: &Config) -> Result<Vec<Par
             message,
         }
     };
-    let mut parts = Vec::with_capacity(5);
+    let mut parts = Vec::with_capacity(6);
 
     let stream = match js.get_stream(STREAM).await {
         Ok(stream) => Some(stream),
@@ -114,6 +115,20 @@ pub async fn inspect(js: &jetstream::Context, config: &Config) -> Result<Vec<Par
             }
             None => State::Missing,
         },
+    });
+
+    let budgets = match js.get_stream(budget::STREAM).await {
+        Ok(budgets) => compare_stream(
+            &budgets.cached_info().config,
+            &budget::stream_config(config),
+        ),
+        Err(err) if stream_not_found(&err) => State::Missing,
+        Err(err) => return Err(read("stream", budget::STREAM)(err.to_string())),
+    };
+    parts.push(Part {
+        what: "stream",
+        name: budget::STREAM,
+        state: budgets,
     });
 
     let consumers = [
@@ -221,6 +236,11 @@ fn compare_stream(have: &stream::Config, want: &stream::Config) -> State {
     );
     diff.field("replicas", have.num_replicas, want.num_replicas);
     diff.field("allow_direct", have.allow_direct, want.allow_direct);
+    diff.field(
+        "allow_msg_counter",
+        have.allow_message_counter,
+        want.allow_message_counter,
+    );
     diff.state()
 }
 

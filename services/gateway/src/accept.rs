@@ -60,16 +60,30 @@ pub async fn record(
     job: ValidJob,
     trace: TraceParent,
 ) -> Result<Recorded, ApiError> {
+    let budget = reserve(state, &job).await?;
     let mut doc = JobStatus::accepted(&job.request, job.digest.clone());
     doc.sealed_signing_secret = job.sealed_signing_secret;
     doc.tenant = job.tenant.clone();
     doc.trace_id = Some(trace.trace_id());
-    let created = state
-        .topology
-        .status
-        .create(&doc)
-        .await
-        .map_err(|err| ApiError::Unavailable(err.to_string()))?;
+    doc.budget = budget;
+    let created = state.topology.status.create(&doc).await;
+    let release = async || {
+        if let (Some(reservation), Some(tenant)) = (&doc.budget, &doc.tenant) {
+            state.topology.budgets.release(tenant, reservation).await;
+        }
+    };
+    let created = match created {
+        Ok(Created::New(revision)) => Created::New(revision),
+        Ok(exists) => {
+            // Reserved already, when it was first accepted.
+            release().await;
+            exists
+        }
+        Err(err) => {
+            release().await;
+            return Err(ApiError::Unavailable(err.to_string()));
+        }
+    };
     match created {
         Created::New(_) => Ok(Recorded::New {
             request: job.request,
@@ -87,6 +101,33 @@ pub async fn record(
             Ok(Recorded::Waiting(existing))
         }
         Created::Exists(existing) => Ok(Recorded::MovedOn(existing)),
+    }
+}
+
+/// Reserves the most the job can cost in its tenant's budget, when the tenant has one: a
+/// job that would pass a limit is refused (`402`), before anything is written.
+async fn reserve(
+    state: &AppState,
+    job: &ValidJob,
+) -> Result<Option<jetcall::budget::Reservation>, ApiError> {
+    let (Some((limits, estimate)), Some(tenant)) = (&job.budget, &job.tenant) else {
+        return Ok(None);
+    };
+    let now = OffsetDateTime::now_utc();
+    match state
+        .topology
+        .budgets
+        .reserve(tenant, limits, *estimate, now)
+        .await
+    {
+        Ok(Ok(reservation)) => Ok(Some(reservation)),
+        Ok(Err(exceeded)) => Err(ApiError::BudgetExceeded {
+            tenant: tenant.clone(),
+            period: exceeded.period,
+            limit: exceeded.limit,
+            resets_at: exceeded.resets_at,
+        }),
+        Err(err) => Err(ApiError::Unavailable(err.to_string())),
     }
 }
 

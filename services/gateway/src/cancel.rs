@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use jetcall::JobId;
+use jetcall::budget::AT_OUTCOME;
 use jetcall::publish::publish_event_with_headers;
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Updated;
@@ -52,6 +53,7 @@ pub async fn cancel(
         Updated::Written(doc, _) => {
             state.metrics.job_cancelled(doc.kind.as_str());
             tracing::info!(%job_id, %by, "job cancelled");
+            give_back_budget(state, &doc).await;
             *doc
         }
         Updated::Unchanged(doc) if !may_see(caller, &doc) => return Err(not_found(job_id)),
@@ -68,6 +70,23 @@ pub async fn cancel(
         publish_cancelled(state, &doc).await?;
     }
     Ok(doc.into())
+}
+
+/// A cancelled job spends nothing more: its whole reservation goes back to its tenant's
+/// budget (a call that answers meanwhile is charged by the generator).
+async fn give_back_budget(state: &AppState, doc: &JobStatus) {
+    let (Some(reservation), Some(tenant)) = (&doc.budget, &doc.tenant) else {
+        return;
+    };
+    let spent = doc.cost.map_or(0, |cost| cost.microdollars);
+    let settled =
+        state
+            .topology
+            .budgets
+            .settle(&doc.job_id, tenant, reservation, spent, AT_OUTCOME);
+    if let Err(err) = settled.await {
+        tracing::warn!(error = %err, "a cancelled job's budget reservation was not given back");
+    }
 }
 
 async fn publish_cancelled(state: &AppState, doc: &JobStatus) -> Result<(), ApiError> {

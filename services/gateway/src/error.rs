@@ -49,6 +49,18 @@ pub enum ApiError {
         job_id: String,
         status: jetcall::status::Status,
     },
+    #[error(
+        "the {} budget of API key `{tenant}` (${}) has no room for this job; it resets at {}",
+        period.as_str(),
+        dollars(*limit),
+        resets_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    )]
+    BudgetExceeded {
+        tenant: String,
+        period: jetcall::budget::Period,
+        limit: u64,
+        resets_at: time::OffsetDateTime,
+    },
     #[error("missing or invalid API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
     #[error("{0}")]
@@ -101,6 +113,7 @@ impl ApiError {
                 StatusCode::CONFLICT
             }
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::BudgetExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -127,6 +140,7 @@ impl ApiError {
             Self::BodyTimeout { .. } => ErrorType::RequestTimeout,
             Self::NotRedeliverable { .. } => ErrorType::NotUndeliverable,
             Self::NotCancellable { .. } => ErrorType::NotCancellable,
+            Self::BudgetExceeded { .. } => ErrorType::BudgetExceeded,
             Self::Unauthorized => ErrorType::Unauthorized,
             Self::Forbidden(_) => ErrorType::Forbidden,
             Self::MethodNotAllowed => ErrorType::MethodNotAllowed,
@@ -151,11 +165,16 @@ impl ApiError {
             Self::NotCancellable { status, .. } => Some(*status),
             _ => None,
         };
+        let resets_at = match self {
+            Self::BudgetExceeded { resets_at, .. } => Some(*resets_at),
+            _ => None,
+        };
         ErrorBody {
             kind: self.slug(),
             message: self.to_string(),
             field,
             status,
+            resets_at,
         }
     }
 }
@@ -192,6 +211,9 @@ pub enum ErrorType {
     NotUndeliverable,
     /// 409: the job is generated already (or expired); `status` says where it is.
     NotCancellable,
+    /// 402: the API key's budget has no room for the job's estimate; `resets_at` says when
+    /// it has.
+    BudgetExceeded,
     /// 401: a missing or unknown API key.
     Unauthorized,
     /// 403: the API key is valid but its role may not do this (an operator's route).
@@ -223,6 +245,24 @@ pub struct ErrorBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub status: Option<jetcall::status::Status>,
+    /// When the budget that refused the job starts again, for `budget_exceeded`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    #[schema(value_type = String, format = DateTime, nullable = false)]
+    pub resets_at: Option<time::OffsetDateTime>,
+}
+
+/// Micro-dollars as dollars, to the cent when that is exact.
+fn dollars(microdollars: u64) -> String {
+    let whole = microdollars / 1_000_000;
+    let fraction = microdollars % 1_000_000;
+    if fraction.is_multiple_of(10_000) {
+        format!("{whole}.{:02}", fraction / 10_000)
+    } else {
+        format!("{whole}.{fraction:06}")
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -232,7 +272,14 @@ impl IntoResponse for ApiError {
             tracing::warn!(error = %self, "request failed");
         }
         let mut response = (status, Json(self.body())).into_response();
-        if let Self::RateLimited { retry_after } = &self {
+        if let Self::BudgetExceeded { resets_at, .. } = &self {
+            let seconds = (*resets_at - time::OffsetDateTime::now_utc())
+                .whole_seconds()
+                .max(1);
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from(seconds));
+        } else if let Self::RateLimited { retry_after } = &self {
             let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             response
                 .headers_mut()

@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
+use jetcall::budget::{self, Limits};
 use jetcall::events::JobRequested;
 use jetcall::kinds::{KindSpec, MAX_TTL, MIN_TTL};
 use jetcall::signing::SigningKey;
@@ -127,6 +128,8 @@ pub struct ValidJob {
     pub sealed_signing_secret: Option<String>,
     /// The key it came with (its name); `None` when the API has no keys.
     pub tenant: Option<String>,
+    /// For a key with a budget: its limits, and the most this job can cost.
+    pub budget: Option<(Limits, u64)>,
 }
 
 impl SubmitJob {
@@ -146,7 +149,8 @@ impl SubmitJob {
         check_input(spec, &self.input)?;
         // Measured as the generator will render it, so a prompt it would refuse is the
         // caller's 422 now rather than a job that fails later.
-        spec.check_prompt(&self.input, state.config.generator.max_prompt_bytes)
+        let prompt_bytes = spec
+            .check_prompt(&self.input, state.config.generator.max_prompt_bytes)
             .map_err(|err| ApiError::invalid_field("input", err.to_string()))?;
         let callback_url = state
             .allowlist
@@ -203,6 +207,22 @@ impl SubmitJob {
             digest,
             sealed_signing_secret: sealed.map(|(sealed, _)| sealed),
             tenant: caller.map(|caller| caller.name.clone()),
+            budget: caller
+                .and_then(|caller| state.config.gateway.budget_of(&caller.name))
+                .map(|limits| {
+                    let estimate = budget::model_of(&state.config, spec)
+                        .and_then(|model| {
+                            budget::estimate(
+                                &state.config.prices,
+                                model,
+                                spec,
+                                spec.system.len() + prompt_bytes,
+                            )
+                        })
+                        // A model with no price is not held by any budget.
+                        .unwrap_or(0);
+                    (*limits, estimate)
+                }),
         })
     }
 }

@@ -114,19 +114,20 @@ impl KindSpec {
         Ok(prompt.sink)
     }
 
-    /// Whether [`Self::render`] would make a prompt of `input`, measured without building it:
-    /// what the gateway asks of every job it accepts.
+    /// Whether [`Self::render`] would make a prompt of `input`, measured without building it
+    /// (its length in bytes): what the gateway asks of every job it accepts.
     pub fn check_prompt(
         &self,
         input: &Map<String, Value>,
         max_bytes: usize,
-    ) -> Result<(), RenderError> {
+    ) -> Result<usize, RenderError> {
         let mut measure = Bounded {
             sink: Discard,
             written: 0,
             max_bytes,
         };
-        self.fill(input, &mut measure)
+        self.fill(input, &mut measure)?;
+        Ok(measure.written)
     }
 
     fn fill(&self, input: &Map<String, Value>, out: &mut impl Put) -> Result<(), RenderError> {

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod allocator;
 pub mod allowlist;
+pub mod budget;
 pub mod config;
 pub mod connect;
 pub mod consume;

@@ -260,6 +260,9 @@ pub struct JobStatus {
     /// the callback service opens it. Kept out of every event and every API answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_signing_secret: Option<String>,
+    /// What the job holds of its tenant's budget until its outcome settles it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::budget::Reservation>,
     /// Where the job's request is stored in the `JOBS` stream, once the gateway has seen it
     /// stored: a resubmission of an `accepted` job with it set publishes nothing, because
     /// past the duplicate window JetStream would store a second request (a second paid call).
@@ -296,6 +299,7 @@ impl JobStatus {
             trace_id: None,
             tenant: None,
             sealed_signing_secret: None,
+            budget: None,
             request_seq: None,
         }
     }

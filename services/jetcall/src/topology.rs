@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 
+use crate::budget::{self, Budgets};
 use crate::config::Config;
 use crate::store::StatusStore;
 use crate::subjects::{
@@ -31,6 +32,8 @@ pub struct Topology {
     pub status: StatusStore,
     /// The generator instances' shared rate-limit budgets.
     pub limits: kv::Store,
+    /// The tenants' spending counters.
+    pub budgets: Budgets,
 }
 
 impl Topology {
@@ -140,6 +143,10 @@ pub async fn provision(
         .get_stream(STREAM)
         .await
         .map_err(|err| failed("stream `JOBS`")(err.to_string()))?;
+    jetstream
+        .create_or_update_stream(budget::stream_config(config))
+        .await
+        .map_err(|err| failed("stream `BUDGETS`")(err.to_string()))?;
     let kv = jetstream
         .create_or_update_key_value(status_bucket_config(config))
         .await
@@ -161,6 +168,7 @@ pub async fn provision(
         .map_err(|err| failed("consumer `callback`")(err.to_string()))?;
 
     Ok(Topology {
+        budgets: Budgets::new(jetstream.clone()),
         jetstream,
         stream,
         status: StatusStore::new(kv),
@@ -190,7 +198,12 @@ pub async fn attach(
         .get_key_value(LIMITS_BUCKET)
         .await
         .map_err(|err| failed("bucket `llm_limits`")(err.to_string()))?;
+    jetstream
+        .get_stream(budget::STREAM)
+        .await
+        .map_err(|err| failed("stream `BUDGETS`")(err.to_string()))?;
     let topology = Topology {
+        budgets: Budgets::new(jetstream.clone()),
         jetstream,
         stream,
         status: StatusStore::new(kv),

@@ -24,7 +24,14 @@ async fn topology_creates_what_is_missing_and_then_checks_clean() {
 
     let empty = run(&mut topology(&["--check"])).await;
     assert_eq!(empty.code, Some(1), "{empty:?}");
-    for name in ["JOBS", "generator", "callback", "job_status", "llm_limits"] {
+    for name in [
+        "JOBS",
+        "BUDGETS",
+        "generator",
+        "callback",
+        "job_status",
+        "llm_limits",
+    ] {
         assert!(
             empty
                 .stdout
@@ -42,7 +49,7 @@ async fn topology_creates_what_is_missing_and_then_checks_clean() {
             .lines()
             .filter(|line| line.ends_with("created"))
             .count(),
-        5,
+        6,
         "{created:?}"
     );
 
@@ -54,7 +61,7 @@ async fn topology_creates_what_is_missing_and_then_checks_clean() {
             .lines()
             .filter(|line| line.ends_with("as configured"))
             .count(),
-        5,
+        6,
         "{checked:?}"
     );
 

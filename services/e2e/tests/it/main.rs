@@ -1,3 +1,4 @@
+mod budgets;
 mod cancellation;
 mod console;
 mod delivery;

@@ -315,7 +315,12 @@ async fn operators_can_follow_a_job_with_the_nats_cli() {
     .expect("consumer info JSON");
     assert_eq!(
         consumer["config"]["filter_subjects"],
-        json!(["jobs.completed.>", "jobs.failed.>"])
+        json!([
+            "jobs.completed.>",
+            "jobs.failed.>",
+            "jobs.cancelled.>",
+            "jobs.expired.>"
+        ])
     );
     pipeline.stop().await;
 }

@@ -92,6 +92,15 @@ impl GatewayConfig {
             .and_then(|(_, key)| key.callback_allowlist())
     }
 
+    /// The spending limits of `tenant`'s keys, when they have any.
+    pub fn budget_of(&self, tenant: &str) -> Option<&crate::budget::Limits> {
+        self.api_keys
+            .iter()
+            .enumerate()
+            .find(|(index, key)| key.tenant(*index) == tenant)
+            .and_then(|(_, key)| key.budget())
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_batch_bytes < self.max_body_bytes {
             return Err(ConfigError::invalid(
@@ -135,6 +144,17 @@ impl GatewayConfig {
         for (index, key) in keys.iter().enumerate() {
             let tenant = key.tenant(index);
             if let Some((first, _)) = keys.iter().enumerate().find(|(other, earlier)| {
+                earlier.tenant(*other) == tenant && earlier.budget() != key.budget()
+            }) && first < index
+            {
+                return Err(ConfigError::invalid(
+                    format!("gateway.api_keys[{index}].budget"),
+                    format!(
+                        "differs from that of gateway.api_keys[{first}], which has the same name `{tenant}`; keys of one tenant share one budget"
+                    ),
+                ));
+            }
+            if let Some((first, _)) = keys.iter().enumerate().find(|(other, earlier)| {
                 earlier.tenant(*other) == tenant
                     && earlier.callback_allowlist() != key.callback_allowlist()
             }) && first < index
@@ -177,6 +197,9 @@ pub struct ScopedApiKey {
     /// `user` (the default): the key sees and acts on the jobs it submitted. `admin`: an
     /// operator's key, which sees, lists, watches and redelivers every tenant's jobs.
     pub role: Option<Role>,
+    /// `{ per_day_usd = 5.0, per_month_usd = 100.0 }`: what the tenant's jobs may cost, held
+    /// across every instance (`jetcall::budget`); past it `402 budget_exceeded`.
+    pub budget: Option<crate::budget::Limits>,
 }
 
 /// What a key may see: its own jobs, or (an operator's key) everyone's.
@@ -217,6 +240,56 @@ struct ScopedApiKeyAsWritten {
     requests_per_second: Option<std::num::NonZeroU32>,
     #[serde(default)]
     role: Option<String>,
+    #[serde(default)]
+    budget: Option<BudgetAsWritten>,
+}
+
+/// A budget as written: a table read loosely (inside the untagged `ApiKeyAsWritten`, a
+/// strict one's error would be lost in "matches no variant"), then checked by name.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct BudgetAsWritten(std::collections::BTreeMap<String, serde_json::Value>);
+
+/// The most one budget may be: past it a typo (a million for a thousand) is likelier than a
+/// wish.
+const MAX_BUDGET_USD: f64 = 1_000_000.0;
+
+impl TryFrom<BudgetAsWritten> for crate::budget::Limits {
+    type Error = String;
+
+    fn try_from(written: BudgetAsWritten) -> Result<Self, String> {
+        let mut fields = written.0;
+        let per_day_usd = fields.remove("per_day_usd");
+        let per_month_usd = fields.remove("per_month_usd");
+        if let Some(unknown) = fields.keys().next() {
+            return Err(format!(
+                "`budget.{unknown}` is not a budget field; use `per_day_usd` and `per_month_usd`"
+            ));
+        }
+        let microdollars = |name: &str, usd: Option<serde_json::Value>| {
+            usd.map(|usd| {
+                let usd = usd
+                    .as_f64()
+                    .ok_or_else(|| format!("`budget.{name}` is {usd}, not a number of dollars"))?;
+                if usd.is_finite() && usd > 0.0 && usd <= MAX_BUDGET_USD {
+                    Ok((usd * 1e6).round() as u64)
+                } else {
+                    Err(format!(
+                        "`budget.{name}` is {usd}; it must be above 0 and at most {MAX_BUDGET_USD} dollars"
+                    ))
+                }
+            })
+            .transpose()
+        };
+        let limits = Self {
+            per_day: microdollars("per_day_usd", per_day_usd)?,
+            per_month: microdollars("per_month_usd", per_month_usd)?,
+        };
+        if limits.per_day.is_none() && limits.per_month.is_none() {
+            return Err("`budget` sets neither `per_day_usd` nor `per_month_usd`".into());
+        }
+        Ok(limits)
+    }
 }
 
 impl TryFrom<ApiKeyAsWritten> for ApiKey {
@@ -245,6 +318,7 @@ impl TryFrom<ApiKeyAsWritten> for ApiKey {
             callback_allowlist,
             requests_per_second: scoped.requests_per_second,
             role,
+            budget: scoped.budget.map(TryInto::try_into).transpose()?,
         }))
     }
 }
@@ -275,6 +349,14 @@ impl ApiKey {
                 role: Some(role), ..
             }) => *role,
             _ => Role::User,
+        }
+    }
+
+    /// The key's spending limits, when it has them.
+    pub fn budget(&self) -> Option<&crate::budget::Limits> {
+        match self {
+            Self::Scoped(scoped) => scoped.budget.as_ref(),
+            Self::Key(_) => None,
         }
     }
 

@@ -233,6 +233,26 @@ fn bad_values_name_their_key() {
             "gateway.api_keys[1].callback_allowlist",
         ),
         (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k1", name="shop", budget={per_day_usd=5.0}}, {key="k2", name="shop"}]"#,
+            "gateway.api_keys[1].budget",
+        ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k", budget={per_day_usd=-1.0}}]"#,
+            "budget.per_day_usd & above 0",
+        ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k", budget={}}]"#,
+            "neither",
+        ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k", budget={per_week_usd=5.0}}]"#,
+            "per_week_usd",
+        ),
+        (
             "JETCALL_CALLBACK__SECRETS_KEY",
             "too-short",
             "callback.secrets_key",
@@ -350,6 +370,24 @@ fn a_key_s_role_is_user_unless_it_says_admin() {
         assert_eq!(roles, [Role::User, Role::Admin, Role::User]);
         let tenants: Vec<String> = keys.iter().enumerate().map(|(i, k)| k.tenant(i)).collect();
         assert_eq!(tenants, ["key 0", "ops", "key 2"]);
+        Ok(())
+    });
+}
+
+#[test]
+fn a_budget_is_read_in_whole_micro_dollars_and_found_by_tenant() {
+    Jail::expect_with(|jail| {
+        jail.set_env(
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"["k0", {key="k1", name="shop", budget={per_day_usd=2.5, per_month_usd=0.000001}}]"#,
+        );
+        let config = Config::load().expect("loads");
+        let limits = config.gateway.budget_of("shop").expect("a budget");
+        assert_eq!(
+            (limits.per_day, limits.per_month),
+            (Some(2_500_000), Some(1))
+        );
+        assert!(config.gateway.budget_of("key 0").is_none());
         Ok(())
     });
 }

@@ -39,8 +39,22 @@ async fn provisioning_creates_the_documented_topology() {
         .expect("callback");
     assert_eq!(
         callback.config.filter_subjects,
-        ["jobs.completed.>", "jobs.failed.>"]
+        [
+            "jobs.completed.>",
+            "jobs.failed.>",
+            "jobs.cancelled.>",
+            "jobs.expired.>"
+        ]
     );
+
+    let mut budgets = topology
+        .jetstream
+        .get_stream(jetcall::budget::STREAM)
+        .await
+        .expect("the budgets stream");
+    let budgets = budgets.info().await.expect("its info");
+    assert_eq!(budgets.config.subjects, ["budgets.>"]);
+    assert!(budgets.config.allow_message_counter, "a counter stream");
 
     let bucket = testkit::jobs::status_bucket(&topology)
         .await
