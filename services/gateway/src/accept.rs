@@ -60,7 +60,12 @@ pub async fn record(
     job: ValidJob,
     trace: TraceParent,
 ) -> Result<Recorded, ApiError> {
-    let budget = reserve(state, &job).await?;
+    let budget = match reserve(state, &job).await {
+        // A retry of a job accepted when there was room: the same answer as before, which
+        // `create` finds below, not a refusal for a job already in the pipeline.
+        Err(ApiError::BudgetExceeded { .. }) if recorded_before(state, &job).await => None,
+        reserved => reserved?,
+    };
     let mut doc = JobStatus::accepted(&job.request, job.digest.clone());
     doc.sealed_signing_secret = job.sealed_signing_secret;
     doc.tenant = job.tenant.clone();
@@ -129,6 +134,13 @@ async fn reserve(
         }),
         Err(err) => Err(ApiError::Unavailable(err.to_string())),
     }
+}
+
+async fn recorded_before(state: &AppState, job: &ValidJob) -> bool {
+    matches!(
+        state.topology.status.get(&job.request.job_id).await,
+        Ok(Some(_))
+    )
 }
 
 /// What a submission's writes came to.

@@ -168,6 +168,22 @@ async fn a_budget_holds_across_gateways_and_settles_to_what_jobs_cost() {
         assert!(seconds > 0 && seconds <= 86_400, "{seconds}");
     }
 
+    // A retry of an accepted job is answered as before, full budget or not.
+    let n: usize = accepted[0]["JOB-".len()..].parse().expect("a job number");
+    let (status, body, _) = send(
+        &http,
+        reqwest::Method::POST,
+        format!("{}/api/v1/jobs", gateways[1]),
+        Some(&job(n, &hook)),
+    )
+    .await;
+    assert!(
+        matches!(status, StatusCode::OK | StatusCode::ACCEPTED),
+        "{status}: {body}"
+    );
+    assert_eq!(body["job_id"], json!(accepted[0]), "{body}");
+    assert_eq!(total().await.expect("the day's total"), reserved);
+
     // Cancelled, the jobs give their reservations back.
     let (status, body, _) = send(
         &http,
