@@ -24,11 +24,11 @@ const BROWSER_PACKAGES: [&str; 2] = ["chromium", "chromium-driver"];
 const DEBIAN_CHROMIUM: &str = "/usr/bin/chromium";
 const DEBIAN_CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-/// The callback consumer needs `filter_subjects`; older servers (Debian ships 2.9)
-/// accept the consumer and silently ignore the filters.
-const MIN_NATS_SERVER: Version = Version(2, 11, 0);
+/// The budgets are JetStream counters (`allow_msg_counter`, 2.12); and the callback consumer
+/// needs `filter_subjects`, which older servers (Debian ships 2.9) accept and silently ignore.
+const MIN_NATS_SERVER: Version = Version(2, 12, 0);
 
-/// nats-server ≥ 2.11: `JETCALL_NATS_SERVER`, else the one `go install` put under the
+/// nats-server ≥ 2.12: `JETCALL_NATS_SERVER`, else the one `go install` put under the
 /// target directory, else `PATH`, else installs the pinned version.
 pub async fn nats_server(ws: &Workspace) -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("JETCALL_NATS_SERVER") {
@@ -62,7 +62,7 @@ pub async fn nats_server(ws: &Workspace) -> anyhow::Result<PathBuf> {
             Err(error) => println!("==> not using {}: {error:#}", path.display()),
         }
     }
-    let path = go_install(ws, NATS_SERVER_MODULE, "nats-server", "nats-server ≥ 2.11").await?;
+    let path = go_install(ws, NATS_SERVER_MODULE, "nats-server", "nats-server ≥ 2.12").await?;
     let version = server_version(&path).await?;
     ensure!(
         version >= MIN_NATS_SERVER,
@@ -528,7 +528,8 @@ mod tests {
     fn minimum_version_rejects_debians_server() {
         assert!(Version(2, 9, 25) < MIN_NATS_SERVER);
         assert!(Version(2, 10, 29) < MIN_NATS_SERVER);
-        assert!(Version(2, 11, 0) >= MIN_NATS_SERVER);
+        assert!(Version(2, 11, 9) < MIN_NATS_SERVER, "no counters");
+        assert!(Version(2, 12, 0) >= MIN_NATS_SERVER);
         assert!(Version(2, 15, 2) >= MIN_NATS_SERVER);
     }
 }

@@ -53,7 +53,7 @@ pub fn nats_server_binary() -> PathBuf {
     find_on_path("nats-server").unwrap_or_else(|| {
         panic!(
             "nats-server not found: run the suite with `cargo xtask test`, which installs it, \
-             or set JETCALL_NATS_SERVER to a nats-server >= 2.11"
+             or set JETCALL_NATS_SERVER to a nats-server >= 2.12"
         )
     })
 }

@@ -25,6 +25,10 @@ const EXAMPLE_JOB_ID: &str = "JOB-771";
 /// for that operation alone, schema-valid data may be refused with a 422. So may a job's
 /// `expires_at` or `ttl`, which must fall 1 s to 365 days from the moment of submission: a
 /// bound relative to now, which no schema can state either.
+///
+/// `DELETE /api/v1/jobs/{job_id}` cancels a job, which stays readable as `cancelled` (issue
+/// 17 asks for both the verb and the status document): it deletes nothing, so the check that
+/// a deleted resource is gone (`use_after_free`, which concerns `DELETE` alone) is left out.
 const SCHEMATHESIS_TOML: &str = r#"
 max-stream-events = 1
 
@@ -98,7 +102,7 @@ async fn schemathesis_finds_no_server_errors_and_no_departures_from_the_document
     let run = tokio::process::Command::new(&st)
         .current_dir(workdir.path())
         .args(["run", &format!("{}/openapi.json", gateway.url)])
-        .args(["--checks", "all"])
+        .args(["--checks", "all", "--exclude-checks", "use_after_free"])
         .args(["--max-examples", MAX_EXAMPLES])
         .args(["--header", &format!("Authorization: Bearer {API_KEY}")])
         .args(["--request-timeout", "10"])
