@@ -110,9 +110,11 @@ async fn schemathesis_finds_no_server_errors_and_no_departures_from_the_document
         .args(["--no-color"])
         .kill_on_drop(true)
         .output();
-    let output = tokio::time::timeout(Duration::from_secs(600), run)
+    // Alone it takes about 4 minutes; beside the rest of the suite on two cores, its stateful
+    // phase (chains through the links, the cancellation's among them) has taken past 10.
+    let output = tokio::time::timeout(Duration::from_secs(900), run)
         .await
-        .expect("schemathesis finishes within 10 minutes")
+        .expect("schemathesis finishes within 15 minutes")
         .unwrap_or_else(|err| panic!("running {}: {err}", st.display()));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
