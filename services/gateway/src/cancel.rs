@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use jetcall::JobId;
-use jetcall::budget::AT_OUTCOME;
+use jetcall::budget::Occasion;
 use jetcall::publish::publish_event_with_headers;
 use jetcall::status::{JobStatus, Status};
 use jetcall::store::Updated;
@@ -53,7 +53,13 @@ pub async fn cancel(
         Updated::Written(doc, _) => {
             state.metrics.job_cancelled(doc.kind.as_str());
             tracing::info!(%job_id, %by, "job cancelled");
-            give_back_budget(state, &doc).await;
+            // A cancelled job spends nothing more: its reservation goes back whole (a call
+            // that answers meanwhile is charged by the generator).
+            state
+                .topology
+                .budgets
+                .settle_job(&doc, Occasion::Outcome)
+                .await;
             *doc
         }
         Updated::Unchanged(doc) if !may_see(caller, &doc) => return Err(not_found(job_id)),
@@ -70,23 +76,6 @@ pub async fn cancel(
         publish_cancelled(state, &doc).await?;
     }
     Ok(doc.into())
-}
-
-/// A cancelled job spends nothing more: its whole reservation goes back to its tenant's
-/// budget (a call that answers meanwhile is charged by the generator).
-async fn give_back_budget(state: &AppState, doc: &JobStatus) {
-    let (Some(reservation), Some(tenant)) = (&doc.budget, &doc.tenant) else {
-        return;
-    };
-    let spent = doc.cost.map_or(0, |cost| cost.microdollars);
-    let settled =
-        state
-            .topology
-            .budgets
-            .settle(&doc.job_id, tenant, reservation, spent, AT_OUTCOME);
-    if let Err(err) = settled.await {
-        tracing::warn!(error = %err, "a cancelled job's budget reservation was not given back");
-    }
 }
 
 async fn publish_cancelled(state: &AppState, doc: &JobStatus) -> Result<(), ApiError> {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use jetcall::Config;
+use jetcall::budget::Occasion;
 use jetcall::consume::Settle;
 use jetcall::events::{JobError, JobFinished, JobRequested, Outcome, Usage};
 use jetcall::gate::Gate;
@@ -603,7 +604,7 @@ impl Worker {
             .await?;
         match recorded {
             Updated::Written(doc, _) => {
-                self.settle_budget(&doc, jetcall::budget::AT_OUTCOME).await;
+                Box::pin(self.topology.budgets.settle_job(&doc, Occasion::Outcome)).await;
                 if let Some(event) = doc.finished_event() {
                     self.publish(&event, trace).await?;
                 }
@@ -661,20 +662,9 @@ impl Worker {
             true
         }))
         .await?;
-        if let Updated::Written(doc, _) = &charged
-            && let Some(reservation) = &doc.budget
-        {
-            // The cancellation gave the whole reservation back; this charges what was spent.
-            let charge = jetcall::budget::Reservation {
-                microdollars: 0,
-                ..reservation.clone()
-            };
-            let doc = JobStatus {
-                budget: Some(charge),
-                ..(**doc).clone()
-            };
-            self.settle_budget(&doc, jetcall::budget::CHARGED_AFTER_CANCEL)
-                .await;
+        if let Updated::Written(doc, _) = &charged {
+            let late = Occasion::ChargedAfterCancel;
+            Box::pin(self.topology.budgets.settle_job(doc, late)).await;
         }
         if let (Updated::Written(doc, _), Some(cost)) = (charged, cost) {
             self.metrics.cost(
@@ -690,7 +680,7 @@ impl Worker {
     /// The job was not started before its `expires_at`: the claim recorded it `expired`
     /// instead, and its event goes out for the webhook.
     async fn expired(&self, doc: &JobStatus, trace: &TraceParent) -> Result<Step, WorkerError> {
-        self.settle_budget(doc, jetcall::budget::AT_OUTCOME).await;
+        Box::pin(self.topology.budgets.settle_job(doc, Occasion::Outcome)).await;
         if let Some(event) = doc.finished_event() {
             self.publish(&event, trace).await?;
         }
@@ -698,23 +688,6 @@ impl Worker {
         self.metrics
             .job_finished(doc.kind.as_str(), Status::Expired.as_str());
         Ok(Step::Finished(Status::Expired))
-    }
-
-    /// Settles the job's budget reservation, if it has one, against what it cost: by whoever
-    /// recorded its outcome, once. A settlement that cannot be written leaves the reservation
-    /// standing, which overstates the tenant's spend and never understates it.
-    async fn settle_budget(&self, doc: &JobStatus, occasion: &str) {
-        let (Some(reservation), Some(tenant)) = (&doc.budget, &doc.tenant) else {
-            return;
-        };
-        let spent = doc.cost.map_or(0, |cost| cost.microdollars);
-        let settled =
-            self.topology
-                .budgets
-                .settle(&doc.job_id, tenant, reservation, spent, occasion);
-        if let Err(err) = Box::pin(settled).await {
-            tracing::warn!(error = %err, "the job's budget reservation was not settled");
-        }
     }
 
     /// A redelivered request for a job that is already generated: never call the LLM again.

@@ -21,16 +21,30 @@ use time::{Date, Month, OffsetDateTime, Time};
 
 use crate::config::Config;
 use crate::cost::{PriceTable, Usage};
-use crate::job::JobId;
 use crate::kinds::KindSpec;
+use crate::status::JobStatus;
 
 pub const STREAM: &str = "BUDGETS";
 
-/// The occasions a job's reservation is settled on, each once (`Budgets::settle`): its
-/// outcome (by the generator, or the gateway for a cancellation), and a charge for a call
-/// that answered after its job was cancelled.
-pub const AT_OUTCOME: &str = "budget";
-pub const CHARGED_AFTER_CANCEL: &str = "budget-late";
+/// When a job's reservation is settled, each once (`Budgets::settle_job`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Occasion {
+    /// Its outcome is recorded (by the generator, or the gateway for a cancellation): the
+    /// reservation becomes what the job cost.
+    Outcome,
+    /// A call answered after its job was cancelled, which gave the reservation back: what
+    /// the call cost is added.
+    ChargedAfterCancel,
+}
+
+impl Occasion {
+    fn msg_id_token(self) -> &'static str {
+        match self {
+            Occasion::Outcome => "budget",
+            Occasion::ChargedAfterCancel => "budget-late",
+        }
+    }
+}
 const SUBJECTS: &str = "budgets.>";
 
 /// A key's limits, in micro-dollars.
@@ -278,24 +292,34 @@ impl Budgets {
         }
     }
 
-    /// Settles `job_id`'s reservation against what it `spent`, once per `occasion` (the
-    /// outcome, or a charge that came after a cancellation): JetStream drops a repeat within
-    /// its duplicate window.
-    pub async fn settle(
-        &self,
-        job_id: &JobId,
-        tenant: &str,
-        reservation: &Reservation,
-        spent: u64,
-        occasion: &str,
-    ) -> Result<(), BudgetError> {
+    /// Settles the reservation `doc` holds, if any, against its `cost` on `occasion`, once:
+    /// JetStream drops a repeat within its duplicate window. A settlement that cannot be
+    /// written is logged and leaves the reservation standing, which overstates the tenant's
+    /// spend and never understates it.
+    pub async fn settle_job(&self, doc: &JobStatus, occasion: Occasion) {
+        let (Some(reservation), Some(tenant)) = (&doc.budget, &doc.tenant) else {
+            return;
+        };
+        let spent = i128::from(doc.cost.map_or(0, |cost| cost.microdollars));
+        let still_reserved = match occasion {
+            Occasion::Outcome => i128::from(reservation.microdollars),
+            Occasion::ChargedAfterCancel => 0,
+        };
         for (period, key) in reservation.counters() {
-            let delta = i128::from(spent) - i128::from(reservation.microdollars);
-            let msg_id = format!("{job_id}.{occasion}.{}", period.as_str());
-            self.add(&subject(tenant, period, key), delta, Some(&msg_id))
-                .await?;
+            let msg_id = format!(
+                "{}.{}.{}",
+                doc.job_id,
+                occasion.msg_id_token(),
+                period.as_str()
+            );
+            let subject = subject(tenant, period, key);
+            if let Err(err) = self
+                .add(&subject, spent - still_reserved, Some(&msg_id))
+                .await
+            {
+                tracing::warn!(error = %err, "a job's budget reservation was not settled");
+            }
         }
-        Ok(())
     }
 
     /// What `tenant` has spent and holds reserved in period `key`, in micro-dollars.
