@@ -21,6 +21,15 @@ const COMPOSE_FILES: [&str; 2] = ["compose.yaml", "compose.cluster.yaml"];
 /// The image every Jetcall container runs, built from the Dockerfile.
 const IMAGE: &str = "jetcall:local";
 
+/// `load_config` empties the process's environment and moves its working directory (inside
+/// `figment::Jail`) while a test runs in it. A test beside it that reads a variable, or
+/// spawns a program (which inherits both), saw them gone: Python, spawned then, could not
+/// find its own path. So the tests of this file take turns; they are quick.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -236,6 +245,7 @@ fn load_config(env: &BTreeMap<String, String>) -> Result<Config, String> {
 
 #[test]
 fn the_compose_files_follow_the_compose_specification() {
+    let _turn = one_at_a_time();
     let schema: Value =
         serde_json::from_str(&read("services/e2e/tests/compose-spec/compose-spec.json"))
             .expect("the vendored schema is JSON");
@@ -253,6 +263,7 @@ fn the_compose_files_follow_the_compose_specification() {
 
 #[test]
 fn every_secret_comes_from_the_environment_and_none_has_a_default() {
+    let _turn = one_at_a_time();
     // Without a `.env`, Compose refuses both files, naming every secret.
     let empty = BTreeMap::new();
     for file in COMPOSE_FILES {
@@ -309,6 +320,7 @@ fn every_secret_comes_from_the_environment_and_none_has_a_default() {
 
 #[test]
 fn every_jetcall_container_gets_a_configuration_its_service_accepts() {
+    let _turn = one_at_a_time();
     for (file, optional) in [
         ("compose.yaml", false),
         ("compose.yaml", true),
@@ -416,6 +428,7 @@ fn every_jetcall_container_gets_a_configuration_its_service_accepts() {
 
 #[test]
 fn the_nats_containers_configuration_is_accepted_by_nats_server() {
+    let _turn = one_at_a_time();
     for file in COMPOSE_FILES {
         let doc = compose(file, &dotenv(true))
             .unwrap_or_else(|errors| panic!("{file}: {}", errors.join("\n")));
@@ -481,6 +494,7 @@ fn the_nats_containers_configuration_is_accepted_by_nats_server() {
 
 #[test]
 fn the_image_holds_every_binary_compose_runs() {
+    let _turn = one_at_a_time();
     let dockerfile = read("Dockerfile");
     let words: Vec<&str> = dockerfile.split_whitespace().collect();
     let built: Vec<&str> = words
@@ -557,6 +571,7 @@ fn the_image_holds_every_binary_compose_runs() {
 
 #[test]
 fn the_demo_receiver_accepts_signed_webhooks_and_refuses_others() {
+    let _turn = one_at_a_time();
     let doc = compose("compose.yaml", &dotenv(true))
         .unwrap_or_else(|errors| panic!("compose.yaml: {}", errors.join("\n")));
     let receiver = &services(&doc)["webhook-receiver"];
@@ -617,14 +632,15 @@ fn the_demo_receiver_accepts_signed_webhooks_and_refuses_others() {
     let _ = child.wait();
 }
 
-/// The compose file's demo receiver `script`, run with `python3` on a free loopback port,
+/// The compose file's demo receiver `script`, run with the suite's Python on a free loopback port,
 /// once it listens. A port found free can be taken by a parallel test before Python binds
 /// it, so that one failure gets another port; any other exit is the test's failure.
 fn start_demo_receiver(script: &str, secret: &str) -> (std::process::Child, u16) {
     for _ in 0..3 {
         let port = testkit::free_port();
-        let mut child = Command::new("python3")
+        let mut child = Command::new(testkit::python())
             .args(["-u", "-c", script])
+            .current_dir(root())
             .env("SIGNING_SECRET", secret)
             .env("HOST", "127.0.0.1")
             .env("PORT", port.to_string())
@@ -632,7 +648,7 @@ fn start_demo_receiver(script: &str, secret: &str) -> (std::process::Child, u16)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("python3 runs the demo receiver (cargo xtask test needs Python 3 anyway)");
+            .expect("Python runs the demo receiver");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {

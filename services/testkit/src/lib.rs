@@ -53,6 +53,26 @@ pub fn loopback_listener() -> tokio::net::TcpListener {
     tokio::net::TcpListener::from_std(listener).expect("listener inside a Tokio runtime")
 }
 
+/// The Python `cargo xtask test` installs (a venv with nats-py), named by `JETCALL_PYTHON`:
+/// the one interpreter the suite knows it has, rather than whatever `python3` a version
+/// manager's shim resolves to. Its absence fails the test: a suite that silently skipped
+/// what needs it would look green and prove nothing.
+pub fn python() -> std::path::PathBuf {
+    let path = std::env::var_os("JETCALL_PYTHON").unwrap_or_else(|| {
+        panic!(
+            "JETCALL_PYTHON is not set: run the suite with `cargo xtask test`, which installs \
+             nats-py into target/tools/venv, or point it at a Python that has nats-py"
+        )
+    });
+    let path = std::path::PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "JETCALL_PYTHON={} does not exist: run `cargo xtask test` to install it",
+        path.display()
+    );
+    path
+}
+
 /// A loopback port free at this moment, for a child process to listen on.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

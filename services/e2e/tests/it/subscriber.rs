@@ -22,24 +22,6 @@ const JOBS: usize = 20;
 /// The consumer the script creates: the name another team would give theirs.
 const DURABLE: &str = "analytics";
 
-/// The Python with nats-py that `cargo xtask test` installs. Its absence fails the test: a
-/// suite that silently skipped it would look green and prove nothing.
-fn python() -> PathBuf {
-    let path = std::env::var_os("JETCALL_PYTHON").unwrap_or_else(|| {
-        panic!(
-            "JETCALL_PYTHON is not set: run the suite with `cargo xtask test`, which installs \
-             nats-py into target/tools/venv, or point it at a Python that has nats-py"
-        )
-    });
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "JETCALL_PYTHON={} does not exist: run `cargo xtask test` to install it",
-        path.display()
-    );
-    path
-}
-
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/subscriber/completions.py")
 }
@@ -67,7 +49,7 @@ fn job(n: usize, callback_url: &str) -> (String, &'static str, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_nats_py_subscriber_gets_every_completion_with_its_own_consumer() {
-    let python = python();
+    let python = testkit::python();
     let receiver = WebhookReceiver::start().await;
     let pipeline = Pipeline::start(&[]).await;
 
