@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use jetcall::Config;
 use jetcall::admin::Admin;
 use jetcall::connect::{ConnectError, start};
-use jetcall::consume::consume;
+use jetcall::consume::{Pull, consume};
 
 pub use hosts::BREAKER_THRESHOLD;
 pub use worker::{Step, Worker};
@@ -78,10 +78,10 @@ pub async fn run(
     });
     tracing::info!(
         concurrency,
-        "callback consuming jobs.completed.> and jobs.failed.>"
+        "callback consuming jobs.completed.>, jobs.failed.>, jobs.cancelled.> and jobs.expired.>"
     );
     consume(
-        consumer,
+        Pull::start(consumer, concurrency).await?,
         concurrency,
         None,
         settle_failures,

@@ -129,6 +129,11 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "DURATION")]
     pub ttl: Option<String>,
 
+    /// `interactive` (the kind's default, else this) or `bulk`: a key's bulk jobs run when its
+    /// interactive ones leave room; with --file, for rows that give none.
+    #[arg(long, value_parser = ["interactive", "bulk"])]
+    pub priority: Option<String>,
+
     /// Jobs to submit in batches: `.jsonl` (one job body per line), `.json` (an array of job
     /// bodies) or `.csv` (a header row; `job_id`, `kind`, `callback_url` columns are job
     /// fields, every other column an input field).

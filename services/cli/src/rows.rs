@@ -82,6 +82,7 @@ pub struct Defaults {
     pub metadata: Option<Map<String, Value>>,
     /// For rows that give neither `ttl` nor `expires_at`.
     pub ttl: Option<String>,
+    pub priority: Option<String>,
 }
 
 impl Defaults {
@@ -91,6 +92,7 @@ impl Defaults {
             ("kind", self.kind.clone().map(Value::String)),
             ("callback_url", self.callback_url.clone().map(Value::String)),
             ("metadata", self.metadata.clone().map(Value::Object)),
+            ("priority", self.priority.clone().map(Value::String)),
         ];
         for (name, value) in fields {
             if let Some(value) = value {
@@ -346,6 +348,7 @@ mod tests {
             callback_url: Some("http://127.0.0.1:9/hook".into()),
             metadata: None,
             ttl: None,
+            priority: None,
         }
     }
 

@@ -13,6 +13,7 @@ use async_nats::jetstream::{self, ErrorCode, consumer, kv, stream};
 
 use jetcall::Config;
 use jetcall::budget;
+use jetcall::lanes;
 use jetcall::subjects::{
     CALLBACK_CONSUMER, GENERATOR_CONSUMER, LIMITS_BUCKET, STATUS_BUCKET, STREAM,
 };
@@ -29,7 +30,7 @@ pub enum TopologyError {
     #[error("could not read {what} `{name}`: {message}")]
     Read {
         what: &'static str,
-        name: &'static str,
+        name: String,
         message: String,
     },
     #[error(transparent)]
@@ -49,7 +50,7 @@ pub enum State {
 pub struct Part {
     /// `stream`, `consumer` or `bucket`.
     pub what: &'static str,
-    pub name: &'static str,
+    pub name: String,
     pub state: State,
 }
 
@@ -92,7 +93,8 @@ pub async fn provision(client: async_nats::Client, config: &Config) -> Result<()
 
 /// Every part of the topology, compared with `config`.
 pub async fn inspect(js: &jetstream::Context, config: &Config) -> Result<Vec<Part>, TopologyError> {
-    let read = |what: &'static str, name: &'static str| {
+    let read = |what: &'static str, name: &str| {
+        let name = name.to_owned();
         move |message: String| TopologyError::Read {
             what,
             name,
@@ -108,7 +110,7 @@ pub async fn inspect(js: &jetstream::Context, config: &Config) -> Result<Vec<Par
     };
     parts.push(Part {
         what: "stream",
-        name: STREAM,
+        name: STREAM.to_owned(),
         state: match &stream {
             Some(stream) => {
                 compare_stream(&stream.cached_info().config, &wanted::stream_config(config))
@@ -127,24 +129,34 @@ pub async fn inspect(js: &jetstream::Context, config: &Config) -> Result<Vec<Par
     };
     parts.push(Part {
         what: "stream",
-        name: budget::STREAM,
+        name: budget::STREAM.to_owned(),
         state: budgets,
     });
 
     let consumers = [
         (
-            GENERATOR_CONSUMER,
+            GENERATOR_CONSUMER.to_owned(),
             wanted::generator_consumer_config(config),
         ),
-        (CALLBACK_CONSUMER, wanted::callback_consumer_config(config)),
-    ];
+        (
+            CALLBACK_CONSUMER.to_owned(),
+            wanted::callback_consumer_config(config),
+        ),
+    ]
+    .into_iter()
+    .chain(lanes::configured(config).into_iter().map(|(lane, share)| {
+        (
+            lane.consumer_name(),
+            lanes::consumer_config(config, &lane, share),
+        )
+    }));
     for (name, want) in consumers {
         let state = match &stream {
             None => State::Missing,
-            Some(stream) => match stream.consumer_info(name).await {
+            Some(stream) => match stream.consumer_info(&name).await {
                 Ok(info) => compare_consumer(&info.config, &want),
                 Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => State::Missing,
-                Err(err) => return Err(read("consumer", name)(err.to_string())),
+                Err(err) => return Err(read("consumer", &name)(err.to_string())),
             },
         };
         parts.push(Part {
@@ -174,7 +186,7 @@ pub async fn inspect(js: &jetstream::Context, config: &Config) -> Result<Vec<Par
         };
         parts.push(Part {
             what: "bucket",
-            name,
+            name: name.to_owned(),
             state,
         });
     }
@@ -253,6 +265,17 @@ fn compare_bucket(have: &stream::Config, want: &kv::Config) -> State {
     diff.state()
 }
 
+/// A consumer's metadata in a stable order, without the keys the server adds of its own
+/// (`_nats.*`: the version that created it, and such).
+fn sorted(metadata: &std::collections::HashMap<String, String>) -> Vec<(&String, &String)> {
+    let mut pairs: Vec<_> = metadata
+        .iter()
+        .filter(|(key, _)| !key.starts_with("_nats."))
+        .collect();
+    pairs.sort();
+    pairs
+}
+
 fn compare_consumer(have: &consumer::Config, want: &consumer::pull::Config) -> State {
     let filters = |one: &str, many: &[String]| {
         let mut all: Vec<String> = many.to_vec();
@@ -277,6 +300,7 @@ fn compare_consumer(have: &consumer::Config, want: &consumer::pull::Config) -> S
         want.max_ack_pending,
     );
     diff.field("deliver_policy", have.deliver_policy, want.deliver_policy);
+    diff.field("metadata", sorted(&have.metadata), sorted(&want.metadata));
     diff.state()
 }
 

@@ -140,6 +140,8 @@ async fn accepted_only(topology: &Topology, job_id: &str, callback_url: &str) {
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
         expires_at: None,
+        tenant: None,
+        priority: Default::default(),
     };
     topology
         .status

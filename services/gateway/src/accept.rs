@@ -68,7 +68,6 @@ pub async fn record(
     };
     let mut doc = JobStatus::accepted(&job.request, job.digest.clone());
     doc.sealed_signing_secret = job.sealed_signing_secret;
-    doc.tenant = job.tenant.clone();
     doc.trace_id = Some(trace.trace_id());
     doc.budget = budget;
     let created = state.topology.status.create(&doc).await;
@@ -96,7 +95,7 @@ pub async fn record(
         }),
         // Another tenant's id is a conflict whatever the content, and says nothing of its job.
         Created::Exists(existing)
-            if existing.request_digest != job.digest || existing.tenant != job.tenant =>
+            if existing.request_digest != job.digest || existing.tenant != job.request.tenant =>
         {
             Err(ApiError::Conflict {
                 job_id: existing.job_id.to_string(),
@@ -115,7 +114,7 @@ async fn reserve(
     state: &AppState,
     job: &ValidJob,
 ) -> Result<Option<jetcall::budget::Reservation>, ApiError> {
-    let (Some((limits, estimate)), Some(tenant)) = (&job.budget, &job.tenant) else {
+    let (Some((limits, estimate)), Some(tenant)) = (&job.budget, &job.request.tenant) else {
         return Ok(None);
     };
     let now = OffsetDateTime::now_utc();
@@ -300,7 +299,7 @@ pub async fn publish(
 ) -> Result<u64, ApiError> {
     publish_event_acked(
         &state.topology.jetstream,
-        Event::Requested.subject(&request.kind),
+        request.subject(),
         &Event::Requested.msg_id(&request.job_id),
         request,
         trace.map(TraceParent::to_headers).unwrap_or_default(),

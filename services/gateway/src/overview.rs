@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use utoipa::ToSchema;
 
 use jetcall::gate::GateReport;
+use jetcall::lanes;
 use jetcall::status::Status;
 use jetcall::subjects::{CALLBACK_CONSUMER, GATE_KEY_PREFIX, GENERATOR_CONSUMER};
 
@@ -156,11 +157,27 @@ fn unavailable(err: impl std::fmt::Display) -> ApiError {
     ApiError::NatsUnavailable(err.to_string())
 }
 
+/// The generator's queue and the callback's: the generator's is its default lane and every
+/// tenant's lane (`jetcall::lanes`) together.
 async fn consumers(state: &AppState) -> Result<Vec<ConsumerView>, ApiError> {
-    let mut views = Vec::with_capacity(2);
-    for name in [GENERATOR_CONSUMER, CALLBACK_CONSUMER] {
-        let stream = &state.topology.stream;
-        let info = stream.consumer_info(name).await.map_err(unavailable)?;
+    let stream = &state.topology.stream;
+    let mut views = [GENERATOR_CONSUMER, CALLBACK_CONSUMER].map(|name| ConsumerView {
+        name,
+        waiting: 0,
+        in_flight: 0,
+        oldest_unfinished_seconds: None,
+        redelivered: 0,
+    });
+    let mut listing = stream.consumers();
+    while let Some(info) = listing.next().await {
+        let info = info.map_err(unavailable)?;
+        let view = if info.name == CALLBACK_CONSUMER {
+            &mut views[1]
+        } else if lanes::lane_of(&info).is_some() {
+            &mut views[0]
+        } else {
+            continue;
+        };
         // The first message past the ack floor that the consumer takes is its oldest
         // unfinished one.
         let mut filters = info.config.filter_subjects.clone();
@@ -168,27 +185,25 @@ async fn consumers(state: &AppState) -> Result<Vec<ConsumerView>, ApiError> {
             filters.push(info.config.filter_subject.clone());
         }
         let after = info.ack_floor.stream_sequence + 1;
-        let mut oldest: Option<OffsetDateTime> = None;
         if info.num_pending > 0 || info.num_ack_pending > 0 {
             for filter in filters {
                 if let Ok(message) = stream
                     .direct_get_next_for_subject(filter, Some(after))
                     .await
                 {
-                    oldest = Some(oldest.map_or(message.time, |t| t.min(message.time)));
+                    let age = (OffsetDateTime::now_utc() - message.time)
+                        .as_seconds_f64()
+                        .max(0.0);
+                    view.oldest_unfinished_seconds =
+                        Some(view.oldest_unfinished_seconds.map_or(age, |a| a.max(age)));
                 }
             }
         }
-        views.push(ConsumerView {
-            name,
-            waiting: info.num_pending,
-            in_flight: info.num_ack_pending as u64,
-            oldest_unfinished_seconds: oldest
-                .map(|at| (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0)),
-            redelivered: info.num_redelivered as u64,
-        });
+        view.waiting += info.num_pending;
+        view.in_flight += info.num_ack_pending as u64;
+        view.redelivered += info.num_redelivered as u64;
     }
-    Ok(views)
+    Ok(views.into())
 }
 
 /// The part of a provider's shared budget (`generator::limiter`) that says it is paused.

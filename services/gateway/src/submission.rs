@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use jetcall::budget::{self, Limits};
 use jetcall::events::JobRequested;
 use jetcall::kinds::{KindSpec, MAX_TTL, MIN_TTL};
+use jetcall::lanes::Priority;
 use jetcall::signing::SigningKey;
 use jetcall::{JobId, Kind};
 
@@ -97,6 +98,10 @@ pub struct SubmitJob {
     #[serde(default)]
     #[schema(example = "2h")]
     pub ttl: Option<String>,
+    /// `interactive` jobs go before the same key's `bulk` ones; bulk still gets a share. The
+    /// kind's priority when left out, else `interactive`. A retry does not change it.
+    #[serde(default)]
+    pub priority: Option<Priority>,
 }
 
 impl From<GenerateDescription> for SubmitJob {
@@ -114,6 +119,7 @@ impl From<GenerateDescription> for SubmitJob {
             signing_secret: None,
             expires_at: None,
             ttl: None,
+            priority: None,
         }
     }
 }
@@ -126,8 +132,6 @@ pub struct ValidJob {
     pub digest: String,
     /// The caller's own webhook secret, sealed for this job (`jetcall::sealing`).
     pub sealed_signing_secret: Option<String>,
-    /// The key it came with (its name); `None` when the API has no keys.
-    pub tenant: Option<String>,
     /// For a key with a budget: its limits, and the most this job can cost.
     pub budget: Option<(Limits, u64)>,
 }
@@ -203,10 +207,11 @@ impl SubmitJob {
                 metadata: self.metadata,
                 requested_at: now,
                 expires_at,
+                tenant: caller.map(|caller| caller.name.clone()),
+                priority: self.priority.unwrap_or(spec.priority),
             },
             digest,
             sealed_signing_secret: sealed.map(|(sealed, _)| sealed),
-            tenant: caller.map(|caller| caller.name.clone()),
             budget: caller
                 .and_then(|caller| state.config.gateway.budget_of(&caller.name))
                 .map(|limits| {

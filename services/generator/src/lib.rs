@@ -1,9 +1,11 @@
-//! The generator: consumes `jobs.requested.>` through the shared durable consumer
-//! `generator`, calls the LLM, records the outcome and publishes `jobs.completed.<kind>` or
+//! The generator: consumes `jobs.requested.>` through the lanes' durable consumers (the
+//! default lane's is `generator`), taking from them fairly between tenants (`fair`), calls
+//! the LLM, records the outcome and publishes `jobs.completed.<kind>` or
 //! `jobs.failed.<kind>` (or `jobs.expired.<kind>` for a job not started in time). A call for
 //! a job cancelled meanwhile is abandoned.
 
 mod cancellations;
+mod fair;
 mod gate_report;
 pub mod limiter;
 mod metrics;
@@ -109,9 +111,19 @@ pub async fn run(
         instance,
         cancellations,
     });
-    tracing::info!(concurrency, "generator consuming jobs.requested.>");
+    tracing::info!(
+        concurrency,
+        "generator consuming jobs.requested.>, lane by lane"
+    );
+    let lanes = fair::Lanes::start(
+        worker.topology.stream.clone(),
+        concurrency,
+        worker.config.generator.lane_refresh,
+        worker.metrics.clone(),
+    )
+    .await?;
     consume(
-        consumer,
+        lanes,
         concurrency,
         Some(gate),
         settle_failures,

@@ -51,6 +51,14 @@ struct JobLabels {
     status: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LaneLabels {
+    /// The API key's name; `anonymous` without keys.
+    tenant: String,
+    /// `interactive` or `bulk`.
+    priority: &'static str,
+}
+
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
@@ -61,6 +69,7 @@ struct Inner {
     cost: Family<CostLabels, Counter>,
     jobs: Family<JobLabels, Counter>,
     paused: Gauge,
+    waiting: Family<LaneLabels, Gauge>,
     lag: ConsumerLag,
     settle_failures: Counter,
 }
@@ -113,6 +122,12 @@ impl Metrics {
             "1 while consumption is paused by a provider configuration fault",
             paused.clone(),
         );
+        let waiting = Family::<LaneLabels, Gauge>::default();
+        registry.register(
+            "jobs_waiting",
+            "Requests waiting for a generator, by tenant and priority, as JetStream counts them (every instance reports the same), at the last listing of the lanes",
+            waiting.clone(),
+        );
         let lag = ConsumerLag::register(&mut registry, consumer);
         let settle_failures = jetcall::metrics::settle_failures(&mut registry);
         Self(Arc::new(Inner {
@@ -124,6 +139,7 @@ impl Metrics {
             cost,
             jobs,
             paused,
+            waiting,
             lag,
             settle_failures,
         }))
@@ -200,6 +216,16 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+
+    pub fn set_waiting(&self, lane: &jetcall::lanes::Lane, waiting: u64) {
+        self.0
+            .waiting
+            .get_or_create(&LaneLabels {
+                tenant: lane.tenant_label().to_owned(),
+                priority: lane.priority.as_str(),
+            })
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
     }
 
     pub fn set_paused(&self, paused: bool) {

@@ -21,6 +21,12 @@ use crate::gate::{Admission, Gate};
 #[error("could not start pulling from consumer: {0}")]
 pub struct ConsumeError(String);
 
+impl ConsumeError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
 /// How a consumed message is settled, from the step its handling reached. Handlers say which;
 /// only [`consume`] tells JetStream. A handler that fails settles nothing (`None`): the
 /// message comes back after `ack_wait`.
@@ -51,6 +57,20 @@ impl Settle {
     }
 }
 
+/// Where [`consume`] takes messages from: one durable consumer ([`Pull`]), or the
+/// generator's lanes, picked between fairly.
+pub trait Source: Send {
+    /// The next message while the gate is open. `None` ends the consumption. An error is
+    /// logged by the caller, which waits a moment and asks again: the source starts afresh.
+    fn next(&mut self) -> impl Future<Output = Pulled> + Send;
+    /// One message for a probe of a closed gate, or `None` when there is no work to probe
+    /// with yet.
+    fn probe(&mut self) -> impl Future<Output = Pulled> + Send;
+    /// The gate closed, or consumption ends: stop pulling, and hand back at once what was
+    /// fetched but not taken.
+    fn pause(&mut self) -> impl Future<Output = ()> + Send;
+}
+
 /// Pulls until `shutdown`, running `handle` for each message with at most `concurrency` in
 /// flight. A permit is taken before a message, so a message never waits in our memory for a
 /// free slot while its ack timer runs. Handlers get the shutdown token: they finish quickly or
@@ -62,11 +82,11 @@ impl Settle {
 /// counted in `settle_failures` (the message then comes back after `ack_wait`). Progress acks
 /// (`AckKind::Progress`) are the handlers' own: they keep a message, they do not settle it.
 ///
-/// While `gate` is closed nothing is pulled: the open pull request is dropped (messages it had
-/// fetched are handed back at once; one still on its way returns after `ack_wait`), and each
-/// probe the gate admits fetches a single message.
-pub async fn consume<H, Fut>(
-    consumer: PullConsumer,
+/// While `gate` is closed nothing is pulled: the source is paused (messages it had fetched
+/// are handed back at once; one still on its way returns after `ack_wait`), and each probe the
+/// gate admits fetches a single message.
+pub async fn consume<S, H, Fut>(
+    mut source: S,
     concurrency: usize,
     gate: Option<Gate>,
     settle_failures: Counter,
@@ -74,13 +94,14 @@ pub async fn consume<H, Fut>(
     handle: H,
 ) -> Result<(), ConsumeError>
 where
+    S: Source,
     H: Fn(Message, CancellationToken) -> Fut,
     Fut: Future<Output = (Message, Option<Settle>)> + Send + 'static,
 {
     let handlers_stop = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
-    let mut messages = Some(pull(&consumer, concurrency).await?);
+    let mut paused = false;
     loop {
         while tasks.try_join_next().is_some() {}
         let permit = tokio::select! {
@@ -92,10 +113,9 @@ where
         };
         let admission = match &gate {
             Some(gate) => {
-                if !gate.is_open()
-                    && let Some(stream) = messages.take()
-                {
-                    hand_back_fetched(stream).await;
+                if !gate.is_open() && !paused {
+                    source.pause().await;
+                    paused = true;
                 }
                 tokio::select! {
                     admission = gate.admit() => admission,
@@ -106,28 +126,13 @@ where
         };
         let next: Pulled = match admission {
             Admission::Probe => tokio::select! {
-                next = probe(&consumer) => next,
+                next = source.probe() => next,
                 _ = shutdown.cancelled() => break,
             },
             Admission::Open => {
-                if messages.is_none() {
-                    match pull(&consumer, concurrency).await {
-                        Ok(stream) => messages = Some(stream),
-                        Err(err) => {
-                            // NATS may be down (a restart): keep trying, never give up.
-                            tracing::warn!(error = %err, "starting a pull");
-                            tokio::select! {
-                                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                                _ = shutdown.cancelled() => break,
-                            }
-                        }
-                    }
-                }
-                let Some(stream) = messages.as_mut() else {
-                    continue;
-                };
+                paused = false;
                 tokio::select! {
-                    next = stream.next() => next.map(|next| next.map_err(Into::into)),
+                    next = source.next() => next,
                     _ = shutdown.cancelled() => break,
                 }
             }
@@ -136,9 +141,8 @@ where
             Some(Ok(message)) => message,
             Some(Err(err)) => {
                 // Missed heartbeats (a NATS restart, a pull the server no longer knows) land
-                // here: start a fresh pull rather than trust this one to recover.
+                // here: the source starts a fresh pull rather than trust this one to recover.
                 tracing::warn!(error = %err, "pulling messages");
-                messages = None;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     _ = shutdown.cancelled() => break,
@@ -160,10 +164,70 @@ where
                 .map(move |()| drop(permit)),
         );
     }
-    drop(messages);
+    // What was fetched and not started goes back now, for another instance, rather than
+    // after its `ack_wait`.
+    source.pause().await;
+    drop(source);
     handlers_stop.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// One durable consumer, pulled in batches of up to `concurrency` (at most 256).
+pub struct Pull {
+    consumer: PullConsumer,
+    batch: usize,
+    messages: Option<Stream>,
+}
+
+impl std::fmt::Debug for Pull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pull")
+            .field("batch", &self.batch)
+            .field("pulling", &self.messages.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pull {
+    /// Starts the first pull at once, so a consumer that cannot be pulled fails the start.
+    pub async fn start(consumer: PullConsumer, concurrency: usize) -> Result<Self, ConsumeError> {
+        let batch = concurrency.min(256);
+        let messages = Some(pull(&consumer, batch).await?);
+        Ok(Self {
+            consumer,
+            batch,
+            messages,
+        })
+    }
+}
+
+impl Source for Pull {
+    async fn next(&mut self) -> Pulled {
+        if self.messages.is_none() {
+            match pull(&self.consumer, self.batch).await {
+                // NATS may be down (a restart): the caller keeps asking, never gives up.
+                Err(err) => return Some(Err(Box::new(err))),
+                Ok(stream) => self.messages = Some(stream),
+            }
+        }
+        let stream = self.messages.as_mut()?;
+        let next = stream.next().await.map(|next| next.map_err(Into::into));
+        if matches!(next, Some(Err(_))) {
+            self.messages = None;
+        }
+        next
+    }
+
+    async fn probe(&mut self) -> Pulled {
+        probe(&self.consumer).await
+    }
+
+    async fn pause(&mut self) {
+        if let Some(stream) = self.messages.take() {
+            hand_back_fetched(stream).await;
+        }
+    }
 }
 
 /// Settles `message` as its handler's step says (nothing for `None`). A failure is counted
@@ -184,16 +248,17 @@ async fn settle(message: Message, step: Option<Settle>, failures: Counter) {
 
 /// Stops a pull, first handing back at once the messages it has already fetched, so they
 /// do not sit out `ack_wait` unseen.
-async fn hand_back_fetched(mut stream: Stream) {
+pub async fn hand_back_fetched(mut stream: Stream) {
     while let Some(Some(Ok(message))) = stream.next().now_or_never() {
         let _ = message.ack_with(AckKind::Nak(None)).await;
     }
 }
 
-async fn pull(consumer: &PullConsumer, concurrency: usize) -> Result<Stream, ConsumeError> {
+/// A pull of up to `batch` messages at a time, kept open.
+pub async fn pull(consumer: &PullConsumer, batch: usize) -> Result<Stream, ConsumeError> {
     consumer
         .stream()
-        .max_messages_per_batch(concurrency.min(256))
+        .max_messages_per_batch(batch)
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
@@ -201,10 +266,11 @@ async fn pull(consumer: &PullConsumer, concurrency: usize) -> Result<Stream, Con
         .map_err(|err| ConsumeError(err.to_string()))
 }
 
-type Pulled = Option<Result<Message, Box<dyn std::error::Error + Send + Sync>>>;
+/// What a source gives: a message, an error to log, or `None` (see [`Source`]).
+pub type Pulled = Option<Result<Message, Box<dyn std::error::Error + Send + Sync>>>;
 
 /// One message for a probe, or `None` when there is no work to probe with yet.
-async fn probe(consumer: &PullConsumer) -> Pulled {
+pub async fn probe(consumer: &PullConsumer) -> Pulled {
     let batch = consumer
         .batch()
         .max_messages(1)

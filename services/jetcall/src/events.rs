@@ -7,8 +7,9 @@ use time::OffsetDateTime;
 use crate::allowlist::CallbackUrl;
 pub use crate::cost::{Cost, Usage};
 use crate::job::{JobId, Kind};
+use crate::lanes::{Lane, Priority};
 
-/// `jobs.requested.<kind>`: a job the gateway accepted.
+/// `jobs.requested.<kind>[.<tenant>.<priority>]`: a job the gateway accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRequested {
     pub job_id: JobId,
@@ -26,6 +27,24 @@ pub struct JobRequested {
         skip_serializing_if = "Option::is_none"
     )]
     pub expires_at: Option<OffsetDateTime>,
+    /// The API key (its `name`) the job was submitted with; absent without keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Priority::is_interactive")]
+    pub priority: Priority,
+}
+
+impl JobRequested {
+    /// The lane the request waits in for a generator (`jetcall::lanes`).
+    pub fn lane(&self) -> Lane {
+        Lane::new(self.tenant.as_deref(), self.priority)
+    }
+
+    /// `jobs.requested.<kind>`, with its lane's tenant and priority tokens after the kind
+    /// for any lane but the default.
+    pub fn subject(&self) -> String {
+        self.lane().subject(&self.kind)
+    }
 }
 
 /// Why a job failed: a stable `type` a program can switch on and a `message` for people.

@@ -55,6 +55,12 @@ pub struct KindSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub ttl: Option<std::time::Duration>,
+    /// The priority of a job of this kind whose submission gives none.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::lanes::Priority::is_interactive"
+    )]
+    pub priority: crate::lanes::Priority,
 }
 
 impl KindSpec {
@@ -265,6 +271,7 @@ pub fn builtin_kinds() -> BTreeMap<String, KindSpec> {
             field: "description".into(),
         },
         ttl: None,
+        priority: crate::lanes::Priority::Interactive,
     };
     let return_analysis = KindSpec {
         system: "You review product return requests for an online retailer. Decide fairly and \
@@ -290,6 +297,7 @@ pub fn builtin_kinds() -> BTreeMap<String, KindSpec> {
             )]),
         },
         ttl: None,
+        priority: crate::lanes::Priority::Interactive,
     };
     BTreeMap::from([
         ("product-description".to_owned(), product_description),

@@ -16,6 +16,7 @@ pub mod events;
 pub mod gate;
 pub mod job;
 pub mod kinds;
+pub mod lanes;
 pub mod metrics;
 pub mod publish;
 pub mod retry;

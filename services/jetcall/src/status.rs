@@ -255,6 +255,12 @@ pub struct JobStatus {
     /// when the gateway has no keys (one anonymous tenant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Interactive jobs go before their tenant's bulk ones.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::lanes::Priority::is_interactive"
+    )]
+    pub priority: crate::lanes::Priority,
     /// The caller's own webhook secret, given at submission, sealed under
     /// `callback.secrets_key` for this job (`jetcall::sealing`): the gateway seals it, only
     /// the callback service opens it. Kept out of every event and every API answer.
@@ -297,7 +303,8 @@ impl JobStatus {
             delivered_at: None,
             delivery_round: 0,
             trace_id: None,
-            tenant: None,
+            tenant: request.tenant.clone(),
+            priority: request.priority,
             sealed_signing_secret: None,
             budget: None,
             request_seq: None,
@@ -432,6 +439,8 @@ impl JobStatus {
             metadata: self.metadata.clone(),
             requested_at: self.created_at,
             expires_at: self.expires_at,
+            tenant: self.tenant.clone(),
+            priority: self.priority,
         }
     }
 
@@ -585,6 +594,8 @@ mod tests {
             metadata: Map::new(),
             requested_at: OffsetDateTime::UNIX_EPOCH,
             expires_at: None,
+            tenant: None,
+            priority: Default::default(),
         };
         JobStatus::accepted(&request, "digest".into())
     }
@@ -737,6 +748,8 @@ mod tests {
             metadata: Map::new(),
             requested_at: OffsetDateTime::UNIX_EPOCH,
             expires_at: None,
+            tenant: None,
+            priority: Default::default(),
         };
         let mut doc = JobStatus::accepted(&request, "digest".into());
         assert_eq!(doc.round_started_at(), None);

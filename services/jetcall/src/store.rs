@@ -447,6 +447,8 @@ mod tests {
             metadata: serde_json::Map::new(),
             requested_at: OffsetDateTime::UNIX_EPOCH,
             expires_at: None,
+            tenant: None,
+            priority: Default::default(),
         };
         let mut doc = JobStatus::accepted(&request, "digest".into());
         assert!(encode(&doc).starts_with(ACCEPTED_PREFIX));

@@ -74,6 +74,12 @@ impl Event {
         format!("{job_id}.{}", self.token())
     }
 
+    /// `jobs.<event>.*`: every kind, with no more tokens after it. For requests, those of the
+    /// default lane (`jetcall::lanes`).
+    pub fn kinds_only(self) -> String {
+        format!("jobs.{}.*", self.token())
+    }
+
     /// The event a subject carries, if it is one of ours.
     pub fn of_subject(subject: &str) -> Option<Event> {
         let mut tokens = subject.split('.');

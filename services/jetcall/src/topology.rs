@@ -7,6 +7,7 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 
 use crate::budget::{self, Budgets};
 use crate::config::Config;
+use crate::lanes;
 use crate::store::StatusStore;
 use crate::subjects::{
     CALLBACK_CONSUMER, Event, GENERATOR_CONSUMER, LIMITS_BUCKET, STATUS_BUCKET, STREAM,
@@ -96,8 +97,12 @@ pub fn limits_bucket_config(config: &Config) -> kv::Config {
 pub fn generator_consumer_config(config: &Config) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(GENERATOR_CONSUMER.into()),
-        description: Some("Shared by every generator instance".into()),
-        filter_subject: Event::Requested.filter(),
+        description: Some(
+            "The default lane (requests without a tenant or priority), shared by every generator instance"
+                .into(),
+        ),
+        // Not `jobs.requested.>`: the other lanes' requests are their own consumers'.
+        filter_subject: Event::Requested.kinds_only(),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: config.generator.ack_wait,
         // Attempts are counted and capped by the generator itself, which fails the job cleanly;
@@ -125,8 +130,9 @@ pub fn callback_consumer_config(config: &Config) -> consumer::pull::Config {
     }
 }
 
-/// Creates the stream, the bucket and both consumers, or brings existing ones to this
-/// configuration.
+/// Creates the streams, the buckets, both consumers and the lanes of the configuration's
+/// keys (`jetcall::lanes`), or brings existing ones to this configuration. A lane of a key
+/// no longer configured is left as it is: jobs may still wait in it.
 pub async fn provision(
     client: async_nats::Client,
     config: &Config,
@@ -166,6 +172,12 @@ pub async fn provision(
         .create_consumer(callback_consumer_config(config))
         .await
         .map_err(|err| failed("consumer `callback`")(err.to_string()))?;
+    for (lane, share) in lanes::configured(config) {
+        stream
+            .create_consumer(lanes::consumer_config(config, &lane, share))
+            .await
+            .map_err(|err| failed("a lane consumer")(format!("{}: {err}", lane.consumer_name())))?;
+    }
 
     Ok(Topology {
         budgets: Budgets::new(jetstream.clone()),
@@ -213,5 +225,17 @@ pub async fn attach(
     // still creating the topology waits for all of it.
     topology.generator_consumer().await?;
     topology.callback_consumer().await?;
+    for (lane, _) in lanes::configured(config) {
+        topology
+            .stream
+            .get_consumer::<consumer::pull::Config>(&lane.consumer_name())
+            .await
+            .map_err(|err| {
+                failed("a lane consumer")(format!(
+                    "{} (run `jetcall topology` with the gateway's keys): {err}",
+                    lane.consumer_name()
+                ))
+            })?;
+    }
     Ok(topology)
 }

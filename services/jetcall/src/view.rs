@@ -110,6 +110,10 @@ pub struct JobView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub tenant: Option<String>,
+    /// `interactive` jobs go before their key's `bulk` ones.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub priority: crate::lanes::Priority,
 }
 
 impl JobView {
@@ -147,6 +151,7 @@ impl From<JobStatus> for JobView {
             delivery_round,
             trace_id,
             tenant,
+            priority,
             ..
         } = doc;
         Self {
@@ -173,6 +178,7 @@ impl From<JobStatus> for JobView {
             delivery_round,
             trace_id,
             tenant,
+            priority,
         }
     }
 }

@@ -25,6 +25,8 @@ fn request(job_id: &str, callback_url: &str) -> Result<JobRequested, Error> {
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
         expires_at: None,
+        tenant: None,
+        priority: Default::default(),
     })
 }
 
@@ -57,7 +59,7 @@ async fn publish_request(topology: &Topology, request: JobRequested) -> Result<(
         .await?;
     publish_event(
         &topology.jetstream,
-        Event::Requested.subject(&request.kind),
+        request.subject(),
         &Event::Requested.msg_id(&request.job_id),
         &request,
     )

@@ -36,6 +36,8 @@ pub struct Recorded {
     pub body: Value,
     /// When the request arrived, on the server's clock.
     pub at: Instant,
+    /// When its answer was made; `None` while it is being made.
+    pub answered_at: Option<Instant>,
     /// 0 while the answer is still being made.
     pub status: u16,
     /// The `retry-after` seconds the answer carried.
@@ -160,6 +162,28 @@ impl LlmScript {
         calls
     }
 
+    /// The most requests whose prompt's first line starts with `prefix` that were being
+    /// answered at once: what a caller's concurrency cap let through.
+    pub fn most_at_once(&self, prefix: &str) -> usize {
+        let mut changes: Vec<(Instant, i32)> = Vec::new();
+        for request in self.lock().requests.iter() {
+            if request.prompt().starts_with(prefix) {
+                changes.push((request.at, 1));
+                if let Some(answered) = request.answered_at {
+                    changes.push((answered, -1));
+                }
+            }
+        }
+        // An answer and an arrival at the same instant: the answer first.
+        changes.sort();
+        let (mut now, mut most) = (0, 0);
+        for (_, change) in changes {
+            now += change;
+            most = most.max(now);
+        }
+        usize::try_from(most).unwrap_or_default()
+    }
+
     /// Requests received so far, including those still being answered.
     pub fn calls(&self) -> usize {
         self.lock().requests.len()
@@ -176,6 +200,7 @@ impl LlmScript {
             headers: headers.clone(),
             body: body.clone(),
             at: Instant::now(),
+            answered_at: None,
             status: 0,
             retry_after: None,
             version,
@@ -187,6 +212,7 @@ impl LlmScript {
     pub(crate) fn answered(&self, index: usize, response: &Response) {
         if let Some(recorded) = self.lock().requests.get_mut(index) {
             recorded.status = response.status().as_u16();
+            recorded.answered_at = Some(Instant::now());
             recorded.retry_after = response
                 .headers()
                 .get("retry-after")

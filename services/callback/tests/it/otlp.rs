@@ -105,6 +105,8 @@ async fn completed_job(topology: &Topology, job_id: &str, callback_url: &str) {
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
         expires_at: None,
+        tenant: None,
+        priority: Default::default(),
     };
     let mut doc = JobStatus::accepted(&request, "seeded".into());
     doc.advance(Status::Completed, OffsetDateTime::now_utc());

@@ -31,6 +31,8 @@ async fn completed_for(topology: &Topology, id: &str, tenant: &str, callback_url
         metadata: Default::default(),
         requested_at: OffsetDateTime::now_utc(),
         expires_at: None,
+        tenant: None,
+        priority: Default::default(),
     };
     let mut doc = JobStatus::accepted(&request, "seeded".into());
     doc.advance(Status::Completed, OffsetDateTime::now_utc());

@@ -112,7 +112,7 @@ pub async fn run(
         .await
         .map_err(|err| TopologyError::Read {
             what: "stream",
-            name: STREAM,
+            name: STREAM.to_owned(),
             message: err.to_string(),
         })?;
     let state = &stream.cached_info().state;

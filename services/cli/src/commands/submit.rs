@@ -57,6 +57,9 @@ async fn submit_one(
     if let Some(ttl) = &args.ttl {
         job["ttl"] = Value::String(ttl.clone());
     }
+    if let Some(priority) = &args.priority {
+        job["priority"] = Value::String(priority.clone());
+    }
     let answer = context.gateway.submit(&job).await?;
     if context.json {
         output::line(&answer.body);
@@ -85,6 +88,7 @@ async fn submit_file(
         callback_url: args.callback_url.clone(),
         metadata,
         ttl: args.ttl.clone(),
+        priority: args.priority.clone(),
     };
     let rows = rows::open(file, args.format, defaults)?;
     let total = rows.total;

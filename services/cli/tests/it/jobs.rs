@@ -8,24 +8,29 @@ use jetcall::status::Status;
 use crate::harness::{CALLBACK, Running, Stack};
 
 async fn submit(stack: &Stack, id: &str) {
-    let run = stack
-        .run(&[
-            "submit",
-            "--kind",
-            "product-description",
-            "--callback-url",
-            CALLBACK,
-            "--job-id",
-            id,
-            "--field",
-            "product_id=PROD-AC15",
-            "--field",
-            "product_name=LG 1.5 Ton 5 Star Inverter Split AC",
-            "--field",
-            "specs=1.5 Ton",
-        ])
-        .await;
+    let run = submit_with(stack, id, &[]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
+}
+
+/// `jetcall submit` of the article's job under `id`, with `flags` added.
+async fn submit_with(stack: &Stack, id: &str, flags: &[&str]) -> crate::harness::Run {
+    let mut args = vec![
+        "submit",
+        "--kind",
+        "product-description",
+        "--callback-url",
+        CALLBACK,
+        "--job-id",
+        id,
+        "--field",
+        "product_id=PROD-AC15",
+        "--field",
+        "product_name=LG 1.5 Ton 5 Star Inverter Split AC",
+        "--field",
+        "specs=1.5 Ton",
+    ];
+    args.extend_from_slice(flags);
+    stack.run(&args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,37 +264,33 @@ async fn cancel_takes_back_waiting_jobs_and_says_which_it_could_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_gives_a_job_a_time_to_live() {
     let stack = Stack::start(&[]).await;
-    let submit_with_ttl = async |job_id: &str, ttl: &str| {
-        stack
-            .run(&[
-                "submit",
-                "--kind",
-                "product-description",
-                "--callback-url",
-                CALLBACK,
-                "--job-id",
-                job_id,
-                "--ttl",
-                ttl,
-                "--field",
-                "product_id=P",
-                "--field",
-                "product_name=N",
-                "--field",
-                "specs=S",
-            ])
-            .await
-    };
-    let run = submit_with_ttl("TTL-1", "2h").await;
+    let run = submit_with(&stack, "TTL-1", &["--ttl", "2h"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
     let run = stack.run(&["--json", "status", "TTL-1"]).await;
     let doc: serde_json::Value = serde_json::from_str(&run.stdout).expect("the job as JSON");
     assert!(doc["expires_at"].is_string(), "{doc}");
-    let refused = submit_with_ttl("TTL-2", "soon").await;
+    let refused = submit_with(&stack, "TTL-2", &["--ttl", "soon"]).await;
     assert_eq!(refused.code, Some(1), "{refused:?}");
     assert!(
         refused.stderr.contains("error: invalid_field: `ttl`"),
         "{refused:?}"
     );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_gives_a_job_its_priority() {
+    let stack = Stack::start(&[]).await;
+    let run = submit_with(&stack, "BULK-1", &["--priority", "bulk"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let run = stack.run(&["--json", "status", "BULK-1"]).await;
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).expect("the job as JSON");
+    assert_eq!(doc["priority"], "bulk", "{doc}");
+    submit(&stack, "INTERACTIVE-1").await;
+    let run = stack.run(&["--json", "status", "INTERACTIVE-1"]).await;
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).expect("the job as JSON");
+    assert_eq!(doc["priority"], "interactive", "{doc}");
+    let refused = submit_with(&stack, "BULK-2", &["--priority", "urgent"]).await;
+    assert_eq!(refused.code, Some(2), "clap refuses it: {refused:?}");
     stack.stop().await;
 }

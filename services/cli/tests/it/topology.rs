@@ -49,7 +49,7 @@ async fn topology_creates_what_is_missing_and_then_checks_clean() {
             .lines()
             .filter(|line| line.ends_with("created"))
             .count(),
-        6,
+        7,
         "{created:?}"
     );
 
@@ -61,7 +61,7 @@ async fn topology_creates_what_is_missing_and_then_checks_clean() {
             .lines()
             .filter(|line| line.ends_with("as configured"))
             .count(),
-        6,
+        7,
         "{checked:?}"
     );
 

@@ -2,6 +2,7 @@ mod budgets;
 mod cancellation;
 mod console;
 mod delivery;
+mod fair_share;
 mod observability;
 mod pipeline;
 mod scenarios;

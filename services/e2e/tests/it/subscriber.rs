@@ -95,7 +95,11 @@ async fn an_external_nats_py_subscriber_gets_every_completion_with_its_own_consu
         .await
         .expect("the stream's consumer names");
     names.sort();
-    assert_eq!(names, [DURABLE, "callback", "generator"]);
+    // Ours, and the anonymous tenant's bulk lane beside the default one (`jetcall::lanes`).
+    assert_eq!(
+        names,
+        [DURABLE, "callback", "generator", "lane-anonymous-bulk"]
+    );
 
     let callback_url = receiver.url("/cb");
     let mut submitted = BTreeMap::new();

@@ -425,3 +425,45 @@ async fn an_expiry_is_a_duration_or_a_moment_within_bounds() {
     );
     gateway.stop().await;
 }
+
+/// `priority` is one of two words; anything else is the caller's 422, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_is_interactive_or_bulk() {
+    let gateway = Gateway::start(&[]).await;
+    let job = |job_id: &str, priority: Value| {
+        json!({
+            "job_id": job_id, "kind": "product-description",
+            "callback_url": "http://127.0.0.1:9/hook",
+            "input": {"product_id": "P", "product_name": "N", "specs": "S"},
+            "priority": priority,
+        })
+    };
+    for priority in [
+        json!("urgent"),
+        json!("Bulk"),
+        json!(1),
+        json!({"bulk": true}),
+    ] {
+        let (status, error) = gateway
+            .post("/api/v1/jobs", &job("JOB-P", priority.clone()))
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{priority}: {error}"
+        );
+        assert_eq!(error["field"], "priority", "{priority}: {error}");
+    }
+    assert_eq!(gateway.recorded().await, 0, "nothing may be recorded");
+
+    for (job_id, priority, shown) in [
+        ("JOB-BULK", json!("bulk"), "bulk"),
+        ("JOB-DEFAULT", Value::Null, "interactive"),
+    ] {
+        let (status, body) = gateway.post("/api/v1/jobs", &job(job_id, priority)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let (_, doc) = gateway.get(&format!("/api/v1/jobs/{job_id}")).await;
+        assert_eq!(doc["priority"], shown, "{doc}");
+    }
+    gateway.stop().await;
+}

@@ -34,6 +34,8 @@ pub fn request(job_id: &str, age: Duration) -> JobRequested {
         metadata: serde_json::Map::new(),
         requested_at: OffsetDateTime::now_utc() - age,
         expires_at: None,
+        tenant: None,
+        priority: Default::default(),
     }
 }
 
@@ -51,7 +53,7 @@ pub async fn record(topology: &Topology, request: &JobRequested, status: Status)
 async fn publish(topology: &Topology, request: &JobRequested) {
     publish_event(
         &topology.jetstream,
-        Event::Requested.subject(&request.kind),
+        request.subject(),
         &Event::Requested.msg_id(&request.job_id),
         request,
     )
@@ -191,7 +193,7 @@ async fn a_request_published_without_a_msg_id_is_recognised_by_its_payload() {
     topology
         .jetstream
         .publish(
-            Event::Requested.subject(&waiting.kind),
+            waiting.subject(),
             serde_json::to_vec(&waiting).expect("JSON").into(),
         )
         .await

@@ -110,6 +110,8 @@ impl Harness {
             metadata: Default::default(),
             requested_at: OffsetDateTime::now_utc(),
             expires_at: None,
+            tenant: None,
+            priority: Default::default(),
         };
         self.topology
             .status
@@ -127,7 +129,7 @@ impl Harness {
         self.topology
             .jetstream
             .send_publish(
-                Event::Requested.subject(&request.kind),
+                request.subject(),
                 PublishMessage::build()
                     .payload(payload.into())
                     .message_id(msg_id),

@@ -101,6 +101,29 @@ impl GatewayConfig {
             .and_then(|(_, key)| key.budget())
     }
 
+    /// Every tenant the keys name, once each, in the order of their first key.
+    pub fn tenants(&self) -> Vec<String> {
+        let mut tenants: Vec<String> = Vec::new();
+        for (index, key) in self.api_keys.iter().enumerate() {
+            let tenant = key.tenant(index);
+            if !tenants.contains(&tenant) {
+                tenants.push(tenant);
+            }
+        }
+        tenants
+    }
+
+    /// How `tenant`'s jobs share the generators: its first key's `weight` and
+    /// `max_concurrency`.
+    pub fn share_of(&self, tenant: &str) -> crate::lanes::Share {
+        self.api_keys
+            .iter()
+            .enumerate()
+            .find(|(index, key)| key.tenant(*index) == tenant)
+            .map(|(_, key)| key.share())
+            .unwrap_or_default()
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_batch_bytes < self.max_body_bytes {
             return Err(ConfigError::invalid(
@@ -137,32 +160,38 @@ impl GatewayConfig {
         self.validate_key_policies()
     }
 
-    /// Keys that share a tenant (a name) share its policy: what the callback applies to a job
+    /// Keys that share a tenant (a name) share its policy: what the services apply to a job
     /// is looked up by its tenant.
     fn validate_key_policies(&self) -> Result<(), ConfigError> {
+        self.same_for_each_tenant("budget", "budget", |key| key.budget().cloned())?;
+        self.same_for_each_tenant("callback_allowlist", "callback allowlist", |key| {
+            key.callback_allowlist().cloned()
+        })?;
+        self.same_for_each_tenant("weight", "weight and max_concurrency", ApiKey::share)
+    }
+
+    /// Fails at the first key whose `policy` differs from an earlier key of its tenant's.
+    fn same_for_each_tenant<T: PartialEq>(
+        &self,
+        field: &str,
+        what: &str,
+        policy: impl Fn(&ApiKey) -> T,
+    ) -> Result<(), ConfigError> {
         let keys = &self.api_keys;
         for (index, key) in keys.iter().enumerate() {
             let tenant = key.tenant(index);
-            if let Some((first, _)) = keys.iter().enumerate().find(|(other, earlier)| {
-                earlier.tenant(*other) == tenant && earlier.budget() != key.budget()
-            }) && first < index
+            if let Some((first, _)) =
+                keys.iter()
+                    .enumerate()
+                    .take(index)
+                    .find(|(other, earlier)| {
+                        earlier.tenant(*other) == tenant && policy(earlier) != policy(key)
+                    })
             {
                 return Err(ConfigError::invalid(
-                    format!("gateway.api_keys[{index}].budget"),
+                    format!("gateway.api_keys[{index}].{field}"),
                     format!(
-                        "differs from that of gateway.api_keys[{first}], which has the same name `{tenant}`; keys of one tenant share one budget"
-                    ),
-                ));
-            }
-            if let Some((first, _)) = keys.iter().enumerate().find(|(other, earlier)| {
-                earlier.tenant(*other) == tenant
-                    && earlier.callback_allowlist() != key.callback_allowlist()
-            }) && first < index
-            {
-                return Err(ConfigError::invalid(
-                    format!("gateway.api_keys[{index}].callback_allowlist"),
-                    format!(
-                        "differs from that of gateway.api_keys[{first}], which has the same name `{tenant}`; keys of one tenant share one callback allowlist"
+                        "differs from that of gateway.api_keys[{first}], which has the same name `{tenant}`; keys of one tenant share one {what}"
                     ),
                 ));
             }
@@ -200,6 +229,12 @@ pub struct ScopedApiKey {
     /// `{ per_day_usd = 5.0, per_month_usd = 100.0 }`: what the tenant's jobs may cost, held
     /// across every instance (`jetcall::budget`); past it `402 budget_exceeded`.
     pub budget: Option<crate::budget::Limits>,
+    /// The tenant's part of the generators' capacity against other tenants with waiting
+    /// work (1 when left out; `jetcall::lanes`).
+    pub weight: Option<std::num::NonZeroU32>,
+    /// The most of the tenant's LLM calls in flight at once across every generator instance,
+    /// at each priority.
+    pub max_concurrency: Option<std::num::NonZeroU32>,
 }
 
 /// What a key may see: its own jobs, or (an operator's key) everyone's.
@@ -242,6 +277,10 @@ struct ScopedApiKeyAsWritten {
     role: Option<String>,
     #[serde(default)]
     budget: Option<BudgetAsWritten>,
+    #[serde(default)]
+    weight: Option<std::num::NonZeroU32>,
+    #[serde(default)]
+    max_concurrency: Option<std::num::NonZeroU32>,
 }
 
 /// A budget as written: a table read loosely (inside the untagged `ApiKeyAsWritten`, a
@@ -292,6 +331,9 @@ impl TryFrom<BudgetAsWritten> for crate::budget::Limits {
     }
 }
 
+/// The largest `weight`: past it one tenant's share is indistinguishable from all of it.
+const MAX_WEIGHT: u32 = 1000;
+
 impl TryFrom<ApiKeyAsWritten> for ApiKey {
     type Error = String;
 
@@ -319,6 +361,19 @@ impl TryFrom<ApiKeyAsWritten> for ApiKey {
             requests_per_second: scoped.requests_per_second,
             role,
             budget: scoped.budget.map(TryInto::try_into).transpose()?,
+            weight: scoped
+                .weight
+                .map(|weight| {
+                    if weight.get() <= MAX_WEIGHT {
+                        Ok(weight)
+                    } else {
+                        Err(format!(
+                            "`weight` is {weight}; it must be 1 to {MAX_WEIGHT}"
+                        ))
+                    }
+                })
+                .transpose()?,
+            max_concurrency: scoped.max_concurrency,
         }))
     }
 }
@@ -357,6 +412,17 @@ impl ApiKey {
         match self {
             Self::Scoped(scoped) => scoped.budget.as_ref(),
             Self::Key(_) => None,
+        }
+    }
+
+    /// How the key's jobs share the generators with other tenants' (`jetcall::lanes`).
+    pub fn share(&self) -> crate::lanes::Share {
+        match self {
+            Self::Scoped(scoped) => crate::lanes::Share {
+                weight: scoped.weight.map_or(1, std::num::NonZeroU32::get),
+                max_concurrency: scoped.max_concurrency.map(std::num::NonZeroU32::get),
+            },
+            Self::Key(_) => crate::lanes::Share::default(),
         }
     }
 

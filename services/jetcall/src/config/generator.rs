@@ -49,6 +49,10 @@ pub struct GeneratorConfig {
     /// configuration has been fixed.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// How often the lanes (`jetcall::lanes`) are listed: how soon a new tenant's lane is
+    /// pulled, and how fresh `jetcall_generator_jobs_waiting` is.
+    #[serde(with = "humantime_serde")]
+    pub lane_refresh: Duration,
     /// On SIGTERM, how long LLM calls already made may run on to be recorded before what is
     /// left is handed back; below the orchestrator's stop timeout (compose: 30 s).
     #[serde(with = "humantime_serde")]
@@ -70,6 +74,7 @@ impl Default for GeneratorConfig {
             // Claude's whole context (200,000 tokens) is about 800 KB of text.
             max_prompt_bytes: 1024 * 1024,
             probe_interval: Duration::from_secs(30),
+            lane_refresh: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(25),
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
         }
@@ -113,6 +118,12 @@ impl GeneratorConfig {
                 format!(
                     "must be at least the longest kind's template ({longest_template} bytes), or every job of it fails"
                 ),
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.lane_refresh) {
+            return Err(ConfigError::invalid(
+                "generator.lane_refresh",
+                "must be from 100ms to 60s",
             ));
         }
         if self.probe_interval < Duration::from_secs(1) {

@@ -249,6 +249,21 @@ fn bad_values_name_their_key() {
         ),
         (
             "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k1", name="shop", weight=3}, {key="k2", name="shop"}]"#,
+            "gateway.api_keys[1].weight & weight and max_concurrency",
+        ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k", weight=1001}]"#,
+            "weight & 1 to 1000",
+        ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"[{key="k", max_concurrency=0}]"#,
+            "gateway.api_keys",
+        ),
+        (
+            "JETCALL_GATEWAY__API_KEYS",
             r#"[{key="k", budget={per_week_usd=5.0}}]"#,
             "per_week_usd",
         ),
@@ -370,6 +385,23 @@ fn a_key_s_role_is_user_unless_it_says_admin() {
         assert_eq!(roles, [Role::User, Role::Admin, Role::User]);
         let tenants: Vec<String> = keys.iter().enumerate().map(|(i, k)| k.tenant(i)).collect();
         assert_eq!(tenants, ["key 0", "ops", "key 2"]);
+        Ok(())
+    });
+}
+
+#[test]
+fn a_keys_share_is_its_weight_and_cap_found_by_tenant() {
+    Jail::expect_with(|jail| {
+        jail.set_env(
+            "JETCALL_GATEWAY__API_KEYS",
+            r#"["k0", {key="k1", name="shop", weight=3, max_concurrency=20}, {key="k2", name="shop", weight=3, max_concurrency=20}]"#,
+        );
+        let config = Config::load().expect("loads");
+        assert_eq!(config.gateway.tenants(), ["key 0", "shop"]);
+        let share = config.gateway.share_of("shop");
+        assert_eq!((share.weight, share.max_concurrency), (3, Some(20)));
+        let default = config.gateway.share_of("key 0");
+        assert_eq!((default.weight, default.max_concurrency), (1, None));
         Ok(())
     });
 }
