@@ -417,8 +417,17 @@ pub(super) async fn start_gateway(
     stack: &mut Stack,
     gateway: &Path,
 ) -> anyhow::Result<(String, u32)> {
+    start_gateway_with(stack, gateway, &[]).await
+}
+
+/// As [`start_gateway`], with `extra` settings in its environment.
+pub(super) async fn start_gateway_with(
+    stack: &mut Stack,
+    gateway: &Path,
+    extra: &[(&'static str, String)],
+) -> anyhow::Result<(String, u32)> {
     let addr = free_addr(None)?;
-    let env = [
+    let mut env = vec![
         ("JETCALL_CONFIG", "/dev/null".to_owned()),
         ("JETCALL_GATEWAY__LISTEN", addr.to_string()),
         (
@@ -426,6 +435,7 @@ pub(super) async fn start_gateway(
             r#"["127.0.0.1"]"#.to_owned(),
         ),
     ];
+    env.extend_from_slice(extra);
     let pid = stack.spawn_service("gateway", gateway, &env)?;
     let base = format!("http://{addr}");
     let client = client(1)?;

@@ -3,6 +3,7 @@
 //! asserts nothing.
 
 mod callback;
+mod fairness;
 mod gateway;
 mod generator;
 mod pipeline;
@@ -38,6 +39,8 @@ pub struct Sizes {
     pub pipeline_slow: pipeline::Run,
     /// How many times the fast end-to-end run is repeated for its median.
     pub pipeline_repeats: usize,
+    /// One tenant's backlog while another submits a few jobs a second.
+    pub fairness: fairness::Run,
     /// Bare JetStream publishes (then consumed and acked) for the ceiling.
     pub ceiling_messages: usize,
 }
@@ -88,6 +91,13 @@ impl Sizes {
                 watch_console: false,
             },
             pipeline_repeats: 3,
+            fairness: fairness::Run {
+                backlog: 20_000,
+                llm_delay: Duration::from_millis(200),
+                concurrency: 256,
+                per_second: 10,
+                seconds: 10,
+            },
             ceiling_messages: 200_000,
         }
     }
@@ -135,6 +145,13 @@ impl Sizes {
                 watch_console: false,
             },
             pipeline_repeats: 1,
+            fairness: fairness::Run {
+                backlog: 500,
+                llm_delay: Duration::from_millis(200),
+                concurrency: 64,
+                per_second: 10,
+                seconds: 1,
+            },
             ceiling_messages: 2_000,
         }
     }
@@ -147,6 +164,7 @@ pub enum Part {
     Generator,
     Callback,
     Pipeline,
+    Fairness,
 }
 
 /// Runs `only` one part or all; writes `BENCHMARKS.md` after a full-size run of all.
@@ -202,6 +220,17 @@ pub async fn run(
         };
         let end_to_end = pipeline::measure(binaries, nats_server, sizes).await?;
         report.push_str(&end_to_end.section()?);
+    }
+    if runs(Part::Fairness) {
+        let (gateway, generator, callback) =
+            (binary("gateway"), binary("generator"), binary("callback"));
+        let binaries = pipeline::Binaries {
+            gateway: &gateway,
+            generator: &generator,
+            callback: &callback,
+        };
+        let fair = fairness::measure(binaries, nats_server, sizes.fairness).await?;
+        report.push_str(&fair.section()?);
     }
     if sizes.release && only.is_none() {
         let path = ws.root.join("BENCHMARKS.md");
