@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::callback::{Arrivals, start_receiver};
 use super::gateway::{client, job_to, start_gateway_with};
 use super::generator::{Protocol, generator_env, start_fake_llm};
+use super::pipeline::wait_ok;
 use super::{percentile, setup};
 use crate::poll;
 use crate::stack::free_addr;
@@ -110,16 +111,11 @@ async fn behind_a_backlog(
         .stack
         .spawn_service("callback", binaries.callback, &callback_env)?;
     let http = client(64)?;
-    let ready = format!("http://{generator_admin}/readyz");
-    poll::until(&ready, Duration::from_secs(30), async || {
-        setup.stack.check_running()?;
-        let ok = http
-            .get(&ready)
-            .send()
-            .await
-            .is_ok_and(|response| response.status() == StatusCode::OK);
-        Ok(ok.then_some(()))
-    })
+    wait_ok(
+        &mut setup.stack,
+        &http,
+        &format!("http://{generator_admin}/readyz"),
+    )
     .await?;
 
     println!(

@@ -210,25 +210,18 @@ pub async fn run(
         let delivery = callback::measure(&binary("callback"), nats_server, sizes).await?;
         report.push_str(&delivery.section(sizes)?);
     }
+    let (gateway, generator, callback) =
+        (binary("gateway"), binary("generator"), binary("callback"));
+    let binaries = pipeline::Binaries {
+        gateway: &gateway,
+        generator: &generator,
+        callback: &callback,
+    };
     if runs(Part::Pipeline) {
-        let (gateway, generator, callback) =
-            (binary("gateway"), binary("generator"), binary("callback"));
-        let binaries = pipeline::Binaries {
-            gateway: &gateway,
-            generator: &generator,
-            callback: &callback,
-        };
         let end_to_end = pipeline::measure(binaries, nats_server, sizes).await?;
         report.push_str(&end_to_end.section()?);
     }
     if runs(Part::Fairness) {
-        let (gateway, generator, callback) =
-            (binary("gateway"), binary("generator"), binary("callback"));
-        let binaries = pipeline::Binaries {
-            gateway: &gateway,
-            generator: &generator,
-            callback: &callback,
-        };
         let fair = fairness::measure(binaries, nats_server, sizes.fairness).await?;
         report.push_str(&fair.section()?);
     }

@@ -140,7 +140,11 @@ fn millis(duration: Duration) -> f64 {
 }
 
 /// Waits for `url` to answer 200, failing early if a service exits.
-async fn wait_ok(stack: &mut Stack, http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+pub(super) async fn wait_ok(
+    stack: &mut Stack,
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<()> {
     poll::until(url, Duration::from_secs(30), async || {
         stack.check_running()?;
         let ok = http

@@ -82,10 +82,11 @@ impl Tenant {
         }
     }
 
-    async fn submit(self, pipeline: &Pipeline, job: &Value) {
+    /// Submits `job` to the gateway at `gateway_url`.
+    async fn submit(self, pipeline: &Pipeline, gateway_url: &str, job: &Value) {
         let response = pipeline
             .http
-            .post(format!("{}/api/v1/jobs", pipeline.gateway_url))
+            .post(format!("{gateway_url}/api/v1/jobs"))
             .bearer_auth(self.key)
             .json(job)
             .send()
@@ -127,13 +128,18 @@ async fn two_generators(
     ])
     .await;
     pipeline.start_generator();
-    let ready = format!("{}/readyz", pipeline.admin_url("generator"));
-    wait_until("the second generator to be ready", WAIT, || async {
-        let response = pipeline.http.get(&ready).send().await.ok()?;
+    ready(&pipeline, pipeline.admin_url("generator")).await;
+    pipeline
+}
+
+/// Waits for the service at `base_url` to answer `/readyz` with 200.
+async fn ready(pipeline: &Pipeline, base_url: &str) {
+    let url = format!("{base_url}/readyz");
+    wait_until(&format!("{url} to answer 200"), WAIT, || async {
+        let response = pipeline.http.get(&url).send().await.ok()?;
         (response.status() == StatusCode::OK).then_some(())
     })
     .await;
-    pipeline
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,9 +177,8 @@ async fn a_backlog_of_one_tenant_does_not_hold_up_another() {
     .await;
     // The portal's jobs come one at a time while the backlog waits.
     for n in 0..FEW {
-        PORTAL
-            .submit(&pipeline, &PORTAL.job(n, &hook, "interactive"))
-            .await;
+        let job = PORTAL.job(n, &hook, "interactive");
+        PORTAL.submit(&pipeline, &pipeline.gateway_url, &job).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for n in 0..FEW {
@@ -376,26 +381,10 @@ async fn a_key_added_while_the_generators_are_busy_gets_its_share() {
     let new_gateway = format!("http://{}", listener.local_addr().expect("an address"));
     let stop = tokio_util::sync::CancellationToken::new();
     let gateway = tokio::spawn(gateway::run(config, listener, stop.clone()));
-    wait_until("the new gateway to be ready", WAIT, || async {
-        let response = pipeline
-            .http
-            .get(format!("{new_gateway}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        (response.status() == StatusCode::OK).then_some(())
-    })
-    .await;
+    ready(&pipeline, &new_gateway).await;
     for n in 0..FEW {
-        let response = pipeline
-            .http
-            .post(format!("{new_gateway}/api/v1/jobs"))
-            .bearer_auth(PORTAL.key)
-            .json(&PORTAL.job(n, &hook, "interactive"))
-            .send()
-            .await
-            .expect("the new gateway answers");
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let job = PORTAL.job(n, &hook, "interactive");
+        PORTAL.submit(&pipeline, &new_gateway, &job).await;
     }
     wait_until("the new key's calls", WAIT, || async {
         (PORTAL.calls(&claude, "interactive") == FEW).then_some(())
