@@ -1,6 +1,7 @@
 //! Calls in flight whose job is cancelled. Every instance hears `jobs.cancelled.>` and aborts
-//! its own call for that job at once; one that misses the message (it was reconnecting)
-//! finds out at its next lease renewal, which the cancellation made fail.
+//! its own call for that job at once, once the job's status document confirms it; one that
+//! misses the message (it was reconnecting) finds out at its next lease renewal, which the
+//! cancellation made fail.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,8 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use jetcall::JobId;
+use jetcall::status::Status;
+use jetcall::store::StatusStore;
 use jetcall::subjects::Event;
 
 #[derive(Debug, Default)]
@@ -65,6 +68,10 @@ impl Cancellations {
             .is_some()
     }
 
+    fn is_watched(&self, job_id: &JobId) -> bool {
+        self.lock().contains_key(job_id)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, (CancellationToken, usize)>> {
         // A panic while holding it leaves a map that is still consistent.
         self.calls
@@ -79,9 +86,14 @@ struct Cancelled {
     job_id: JobId,
 }
 
-/// Cancels the watched job of every `jobs.cancelled.>` message until `shutdown`.
+/// Cancels the watched job of every `jobs.cancelled.>` message whose status document says
+/// it is cancelled, until `shutdown`. The message alone is not enough: a stray or forged one
+/// would abort a call that is then made again once its lease runs out, paid twice. A
+/// document that cannot be read aborts nothing; a true cancellation then stops the call at
+/// its next lease renewal.
 pub async fn listen(
     client: async_nats::Client,
+    status: StatusStore,
     registry: Arc<Cancellations>,
     shutdown: CancellationToken,
 ) {
@@ -98,11 +110,32 @@ pub async fn listen(
             _ = shutdown.cancelled() => return,
         };
         let Some(message) = message else { return };
-        if let Ok(Cancelled { job_id }) = serde_json::from_slice(&message.payload)
-            && registry.cancel(&job_id)
-        {
-            tracing::info!(%job_id, "job cancelled; its call is abandoned");
+        let Ok(Cancelled { job_id }) = serde_json::from_slice(&message.payload) else {
+            continue;
+        };
+        if !registry.is_watched(&job_id) {
+            continue;
         }
+        // Its own task: a bulk cancellation's thousand reads wait on none of the others.
+        let (status, registry) = (status.clone(), registry.clone());
+        tokio::spawn(async move {
+            match status.get(&job_id).await {
+                Ok(Some((doc, _))) if doc.ended_as == Some(Status::Cancelled) => {
+                    if registry.cancel(&job_id) {
+                        tracing::info!(%job_id, "job cancelled; its call is abandoned");
+                    }
+                }
+                Ok(_) => tracing::warn!(
+                    %job_id,
+                    "a cancellation event for a job whose status document is not cancelled; its call goes on"
+                ),
+                Err(err) => tracing::warn!(
+                    %job_id,
+                    error = %err,
+                    "cannot confirm a cancellation; the call stops at its lease renewal if it is one"
+                ),
+            }
+        });
     }
 }
 

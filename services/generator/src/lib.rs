@@ -97,6 +97,7 @@ pub async fn run(
     let cancellations = Arc::new(cancellations::Cancellations::default());
     tokio::spawn(cancellations::listen(
         client.clone(),
+        topology.status.clone(),
         cancellations.clone(),
         shutdown.clone(),
     ));

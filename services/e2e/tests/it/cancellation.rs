@@ -293,3 +293,46 @@ async fn a_cancellation_whose_event_was_lost_is_finished_by_the_generator_and_st
     assert_eq!(pipeline.count_at_least("jobs.completed.>", 0).await, 0);
     pipeline.stop().await;
 }
+
+/// A `jobs.cancelled` message for a job nobody cancelled (a stray or forged one) leaves its
+/// call alone: the generator checks the job's document first. Abandoned, the call would be
+/// made again once its lease ran out, and paid twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_event_without_a_cancelled_job_aborts_nothing() {
+    let receiver = WebhookReceiver::start().await;
+    let claude = FakeAnthropic::start().await;
+    claude.push(Scripted::Delay(Duration::from_secs(3)));
+    let mut settings = one_at_a_time(&claude);
+    // A short lease, so that an abandoned call would be made again within the test.
+    settings.push(("generator.ack_wait", json!("2s")));
+    let pipeline = Pipeline::start(&settings).await;
+    let (status, _) = pipeline
+        .post(
+            "/api/v1/jobs",
+            &job("JOB-STRAY", "Stray Kettle", &receiver.url("/cb")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    wait_until("the call to reach the model", WAIT, || async {
+        (claude.calls() == 1).then_some(())
+    })
+    .await;
+    let client = async_nats::connect(pipeline.nats_url())
+        .await
+        .expect("a NATS connection");
+    client
+        .publish(
+            "jobs.cancelled.product-description",
+            json!({"job_id": "JOB-STRAY"}).to_string().into(),
+        )
+        .await
+        .expect("the stray event");
+    client.flush().await.expect("sent");
+
+    let doc = pipeline
+        .wait_for_status("JOB-STRAY", "delivered", WAIT)
+        .await;
+    assert!(doc["result"].is_object(), "{doc}");
+    assert_eq!(claude.calls(), 1, "the call was paid for once");
+    pipeline.stop().await;
+}
