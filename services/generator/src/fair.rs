@@ -13,7 +13,7 @@
 //! not kept here: each lane's `max_ack_pending` is its key's `max_concurrency`, which
 //! JetStream holds across every instance.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,33 +56,38 @@ pub struct Rotation {
 }
 
 impl Rotation {
-    /// The lane to take from next, among `ready` (lanes with a message waiting, with their
-    /// tenant's weight); `None` when none is ready.
-    pub fn pick(&mut self, ready: &[(&Lane, u32)]) -> Option<Lane> {
-        let (tenant, weight) = ready
+    /// Which of `ready` (lanes with a message waiting, with their tenant's weight) to take
+    /// from next; `None` when none is ready. Called for every message, so it clones nothing
+    /// but a tenant seen for the first time.
+    pub fn pick(&mut self, ready: &[(&Lane, u32)]) -> Option<usize> {
+        let now = self.now;
+        let pass = |turns: &BTreeMap<Option<String>, Turn>, lane: &Lane| {
+            turns.get(&lane.tenant).map_or(0, |turn| turn.pass).max(now)
+        };
+        let (_, weight, tenant) = ready
             .iter()
-            .map(|(lane, weight)| {
-                let turn = self.turns.get(&lane.tenant).copied().unwrap_or_default();
-                (turn.pass.max(self.now), &lane.tenant, *weight)
-            })
-            .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
-            .map(|(_, tenant, weight)| (tenant.clone(), weight))?;
-        let has = |priority| {
+            .map(|(lane, weight)| (pass(&self.turns, lane), *weight, &lane.tenant))
+            .min_by(|a, b| (a.0, a.2).cmp(&(b.0, b.2)))?;
+        let lane_of = |priority| {
             ready
                 .iter()
-                .any(|(lane, _)| lane.tenant == tenant && lane.priority == priority)
+                .position(|(lane, _)| lane.tenant == *tenant && lane.priority == priority)
         };
-        let turn = self.turns.entry(tenant.clone()).or_default();
-        turn.pass = turn.pass.max(self.now);
+        let (interactive, bulk) = (lane_of(Priority::Interactive), lane_of(Priority::Bulk));
+        let turn = match self.turns.get_mut(tenant) {
+            Some(turn) => turn,
+            None => self.turns.entry(tenant.clone()).or_default(),
+        };
+        turn.pass = turn.pass.max(now);
         self.now = turn.pass;
         turn.pass += STRIDE / u64::from(weight.max(1));
-        let priority = match (has(Priority::Interactive), has(Priority::Bulk)) {
-            (true, true) if turn.picks % BULK_EVERY == BULK_EVERY - 1 => Priority::Bulk,
-            (true, _) => Priority::Interactive,
-            _ => Priority::Bulk,
+        let picked = match (interactive, bulk) {
+            (Some(_), Some(bulk)) if turn.picks % BULK_EVERY == BULK_EVERY - 1 => bulk,
+            (Some(interactive), _) => interactive,
+            (None, bulk) => bulk?,
         };
         turn.picks += 1;
-        Some(Lane { tenant, priority })
+        Some(picked)
     }
 }
 
@@ -151,14 +156,14 @@ impl Lanes {
     async fn refresh(&mut self) -> Result<(), ConsumeError> {
         self.next_refresh = Instant::now() + self.refresh;
         let mut listing = self.stream.consumers();
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         while let Some(info) = listing.next().await {
             let info = info.map_err(|err| ConsumeError::new(format!("listing lanes: {err}")))?;
             let Some((lane, weight)) = lane_of(&info) else {
                 continue;
             };
             self.metrics.set_waiting(&lane, info.num_pending);
-            seen.push(lane.clone());
+            seen.insert(lane.clone());
             match self.lanes.get_mut(&lane) {
                 Some(pulling) => {
                     pulling.weight = weight;
@@ -237,7 +242,7 @@ impl Lanes {
             .filter(|(_, pulling)| pulling.buffer.as_ref().is_some_and(|b| !b.is_empty()))
             .map(|(lane, pulling)| (lane, pulling.weight))
             .collect();
-        let lane = self.rotation.pick(&ready)?;
+        let lane = ready[self.rotation.pick(&ready)?].0.clone();
         self.lanes.get_mut(&lane)?.buffer.as_mut()?.try_recv().ok()
     }
 }
@@ -274,10 +279,10 @@ impl Source for Lanes {
             .filter(|(_, pulling)| pulling.pending > 0)
             .map(|(lane, pulling)| (lane, pulling.weight))
             .collect();
-        let lane = self
-            .rotation
-            .pick(&waiting)
-            .unwrap_or_else(|| Lane::new(None, Priority::Interactive));
+        let lane = match self.rotation.pick(&waiting) {
+            Some(picked) => waiting[picked].0.clone(),
+            None => Lane::new(None, Priority::Interactive),
+        };
         let consumer = self.lanes.get(&lane)?.consumer.clone();
         let probed = jetcall::consume::probe(&consumer).await;
         if Instant::now() >= self.next_refresh
@@ -382,8 +387,8 @@ mod tests {
     fn picks(rotation: &mut Rotation, ready: &[(&Lane, u32)], n: usize) -> BTreeMap<Lane, usize> {
         let mut counts = BTreeMap::new();
         for _ in 0..n {
-            let lane = rotation.pick(ready).expect("a lane is ready");
-            *counts.entry(lane).or_insert(0) += 1;
+            let picked = rotation.pick(ready).expect("a lane is ready");
+            *counts.entry(ready[picked].0.clone()).or_insert(0) += 1;
         }
         counts
     }

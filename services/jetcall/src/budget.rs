@@ -146,8 +146,11 @@ pub enum BudgetError {
 /// The counter of `tenant`'s spend in period `key`: `budgets.<tenant as hex>.<day|month>.<key>`.
 /// A tenant is a key's free-text name; in hex it is always one subject token.
 pub fn subject(tenant: &str, period: Period, key: &str) -> String {
-    let tenant: String = tenant.bytes().map(|byte| format!("{byte:02x}")).collect();
-    format!("budgets.{tenant}.{}.{key}", period.as_str())
+    format!(
+        "budgets.{}.{}.{key}",
+        crate::lanes::tenant_token(tenant),
+        period.as_str()
+    )
 }
 
 /// The most a job of `spec` whose prompt is `prompt_bytes` long can cost, by `prices`: two

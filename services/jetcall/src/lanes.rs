@@ -14,8 +14,6 @@
 //! drains requests published before lanes existed), its bulk ones go to the lane
 //! `lane-anonymous-bulk`.
 
-use std::collections::BTreeMap;
-
 use async_nats::jetstream::consumer;
 use serde::{Deserialize, Serialize};
 
@@ -88,8 +86,15 @@ const PRIORITY_METADATA: &str = "jetcall.priority";
 const WEIGHT_METADATA: &str = "jetcall.weight";
 
 /// A tenant as one subject token: its name in hex (a name may hold dots, spaces, anything).
+/// Lane subjects and budget counters both name tenants so. Written into one string: it is
+/// made for every request the gateway publishes.
 pub fn tenant_token(tenant: &str) -> String {
-    tenant.bytes().map(|byte| format!("{byte:02x}")).collect()
+    use std::fmt::Write as _;
+    let mut token = String::with_capacity(tenant.len() * 2);
+    for byte in tenant.bytes() {
+        let _ = write!(token, "{byte:02x}");
+    }
+    token
 }
 
 /// What a key's policy says about scheduling its jobs.
@@ -189,16 +194,18 @@ pub fn consumer_config(config: &Config, lane: &Lane, share: Share) -> consumer::
     if let Some(cap) = share.max_concurrency {
         wanted.max_ack_pending = i64::from(cap);
     }
-    let mut metadata = BTreeMap::new();
     if let Some(tenant) = &lane.tenant {
-        metadata.insert(TENANT_METADATA.to_owned(), tenant.clone());
+        wanted
+            .metadata
+            .insert(TENANT_METADATA.to_owned(), tenant.clone());
     }
-    metadata.insert(
+    wanted.metadata.insert(
         PRIORITY_METADATA.to_owned(),
         lane.priority.as_str().to_owned(),
     );
-    metadata.insert(WEIGHT_METADATA.to_owned(), share.weight.to_string());
-    wanted.metadata = metadata.into_iter().collect();
+    wanted
+        .metadata
+        .insert(WEIGHT_METADATA.to_owned(), share.weight.to_string());
     wanted
 }
 
@@ -224,19 +231,14 @@ pub fn lane_of(info: &consumer::Info) -> Option<(Lane, u32)> {
 }
 
 /// Every lane the configuration's keys need, with their shares, besides the default lane:
-/// each tenant's two, or the anonymous tenant's bulk lane without keys. The anonymous bulk
-/// lane always exists, so that every service's configuration names a lane set a generator
+/// each tenant's two (`tenants` names each once), and the anonymous tenant's bulk lane. That
+/// one always exists, so that every service's configuration names a lane set a generator
 /// without the keys can find.
 pub fn configured(config: &Config) -> Vec<(Lane, Share)> {
     let mut lanes = vec![(Lane::new(None, Priority::Bulk), Share::default())];
     for tenant in config.gateway.tenants() {
         let share = config.gateway.share_of(&tenant);
-        for priority in Priority::ALL {
-            let lane = Lane::new(Some(&tenant), priority);
-            if !lanes.iter().any(|(known, _)| *known == lane) {
-                lanes.push((lane, share));
-            }
-        }
+        lanes.extend(Priority::ALL.map(|priority| (Lane::new(Some(&tenant), priority), share)));
     }
     lanes
 }
