@@ -309,8 +309,7 @@ mod tests {
     use super::*;
 
     fn config() -> Config {
-        Config::from_figment(Config::figment(Path::new("/nonexistent/jetcall.toml")))
-            .expect("default configuration")
+        Config::from_figment(Config::builtin()).expect("default configuration")
     }
 
     #[test]

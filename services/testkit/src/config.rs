@@ -1,7 +1,6 @@
 //! Configuration for a test or a benchmark: the built-in defaults, never a `jetcall.toml` that
-//! happens to lie in the working directory, with the given settings on top.
-
-use std::path::Path;
+//! happens to lie in the working directory nor a variable of the environment, with the given
+//! settings on top.
 
 use figment::providers::Serialized;
 use serde_json::Value;
@@ -17,7 +16,7 @@ pub const LOOPBACK_ALLOWLIST: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 /// Tests receive their webhooks on loopback, which the built-in allowlist refuses: the
 /// allowlist here names the loopback hosts, and a test of the default sets it back.
 pub fn config(nats_url: &str, settings: &[(&str, Value)]) -> Config {
-    let mut figment = Config::figment(Path::new("/nonexistent/jetcall.toml"))
+    let mut figment = Config::builtin()
         .merge(Serialized::default("nats.url", nats_url))
         .merge(Serialized::default(
             "gateway.callback_allowlist",

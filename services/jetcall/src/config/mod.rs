@@ -129,8 +129,20 @@ impl Config {
 
     /// The layers without validation, so a test can add or replace one.
     pub fn figment(file: &Path) -> Figment {
-        Figment::from(Serialized::defaults(Config::default()))
+        Self::builtin()
             .merge(Toml::file(file))
+            .merge(Self::environment())
+    }
+
+    /// The built-in defaults alone: what tests and benchmarks start from, so that neither a
+    /// `jetcall.toml` nor a variable of whoever runs them (a real `ANTHROPIC_API_KEY`, say)
+    /// reaches them.
+    pub fn builtin() -> Figment {
+        Figment::from(Serialized::defaults(Config::default()))
+    }
+
+    fn environment() -> Figment {
+        Figment::new()
             .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
             .merge(
                 Env::raw()

@@ -1,3 +1,2 @@
-mod config;
 mod store;
 mod topology;

@@ -1,4 +1,8 @@
 //! Each configuration layer, and that a bad value names its key.
+//!
+//! A test binary of its own: `figment::Jail` moves the process's working directory and, as it
+//! ends, empties and refills its environment. Tests of other binaries that read a variable or
+//! start a process in that window would see neither, so only jailed tests share this process.
 
 // figment::Jail fixes the closure's error type to figment::Error, which is large.
 #![allow(clippy::result_large_err)]
