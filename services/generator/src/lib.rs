@@ -4,6 +4,7 @@
 //! `jobs.failed.<kind>` (or `jobs.expired.<kind>` for a job not started in time). A call for
 //! a job cancelled meanwhile is abandoned.
 
+mod batch;
 mod cancellations;
 mod fair;
 mod gate_report;
@@ -101,6 +102,14 @@ pub async fn run(
         cancellations.clone(),
         shutdown.clone(),
     ));
+    let batches = match (&provider, &config.anthropic.api_key) {
+        (Provider::Anthropic(_), Some(key)) if config.generator.batches => {
+            let api = provider::batches::BatchesApi::new(&config.anthropic, key)?;
+            let records = jetcall::batches::BatchRecords::new(topology.status.clone());
+            Some(Arc::new(batch::Batches::new(api, records)))
+        }
+        _ => None,
+    };
     // Shared, not cloned per message: a Topology clone copies cached stream info.
     let worker = Arc::new(Worker {
         config: Arc::new(config),
@@ -111,7 +120,14 @@ pub async fn run(
         metrics,
         instance,
         cancellations,
+        batches,
+        batch_intake: std::sync::OnceLock::new(),
     });
+    if worker.batches.is_some() {
+        let intake = batch::start(worker.clone(), shutdown.clone());
+        let _ = worker.batch_intake.set(intake);
+        tracing::info!("bulk jobs go through the Message Batches API");
+    }
     tracing::info!(
         concurrency,
         "generator consuming jobs.requested.>, lane by lane"
@@ -135,7 +151,7 @@ pub async fn run(
             // `consume` settles the message as its step says; an error settles nothing.
             async move {
                 let handled = worker.handle(&message, &shutdown).await;
-                (message, handled.ok().map(|step| step.settle()))
+                (message, handled.ok().and_then(|step| step.settle()))
             }
         },
     )

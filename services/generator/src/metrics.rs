@@ -70,6 +70,8 @@ struct Inner {
     jobs: Family<JobLabels, Counter>,
     paused: Gauge,
     waiting: Family<LaneLabels, Gauge>,
+    batches: Counter,
+    batched_jobs: Counter,
     lag: ConsumerLag,
     settle_failures: Counter,
 }
@@ -128,6 +130,18 @@ impl Metrics {
             "Requests waiting for a generator, by tenant and priority, as JetStream counts them (every instance reports the same), at the last listing of the lanes",
             waiting.clone(),
         );
+        let batches = Counter::default();
+        registry.register(
+            "batches_created",
+            "Message Batches this instance created",
+            batches.clone(),
+        );
+        let batched_jobs = Counter::default();
+        registry.register(
+            "batched_jobs",
+            "Jobs this instance sent in Message Batches",
+            batched_jobs.clone(),
+        );
         let lag = ConsumerLag::register(&mut registry, consumer);
         let settle_failures = jetcall::metrics::settle_failures(&mut registry);
         Self(Arc::new(Inner {
@@ -140,6 +154,8 @@ impl Metrics {
             jobs,
             paused,
             waiting,
+            batches,
+            batched_jobs,
             lag,
             settle_failures,
         }))
@@ -226,6 +242,11 @@ impl Metrics {
                 priority: lane.priority.as_str(),
             })
             .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    pub fn batch_created(&self, jobs: usize) {
+        self.0.batches.inc();
+        self.0.batched_jobs.inc_by(jobs as u64);
     }
 
     pub fn set_paused(&self, paused: bool) {

@@ -31,6 +31,7 @@ use jetcall::store::Updated;
 use jetcall::topology::Topology;
 use jetcall::trace::TraceParent;
 
+use crate::batch::{Batches, Gathered, Intake};
 use crate::cancellations::Cancellations;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
@@ -71,18 +72,22 @@ pub enum Step {
     Interrupted,
     /// Another call holds the job's lease; handed back to look again after this delay.
     Held(Duration),
+    /// Gathered for a Message Batch, which now holds the message and settles it.
+    Gathered,
 }
 
 impl Step {
-    /// How the message is settled (by `jetcall::consume`, the only place that settles).
-    pub fn settle(&self) -> Settle {
-        match self {
+    /// How `jetcall::consume` settles the message; `None` for one a batch holds, which the
+    /// batch settles once it is recorded.
+    pub fn settle(&self) -> Option<Settle> {
+        Some(match self {
             Step::Finished(_) | Step::AlreadyDone(_) => Settle::Done,
             Step::Retry(delay) => Settle::RetryIn(*delay),
             Step::Held(delay) => Settle::Parked(*delay),
             Step::Rejected(_) => Settle::Reject,
             Step::Interrupted => Settle::Interrupted,
-        }
+            Step::Gathered => return None,
+        })
     }
 }
 
@@ -108,6 +113,10 @@ pub struct Worker {
     pub instance: String,
     /// The jobs this process works on, for a cancellation to reach their calls.
     pub cancellations: Arc<Cancellations>,
+    /// The Message Batches API and the fleet's batch records, when bulk jobs go in batches.
+    pub batches: Option<Arc<Batches>>,
+    /// Where bulk jobs are gathered into batches; set once the gatherer runs.
+    pub batch_intake: std::sync::OnceLock<Intake>,
 }
 
 impl Worker {
@@ -162,6 +171,9 @@ impl Worker {
             return Box::pin(self.finish(request, trace, outcome, None, None)).await;
         };
 
+        if let Some(step) = self.gather(message, request, trace, spec) {
+            return Ok(step);
+        }
         let max_attempts = self.config.generator.max_attempts;
         let watched = self.cancellations.watch(&request.job_id);
         let now = OffsetDateTime::now_utc();
@@ -179,12 +191,8 @@ impl Worker {
                 (Some((*doc, revision)), lease)
             }
             (Updated::Missing, _) => return Ok(no_status_document(request)),
-            (_, Claim::Held(left)) => return Ok(wait_for_holder(left)),
-            (Updated::Written(doc, _), Claim::Expired) => {
-                return Box::pin(self.expired(&doc, trace)).await;
-            }
-            (Updated::Unchanged(doc) | Updated::Written(doc, _), _) => {
-                return Box::pin(self.already_generated(&doc, trace)).await;
+            (Updated::Written(doc, _) | Updated::Unchanged(doc), claim) => {
+                return Box::pin(self.unclaimed(request, trace, claim, &doc)).await;
             }
         };
         let attempt = lease.attempt;
@@ -283,6 +291,68 @@ impl Worker {
         }
     }
 
+    /// A bulk job handed to the Message Batch being gathered, if bulk jobs go in batches and
+    /// this one can: its id is a `custom_id` and its prompt renders (one that does not fails
+    /// on the synchronous path, as its own fault).
+    fn gather(
+        &self,
+        message: &Message,
+        request: &JobRequested,
+        trace: &TraceParent,
+        spec: &KindSpec,
+    ) -> Option<Step> {
+        if request.priority != jetcall::lanes::Priority::Bulk
+            || request.job_id.as_str().len() > crate::batch::MAX_CUSTOM_ID
+        {
+            return None;
+        }
+        let intake = self.batch_intake.get()?;
+        let Provider::Anthropic(anthropic) = &self.provider else {
+            return None;
+        };
+        let prompt = spec
+            .render(&request.input, self.config.generator.max_prompt_bytes)
+            .ok()?;
+        let generation = GenerationRequest {
+            spec,
+            input: &request.input,
+            prompt: &prompt,
+        };
+        let body = anthropic
+            .batch_request(request.job_id.as_str(), &generation)
+            .ok()?;
+        let gathered = Gathered {
+            request: request.clone(),
+            trace: *trace,
+            message: message.clone(),
+            body,
+        };
+        Some(match intake.send(gathered) {
+            Ok(()) => Step::Gathered,
+            // The gatherer has stopped: shutting down.
+            Err(_) => Step::Interrupted,
+        })
+    }
+
+    /// The step for a job the claim did not take: generated, expired by it, held by another
+    /// call, or in a Message Batch.
+    pub(crate) async fn unclaimed(
+        &self,
+        request: &JobRequested,
+        trace: &TraceParent,
+        claim: Claim,
+        doc: &JobStatus,
+    ) -> Result<Step, WorkerError> {
+        match claim {
+            Claim::Held(left) => Ok(wait_for_holder(left)),
+            Claim::Expired => Box::pin(self.expired(doc, trace)).await,
+            Claim::InBatch(record) => Ok(self.in_batch(&request.job_id, &record).await),
+            Claim::Generated | Claim::Taken(_) => {
+                Box::pin(self.already_generated(doc, trace)).await
+            }
+        }
+    }
+
     /// A job failed by `error`, with the answers it was charged for (if any) and their cost.
     fn charged_failure(&self, error: LlmError) -> Outcome {
         let cost = error.paid.as_ref().and_then(|paid| {
@@ -302,7 +372,7 @@ impl Worker {
 
     /// How long a lease lasts: two `ack_wait`s, so it outlives the missed renewals that let
     /// JetStream redeliver the request, and at least `MIN_LEASE`.
-    fn lease_duration(&self) -> Duration {
+    pub(crate) fn lease_duration(&self) -> Duration {
         (self.config.generator.ack_wait * 2).max(MIN_LEASE)
     }
 
@@ -549,7 +619,7 @@ impl Worker {
     }
 
     /// Records the outcome and publishes it (in `trace`); the request is then acked.
-    async fn finish(
+    pub(crate) async fn finish(
         &self,
         request: &JobRequested,
         trace: &TraceParent,
@@ -615,7 +685,7 @@ impl Worker {
                     self.metrics.cost(
                         request.kind.as_str(),
                         doc.tenant.as_deref(),
-                        jetcall::cost::Path::Sync,
+                        cost_path(&doc),
                         cost,
                     );
                 }
@@ -639,7 +709,7 @@ impl Worker {
     /// A call that answered after its job was cancelled was paid for all the same: its usage
     /// and cost go on the cancelled job's document and into the cost metric; its result is
     /// dropped.
-    async fn charge_cancelled(
+    pub(crate) async fn charge_cancelled(
         &self,
         request: &JobRequested,
         outcome: &Outcome,
@@ -670,7 +740,7 @@ impl Worker {
             self.metrics.cost(
                 request.kind.as_str(),
                 doc.tenant.as_deref(),
-                jetcall::cost::Path::Sync,
+                cost_path(&doc),
                 cost,
             );
         }
@@ -693,7 +763,7 @@ impl Worker {
     /// A redelivered request for a job that is already generated: never call the LLM again.
     /// Until the job is delivered its event is published again, in case the first attempt
     /// stopped between the status write and the publish; `Nats-Msg-Id` keeps it single.
-    async fn already_generated(
+    pub(crate) async fn already_generated(
         &self,
         doc: &JobStatus,
         trace: &TraceParent,
@@ -728,7 +798,16 @@ fn wait_for_holder(left: Duration) -> Step {
     Step::Held(delay)
 }
 
-fn no_status_document(request: &JobRequested) -> Step {
+/// Which price a job's answer was paid at: its batch's, if a batch answered it.
+fn cost_path(doc: &JobStatus) -> jetcall::cost::Path {
+    if doc.batch.is_some() {
+        jetcall::cost::Path::Batch
+    } else {
+        jetcall::cost::Path::Sync
+    }
+}
+
+pub(crate) fn no_status_document(request: &JobRequested) -> Step {
     Step::Rejected(format!("job {} has no status document", request.job_id))
 }
 
@@ -761,7 +840,8 @@ mod tests {
             (Step::Interrupted, Settle::Interrupted),
         ];
         for (step, settle) in cases {
-            assert_eq!(step.settle(), settle, "{step:?}");
+            assert_eq!(step.settle(), Some(settle), "{step:?}");
         }
+        assert_eq!(Step::Gathered.settle(), None);
     }
 }

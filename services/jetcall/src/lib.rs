@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod allocator;
 pub mod allowlist;
+pub mod batches;
 pub mod budget;
 pub mod config;
 pub mod connect;

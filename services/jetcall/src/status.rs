@@ -19,6 +19,8 @@ use crate::job::{JobId, Kind};
 pub enum Status {
     Accepted,
     Generating,
+    /// Sent to the LLM in a Message Batch (`batch` names it), waiting for its result.
+    Batched,
     Completed,
     Failed,
     /// Withdrawn by its caller (`DELETE /api/v1/jobs/{job_id}`) before it was generated.
@@ -33,7 +35,7 @@ impl Status {
     fn rank(self) -> u8 {
         match self {
             Status::Accepted => 0,
-            Status::Generating => 1,
+            Status::Generating | Status::Batched => 1,
             Status::Completed | Status::Failed | Status::Cancelled | Status::Expired => 2,
             Status::Delivered | Status::Undeliverable => 3,
         }
@@ -60,6 +62,7 @@ impl Status {
         match self {
             Status::Accepted => "accepted",
             Status::Generating => "generating",
+            Status::Batched => "batched",
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
@@ -167,6 +170,18 @@ pub enum Claim {
     Expired,
     /// Taken: the document now holds this lease, for a new attempt.
     Taken(Lease),
+    /// The job's attempt is a Message Batch's, under this batch record: the batch, not this
+    /// delivery of the request, brings its outcome.
+    InBatch(String),
+}
+
+/// The Message Batch a `batched` job waits in: our record of it (`jetcall::batches`), and the
+/// API's id once the batch is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRef {
+    pub record: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// What `nats kv get job_status <id>` shows. The API never serves it as it is: it answers with
@@ -274,6 +289,10 @@ pub struct JobStatus {
     /// past the duplicate window JetStream would store a second request (a second paid call).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_seq: Option<u64>,
+    /// The Message Batch the job's current attempt went into; kept once it is generated, to
+    /// say which batch answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchRef>,
 }
 
 impl JobStatus {
@@ -308,6 +327,7 @@ impl JobStatus {
             sealed_signing_secret: None,
             budget: None,
             request_seq: None,
+            batch: None,
         }
     }
 
@@ -468,6 +488,11 @@ impl JobStatus {
                 return Claim::Expired;
             }
         }
+        if self.status == Status::Batched
+            && let Some(batch) = &self.batch
+        {
+            return Claim::InBatch(batch.record.clone());
+        }
         if let Some(lease) = self.lease.as_ref().filter(|lease| lease.is_live(now)) {
             let left = (lease.expires_at - now).try_into().unwrap_or_default();
             return Claim::Held(left);
@@ -483,6 +508,48 @@ impl JobStatus {
         };
         self.lease = Some(lease.clone());
         Claim::Taken(lease)
+    }
+
+    /// As [`Self::claim`], for an attempt made through the Message Batch under `record`: the
+    /// job becomes `batched`, holding no lease (the batch record's holder answers for it).
+    pub fn claim_for_batch(&mut self, record: &str, now: OffsetDateTime) -> Claim {
+        let claim = self.claim(record, now, std::time::Duration::ZERO);
+        if let Claim::Taken(_) = &claim {
+            self.status = Status::Batched;
+            self.lease = None;
+            self.batch = Some(BatchRef {
+                record: record.to_owned(),
+                id: None,
+            });
+        }
+        claim
+    }
+
+    /// Takes a `batched` job out of the batch under `record`, back to waiting for its request
+    /// (published again by the caller); false if the job is not in that batch.
+    pub fn leave_batch(&mut self, record: &str, now: OffsetDateTime) -> bool {
+        if self.status != Status::Batched
+            || self
+                .batch
+                .as_ref()
+                .is_none_or(|batch| batch.record != record)
+        {
+            return false;
+        }
+        // Back to the same rank: `advance` refuses a sideways move, which this is not.
+        self.status = Status::Generating;
+        self.batch = None;
+        self.updated_at = now;
+        true
+    }
+
+    /// Whether this job's attempt is the batch under `record`'s to record.
+    pub fn in_batch(&self, record: &str) -> bool {
+        self.status == Status::Batched
+            && self
+                .batch
+                .as_ref()
+                .is_some_and(|batch| batch.record == record)
     }
 
     /// Whether a call holding `mine` (or no lease, `None`) may record an outcome: the job is

@@ -292,6 +292,57 @@ impl StatusStore {
         }
     }
 
+    /// The document under `key`, a dotted key (no job id has a dot) of the fleet's own
+    /// bookkeeping, such as a Message Batch's record, with its revision.
+    pub async fn side_get<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(T, u64)>, StoreError> {
+        match self.kv.entry(key).await.map_err(unavailable)? {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let doc =
+                    serde_json::from_slice(&entry.value).map_err(|source| StoreError::Corrupt {
+                        job_id: key.to_owned(),
+                        source,
+                    })?;
+                Ok(Some((doc, entry.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes `doc` under `key` if `revision` is still the key's (`None`: if there is none);
+    /// `None` when another writer got there first.
+    pub async fn side_put<T: Serialize>(
+        &self,
+        key: &str,
+        doc: &T,
+        revision: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        let value: Bytes = serde_json::to_vec(doc).map_err(unavailable)?.into();
+        match revision {
+            None => match self.kv.create(key, value).await {
+                Ok(revision) => Ok(Some(revision)),
+                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                Err(err) => Err(unavailable(err)),
+            },
+            Some(revision) => match self.kv.update(key, value, revision).await {
+                Ok(revision) => Ok(Some(revision)),
+                Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+                Err(err) => Err(unavailable(err)),
+            },
+        }
+    }
+
+    /// Removes `key` if `revision` is still its; false when another writer changed it.
+    pub async fn side_delete(&self, key: &str, revision: u64) -> Result<bool, StoreError> {
+        match self.kv.delete_expect_revision(key, Some(revision)).await {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(false),
+            Err(err) => Err(unavailable(err)),
+        }
+    }
+
     /// Ends the lease on `duty` if `holder` holds it, so the next instance takes it at once.
     pub async fn release_lease(&self, duty: &str, holder: &str) {
         let Ok(Some(entry)) = self.kv.entry(duty).await else {

@@ -114,6 +114,10 @@ pub struct JobView {
     #[serde(default)]
     #[schema(required = true)]
     pub priority: crate::lanes::Priority,
+    /// The Message Batch (the API's `msgbatch_…` id) a bulk job was sent in, once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub batch_id: Option<String>,
 }
 
 impl JobView {
@@ -152,6 +156,7 @@ impl From<JobStatus> for JobView {
             trace_id,
             tenant,
             priority,
+            batch,
             ..
         } = doc;
         Self {
@@ -179,6 +184,7 @@ impl From<JobStatus> for JobView {
             trace_id,
             tenant,
             priority,
+            batch_id: batch.and_then(|batch| batch.id),
         }
     }
 }

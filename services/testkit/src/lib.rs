@@ -1,7 +1,7 @@
 //! Test support shared by every crate's integration tests: real servers on loopback, never
 //! mocks of our own components. The remote LLM is the one thing faked, as an HTTP server that
-//! speaks the real wire format of the Anthropic Messages API or of an OpenAI-compatible Chat
-//! Completions API.
+//! speaks the real wire format of the Anthropic Messages API (and its Message Batches API) or
+//! of an OpenAI-compatible Chat Completions API.
 
 pub mod blackhole;
 pub mod browser;
@@ -9,6 +9,7 @@ pub mod closed_port;
 pub mod config;
 pub mod deployment;
 pub mod fake_anthropic;
+pub mod fake_batches;
 pub mod fake_openai;
 pub mod jobs;
 pub mod llm_script;

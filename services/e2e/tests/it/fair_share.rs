@@ -124,6 +124,8 @@ async fn two_generators(
         ("anthropic.base_url", json!(claude.base_url())),
         ("generator.concurrency", json!(concurrency)),
         ("generator.lane_refresh", json!("200ms")),
+        // Bulk jobs called one by one after interactive work, as without Message Batches.
+        ("generator.batches", json!(false)),
         ("gateway.api_keys", keys),
     ])
     .await;

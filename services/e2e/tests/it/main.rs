@@ -1,3 +1,4 @@
+mod batches;
 mod budgets;
 mod cancellation;
 mod console;

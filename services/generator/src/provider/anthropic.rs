@@ -74,7 +74,7 @@ struct MessageParam<'a> {
 }
 
 #[derive(Debug, Deserialize)]
-struct MessagesResponse {
+pub(super) struct MessagesResponse {
     model: String,
     content: Vec<ContentBlock>,
     usage: ApiUsage,
@@ -149,8 +149,9 @@ impl Anthropic {
         })
     }
 
-    pub async fn generate(&self, request: GenerationRequest<'_>) -> Result<Generation, LlmError> {
-        let body = MessagesRequest {
+    /// The Messages request for `request`, as one call sends it and a batch holds it.
+    fn request<'a>(&'a self, request: &GenerationRequest<'a>) -> MessagesRequest<'a> {
+        MessagesRequest {
             model: request.spec.model.as_deref().unwrap_or(&self.default_model),
             max_tokens: request.max_tokens(self.max_tokens),
             temperature: self.temperature,
@@ -159,7 +160,28 @@ impl Anthropic {
                 role: "user",
                 content: request.prompt,
             }],
-        };
+        }
+    }
+
+    /// `{"custom_id": …, "params": …}`: one request of a Message Batch, as JSON.
+    pub fn batch_request(
+        &self,
+        custom_id: &str,
+        request: &GenerationRequest<'_>,
+    ) -> Result<Vec<u8>, LlmError> {
+        #[derive(Serialize)]
+        struct BatchRequest<'a> {
+            custom_id: &'a str,
+            params: MessagesRequest<'a>,
+        }
+        http::json(&BatchRequest {
+            custom_id,
+            params: self.request(request),
+        })
+    }
+
+    pub async fn generate(&self, request: GenerationRequest<'_>) -> Result<Generation, LlmError> {
+        let body = self.request(&request);
         let answer = self.http.post(&self.headers, http::json(&body)?).await?;
         let (status, headers) = (answer.status, answer.headers);
         if !status.is_success() {
@@ -172,31 +194,39 @@ impl Anthropic {
                 format!("the Messages API answered with an unexpected body: {err}"),
             )
         })?;
-        let text = reply
-            .content
-            .into_iter()
-            .filter_map(|block| match block {
-                ContentBlock::Text { text } => Some(text),
-                ContentBlock::Other => None,
-            })
-            .collect::<Vec<_>>()
-            .join("");
         Ok(Generation {
-            text,
-            model: reply.model,
-            usage: Usage {
-                input_tokens: reply.usage.input_tokens,
-                output_tokens: reply.usage.output_tokens,
-                cache_creation_input_tokens: reply.usage.cache_creation_input_tokens.unwrap_or(0),
-                cache_read_input_tokens: reply.usage.cache_read_input_tokens.unwrap_or(0),
-            },
             slow_down: slow_down(&headers, OffsetDateTime::now_utc()),
+            ..generation_of(reply)
         })
     }
 }
 
+/// What a Message says, from a call's answer or a batch's result.
+pub(super) fn generation_of(reply: MessagesResponse) -> Generation {
+    let text = reply
+        .content
+        .into_iter()
+        .filter_map(|block| match block {
+            ContentBlock::Text { text } => Some(text),
+            ContentBlock::Other => None,
+        })
+        .collect::<Vec<_>>()
+        .join("");
+    Generation {
+        text,
+        model: reply.model,
+        usage: Usage {
+            input_tokens: reply.usage.input_tokens,
+            output_tokens: reply.usage.output_tokens,
+            cache_creation_input_tokens: reply.usage.cache_creation_input_tokens.unwrap_or(0),
+            cache_read_input_tokens: reply.usage.cache_read_input_tokens.unwrap_or(0),
+        },
+        slow_down: None,
+    }
+}
+
 /// Classifies an error answer the way the official SDKs do.
-fn api_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> LlmError {
+pub(super) fn api_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> LlmError {
     let (error_type, message) = match serde_json::from_slice::<ErrorResponse>(body) {
         Ok(parsed) => (parsed.error.kind, parsed.error.message),
         Err(_) => http::unparsed_error(status, body),

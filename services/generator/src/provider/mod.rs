@@ -1,6 +1,7 @@
 //! LLM providers: where a job's prompt goes and what comes back.
 
 mod anthropic;
+pub mod batches;
 mod h2;
 mod http;
 mod offline;

@@ -1,3 +1,4 @@
+mod batches;
 mod cost;
 mod harness;
 mod hostile;

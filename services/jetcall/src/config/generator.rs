@@ -59,7 +59,26 @@ pub struct GeneratorConfig {
     pub shutdown_grace: Duration,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub listen: SocketAddr,
+    /// Bulk jobs (`priority = "bulk"`) go through Anthropic's Message Batches API, at half
+    /// the price, with results within 24 hours. Off, or for another provider, they are
+    /// called one by one after interactive work.
+    pub batches: bool,
+    /// A batch is sent once it holds this many jobs (at most 100,000, the API's limit) …
+    pub batch_max_requests: usize,
+    /// … or this many bytes of requests (below the API's 256 MB) …
+    pub batch_max_bytes: usize,
+    /// … or its first job has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub batch_max_wait: Duration,
+    /// How long after its creation a batch is first asked whether it has ended; the wait
+    /// doubles with each answer that it has not, up to ten times this.
+    #[serde(with = "humantime_serde")]
+    pub batch_poll_interval: Duration,
 }
+
+/// The Message Batches API's limits on one batch.
+pub const BATCH_API_MAX_REQUESTS: usize = 100_000;
+pub const BATCH_API_MAX_BYTES: usize = 256 * 1000 * 1000;
 
 impl Default for GeneratorConfig {
     fn default() -> Self {
@@ -77,6 +96,11 @@ impl Default for GeneratorConfig {
             lane_refresh: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(25),
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            batches: true,
+            batch_max_requests: 10_000,
+            batch_max_bytes: 64 * 1024 * 1024,
+            batch_max_wait: Duration::from_secs(60),
+            batch_poll_interval: Duration::from_secs(30),
         }
     }
 }
@@ -130,6 +154,32 @@ impl GeneratorConfig {
             return Err(ConfigError::invalid(
                 "generator.probe_interval",
                 "must be at least 1s",
+            ));
+        }
+        if !(1..=BATCH_API_MAX_REQUESTS).contains(&self.batch_max_requests) {
+            return Err(ConfigError::invalid(
+                "generator.batch_max_requests",
+                format!("must be from 1 to {BATCH_API_MAX_REQUESTS}, the API's limit"),
+            ));
+        }
+        if !(1024 * 1024..BATCH_API_MAX_BYTES).contains(&self.batch_max_bytes) {
+            return Err(ConfigError::invalid(
+                "generator.batch_max_bytes",
+                format!("must be from 1 MiB to below {BATCH_API_MAX_BYTES}, the API's limit"),
+            ));
+        }
+        if self.batch_max_wait > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid(
+                "generator.batch_max_wait",
+                "must be at most 1h",
+            ));
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(3600))
+            .contains(&self.batch_poll_interval)
+        {
+            return Err(ConfigError::invalid(
+                "generator.batch_poll_interval",
+                "must be from 10ms to 1h",
             ));
         }
         if self.shutdown_grace > Duration::from_secs(600) {

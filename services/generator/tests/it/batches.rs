@@ -1,0 +1,326 @@
+//! Bulk jobs through the Message Batches API (the fake's): each job in one batch, recorded as
+//! the synchronous path records a call, at the batch price; a result worth another attempt
+//! sent again; and whatever instance dies wherever, no job lost, none in a second batch, no
+//! event twice.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+
+use jetcall::events::JobRequested;
+use jetcall::lanes::Priority;
+use jetcall::status::{JobStatus, Status};
+use jetcall::subjects::Event;
+use jetcall::{JobId, Kind};
+use testkit::fake_batches::BatchOutcome;
+use testkit::wait_until;
+
+use crate::harness::Harness;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A harness whose generators gather bulk jobs for `gather` and poll every 100 ms.
+async fn harness(gather: &str, extra: &[(&str, Value)]) -> Harness {
+    let settings = [
+        ("generator.batch_max_wait", json!(gather)),
+        ("generator.batch_poll_interval", json!("100ms")),
+        ("generator.ack_wait", json!("2s")),
+    ];
+    Harness::start(&[&settings[..], extra].concat()).await
+}
+
+fn bulk_ids(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// Submits bulk product-description jobs as the gateway would, in parallel.
+async fn submit_bulk(harness: &Harness, jobs: &[String]) {
+    futures::future::join_all(jobs.chunks(200).map(|chunk| async move {
+        for job_id in chunk {
+            let request = JobRequested {
+                job_id: JobId::parse(job_id).expect("valid id"),
+                kind: Kind::product_description(),
+                input: json!({"product_id": "P-1", "product_name": job_id, "specs": "3 blades"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_else(Map::new),
+                callback_url: jetcall::allowlist::CallbackUrl::parse("http://127.0.0.1:9/cb")
+                    .expect("a callback URL"),
+                metadata: Default::default(),
+                requested_at: OffsetDateTime::now_utc(),
+                expires_at: None,
+                tenant: None,
+                priority: Priority::Bulk,
+            };
+            harness
+                .topology
+                .status
+                .create(&JobStatus::accepted(&request, "digest".into()))
+                .await
+                .expect("status document");
+            harness
+                .publish_request(&request, &Event::Requested.msg_id(&request.job_id))
+                .await;
+        }
+    }))
+    .await;
+}
+
+async fn wait_for_all(harness: &Harness, jobs: &[String], status: &str) {
+    wait_until(
+        &format!("{} jobs to be {status}", jobs.len()),
+        WAIT,
+        || async {
+            for job in jobs {
+                let doc = harness.status(job).await?;
+                if doc.status.as_str() != status {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+}
+
+/// Each job went in exactly one batch (or, given `again`, exactly as many as said there).
+fn assert_each_in_one_batch(harness: &Harness, jobs: &[String], again: &BTreeMap<&str, usize>) {
+    let sent = harness.claude.batch_requests_per_custom_id();
+    for job in jobs {
+        let want = again.get(job.as_str()).copied().unwrap_or(1);
+        assert_eq!(sent.get(job).copied(), Some(want), "batches holding {job}");
+    }
+    assert_eq!(sent.len(), jobs.len(), "only these jobs were batched");
+    assert_eq!(harness.claude.calls(), 0, "no synchronous call was made");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_jobs_are_generated_in_batches_at_the_batch_price() {
+    let harness = harness("300ms", &[("generator.batch_max_requests", json!(800))]).await;
+    harness
+        .claude
+        .set_batch_processing_time(Duration::from_millis(300));
+    let jobs = bulk_ids("BULK", 2_000);
+    let (generator, _) = harness.run_generator();
+    submit_bulk(&harness, &jobs).await;
+    wait_for_all(&harness, &jobs, "completed").await;
+
+    assert_each_in_one_batch(&harness, &jobs, &BTreeMap::new());
+    // Full batches of 800, then whatever had gathered when the wait ran out.
+    let batches = harness.claude.batches();
+    assert!(batches.len() >= 3, "{} batches", batches.len());
+    assert!(batches.iter().all(|batch| batch.custom_ids.len() <= 800));
+    assert_eq!(
+        harness.count_at_least("jobs.completed.>", 2_000).await,
+        2_000
+    );
+
+    let doc = harness.status(&jobs[0]).await.expect("a document");
+    let usage = doc.usage.expect("usage");
+    let model = doc.model.clone().expect("model");
+    let prices = &harness.config.prices;
+    let batch = prices.cost(&model, &usage, jetcall::cost::Path::Batch);
+    let sync = prices.cost(&model, &usage, jetcall::cost::Path::Sync);
+    assert_eq!(doc.cost, batch);
+    let (batch, sync) = (batch.expect("priced"), sync.expect("priced"));
+    assert!(
+        batch.microdollars * 2 <= sync.microdollars + 1
+            && batch.microdollars * 2 + 1 >= sync.microdollars,
+        "half price: {batch:?} against {sync:?}"
+    );
+    assert_eq!(doc.generation_attempts, 1);
+    let batch_ref = doc.batch.expect("the batch it was in");
+    assert!(batch_ref.id.is_some_and(|id| id.starts_with("msgbatch_")));
+    generator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_in_a_batch_is_batched_with_the_batch_id() {
+    let harness = harness("100ms", &[]).await;
+    harness
+        .claude
+        .set_batch_processing_time(Duration::from_secs(3));
+    let jobs = bulk_ids("WAITS", 1);
+    let (generator, _) = harness.run_generator();
+    submit_bulk(&harness, &jobs).await;
+    let waiting = wait_until("the job to be batched with its batch id", WAIT, || async {
+        let doc = harness.status(&jobs[0]).await?;
+        (doc.status == Status::Batched && doc.batch.as_ref()?.id.is_some()).then_some(doc)
+    })
+    .await;
+    let view = jetcall::view::JobView::from(waiting.clone());
+    assert_eq!(view.batch_id, waiting.batch.and_then(|batch| batch.id));
+    harness.wait_for_status(&jobs[0], "completed").await;
+    generator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_worth_another_attempt_go_in_a_later_batch_and_others_fail() {
+    let harness = harness("200ms", &[]).await;
+    harness
+        .claude
+        .set_batch_processing_time(Duration::from_millis(200));
+    let jobs = bulk_ids("AGAIN", 5);
+    let overloaded = BatchOutcome::Errored {
+        error_type: "overloaded_error".into(),
+        message: "Overloaded".into(),
+    };
+    harness.claude.push_batch_outcome(&jobs[0], overloaded);
+    harness
+        .claude
+        .push_batch_outcome(&jobs[1], BatchOutcome::Expired);
+    harness
+        .claude
+        .push_batch_outcome(&jobs[2], BatchOutcome::Canceled);
+    let invalid = BatchOutcome::Errored {
+        error_type: "invalid_request_error".into(),
+        message: "max_tokens: too large".into(),
+    };
+    harness.claude.push_batch_outcome(&jobs[3], invalid);
+    let (generator, _) = harness.run_generator();
+    submit_bulk(&harness, &jobs).await;
+
+    for job in [&jobs[0], &jobs[1], &jobs[2], &jobs[4]] {
+        let doc = harness.wait_for_status(job, "completed").await;
+        let want = if job == &jobs[4] { 1 } else { 2 };
+        assert_eq!(doc.generation_attempts, want, "{job}");
+    }
+    let failed = harness.wait_for_status(&jobs[3], "failed").await;
+    assert_eq!(
+        failed.error.map(|error| error.kind).as_deref(),
+        Some("invalid_request_error")
+    );
+    let again = BTreeMap::from([
+        (jobs[0].as_str(), 2),
+        (jobs[1].as_str(), 2),
+        (jobs[2].as_str(), 2),
+    ]);
+    assert_each_in_one_batch(&harness, &jobs, &again);
+    assert_eq!(harness.count_at_least("jobs.completed.>", 4).await, 4);
+    assert_eq!(harness.count_at_least("jobs.failed.>", 1).await, 1);
+    generator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_cannot_be_created_is_tried_again_with_the_same_jobs() {
+    let harness = harness("100ms", &[]).await;
+    harness
+        .claude
+        .set_batch_processing_time(Duration::from_millis(100));
+    harness.claude.fail_next_batch_creations(2, 529);
+    let jobs = bulk_ids("REFUSED", 20);
+    let (generator, _) = harness.run_generator();
+    submit_bulk(&harness, &jobs).await;
+    wait_for_all(&harness, &jobs, "completed").await;
+    assert_each_in_one_batch(&harness, &jobs, &BTreeMap::new());
+    for job in &jobs {
+        let doc = harness.status(job).await.expect("a document");
+        assert_eq!(doc.generation_attempts, 1, "a refused batch is no attempt");
+    }
+    generator.stop().await;
+}
+
+/// The settings of [`harness`] for a generator child process, which a test can kill -9.
+fn child_batch_env(gather: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("JETCALL_GENERATOR__BATCH_MAX_WAIT", gather.into()),
+        ("JETCALL_GENERATOR__BATCH_POLL_INTERVAL", "100ms".into()),
+    ]
+}
+
+fn kill(mut child: std::process::Child) {
+    child.kill().expect("kill -9 the generator");
+    child.wait().expect("the generator is gone");
+}
+
+/// After a kill and a second generator: every job completed once, from the batches the
+/// fake saw, each job in one of them, with one completion event each.
+async fn assert_finished_once(harness: &Harness, jobs: &[String], batches: usize) {
+    wait_for_all(harness, jobs, "completed").await;
+    assert_each_in_one_batch(harness, jobs, &BTreeMap::new());
+    assert_eq!(harness.claude.batches().len(), batches, "no second batch");
+    assert_eq!(
+        harness.count_at_least("jobs.completed.>", jobs.len()).await,
+        jobs.len(),
+        "one completion event per job"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_creating_a_batch_before_recording_it_the_batch_is_adopted() {
+    let harness = harness("100ms", &[]).await;
+    let claude = &harness.claude;
+    claude.set_batch_processing_time(Duration::from_millis(300));
+    // The batch exists at the API while its creator still waits for the answer.
+    claude.set_batch_create_answer_delay(Duration::from_secs(60));
+    let jobs = bulk_ids("KILLED-CREATING", 50);
+    let first = harness.spawn_generator(&child_batch_env("100ms"));
+    submit_bulk(&harness, &jobs).await;
+    wait_until("a batch of all 50 jobs", WAIT, || async {
+        let batches = claude.batches();
+        (batches.len() == 1 && batches[0].custom_ids.len() == jobs.len()).then_some(())
+    })
+    .await;
+    kill(first);
+    claude.set_batch_create_answer_delay(Duration::ZERO);
+
+    let (second, _) = harness.run_generator();
+    assert_finished_once(&harness, &jobs, 1).await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_polling_another_instance_takes_the_batch_over() {
+    let harness = harness("100ms", &[]).await;
+    let claude = &harness.claude;
+    claude.set_batch_processing_time(Duration::from_secs(4));
+    let jobs = bulk_ids("KILLED-POLLING", 50);
+    let first = harness.spawn_generator(&child_batch_env("100ms"));
+    submit_bulk(&harness, &jobs).await;
+    wait_until("every job batched under the API's id", WAIT, || async {
+        for job in &jobs {
+            let doc = harness.status(job).await?;
+            doc.batch.as_ref()?.id.as_ref()?;
+        }
+        Some(())
+    })
+    .await;
+    wait_until("the first generator to poll", WAIT, || async {
+        (claude.batch_reads() > 0).then_some(())
+    })
+    .await;
+    kill(first);
+
+    let (second, _) = harness.run_generator();
+    assert_finished_once(&harness, &jobs, 1).await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_halfway_through_the_results_the_rest_are_recorded_and_none_twice() {
+    let harness = harness("1s", &[]).await;
+    let claude = &harness.claude;
+    claude.set_batch_processing_time(Duration::from_millis(200));
+    // 256 results a chunk, a chunk every 300 ms: a few seconds to read 2,000.
+    claude.set_batch_results_chunk_delay(Duration::from_millis(300));
+    let jobs = bulk_ids("KILLED-RESULTS", 2_000);
+    submit_bulk(&harness, &jobs).await;
+    let first = harness.spawn_generator(&child_batch_env("1s"));
+    let completed = wait_until("some results recorded", WAIT, || async {
+        let completed = harness.count("jobs.completed.>").await;
+        (completed >= 300).then_some(completed)
+    })
+    .await;
+    kill(first);
+    assert!(
+        completed < jobs.len(),
+        "killed after every result: {completed}"
+    );
+    let batches = claude.batches().len();
+
+    let (second, _) = harness.run_generator();
+    assert_finished_once(&harness, &jobs, batches).await;
+    second.stop().await;
+}
