@@ -177,8 +177,8 @@ pub struct WatchArgs {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Only jobs in this status: accepted, generating, completed, failed, cancelled, expired,
-    /// delivered, undeliverable.
+    /// Only jobs in this status: accepted, generating, batched, completed, failed, cancelled,
+    /// expired, delivered, undeliverable.
     #[arg(long)]
     pub status: Option<String>,
 

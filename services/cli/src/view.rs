@@ -28,6 +28,9 @@ pub fn summary(doc: &JobView) -> String {
         "generation",
         count(doc.generation_attempts, "attempt", "attempts"),
     ));
+    if let Some(batch_id) = &doc.batch_id {
+        rows.push(("batch", batch_id.clone()));
+    }
     if let Some(model) = &doc.model {
         rows.push(("model", model.clone()));
     }
@@ -77,6 +80,10 @@ pub fn change(doc: &JobView) -> String {
     let detail = match (doc.status, doc.deliveries.last()) {
         (Status::Accepted, _) => doc.kind.to_string(),
         (Status::Generating, _) => format!("generation attempt {}", doc.generation_attempts),
+        (Status::Batched, _) => match &doc.batch_id {
+            Some(batch_id) => format!("in Message Batch {batch_id}"),
+            None => "gathered for a Message Batch".into(),
+        },
         (Status::Delivered, _) => format!(
             "after {}",
             count(doc.attempts_this_round() as u64, "attempt", "attempts")
@@ -173,6 +180,15 @@ mod tests {
             change(&retrying),
             "2026-11-29T10:00:01Z  JOB-1  completed      delivery attempt 1: 2026-11-29T10:00:02Z HTTP 500 http_status: answered 500 in 15 ms"
         );
+    }
+
+    #[test]
+    fn a_batched_job_names_its_batch() {
+        let batched = doc(json!({"status": "batched", "batch_id": "msgbatch_01"}));
+        assert!(change(&batched).ends_with("in Message Batch msgbatch_01"));
+        assert!(summary(&batched).contains("msgbatch_01"));
+        let gathered = doc(json!({"status": "batched"}));
+        assert!(change(&gathered).ends_with("gathered for a Message Batch"));
     }
 
     #[test]
