@@ -2,6 +2,7 @@
 //! each from a build of its own binary; the figures go to `BENCHMARKS.md`. It reports; it
 //! asserts nothing.
 
+mod batches;
 mod callback;
 mod fairness;
 mod gateway;
@@ -41,6 +42,7 @@ pub struct Sizes {
     pub pipeline_repeats: usize,
     /// One tenant's backlog while another submits a few jobs a second.
     pub fairness: fairness::Run,
+    pub batches: batches::Run,
     /// Bare JetStream publishes (then consumed and acked) for the ceiling.
     pub ceiling_messages: usize,
 }
@@ -98,6 +100,10 @@ impl Sizes {
                 per_second: 10,
                 seconds: 10,
             },
+            batches: batches::Run {
+                jobs: 100_000,
+                processing: Duration::from_secs(5),
+            },
             ceiling_messages: 200_000,
         }
     }
@@ -152,6 +158,10 @@ impl Sizes {
                 per_second: 10,
                 seconds: 1,
             },
+            batches: batches::Run {
+                jobs: 2_000,
+                processing: Duration::from_secs(1),
+            },
             ceiling_messages: 2_000,
         }
     }
@@ -165,6 +175,7 @@ pub enum Part {
     Callback,
     Pipeline,
     Fairness,
+    Batches,
 }
 
 /// Runs `only` one part or all; writes `BENCHMARKS.md` after a full-size run of all.
@@ -224,6 +235,10 @@ pub async fn run(
     if runs(Part::Fairness) {
         let fair = fairness::measure(binaries, nats_server, sizes.fairness).await?;
         report.push_str(&fair.section()?);
+    }
+    if runs(Part::Batches) {
+        let bulk = batches::measure(binaries, nats_server, sizes.batches).await?;
+        report.push_str(&bulk.section()?);
     }
     if sizes.release && only.is_none() {
         let path = ws.root.join("BENCHMARKS.md");

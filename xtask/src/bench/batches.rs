@@ -1,0 +1,268 @@
+//! Bulk jobs through Message Batches, end to end: a catalogue of bulk jobs submitted to the
+//! gateway, gathered into batches by the generator, answered by testkit's fake Anthropic
+//! server (its Batches API ends a batch a few seconds after it is created), and delivered to
+//! a webhook. Measured: jobs a second from the first submission to the last webhook, the
+//! generator's memory while the jobs wait and while the results stream, and what the run
+//! cost against the same tokens sent one call at a time.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use jetcall::events::Usage;
+use testkit::FakeAnthropic;
+
+use super::callback::{Arrivals, start_receiver};
+use super::gateway::{client, job_to, start_gateway_with};
+use super::pipeline::wait_ok;
+use super::{rss_mib, setup};
+use crate::poll;
+use crate::stack::free_addr;
+
+/// One run's sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub jobs: usize,
+    /// How long the fake keeps each batch `in_progress`.
+    pub processing: Duration,
+}
+
+#[derive(Debug)]
+pub struct Figures {
+    run: Run,
+    seconds: f64,
+    batches: usize,
+    /// The generator's largest resident memory before the first webhook, and after it.
+    waiting_rss_mib: f64,
+    streaming_rss_mib: f64,
+    batch_cost: u64,
+    sync_cost: u64,
+}
+
+pub async fn measure(
+    binaries: super::pipeline::Binaries<'_>,
+    nats_server: &Path,
+    run: Run,
+) -> anyhow::Result<Figures> {
+    let mut setup = setup(nats_server).await?;
+    let claude = FakeAnthropic::start().await;
+    claude.set_batch_processing_time(run.processing);
+    let arrivals = Arrivals::default();
+    let hook = start_receiver(arrivals.clone()).await?;
+    // A batch gathers what its lane hands out unacked: room for a full batch.
+    let lane_room = ("JETCALL_GENERATOR__MAX_ACK_PENDING", "20000".to_owned());
+    let (base, _) = start_gateway_with(
+        &mut setup.stack,
+        binaries.gateway,
+        std::slice::from_ref(&lane_room),
+    )
+    .await?;
+    let generator_admin = free_addr(None)?;
+    let generator_env = vec![
+        ("JETCALL_CONFIG", "/dev/null".to_owned()),
+        ("JETCALL_GENERATOR__PROVIDER", "anthropic".to_owned()),
+        (
+            "ANTHROPIC_API_KEY",
+            testkit::fake_anthropic::API_KEY.to_owned(),
+        ),
+        ("ANTHROPIC_BASE_URL", claude.base_url()),
+        ("JETCALL_GENERATOR__LISTEN", generator_admin.to_string()),
+        ("JETCALL_GENERATOR__BATCH_MAX_WAIT", "2s".to_owned()),
+        ("JETCALL_GENERATOR__BATCH_POLL_INTERVAL", "500ms".to_owned()),
+        lane_room,
+    ];
+    let generator_pid =
+        setup
+            .stack
+            .spawn_service("generator", binaries.generator, &generator_env)?;
+    setup.stack.spawn_service(
+        "callback",
+        binaries.callback,
+        &super::callback::callback_env(&setup.secret),
+    )?;
+    let http = client(64)?;
+    let metrics_url = format!("http://{generator_admin}/metrics");
+    wait_ok(
+        &mut setup.stack,
+        &http,
+        &format!("http://{generator_admin}/readyz"),
+    )
+    .await?;
+
+    println!(
+        "==> {} bulk jobs through Message Batches, each batch processed in {:?}",
+        run.jobs, run.processing
+    );
+    let started = Instant::now();
+    let batch_url = format!("{base}/api/v1/jobs/batch");
+    let jobs: Vec<Value> = (0..run.jobs)
+        .map(|n| {
+            let mut job = job_to(&format!("BULK-{n}"), n, &hook);
+            job["priority"] = json!("bulk");
+            job
+        })
+        .collect();
+    let submitting = futures::stream::iter(jobs.chunks(1000))
+        .map(|chunk| {
+            let (http, url) = (&http, &batch_url);
+            async move {
+                let answer = http
+                    .post(url)
+                    .json(&json!({ "jobs": chunk }))
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    answer.status() == StatusCode::OK,
+                    "a batch of jobs was answered {}",
+                    answer.status()
+                );
+                Ok(())
+            }
+        })
+        .buffer_unordered(4)
+        .collect::<Vec<anyhow::Result<()>>>();
+    // Sampled from the first submission on: jobs wait in batches while others are submitted.
+    let sampler = tokio::spawn({
+        let arrivals = arrivals.clone();
+        let jobs = run.jobs;
+        async move {
+            let (mut waiting, mut streaming) = (0.0f64, 0.0f64);
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            while arrivals.count() < jobs {
+                every.tick().await;
+                let Some((_, now)) = rss_mib(generator_pid) else {
+                    break;
+                };
+                if arrivals.count() == 0 {
+                    waiting = waiting.max(now);
+                } else {
+                    streaming = streaming.max(now);
+                }
+            }
+            (waiting, streaming)
+        }
+    });
+    let submitted = submitting.await;
+    submitted.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while arrivals.count() < run.jobs {
+        every.tick().await;
+        setup.stack.check_running()?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {} webhooks in 30 minutes",
+            arrivals.count(),
+            run.jobs
+        );
+    }
+    let (waiting_rss_mib, streaming_rss_mib) = sampler.await?;
+    let last = arrivals
+        .snapshot()
+        .values()
+        .max()
+        .copied()
+        .unwrap_or(started);
+    let seconds = last.duration_since(started).as_secs_f64();
+    let metrics = poll::until("the cost metric", Duration::from_secs(30), async || {
+        let text = http.get(&metrics_url).send().await?.text().await?;
+        Ok(text
+            .contains("jetcall_generator_cost_microdollars_total")
+            .then_some(text))
+    })
+    .await?;
+    let batch_cost = summed(
+        &metrics,
+        "jetcall_generator_cost_microdollars_total",
+        "path=\"batch\"",
+    );
+    let usage = Usage {
+        input_tokens: tokens(&metrics, "input"),
+        output_tokens: tokens(&metrics, "output"),
+        cache_creation_input_tokens: tokens(&metrics, "cache_write"),
+        cache_read_input_tokens: tokens(&metrics, "cache_read"),
+    };
+    let model = jetcall::config::LlmEndpointConfig::anthropic().model;
+    let sync_cost = jetcall::cost::PriceTable::default()
+        .cost(&model, &usage, jetcall::cost::Path::Sync)
+        .map_or(0, |cost| cost.microdollars);
+    let batches = claude.batches().len();
+    setup.stack.shutdown().await?;
+    let figures = Figures {
+        run,
+        seconds,
+        batches,
+        waiting_rss_mib,
+        streaming_rss_mib,
+        batch_cost,
+        sync_cost,
+    };
+    println!("    {figures:?}");
+    Ok(figures)
+}
+
+/// The sum of every sample of `metric` whose labels include `label`.
+fn summed(metrics: &str, metric: &str, label: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(metric) && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn tokens(metrics: &str, direction: &str) -> u64 {
+    summed(
+        metrics,
+        "jetcall_generator_tokens_total",
+        &format!("direction=\"{direction}\""),
+    )
+}
+
+impl Figures {
+    pub fn section(&self) -> anyhow::Result<String> {
+        let per_second = self.run.jobs as f64 / self.seconds.max(f64::EPSILON);
+        let ratio = self.batch_cost as f64 / (self.sync_cost as f64).max(1.0);
+        let mut text = String::new();
+        writeln!(text, "## Bulk jobs through Message Batches\n")?;
+        writeln!(
+            text,
+            "{} bulk jobs submitted to the gateway in batch requests of 1,000, gathered by one \
+             generator into Message Batches (`batch_max_wait` 2 s, up to 10,000 jobs each), \
+             answered by testkit's fake Batches API {:?} after each batch's creation, and \
+             delivered by the callback service. Cost is the generator's cost metric against \
+             the same tokens (its token metric) priced as synchronous calls.\n",
+            self.run.jobs, self.run.processing
+        )?;
+        writeln!(text, "| measure | result | target |")?;
+        writeln!(text, "|---|---|---|")?;
+        writeln!(
+            text,
+            "| jobs per second, first submission to last webhook | **{per_second:.0}/s** ({:.1} s, {} batches) | |",
+            self.seconds, self.batches
+        )?;
+        writeln!(
+            text,
+            "| generator peak RSS while the jobs wait in batches | **{:.1} MiB** | ≤ 100 MB |",
+            self.waiting_rss_mib
+        )?;
+        writeln!(
+            text,
+            "| generator peak RSS while results stream | **{:.1} MiB** | ≤ 100 MB |",
+            self.streaming_rss_mib
+        )?;
+        writeln!(
+            text,
+            "| cost through batches against the same jobs sent synchronously | **{:.4}** (${:.2} against ${:.2}) | 0.5 ± rounding |",
+            ratio,
+            self.batch_cost as f64 / 1e6,
+            self.sync_cost as f64 / 1e6
+        )?;
+        writeln!(text)?;
+        Ok(text)
+    }
+}
