@@ -293,10 +293,33 @@ async fn status_of(
     caller: Option<&Caller>,
 ) -> Result<Json<JobView>, ApiError> {
     match state.topology.status.get(id).await {
-        Ok(Some((doc, _))) if may_see(caller, &doc) => Ok(Json(doc.into())),
+        Ok(Some((doc, _))) if may_see(caller, &doc) => {
+            let record = waiting_batch(&doc).map(str::to_owned);
+            let mut view = JobView::from(doc);
+            if let Some(record) = record {
+                view.batch_id = batch_id_of(state, &record).await;
+            }
+            Ok(Json(view))
+        }
         Ok(_) => Err(ApiError::NotFound(format!("no job with id `{id}`"))),
         Err(err) => Err(ApiError::NatsUnavailable(err.to_string())),
     }
+}
+
+/// The batch record a `batched` job waits in, when its document does not name the API's
+/// batch id: the generator writes that id into the batch's record alone, not into each of
+/// its thousands of jobs, until their results come.
+fn waiting_batch(doc: &jetcall::status::JobStatus) -> Option<&str> {
+    let batch = doc.batch.as_ref()?;
+    (doc.status == jetcall::status::Status::Batched && batch.id.is_none())
+        .then_some(batch.record.as_str())
+}
+
+/// The API's id of the batch under `record`, once it is created.
+async fn batch_id_of(state: &AppState, record: &str) -> Option<String> {
+    let records = jetcall::batches::BatchRecords::new(state.topology.status.clone());
+    let (found, _) = records.get(record).await.ok()??;
+    found.batch_id
 }
 
 /// Deliver an `undeliverable` job's webhook again, with a fresh retry schedule.

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use jetcall::batches::{BatchRecord, BatchRecords, BatchState};
 use jetcall::consume::Settle;
-use jetcall::events::{JobError, JobRequested, Outcome};
+use jetcall::events::{JobError, Outcome};
 use jetcall::job::JobId;
 use jetcall::publish::publish_event_with_headers;
 use jetcall::status::{Claim, JobStatus};
@@ -51,7 +51,7 @@ use crate::worker::{Step, Worker};
 pub const MAX_CUSTOM_ID: usize = 64;
 
 /// Jobs' documents written at once while sealing or recovering a batch.
-const DOC_WRITES_AT_ONCE: usize = 64;
+const DOC_WRITES_AT_ONCE: usize = 256;
 
 /// Results recorded at once while a results file is read.
 const RESULTS_AT_ONCE: usize = 256;
@@ -61,7 +61,7 @@ const CLOCK_SKEW: time::Duration = time::Duration::minutes(5);
 
 /// One bulk job waiting for its batch.
 pub struct Gathered {
-    pub request: JobRequested,
+    pub job_id: JobId,
     pub trace: TraceParent,
     pub message: Message,
     /// `{"custom_id": …, "params": …}`.
@@ -71,7 +71,7 @@ pub struct Gathered {
 impl std::fmt::Debug for Gathered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gathered")
-            .field("job_id", &self.request.job_id)
+            .field("job_id", &self.job_id)
             .field("bytes", &self.body.len())
             .finish_non_exhaustive()
     }
@@ -222,7 +222,7 @@ async fn seal_batch(
     let mut record = BatchRecord {
         record: BatchRecord::new_id(),
         state: BatchState::Creating,
-        jobs: jobs.iter().map(|job| job.request.job_id.clone()).collect(),
+        jobs: jobs.iter().map(|job| job.job_id.clone()).collect(),
         batch_id: None,
         recorded_at: now,
         holder: worker.instance.clone(),
@@ -253,7 +253,7 @@ async fn seal_batch(
     for (job, entered) in jobs.iter().zip(entered) {
         match entered {
             Entered::Yes => {
-                sent.push(job.request.job_id.clone());
+                sent.push(job.job_id.clone());
                 bodies.push(job.body.as_slice());
                 settles.push(None);
             }
@@ -322,7 +322,6 @@ async fn seal_batch(
         // Still `creating`: the poller that recovers it finds this batch in the API's list.
         tracing::warn!(error = %err, "could not record a created batch; it is recovered");
     }
-    name_batch(worker, &record.jobs, &record.record, &info.id).await;
     fill(settles, Some(Settle::Done))
 }
 
@@ -363,13 +362,13 @@ impl Worker {
     /// Moves the job's document to `batched` under `record`, as a claim would to
     /// `generating`; a job that may not be claimed is settled as the synchronous path would.
     async fn enter_batch(&self, job: &Gathered, record: &str) -> Entered {
-        let request = &job.request;
+        let job_id = &job.job_id;
         let now = OffsetDateTime::now_utc();
         let mut claim = Claim::Generated;
         let started = self
             .topology
             .status
-            .update(&request.job_id, |doc| {
+            .update(job_id, |doc| {
                 claim = doc.claim_for_batch(record, now);
                 matches!(claim, Claim::Taken(_) | Claim::Expired)
             })
@@ -390,19 +389,23 @@ impl Worker {
                     usage: None,
                     cost: None,
                 };
-                self.finish(request, &job.trace, outcome, Some((*doc, revision)), None)
+                let request = doc.request();
+                self.finish(&request, &job.trace, outcome, Some((*doc, revision)), None)
                     .await
             }
             (Ok(Updated::Written(doc, _) | Updated::Unchanged(doc)), claim) => {
-                self.unclaimed(request, &job.trace, claim, &doc).await
+                self.unclaimed(&doc.request(), &job.trace, claim, &doc)
+                    .await
             }
-            (Ok(Updated::Missing), _) => Ok(crate::worker::no_status_document(request)),
+            (Ok(Updated::Missing), _) => Ok(Step::Rejected(format!(
+                "job {job_id} has no status document"
+            ))),
             (Err(err), _) => Err(err.into()),
         };
         match step {
             Ok(step) => Entered::No(step.settle()),
             Err(err) => {
-                tracing::warn!(job_id = %request.job_id, error = %err, "could not batch a job; it comes back");
+                tracing::warn!(%job_id, error = %err, "could not batch a job; it comes back");
                 Entered::No(Some(Settle::RetryIn(Duration::from_secs(1))))
             }
         }
@@ -465,28 +468,6 @@ async fn give_back(worker: &Worker, record: &BatchRecord) {
                 .await;
             if let Err(err) = left {
                 tracing::warn!(%job_id, error = %err, "could not take a job out of a batch");
-            }
-        })
-        .await;
-}
-
-/// Writes the API's batch id into each job's document, for its status to show.
-async fn name_batch(worker: &Worker, jobs: &[JobId], record: &str, batch_id: &str) {
-    futures::stream::iter(jobs.iter().cloned())
-        .for_each_concurrent(DOC_WRITES_AT_ONCE, move |job_id| async move {
-            let named = worker
-                .topology
-                .status
-                .update(&job_id, |doc| match &mut doc.batch {
-                    Some(batch) if batch.record == record && batch.id.is_none() => {
-                        batch.id = Some(batch_id.to_owned());
-                        true
-                    }
-                    _ => false,
-                })
-                .await;
-            if let Err(err) = named {
-                tracing::debug!(%job_id, error = %err, "could not name a job's batch");
             }
         })
         .await;
@@ -596,6 +577,7 @@ async fn look_after(
     let record_id = record.record.clone();
     let mut seen: HashSet<String> = HashSet::with_capacity(record.jobs.len());
     let mut recording = FuturesUnordered::new();
+    let mut unrecorded = 0usize;
     let mut renewed_at = tokio::time::Instant::now();
     let renew_every = worker.lease_duration() / 3;
     let mut chunk_done = false;
@@ -621,14 +603,17 @@ async fn look_after(
             match line {
                 Ok((custom_id, result)) => {
                     seen.insert(custom_id.clone());
-                    recording.push(record_result(worker, &record_id, custom_id, result));
+                    let batch = (record_id.as_str(), batch_id.as_str());
+                    recording.push(record_result(worker, batch, custom_id, result));
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, %batch_id, "unreadable result line skipped")
                 }
             }
             while recording.len() >= RESULTS_AT_ONCE {
-                recording.next().await;
+                if recording.next().await == Some(false) {
+                    unrecorded += 1;
+                }
             }
         }
         if renewed_at.elapsed() >= renew_every {
@@ -640,7 +625,11 @@ async fn look_after(
             }
         }
     }
-    while recording.next().await.is_some() {}
+    while let Some(recorded) = recording.next().await {
+        if !recorded {
+            unrecorded += 1;
+        }
+    }
     drop(recording);
     // A job whose line was missing or unreadable is not left waiting for ever.
     let missing: Vec<JobId> = record
@@ -650,16 +639,37 @@ async fn look_after(
         .cloned()
         .collect();
     let record_id = record_id.as_str();
-    futures::stream::iter(missing)
-        .for_each_concurrent(DOC_WRITES_AT_ONCE, move |job_id| async move {
-            if let Ok(Some((doc, _))) = worker.topology.status.get(&job_id).await
-                && doc.in_batch(record_id)
-            {
+    let sent_again: Vec<bool> = futures::stream::iter(missing)
+        .map(|job_id| async move {
+            let Some((doc, _)) = worker.topology.status.get(&job_id).await.ok()? else {
+                return Some(());
+            };
+            let sent = if doc.in_batch(record_id) {
                 tracing::warn!(%job_id, "no result for the job in its batch; it is tried again");
-                let _ = worker.requeue(&doc, record_id).await;
-            }
+                worker.requeue(&doc, record_id).await
+            } else if doc.left_batch(record_id) {
+                worker.republish(&doc).await
+            } else {
+                Ok(())
+            };
+            sent.ok()
         })
+        .buffer_unordered(DOC_WRITES_AT_ONCE)
+        .map(|sent| sent.is_some())
+        .collect()
         .await;
+    unrecorded += sent_again.iter().filter(|sent| !**sent).count();
+    if unrecorded > 0 {
+        // Read again at the next poll, which skips what was recorded: a job taken out of the
+        // batch and not yet sent again is sent then, and no result is left unread.
+        let now = OffsetDateTime::now_utc();
+        record.until = now;
+        record.next_poll_at = now + worker.config.generator.batch_poll_interval;
+        batches.records.update(&record, revision).await?;
+        return Err(PollError::Results(format!(
+            "{unrecorded} results could not be recorded"
+        )));
+    }
     batches.records.finish(&record.record, revision).await?;
     tracing::info!(%batch_id, record = %record.record, "batch finished with");
     Ok(())
@@ -696,7 +706,6 @@ async fn recover(worker: &Worker, mut record: BatchRecord, revision: u64) -> Res
             record.next_poll_at = now;
             record.until = now;
             batches.records.update(&record, revision).await?;
-            name_batch(worker, &record.jobs, &record.record, &batch.id).await;
         }
         None => {
             tracing::warn!(record = %record.record, "no batch was created for a dead sealer's record; its jobs go back");
@@ -707,26 +716,36 @@ async fn recover(worker: &Worker, mut record: BatchRecord, revision: u64) -> Res
     Ok(())
 }
 
-/// Records one result the way the synchronous path records an answer.
-async fn record_result(worker: &Worker, record: &str, custom_id: String, result: BatchResult) {
+/// Records one result the way the synchronous path records an answer; false if it could
+/// not be, and the results must be read again.
+async fn record_result(
+    worker: &Worker,
+    batch: (&str, &str),
+    custom_id: String,
+    result: BatchResult,
+) -> bool {
     let Ok(job_id) = JobId::parse(&custom_id) else {
         tracing::warn!(%custom_id, "a result for no job of ours");
-        return;
+        return true;
     };
-    if let Err(err) = worker.batch_result(&job_id, record, result).await {
-        // The record stays open: its next holder reads the file again.
-        tracing::warn!(%job_id, error = %err, "could not record a batch result");
+    match worker.batch_result(&job_id, batch, result).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(%job_id, error = %err, "could not record a batch result");
+            false
+        }
     }
 }
 
 impl Worker {
+    /// Records the result, from the batch `(record, batch_id)`, of one of its jobs.
     async fn batch_result(
         &self,
         job_id: &JobId,
-        record: &str,
+        (record, batch_id): (&str, &str),
         result: BatchResult,
     ) -> Result<(), crate::worker::WorkerError> {
-        let Some((doc, revision)) = self.topology.status.get(job_id).await? else {
+        let Some((mut doc, revision)) = self.topology.status.get(job_id).await? else {
             return Ok(());
         };
         let trace = doc.trace().unwrap_or_else(TraceParent::start);
@@ -738,6 +757,10 @@ impl Worker {
                 .is_none_or(|batch| batch.record != record)
             {
                 return Ok(());
+            }
+            // Taken out of the batch by a reader that may have died before publishing.
+            if doc.left_batch(record) {
+                return self.republish(&doc).await;
             }
             // Cancelled while in the batch: what its answer cost still counts.
             if doc.generation_outcome() == jetcall::status::Status::Cancelled
@@ -815,6 +838,11 @@ impl Worker {
             ),
             (BatchResult::Canceled, _) => failed("canceled", "the batch was canceled".into()),
         };
+        // Written with the outcome: the finished job names the batch that answered it.
+        doc.batch = Some(jetcall::status::BatchRef {
+            record: record.to_owned(),
+            id: Some(batch_id.to_owned()),
+        });
         self.finish(&request, &trace, outcome, Some((doc, revision)), None)
             .await?;
         Ok(())
@@ -833,12 +861,18 @@ impl Worker {
             .status
             .update(&doc.job_id, |doc| doc.leave_batch(record, now))
             .await?;
-        let Updated::Written(doc, _) = left else {
-            return Ok(());
-        };
+        match left {
+            Updated::Written(doc, _) => self.republish(&doc).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Publishes the request of a job taken out of its batch. Its id names the attempt, so a
+    /// second publish (by a reader of the results after one that died) is stored once; the
+    /// first request's id would still be in the duplicate window.
+    async fn republish(&self, doc: &JobStatus) -> Result<(), crate::worker::WorkerError> {
         let request = doc.request();
         let trace = doc.trace().unwrap_or_else(TraceParent::start);
-        // Its own id per attempt: the first request's id is still in the duplicate window.
         let msg_id = format!(
             "{}.attempt-{}",
             Event::Requested.msg_id(&request.job_id),

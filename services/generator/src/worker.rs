@@ -321,10 +321,14 @@ impl Worker {
         let body = anthropic
             .batch_request(request.job_id.as_str(), &generation)
             .ok()?;
+        let mut message = message.clone();
+        // Only its reply subject is needed to settle it: the copy of the payload goes, and
+        // with it most of what a job waiting for its batch holds.
+        message.message.payload = bytes::Bytes::new();
         let gathered = Gathered {
-            request: request.clone(),
+            job_id: request.job_id.clone(),
             trace: *trace,
-            message: message.clone(),
+            message,
             body,
         };
         Some(match intake.send(gathered) {

@@ -526,21 +526,28 @@ impl JobStatus {
     }
 
     /// Takes a `batched` job out of the batch under `record`, back to waiting for its request
-    /// (published again by the caller); false if the job is not in that batch.
+    /// (published again by the caller); false if the job is not in that batch. `batch` still
+    /// names the record, so a caller that died before publishing is found out by the next
+    /// reader of the batch's results ([`Self::left_batch`]).
     pub fn leave_batch(&mut self, record: &str, now: OffsetDateTime) -> bool {
-        if self.status != Status::Batched
-            || self
-                .batch
-                .as_ref()
-                .is_none_or(|batch| batch.record != record)
-        {
+        if !self.in_batch(record) {
             return false;
         }
         // Back to the same rank: `advance` refuses a sideways move, which this is not.
         self.status = Status::Generating;
-        self.batch = None;
         self.updated_at = now;
         true
+    }
+
+    /// Whether the job was taken out of the batch under `record` and has not been claimed
+    /// since: its request must be (or have been) published again.
+    pub fn left_batch(&self, record: &str) -> bool {
+        self.status == Status::Generating
+            && self.lease.is_none()
+            && self
+                .batch
+                .as_ref()
+                .is_some_and(|batch| batch.record == record)
     }
 
     /// Whether this job's attempt is the batch under `record`'s to record.
@@ -854,5 +861,35 @@ mod tests {
             Some("undeliverable".into())
         );
         assert_eq!(Generating.as_str(), "generating");
+    }
+
+    #[test]
+    fn a_batched_job_belongs_to_its_batch_until_it_leaves_it() {
+        let now = OffsetDateTime::from_unix_timestamp(1_000).expect("time");
+        let lease_for = std::time::Duration::from_secs(30);
+        let mut doc = accepted_job();
+        assert!(matches!(doc.claim_for_batch("b1", now), Claim::Taken(_)));
+        assert_eq!((doc.status, doc.generation_attempts), (Batched, 1));
+        assert!(doc.lease.is_none() && doc.in_batch("b1") && !doc.in_batch("b2"));
+        // A redelivered request neither calls nor gathers it again.
+        assert_eq!(
+            doc.claim("generator-2", now, lease_for),
+            Claim::InBatch("b1".into())
+        );
+        assert_eq!(doc.claim_for_batch("b2", now), Claim::InBatch("b1".into()));
+        assert!(
+            !doc.leave_batch("b2", now),
+            "only its own batch takes it out"
+        );
+        assert!(doc.leave_batch("b1", now));
+        assert!(
+            doc.left_batch("b1"),
+            "sent again by whoever reads the results next"
+        );
+        // Its next attempt claims it as any job.
+        assert!(matches!(doc.claim_for_batch("b2", now), Claim::Taken(_)));
+        assert_eq!(doc.generation_attempts, 2);
+        assert!(!doc.left_batch("b1") && doc.in_batch("b2"));
+        assert!(Batched.may_become(Completed) && !Batched.may_become(Accepted));
     }
 }

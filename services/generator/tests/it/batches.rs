@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
+use jetcall::batches::{BatchRecords, BatchState};
 use jetcall::events::JobRequested;
 use jetcall::lanes::Priority;
 use jetcall::status::{JobStatus, Status};
@@ -137,7 +138,7 @@ async fn bulk_jobs_are_generated_in_batches_at_the_batch_price() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_waiting_in_a_batch_is_batched_with_the_batch_id() {
+async fn a_job_waits_batched_in_a_recorded_batch_and_ends_naming_it() {
     let harness = harness("100ms", &[]).await;
     harness
         .claude
@@ -145,14 +146,22 @@ async fn a_job_waiting_in_a_batch_is_batched_with_the_batch_id() {
     let jobs = bulk_ids("WAITS", 1);
     let (generator, _) = harness.run_generator();
     submit_bulk(&harness, &jobs).await;
-    let waiting = wait_until("the job to be batched with its batch id", WAIT, || async {
+    let records = BatchRecords::new(harness.topology.status.clone());
+    let batch_id = wait_until("the job's batch to be created", WAIT, || async {
         let doc = harness.status(&jobs[0]).await?;
-        (doc.status == Status::Batched && doc.batch.as_ref()?.id.is_some()).then_some(doc)
+        let batch = doc.batch.filter(|_| doc.status == Status::Batched)?;
+        let (record, _) = records.get(&batch.record).await.ok()??;
+        (record.state == BatchState::Submitted).then_some(record.batch_id?)
     })
     .await;
-    let view = jetcall::view::JobView::from(waiting.clone());
-    assert_eq!(view.batch_id, waiting.batch.and_then(|batch| batch.id));
-    harness.wait_for_status(&jobs[0], "completed").await;
+    assert!(batch_id.starts_with("msgbatch_"), "{batch_id}");
+    let done = harness.wait_for_status(&jobs[0], "completed").await;
+    assert_eq!(done.batch.and_then(|batch| batch.id), Some(batch_id));
+    assert_eq!(
+        records.open().await.expect("the open batches"),
+        Vec::<String>::new(),
+        "the batch is finished with"
+    );
     generator.stop().await;
 }
 
@@ -279,14 +288,15 @@ async fn killed_while_polling_another_instance_takes_the_batch_over() {
     let jobs = bulk_ids("KILLED-POLLING", 50);
     let first = harness.spawn_generator(&child_batch_env("100ms"));
     submit_bulk(&harness, &jobs).await;
-    wait_until("every job batched under the API's id", WAIT, || async {
+    wait_until("every job batched", WAIT, || async {
         for job in &jobs {
             let doc = harness.status(job).await?;
-            doc.batch.as_ref()?.id.as_ref()?;
+            (doc.status == Status::Batched).then_some(())?;
         }
         Some(())
     })
     .await;
+    // It polls only a batch recorded as created.
     wait_until("the first generator to poll", WAIT, || async {
         (claude.batch_reads() > 0).then_some(())
     })
