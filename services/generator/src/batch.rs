@@ -250,11 +250,12 @@ async fn seal_batch(
     let mut settles: Vec<Option<Settle>> = Vec::with_capacity(jobs.len());
     let mut sent = Vec::new();
     let mut bodies = Vec::new();
-    for (job, entered) in jobs.iter().zip(entered) {
+    // Each request moves into the batch's body as it is written: held once, not twice.
+    for (job, entered) in jobs.into_iter().zip(entered) {
         match entered {
             Entered::Yes => {
-                sent.push(job.job_id.clone());
-                bodies.push(job.body.as_slice());
+                sent.push(job.job_id);
+                bodies.push(job.body);
                 settles.push(None);
             }
             Entered::No(settle) => settles.push(settle),
@@ -282,7 +283,7 @@ async fn seal_batch(
             "shutting down before the batch was created",
         ))
     } else {
-        batches.api.create(&bodies).await
+        batches.api.create(bodies).await
     };
     let info = match created {
         Ok(info) => info,

@@ -36,6 +36,10 @@ pub struct Run {
 pub struct Figures {
     run: Run,
     seconds: f64,
+    /// Until the generator had recorded every result (its metric, read once a second).
+    generated_seconds: f64,
+    /// Until 99 % of the webhooks had arrived.
+    most_delivered_seconds: f64,
     batches: usize,
     /// The generator's largest resident memory before the first webhook, and after it.
     waiting_rss_mib: f64,
@@ -151,8 +155,25 @@ pub async fn measure(
     submitted.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     let mut every = tokio::time::interval(Duration::from_millis(100));
     let deadline = Instant::now() + Duration::from_secs(1800);
+    let (mut generated_at, mut most_delivered_at) = (None, None);
+    let mut looked = Instant::now();
     while arrivals.count() < run.jobs {
         every.tick().await;
+        if most_delivered_at.is_none() && arrivals.count() * 100 >= run.jobs * 99 {
+            most_delivered_at = Some(started.elapsed());
+        }
+        if generated_at.is_none() && looked.elapsed() >= Duration::from_secs(1) {
+            looked = Instant::now();
+            let text = http.get(&metrics_url).send().await?.text().await?;
+            let completed = summed(
+                &text,
+                "jetcall_generator_jobs_total",
+                "status=\"completed\"",
+            );
+            if completed as usize >= run.jobs {
+                generated_at = Some(started.elapsed());
+            }
+        }
         setup.stack.check_running()?;
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -196,6 +217,8 @@ pub async fn measure(
     let figures = Figures {
         run,
         seconds,
+        generated_seconds: generated_at.map_or(seconds, |at| at.as_secs_f64()),
+        most_delivered_seconds: most_delivered_at.map_or(seconds, |at| at.as_secs_f64()),
         batches,
         waiting_rss_mib,
         streaming_rss_mib,
@@ -244,6 +267,18 @@ impl Figures {
             text,
             "| jobs per second, first submission to last webhook | **{per_second:.0}/s** ({:.1} s, {} batches) | |",
             self.seconds, self.batches
+        )?;
+        writeln!(
+            text,
+            "| jobs per second, first submission to every result recorded by the generator | {:.0}/s ({:.1} s) | |",
+            self.run.jobs as f64 / self.generated_seconds.max(f64::EPSILON),
+            self.generated_seconds
+        )?;
+        writeln!(
+            text,
+            "| jobs per second, first submission to 99 % of the webhooks | {:.0}/s ({:.1} s) | |",
+            self.run.jobs as f64 * 0.99 / self.most_delivered_seconds.max(f64::EPSILON),
+            self.most_delivered_seconds
         )?;
         writeln!(
             text,

@@ -180,15 +180,15 @@ impl BatchesApi {
     }
 
     /// Creates a batch of `requests`, each `{"custom_id": …, "params": …}` as JSON.
-    pub async fn create(&self, requests: &[&[u8]]) -> Result<BatchInfo, LlmError> {
+    pub async fn create(&self, requests: Vec<Vec<u8>>) -> Result<BatchInfo, LlmError> {
         let size = requests.iter().map(|r| r.len() + 1).sum::<usize>() + 16;
         let mut body = Vec::with_capacity(size);
         body.extend_from_slice(br#"{"requests":["#);
-        for (i, request) in requests.iter().enumerate() {
+        for (i, request) in requests.into_iter().enumerate() {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(request);
+            body.extend_from_slice(&request);
         }
         body.extend_from_slice(b"]}");
         let sent = self
