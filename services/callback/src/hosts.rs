@@ -3,6 +3,7 @@
 //! request while it is down.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,8 +59,9 @@ pub struct Destination {
     /// microseconds; 0 before any.
     typical_attempt_us: AtomicU64,
     per_host: usize,
-    /// When the last delivery parked here is due back: the next one is spaced after it.
-    last_return: Mutex<Instant>,
+    /// When each delivery parked here and not yet back is due, earliest first: the next one
+    /// is spaced after as many as are still out.
+    parked: Mutex<VecDeque<Instant>>,
 }
 
 impl Destination {
@@ -73,7 +75,7 @@ impl Destination {
             typical_answer_us: AtomicU64::new(0),
             typical_attempt_us: AtomicU64::new(0),
             per_host,
-            last_return: Mutex::new(Instant::now()),
+            parked: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -86,6 +88,11 @@ impl Destination {
     /// seconds, and cycling it through JetStream and the status bucket slowed the healthy
     /// receivers' deliveries (BENCHMARKS.md); spaced, each parked delivery returns about when
     /// a slot can be expected to be free for it.
+    ///
+    /// The spacing is the count still out times the pace known now, not the last one's due
+    /// time plus a step: a burst parked before any attempt had finished (10,000 results of a
+    /// Message Batch at once), at the pessimistic pace of the timeout, no longer pushes every
+    /// later delivery to `longest` once the destination turns out to be quick.
     pub fn return_after(
         &self,
         earliest: Duration,
@@ -97,11 +104,15 @@ impl Destination {
             0 => timeout,
             us => Duration::from_micros(us),
         } / u32::try_from(self.per_host).unwrap_or(u32::MAX).max(1);
-        let mut last = self.last_return.lock().unwrap_or_else(|p| p.into_inner());
-        let due = (now + earliest)
-            .max(*last + per_delivery)
-            .min(now + longest);
-        *last = due;
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        while parked.front().is_some_and(|due| *due <= now) {
+            parked.pop_front();
+        }
+        let ahead = u32::try_from(parked.len()).unwrap_or(u32::MAX);
+        let due = (now + earliest + per_delivery.saturating_mul(ahead)).min(now + longest);
+        // Kept in order of due time, which a quicker pace may bring before earlier ones.
+        let at = parked.partition_point(|other| *other <= due);
+        parked.insert(at, due);
         due.saturating_duration_since(now)
     }
 
@@ -304,6 +315,25 @@ mod tests {
             dead.return_after(earliest, later, timeout, longest),
             earliest
         );
+    }
+
+    #[test]
+    fn a_burst_parked_before_any_answer_does_not_hold_back_what_is_parked_once_it_is_quick() {
+        let (timeout, longest) = (Duration::from_secs(10), Duration::from_secs(120));
+        let earliest = Duration::from_secs(1);
+        let now = Instant::now();
+        let destination = Destination::new(32);
+        // 10,000 results of a batch at once, before any attempt has finished: paced at the
+        // timeout's 312 ms apart, most of them at `longest`.
+        let cold: Vec<_> = (0..1_000)
+            .map(|_| destination.return_after(earliest, now, timeout, longest))
+            .collect();
+        assert_eq!(cold[999], longest);
+        // The receiver answers in 2 ms: 32 slots take a delivery every 62.5 µs, so one parked
+        // now waits behind the thousand still out for about 62 ms, not two minutes.
+        destination.record(true, Duration::from_millis(2), now, at_once(timeout));
+        let next = destination.return_after(earliest, now, timeout, longest);
+        assert!(next < earliest + Duration::from_millis(100), "{next:?}");
     }
 
     #[tokio::test]

@@ -51,7 +51,7 @@ use crate::worker::{Step, Worker};
 pub const MAX_CUSTOM_ID: usize = 64;
 
 /// Jobs' documents written at once while sealing or recovering a batch.
-const DOC_WRITES_AT_ONCE: usize = 256;
+const DOC_WRITES_AT_ONCE: usize = 64;
 
 /// Results recorded at once while a results file is read.
 const RESULTS_AT_ONCE: usize = 256;
