@@ -153,6 +153,7 @@ pub async fn measure(
     });
     let submitted = submitting.await;
     submitted.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    let submitted_seconds = started.elapsed().as_secs_f64();
     let mut every = tokio::time::interval(Duration::from_millis(100));
     let deadline = Instant::now() + Duration::from_secs(1800);
     let (mut generated_at, mut most_delivered_at) = (None, None);
@@ -212,7 +213,10 @@ pub async fn measure(
     let sync_cost = jetcall::cost::PriceTable::default()
         .cost(&model, &usage, jetcall::cost::Path::Sync)
         .map_or(0, |cost| cost.microdollars);
-    let batches = claude.batches().len();
+    let created = claude.batches();
+    let batches = created.len();
+    let sizes: Vec<usize> = created.iter().map(|batch| batch.custom_ids.len()).collect();
+    println!("    submitted in {submitted_seconds:.1} s; batches of {sizes:?}");
     setup.stack.shutdown().await?;
     let figures = Figures {
         run,
