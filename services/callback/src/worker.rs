@@ -445,7 +445,7 @@ impl Worker {
         let callback = &self.config.callback;
         let longest = 4 * callback.timeout.max(callback.breaker_cooldown);
         destination
-            .return_after(earliest, Instant::now(), callback.timeout, longest)
+            .return_after(earliest, Instant::now(), longest)
             .mul_f64(1.0 + 0.1 * rand::random::<f64>())
     }
 

@@ -45,7 +45,7 @@ use jetcall::trace::TraceParent;
 use crate::output::to_result;
 use crate::provider::batches::{BatchResult, BatchesApi, Lines, parse_result_line};
 use crate::provider::{Disposition, LlmError};
-use crate::worker::{Step, Worker};
+use crate::worker::{Step, Worker, failure};
 
 /// The longest `custom_id` the API takes; a job with a longer id is called synchronously.
 pub const MAX_CUSTOM_ID: usize = 64;
@@ -814,7 +814,7 @@ impl Worker {
                     },
                 }
             }
-            (BatchResult::Succeeded(_), None) => failed(
+            (BatchResult::Succeeded(_), None) => failure(
                 "unknown_kind",
                 format!("no kind `{}` is configured", request.kind),
             ),
@@ -829,15 +829,15 @@ impl Worker {
                     message,
                 },
                 _,
-            ) => failed(&error_type, message),
+            ) => failure(&error_type, message),
             (BatchResult::Expired | BatchResult::Canceled, _) if !exhausted => {
                 return self.requeue(&doc, record).await;
             }
-            (BatchResult::Expired, _) => failed(
+            (BatchResult::Expired, _) => failure(
                 "expired",
                 "the batch expired before this request was processed".into(),
             ),
-            (BatchResult::Canceled, _) => failed("canceled", "the batch was canceled".into()),
+            (BatchResult::Canceled, _) => failure("canceled", "the batch was canceled".into()),
         };
         // Written with the outcome: the finished job names the batch that answered it.
         doc.batch = Some(jetcall::status::BatchRef {
@@ -889,16 +889,5 @@ impl Worker {
         .await?;
         tracing::info!(job_id = %request.job_id, "batched job tried again");
         Ok(())
-    }
-}
-
-fn failed(error_type: &str, message: String) -> Outcome {
-    Outcome::Failed {
-        error: JobError {
-            kind: error_type.to_owned(),
-            message,
-        },
-        usage: None,
-        cost: None,
     }
 }

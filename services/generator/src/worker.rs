@@ -816,7 +816,7 @@ pub(crate) fn no_status_document(request: &JobRequested) -> Step {
 }
 
 /// A job failed before any answer was paid for.
-fn failure(error_type: &str, message: String) -> Outcome {
+pub(crate) fn failure(error_type: &str, message: String) -> Outcome {
     Outcome::Failed {
         error: JobError {
             kind: error_type.to_owned(),

@@ -78,17 +78,19 @@ pub async fn measure(
         ("JETCALL_GENERATOR__LISTEN", generator_admin.to_string()),
         ("JETCALL_GENERATOR__BATCH_MAX_WAIT", "2s".to_owned()),
         ("JETCALL_GENERATOR__BATCH_POLL_INTERVAL", "500ms".to_owned()),
-        lane_room,
+        lane_room.clone(),
     ];
     let generator_pid =
         setup
             .stack
             .spawn_service("generator", binaries.generator, &generator_env)?;
-    setup.stack.spawn_service(
-        "callback",
-        binaries.callback,
-        &super::callback::callback_env(&setup.secret),
-    )?;
+    // Every service provisions the lanes at start, each with its own configuration: the
+    // callback too must give the bulk lane its room, or whichever starts last sets it.
+    let mut callback_env = super::callback::callback_env(&setup.secret);
+    callback_env.push(lane_room.clone());
+    setup
+        .stack
+        .spawn_service("callback", binaries.callback, &callback_env)?;
     let http = client(64)?;
     let metrics_url = format!("http://{generator_admin}/metrics");
     wait_ok(

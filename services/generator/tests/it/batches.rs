@@ -6,19 +6,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
-use time::OffsetDateTime;
+use serde_json::{Value, json};
 
+use jetcall::Kind;
 use jetcall::batches::{BatchRecords, BatchState};
-use jetcall::events::JobRequested;
 use jetcall::lanes::Priority;
-use jetcall::status::{JobStatus, Status};
-use jetcall::subjects::Event;
-use jetcall::{JobId, Kind};
+use jetcall::status::Status;
 use testkit::fake_batches::BatchOutcome;
 use testkit::wait_until;
 
-use crate::harness::Harness;
+use crate::harness::{Harness, request};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -40,30 +37,10 @@ fn bulk_ids(prefix: &str, count: usize) -> Vec<String> {
 async fn submit_bulk(harness: &Harness, jobs: &[String]) {
     futures::future::join_all(jobs.chunks(200).map(|chunk| async move {
         for job_id in chunk {
-            let request = JobRequested {
-                job_id: JobId::parse(job_id).expect("valid id"),
-                kind: Kind::product_description(),
-                input: json!({"product_id": "P-1", "product_name": job_id, "specs": "3 blades"})
-                    .as_object()
-                    .cloned()
-                    .unwrap_or_else(Map::new),
-                callback_url: jetcall::allowlist::CallbackUrl::parse("http://127.0.0.1:9/cb")
-                    .expect("a callback URL"),
-                metadata: Default::default(),
-                requested_at: OffsetDateTime::now_utc(),
-                expires_at: None,
-                tenant: None,
-                priority: Priority::Bulk,
-            };
-            harness
-                .topology
-                .status
-                .create(&JobStatus::accepted(&request, "digest".into()))
-                .await
-                .expect("status document");
-            harness
-                .publish_request(&request, &Event::Requested.msg_id(&request.job_id))
-                .await;
+            let input = json!({"product_id": "P-1", "product_name": job_id, "specs": "3 blades"});
+            let mut bulk = request(job_id, Kind::product_description(), input);
+            bulk.priority = Priority::Bulk;
+            harness.submit_request(&bulk).await;
         }
     }))
     .await;

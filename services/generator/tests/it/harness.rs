@@ -101,24 +101,17 @@ impl Harness {
 
     /// Submits a job of any kind as the gateway would.
     pub async fn submit_kind(&self, job_id: &str, kind: Kind, input: Value) {
-        let request = JobRequested {
-            job_id: JobId::parse(job_id).expect("valid id"),
-            kind,
-            input: input.as_object().cloned().unwrap_or_else(Map::new),
-            callback_url: jetcall::allowlist::CallbackUrl::parse("http://127.0.0.1:9/cb")
-                .expect("a callback URL"),
-            metadata: Default::default(),
-            requested_at: OffsetDateTime::now_utc(),
-            expires_at: None,
-            tenant: None,
-            priority: Default::default(),
-        };
+        self.submit_request(&request(job_id, kind, input)).await;
+    }
+
+    /// Submits `request` as the gateway would: its status document, then its request event.
+    pub async fn submit_request(&self, request: &JobRequested) {
         self.topology
             .status
-            .create(&JobStatus::accepted(&request, "digest".into()))
+            .create(&JobStatus::accepted(request, "digest".into()))
             .await
             .expect("status document");
-        self.publish_request(&request, &Event::Requested.msg_id(&request.job_id))
+        self.publish_request(request, &Event::Requested.msg_id(&request.job_id))
             .await;
     }
 
@@ -202,6 +195,22 @@ impl RunningGenerator {
             .await
             .expect("generator task")
             .expect("generator stops cleanly");
+    }
+}
+
+/// An interactive job's request, with a callback URL nothing listens on.
+pub fn request(job_id: &str, kind: Kind, input: Value) -> JobRequested {
+    JobRequested {
+        job_id: JobId::parse(job_id).expect("valid id"),
+        kind,
+        input: input.as_object().cloned().unwrap_or_else(Map::new),
+        callback_url: jetcall::allowlist::CallbackUrl::parse("http://127.0.0.1:9/cb")
+            .expect("a callback URL"),
+        metadata: Default::default(),
+        requested_at: OffsetDateTime::now_utc(),
+        expires_at: None,
+        tenant: None,
+        priority: Default::default(),
     }
 }
 
