@@ -533,7 +533,10 @@ async fn each_user_is_refused_what_belongs_to_another_service_or_the_operator() 
             "generator",
             "jobs.completed.product-description",
             vec![
+                // It sends bulk requests again after a batch result worth another attempt,
+                // and nothing else: not the interactive lanes'.
                 "jobs.requested.product-description",
+                "jobs.requested.product-description.636174616c6f677565.interactive",
                 "jobs.delivered.product-description",
                 "jobs.undeliverable.product-description",
                 "$JS.API.CONSUMER.MSG.NEXT.JOBS.callback",
@@ -576,6 +579,17 @@ async fn each_user_is_refused_what_belongs_to_another_service_or_the_operator() 
         client.flush().await.expect("flush");
         refused(&mut errors, user, "Subscription to \"jobs.>\"").await;
     }
+    // The generator's requeue of a batched job: a bulk lane's request, stored.
+    let (generator, _) = client_as(&nats, "generator").await;
+    jetstream::new(generator)
+        .publish(
+            "jobs.requested.product-description.anonymous.bulk",
+            "again".into(),
+        )
+        .await
+        .expect("the generator publishes a bulk request")
+        .await
+        .expect("JetStream stores it");
 
     // The same through the nats CLI, as an operator would see it.
     let cli = |user: &str, args: &[&str]| {
@@ -600,8 +614,8 @@ async fn each_user_is_refused_what_belongs_to_another_service_or_the_operator() 
     }
     assert_eq!(
         testkit::nats::count_messages(&topology.stream, "jobs.>").await,
-        3,
-        "the stream holds the three allowed publishes and nothing refused"
+        4,
+        "the stream holds the four allowed publishes and nothing refused"
     );
     // What the first test looks for in the log when it finds nothing.
     assert!(

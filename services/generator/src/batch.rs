@@ -121,11 +121,15 @@ impl Batches {
     }
 }
 
-/// Starts the gatherer and the poller; the intake is for `Worker::batch_intake`.
-pub fn start(worker: Arc<Worker>, shutdown: CancellationToken) -> Intake {
-    let (sender, receiver) = mpsc::unbounded_channel();
-    tokio::spawn(gather(worker.clone(), receiver, shutdown.clone()));
+/// Starts the poller, which finishes the fleet's open batches.
+pub fn start_poller(worker: Arc<Worker>, shutdown: CancellationToken) {
     tokio::spawn(poll(worker, shutdown));
+}
+
+/// Starts the gatherer; the intake is for `Worker::batch_intake`.
+pub fn start_gatherer(worker: Arc<Worker>, shutdown: CancellationToken) -> Intake {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(gather(worker, receiver, shutdown));
     Intake(sender)
 }
 

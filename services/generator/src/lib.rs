@@ -102,8 +102,10 @@ pub async fn run(
         cancellations.clone(),
         shutdown.clone(),
     ));
+    // With batches switched off, batches already sent are still polled to the end: their
+    // jobs' requests are acked, and only a poller brings their outcomes.
     let batches = match (&provider, &config.anthropic.api_key) {
-        (Provider::Anthropic(_), Some(key)) if config.generator.batches => {
+        (Provider::Anthropic(_), Some(key)) => {
             let api = provider::batches::BatchesApi::new(&config.anthropic, key)?;
             let records = jetcall::batches::BatchRecords::new(topology.status.clone());
             Some(Arc::new(batch::Batches::new(api, records)))
@@ -124,9 +126,12 @@ pub async fn run(
         batch_intake: std::sync::OnceLock::new(),
     });
     if worker.batches.is_some() {
-        let intake = batch::start(worker.clone(), shutdown.clone());
-        let _ = worker.batch_intake.set(intake);
-        tracing::info!("bulk jobs go through the Message Batches API");
+        batch::start_poller(worker.clone(), shutdown.clone());
+        if worker.config.generator.batches {
+            let intake = batch::start_gatherer(worker.clone(), shutdown.clone());
+            let _ = worker.batch_intake.set(intake);
+            tracing::info!("bulk jobs go through the Message Batches API");
+        }
     }
     tracing::info!(
         concurrency,

@@ -507,6 +507,8 @@ impl JobStatus {
             started_at: Some(now),
         };
         self.lease = Some(lease.clone());
+        // A batch it left is behind it: this attempt is a call's (or a new batch's).
+        self.batch = None;
         Claim::Taken(lease)
     }
 
@@ -890,6 +892,13 @@ mod tests {
         assert!(matches!(doc.claim_for_batch("b2", now), Claim::Taken(_)));
         assert_eq!(doc.generation_attempts, 2);
         assert!(!doc.left_batch("b1") && doc.in_batch("b2"));
+        // Or a synchronous call's, which no batch answers for.
+        assert!(doc.leave_batch("b2", now));
+        assert!(matches!(
+            doc.claim("generator-2", now, lease_for),
+            Claim::Taken(_)
+        ));
+        assert_eq!(doc.batch, None);
         assert!(Batched.may_become(Completed) && !Batched.may_become(Accepted));
     }
 }

@@ -311,3 +311,40 @@ async fn killed_halfway_through_the_results_the_rest_are_recorded_and_none_twice
     assert_finished_once(&harness, &jobs, batches).await;
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_sent_before_they_were_switched_off_are_still_finished() {
+    let harness = harness("100ms", &[]).await;
+    let claude = &harness.claude;
+    claude.set_batch_processing_time(Duration::from_secs(2));
+    let jobs = bulk_ids("SWITCHED-OFF", 20);
+    let (first, _) = harness.run_generator();
+    submit_bulk(&harness, &jobs).await;
+    wait_until("every job batched", WAIT, || async {
+        for job in &jobs {
+            let doc = harness.status(job).await?;
+            (doc.status == Status::Batched).then_some(())?;
+        }
+        (claude.batches().len() == 1).then_some(())
+    })
+    .await;
+    first.stop().await;
+
+    // Restarted with bulk jobs called one by one: the batch sent is polled to the end.
+    let mut config = harness.config.clone();
+    config.generator.batches = false;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let second = tokio::spawn(generator::run(
+        config,
+        testkit::loopback_listener(),
+        stop.clone(),
+    ));
+    wait_for_all(&harness, &jobs, "completed").await;
+    assert_eq!(claude.calls(), 0, "no job was called again");
+    assert_each_in_one_batch(&harness, &jobs, &BTreeMap::new());
+    stop.cancel();
+    second
+        .await
+        .expect("generator task")
+        .expect("generator stops cleanly");
+}
