@@ -303,11 +303,12 @@ impl Figures {
         writeln!(
             text,
             "\nA destination's deliveries that cannot go out (every slot busy, or its circuit \
-         open) wait in JetStream, each due back after the ones parked before it, spaced by \
-         what the destination can take (its typical answer, or the timeout while it fails, over \
-         its slots) and never more than four timeouts or cooldowns ahead. The dead receiver's \
-         backlog therefore comes back a few dozen a second rather than all of it every few \
-         seconds; before this pacing the ratio was 2.4 to 2.5×."
+         open) wait in JetStream, each due back behind those of the destination still out, \
+         spaced by what it can take (its typical attempt over its slots, or a slot's 50 ms \
+         patience before any attempt has finished) and never more than four timeouts or \
+         cooldowns ahead. The dead receiver's backlog therefore comes back a few dozen a \
+         second rather than all of it every few seconds; before this pacing the ratio was 2.4 \
+         to 2.5×."
         )?;
         if ratio > 2.0 {
             writeln!(
