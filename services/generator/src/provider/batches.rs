@@ -16,6 +16,15 @@ const API_VERSION: &str = "2023-06-01";
 /// The most batches a page of the list holds.
 const LIST_PAGE: usize = 100;
 
+/// The most pages of the list read when looking for a batch: 10,000 batches back, far more
+/// than a recovery window holds, and an end to an API that says `has_more` for ever.
+const MAX_LIST_PAGES: usize = 100;
+
+/// The longest results line kept: one Message of the largest `max_tokens`, escaped, is a few
+/// megabytes. A longer line is dropped as unreadable (its job goes to a later batch) rather
+/// than held whole, however long the API makes it.
+pub const MAX_RESULT_LINE: usize = 32 * 1024 * 1024;
+
 /// A batch as the API describes it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BatchInfo {
@@ -143,6 +152,8 @@ pub fn parse_result_line(line: &[u8]) -> Result<(String, BatchResult), String> {
 pub struct BatchesApi {
     client: reqwest::Client,
     base: String,
+    /// The API's origin: a `results_url` elsewhere is not sent the key.
+    origin: reqwest::Url,
     headers: HeaderMap,
 }
 
@@ -169,12 +180,16 @@ impl BatchesApi {
             ::http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        let base = format!(
+            "{}/v1/messages/batches",
+            config.base_url.trim_end_matches('/')
+        );
+        let origin = reqwest::Url::parse(&base)
+            .map_err(|err| http::TransportError::Url(format!("{base}: {err}")))?;
         Ok(Self {
             client,
-            base: format!(
-                "{}/v1/messages/batches",
-                config.base_url.trim_end_matches('/')
-            ),
+            base,
+            origin,
             headers,
         })
     }
@@ -209,13 +224,16 @@ impl BatchesApi {
     pub async fn created_since(&self, since: OffsetDateTime) -> Result<Vec<BatchInfo>, LlmError> {
         let mut found = Vec::new();
         let mut after: Option<String> = None;
-        loop {
-            let mut url = format!("{}?limit={LIST_PAGE}", self.base);
-            if let Some(last) = &after {
-                url.push_str(&format!("&after_id={last}"));
-            }
+        for _ in 0..MAX_LIST_PAGES {
+            let mut query = vec![("limit", LIST_PAGE.to_string())];
+            query.extend(after.take().map(|last| ("after_id", last)));
             let page: BatchList = self
-                .read(self.client.get(url).headers(self.headers.clone()))
+                .read(
+                    self.client
+                        .get(&self.base)
+                        .query(&query)
+                        .headers(self.headers.clone()),
+                )
                 .await?;
             let older = page.data.iter().any(|batch| batch.created_at < since);
             found.extend(
@@ -231,13 +249,15 @@ impl BatchesApi {
                 None => return Ok(found),
             }
         }
+        Ok(found)
     }
 
     /// The results file of an ended batch, to be read chunk by chunk.
     pub async fn results(&self, results_url: &str) -> Result<reqwest::Response, LlmError> {
+        let url = self.own_url(results_url)?;
         let answer = self
             .client
-            .get(results_url)
+            .get(url)
             .headers(self.headers.clone())
             .send()
             .await
@@ -287,31 +307,82 @@ fn connection_error(err: reqwest::Error) -> LlmError {
     )
 }
 
-/// Splits a stream of chunks into lines without holding more than one line and one chunk.
-#[derive(Debug, Default)]
+impl BatchesApi {
+    /// `url` if it is on the API's own origin (scheme, host and port), which alone is sent
+    /// the API key.
+    fn own_url(&self, url: &str) -> Result<reqwest::Url, LlmError> {
+        reqwest::Url::parse(url)
+            .ok()
+            .filter(|parsed| parsed.origin() == self.origin.origin())
+            .ok_or_else(|| {
+                LlmError::new(
+                    Disposition::Permanent,
+                    "invalid_response",
+                    format!(
+                        "the batch's results_url `{url}` is not on the API's origin; the key is not sent there"
+                    ),
+                )
+            })
+    }
+}
+
+/// Splits a stream of chunks into lines without holding more than one line (of at most
+/// `max_line` bytes) and one chunk.
+#[derive(Debug)]
 pub struct Lines {
     partial: Vec<u8>,
+    max_line: usize,
+    /// The line being read passed `max_line`: it is dropped up to its newline.
+    overlong: bool,
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Self::with_max(MAX_RESULT_LINE)
+    }
 }
 
 impl Lines {
-    /// Feeds `chunk`, calling `each` with every complete line (without its newline).
+    pub fn with_max(max_line: usize) -> Self {
+        Self {
+            partial: Vec::new(),
+            max_line,
+            overlong: false,
+        }
+    }
+
+    /// Feeds `chunk`, calling `each` with every complete line (without its newline); a line
+    /// longer than the most kept is given as an empty line, which no reader takes.
     pub fn feed(&mut self, chunk: &[u8], mut each: impl FnMut(&[u8])) {
         let mut rest = chunk;
         while let Some(end) = rest.iter().position(|&b| b == b'\n') {
-            if self.partial.is_empty() {
+            if self.overlong {
+                each(&[]);
+                self.overlong = false;
+            } else if self.partial.is_empty() && end <= self.max_line {
                 each(&rest[..end]);
-            } else {
+            } else if self.partial.len() + end <= self.max_line {
                 self.partial.extend_from_slice(&rest[..end]);
                 each(&self.partial);
-                self.partial.clear();
+            } else {
+                each(&[]);
             }
+            self.partial.clear();
             rest = &rest[end + 1..];
         }
-        self.partial.extend_from_slice(rest);
+        if self.overlong || self.partial.len() + rest.len() > self.max_line {
+            self.partial = Vec::new();
+            self.overlong = true;
+        } else {
+            self.partial.extend_from_slice(rest);
+        }
     }
 
     /// The last line, if the file did not end with a newline.
     pub fn finish(self) -> Option<Vec<u8>> {
+        if self.overlong {
+            return Some(Vec::new());
+        }
         (!self.partial.is_empty()).then_some(self.partial)
     }
 }
@@ -331,6 +402,48 @@ mod tests {
         }
         assert_eq!(seen, ["{\"a\":1}", "{\"b\":2}"]);
         assert_eq!(lines.finish().as_deref(), Some(&b"{\"c\":3}"[..]));
+    }
+
+    #[test]
+    fn a_line_longer_than_the_most_kept_is_dropped_not_held() {
+        let mut lines = Lines::with_max(8);
+        let mut seen = Vec::new();
+        let mut keep = |line: &[u8]| seen.push(String::from_utf8_lossy(line).into_owned());
+        lines.feed(b"short\n0123456789", &mut keep);
+        assert!(lines.partial.is_empty(), "the long line is not kept");
+        lines.feed(b"0123456789\nok\n", &mut keep);
+        lines.feed(b"toolong-in-one\n", &mut keep);
+        lines.feed(b"1234", &mut keep);
+        lines.feed(b"56789", &mut keep);
+        assert_eq!(seen, ["short", "", "ok", ""]);
+        assert_eq!(
+            lines.finish(),
+            Some(Vec::new()),
+            "an unfinished long line is unreadable"
+        );
+    }
+
+    #[test]
+    fn results_are_fetched_from_the_api_s_own_origin_only() {
+        let config = LlmEndpointConfig {
+            base_url: "https://api.anthropic.com".into(),
+            ..LlmEndpointConfig::anthropic()
+        };
+        let api = BatchesApi::new(&config, &Secret::new("sk-ant-test")).expect("client");
+        assert!(
+            api.own_url("https://api.anthropic.com/v1/messages/batches/msgbatch_1/results")
+                .is_ok()
+        );
+        for elsewhere in [
+            "https://evil.example/v1/messages/batches/msgbatch_1/results",
+            "http://api.anthropic.com/v1/messages/batches/msgbatch_1/results",
+            "https://api.anthropic.com:8443/results",
+            "https://api.anthropic.com.evil.example/results",
+            "not a url",
+        ] {
+            let err = api.own_url(elsewhere).expect_err(elsewhere);
+            assert_eq!(err.disposition, Disposition::Permanent, "{elsewhere}");
+        }
     }
 
     #[test]
