@@ -336,21 +336,21 @@ fn fill(settles: Vec<Option<Settle>>, settle: Option<Settle>) -> Vec<Option<Sett
 }
 
 /// Marks a record as this instance's work for as long as it lives.
-struct Working<'a> {
-    batches: &'a Batches,
+struct Working {
+    batches: Arc<Batches>,
     record: String,
 }
 
-impl<'a> Working<'a> {
-    fn start(batches: &'a Batches, record: &str) -> Option<Self> {
+impl Working {
+    fn start(batches: &Arc<Batches>, record: &str) -> Option<Self> {
         batches.start_work(record).then(|| Self {
-            batches,
+            batches: batches.clone(),
             record: record.to_owned(),
         })
     }
 }
 
-impl Drop for Working<'_> {
+impl Drop for Working {
     fn drop(&mut self) {
         self.batches.end_work(&self.record);
     }
@@ -504,17 +504,14 @@ async fn poll(worker: Arc<Worker>, shutdown: CancellationToken) {
             }
         };
         for record in open {
-            if !batches.start_work(&record) {
+            let Some(working) = Working::start(batches, &record) else {
                 continue;
-            }
+            };
             let worker = worker.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(err) = look_after(&worker, &record, &shutdown).await {
-                    tracing::warn!(%record, error = %err, "batch left for the next poll");
-                }
-                if let Some(batches) = &worker.batches {
-                    batches.end_work(&record);
+                if let Err(err) = look_after(&worker, &working.record, &shutdown).await {
+                    tracing::warn!(record = %working.record, error = %err, "batch left for the next poll");
                 }
             });
         }

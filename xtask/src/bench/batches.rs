@@ -9,8 +9,6 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use axum::http::StatusCode;
-use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -18,7 +16,7 @@ use jetcall::events::Usage;
 use testkit::FakeAnthropic;
 
 use super::callback::{Arrivals, start_receiver};
-use super::gateway::{client, job_to, start_gateway_with};
+use super::gateway::{client, job_to, start_gateway_with, submit_in_batches};
 use super::pipeline::wait_ok;
 use super::{rss_mib, setup};
 use crate::poll;
@@ -113,25 +111,8 @@ pub async fn measure(
             job
         })
         .collect();
-    let submitting = futures::stream::iter(jobs.chunks(1000))
-        .map(|chunk| {
-            let (http, url) = (&http, &batch_url);
-            async move {
-                let answer = http
-                    .post(url)
-                    .json(&json!({ "jobs": chunk }))
-                    .send()
-                    .await?;
-                anyhow::ensure!(
-                    answer.status() == StatusCode::OK,
-                    "a batch of jobs was answered {}",
-                    answer.status()
-                );
-                Ok(())
-            }
-        })
-        .buffer_unordered(4)
-        .collect::<Vec<anyhow::Result<()>>>();
+    // Not awaited yet: the sampler below starts with the submission.
+    let submitting = submit_in_batches(&http, &batch_url, None, &jobs);
     // Sampled from the first submission on: jobs wait in batches while others are submitted.
     let sampler = tokio::spawn({
         let arrivals = arrivals.clone();
@@ -153,8 +134,7 @@ pub async fn measure(
             (waiting, streaming)
         }
     });
-    let submitted = submitting.await;
-    submitted.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    submitting.await?;
     let submitted_seconds = started.elapsed().as_secs_f64();
     let mut every = tokio::time::interval(Duration::from_millis(100));
     let deadline = Instant::now() + Duration::from_secs(1800);
@@ -168,10 +148,10 @@ pub async fn measure(
         if generated_at.is_none() && looked.elapsed() >= Duration::from_secs(1) {
             looked = Instant::now();
             let text = http.get(&metrics_url).send().await?.text().await?;
-            let completed = summed(
+            let completed = testkit::metrics::sum(
                 &text,
                 "jetcall_generator_jobs_total",
-                "status=\"completed\"",
+                &["status=\"completed\""],
             );
             if completed as usize >= run.jobs {
                 generated_at = Some(started.elapsed());
@@ -200,11 +180,11 @@ pub async fn measure(
             .then_some(text))
     })
     .await?;
-    let batch_cost = summed(
+    let batch_cost = testkit::metrics::sum(
         &metrics,
         "jetcall_generator_cost_microdollars_total",
-        "path=\"batch\"",
-    );
+        &["path=\"batch\""],
+    ) as u64;
     let usage = Usage {
         input_tokens: tokens(&metrics, "input"),
         output_tokens: tokens(&metrics, "output"),
@@ -235,21 +215,9 @@ pub async fn measure(
     Ok(figures)
 }
 
-/// The sum of every sample of `metric` whose labels include `label`.
-fn summed(metrics: &str, metric: &str, label: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(metric) && line.contains(label))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 fn tokens(metrics: &str, direction: &str) -> u64 {
-    summed(
-        metrics,
-        "jetcall_generator_tokens_total",
-        &format!("direction=\"{direction}\""),
-    )
+    let label = format!("direction=\"{direction}\"");
+    testkit::metrics::sum(metrics, "jetcall_generator_tokens_total", &[&label]) as u64
 }
 
 impl Figures {

@@ -8,12 +8,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use super::callback::{Arrivals, start_receiver};
-use super::gateway::{client, job_to, start_gateway_with};
+use super::gateway::{client, job_to, start_gateway_with, submit_in_batches};
 use super::generator::{Protocol, generator_env, start_fake_llm};
 use super::pipeline::wait_ok;
 use super::{percentile, setup};
@@ -135,28 +134,7 @@ async fn behind_a_backlog(
     let jobs: Vec<Value> = (0..run.backlog)
         .map(|n| job_to(&format!("BACKLOG-{n}"), n, &hook))
         .collect();
-    let batches: Vec<anyhow::Result<()>> = futures::stream::iter(jobs.chunks(1000))
-        .map(|chunk| {
-            let (http, url) = (&http, &batch_url);
-            async move {
-                let answer = http
-                    .post(url)
-                    .bearer_auth(BACKLOG_KEY)
-                    .json(&json!({ "jobs": chunk }))
-                    .send()
-                    .await?;
-                anyhow::ensure!(
-                    answer.status() == StatusCode::OK,
-                    "a batch was answered {}",
-                    answer.status()
-                );
-                Ok(())
-            }
-        })
-        .buffer_unordered(4)
-        .collect()
-        .await;
-    batches.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    submit_in_batches(&http, &batch_url, Some(BACKLOG_KEY), &jobs).await?;
 
     let url = format!("{base}/api/v1/jobs");
     let few = (run.per_second * run.seconds) as usize;

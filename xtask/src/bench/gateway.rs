@@ -47,6 +47,36 @@ fn job(job_id: &str, n: usize) -> Value {
 }
 
 /// The same, with its webhook going to `callback_url`.
+/// Posts `jobs` to `batch_url` (`POST /api/v1/jobs/batch`) 1,000 a request, four requests
+/// at once, with `key` as the bearer token if given; fails unless every request is answered
+/// 200.
+pub(super) async fn submit_in_batches(
+    http: &reqwest::Client,
+    batch_url: &str,
+    key: Option<&str>,
+    jobs: &[Value],
+) -> anyhow::Result<()> {
+    let answers: Vec<anyhow::Result<()>> = futures::stream::iter(jobs.chunks(1000))
+        .map(|chunk| async move {
+            let request = http.post(batch_url).json(&json!({ "jobs": chunk }));
+            let request = match key {
+                Some(key) => request.bearer_auth(key),
+                None => request,
+            };
+            let answer = request.send().await?;
+            anyhow::ensure!(
+                answer.status() == StatusCode::OK,
+                "a batch of jobs was answered {}",
+                answer.status()
+            );
+            Ok(())
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    answers.into_iter().collect()
+}
+
 pub(super) fn job_to(job_id: &str, n: usize, callback_url: &str) -> Value {
     json!({
         "job_id": job_id,

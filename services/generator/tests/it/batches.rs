@@ -265,14 +265,7 @@ async fn killed_while_polling_another_instance_takes_the_batch_over() {
     let jobs = bulk_ids("KILLED-POLLING", 50);
     let first = harness.spawn_generator(&child_batch_env("100ms"));
     submit_bulk(&harness, &jobs).await;
-    wait_until("every job batched", WAIT, || async {
-        for job in &jobs {
-            let doc = harness.status(job).await?;
-            (doc.status == Status::Batched).then_some(())?;
-        }
-        Some(())
-    })
-    .await;
+    wait_for_all(&harness, &jobs, "batched").await;
     // It polls only a batch recorded as created.
     wait_until("the first generator to poll", WAIT, || async {
         (claude.batch_reads() > 0).then_some(())
@@ -320,11 +313,8 @@ async fn batches_sent_before_they_were_switched_off_are_still_finished() {
     let jobs = bulk_ids("SWITCHED-OFF", 20);
     let (first, _) = harness.run_generator();
     submit_bulk(&harness, &jobs).await;
-    wait_until("every job batched", WAIT, || async {
-        for job in &jobs {
-            let doc = harness.status(job).await?;
-            (doc.status == Status::Batched).then_some(())?;
-        }
+    wait_for_all(&harness, &jobs, "batched").await;
+    wait_until("the batch created", WAIT, || async {
         (claude.batches().len() == 1).then_some(())
     })
     .await;
