@@ -9,9 +9,9 @@
 //! about one call per generator slot, however long the backlog.
 //!
 //! Lanes are found by listing the stream's consumers every `generator.lane_refresh`; the same
-//! listing gives each lane's waiting count for the metrics. The caps on calls in flight are
-//! not kept here: each lane's `max_ack_pending` is its key's `max_concurrency`, which
-//! JetStream holds across every instance.
+//! listing gives each lane's waiting count for the metrics, and each key's `max_concurrency`
+//! for [`Caps`], which holds it across instances. A tenant with as many calls here as its
+//! cap is passed over until one ends, so its jobs do not sit in call slots waiting.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use jetcall::consume::{ConsumeError, Pulled, Source, pull};
 use jetcall::lanes::{Lane, Priority, lane_of};
 
+use crate::caps::Caps;
 use crate::metrics::Metrics;
 
 /// Of a tenant's picks while it has both interactive and bulk work waiting, one in this many
@@ -115,6 +116,7 @@ pub struct Lanes {
     arrived: Arc<Notify>,
     /// While the gate is closed: no lane is pulled, whatever a listing finds.
     paused: bool,
+    caps: Caps,
     metrics: Metrics,
 }
 
@@ -134,6 +136,7 @@ impl Lanes {
         stream: JetStream,
         concurrency: usize,
         refresh: Duration,
+        caps: Caps,
         metrics: Metrics,
     ) -> Result<Self, ConsumeError> {
         let mut lanes = Self {
@@ -145,6 +148,7 @@ impl Lanes {
             rotation: Rotation::default(),
             arrived: Arc::new(Notify::new()),
             paused: false,
+            caps,
             metrics,
         };
         lanes.refresh().await?;
@@ -157,11 +161,18 @@ impl Lanes {
         self.next_refresh = Instant::now() + self.refresh;
         let mut listing = self.stream.consumers();
         let mut seen = HashSet::new();
+        let mut caps = HashMap::new();
         while let Some(info) = listing.next().await {
             let info = info.map_err(|err| ConsumeError::new(format!("listing lanes: {err}")))?;
-            let Some((lane, weight)) = lane_of(&info) else {
+            let Some((lane, share)) = lane_of(&info) else {
                 continue;
             };
+            let weight = share.weight;
+            if let (Some(tenant), Some(cap)) = (&lane.tenant, share.max_concurrency) {
+                caps.entry(tenant.clone())
+                    .and_modify(|known: &mut u32| *known = (*known).min(cap))
+                    .or_insert(cap);
+            }
             self.metrics.set_waiting(&lane, info.num_pending);
             seen.insert(lane.clone());
             match self.lanes.get_mut(&lane) {
@@ -198,6 +209,7 @@ impl Lanes {
             }
         }
         self.lanes.retain(|lane, _| seen.contains(lane));
+        self.caps.set(caps);
         self.resume();
         Ok(())
     }
@@ -239,7 +251,10 @@ impl Lanes {
         let ready: Vec<(&Lane, u32)> = self
             .lanes
             .iter()
-            .filter(|(_, pulling)| pulling.buffer.as_ref().is_some_and(|b| !b.is_empty()))
+            .filter(|(lane, pulling)| {
+                pulling.buffer.as_ref().is_some_and(|b| !b.is_empty())
+                    && !self.caps.full_here(lane.tenant.as_deref())
+            })
             .map(|(lane, pulling)| (lane, pulling.weight))
             .collect();
         let lane = ready[self.rotation.pick(&ready)?].0.clone();
@@ -261,11 +276,14 @@ impl Source for Lanes {
             }
             let arrived = self.arrived.clone();
             let notified = arrived.notified();
+            let caps = self.caps.clone();
+            let freed = caps.freed();
             if let Some(message) = self.take() {
                 return Some(Ok(message));
             }
             tokio::select! {
                 () = notified => {}
+                () = freed => {}
                 () = tokio::time::sleep_until(self.next_refresh) => {}
             }
         }

@@ -6,6 +6,7 @@
 
 mod batch;
 mod cancellations;
+pub mod caps;
 mod fair;
 mod gate_report;
 pub mod limiter;
@@ -112,6 +113,11 @@ pub async fn run(
         }
         _ => None,
     };
+    let caps = caps::Caps::new(
+        topology.limits.clone(),
+        &instance,
+        worker::lease_length(&config),
+    );
     // Shared, not cloned per message: a Topology clone copies cached stream info.
     let worker = Arc::new(Worker {
         config: Arc::new(config),
@@ -122,6 +128,7 @@ pub async fn run(
         metrics,
         instance,
         cancellations,
+        caps: caps.clone(),
         batches,
         batch_intake: std::sync::OnceLock::new(),
     });
@@ -141,6 +148,7 @@ pub async fn run(
         worker.topology.stream.clone(),
         concurrency,
         worker.config.generator.lane_refresh,
+        caps,
         worker.metrics.clone(),
     )
     .await?;

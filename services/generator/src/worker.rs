@@ -33,6 +33,7 @@ use jetcall::trace::TraceParent;
 
 use crate::batch::{Batches, Gathered, Intake};
 use crate::cancellations::Cancellations;
+use crate::caps::Caps;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::output::to_result;
@@ -44,6 +45,12 @@ const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(1);
 /// The shortest lease: a NATS outage of a few seconds, when no renewal gets through, must not
 /// let a second delivery start a second call beside a living one.
 const MIN_LEASE: Duration = Duration::from_secs(15);
+
+/// How long a job's lease lasts (`Worker::lease_duration`); a call's hold under its key's
+/// cap lasts as long, for the same reason.
+pub(crate) fn lease_length(config: &Config) -> Duration {
+    (config.generator.ack_wait * 2).max(MIN_LEASE)
+}
 
 /// The error type of a call that never reached the provider because shutdown came first.
 const NOT_SENT: &str = "not_sent";
@@ -113,6 +120,8 @@ pub struct Worker {
     pub instance: String,
     /// The jobs this process works on, for a cancellation to reach their calls.
     pub cancellations: Arc<Cancellations>,
+    /// Each key's `max_concurrency`, held across the fleet.
+    pub caps: Caps,
     /// The Message Batches API and the fleet's batch records, when bulk jobs go in batches.
     pub batches: Option<Arc<Batches>>,
     /// Where bulk jobs are gathered into batches; set once the gatherer runs.
@@ -377,7 +386,7 @@ impl Worker {
     /// How long a lease lasts: two `ack_wait`s, so it outlives the missed renewals that let
     /// JetStream redeliver the request, and at least `MIN_LEASE`.
     pub(crate) fn lease_duration(&self) -> Duration {
-        (self.config.generator.ack_wait * 2).max(MIN_LEASE)
+        lease_length(&self.config)
     }
 
     /// Gives up this call's lease, so the request handed back is taken up at once.
@@ -443,6 +452,7 @@ impl Worker {
             let mut generation = self
                 .call_llm(
                     request.kind.as_str(),
+                    request.tenant.as_deref(),
                     GenerationRequest {
                         spec,
                         input: &request.input,
@@ -478,11 +488,13 @@ impl Worker {
         }
     }
 
-    /// One LLM call within the shared rate limits; the gate and the limiter learn from its
-    /// answer. A call still waiting for its turn when shutdown comes is never sent (`NOT_SENT`).
+    /// One LLM call within its key's cap on calls in flight and the shared rate limits; the
+    /// gate and the limiter learn from its answer. A call still waiting for its turn when
+    /// shutdown comes is never sent (`NOT_SENT`).
     async fn call_llm(
         &self,
         kind: &str,
+        tenant: Option<&str>,
         request: GenerationRequest<'_>,
         stopping: &CancellationToken,
     ) -> Result<Generation, LlmError> {
@@ -501,6 +513,18 @@ impl Worker {
         if stopping.is_cancelled() {
             return Err(not_sent());
         }
+        // Before the rate limiter: a reservation there is spent by the clock while waiting.
+        let held = tokio::select! {
+            held = self.caps.acquire(tenant) => held,
+            _ = stopping.cancelled() => return Err(not_sent()),
+        };
+        let _held = held.map_err(|err| {
+            LlmError::new(
+                Disposition::Retry { retry_after: None },
+                "concurrency_cap_unavailable",
+                err.to_string(),
+            )
+        })?;
         if let Some(limiter) = &self.limiter {
             let acquired = tokio::select! {
                 acquired = Box::pin(limiter.acquire(estimate)) => acquired,

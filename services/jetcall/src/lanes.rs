@@ -2,9 +2,10 @@
 //!
 //! A tenant's requests are published on `jobs.requested.<kind>.<tenant>.<priority>` (the
 //! tenant as hex, one subject token whatever its name), and each (tenant, priority) pair has
-//! its own durable consumer, `lane-<tenant>-<priority>`. A lane's `max_ack_pending` is its
-//! key's `max_concurrency`, so JetStream holds that cap across every generator instance; its
-//! metadata carries the key's `weight`, which is how generators learn it. Each generator
+//! its own durable consumer, `lane-<tenant>-<priority>`. Its metadata carries the key's
+//! `weight` and `max_concurrency`, which is how generators learn them (the generator's `caps`
+//! module holds the cap across instances); an interactive lane's `max_ack_pending` is the cap
+//! too, so no instance holds more of its messages than could be called. Each generator
 //! pulls from every lane and picks the next message among them by weight (the generator's
 //! `fair` module), so one tenant's backlog delays another's jobs by a few calls, not by the
 //! backlog.
@@ -84,6 +85,7 @@ pub const LANE_PREFIX: &str = "lane-";
 const TENANT_METADATA: &str = "jetcall.tenant";
 const PRIORITY_METADATA: &str = "jetcall.priority";
 const WEIGHT_METADATA: &str = "jetcall.weight";
+const MAX_CONCURRENCY_METADATA: &str = "jetcall.max_concurrency";
 
 /// A tenant as one subject token: its name in hex (a name may hold dots, spaces, anything).
 /// Lane subjects and budget counters both name tenants so. Written into one string: it is
@@ -102,7 +104,8 @@ pub fn tenant_token(tenant: &str) -> String {
 pub struct Share {
     /// Its part of the generators' capacity against other tenants with waiting work.
     pub weight: u32,
-    /// The most of its calls in flight at once across every generator, per priority.
+    /// The most of its LLM calls in flight at once across every generator, interactive and
+    /// bulk together.
     pub max_concurrency: Option<u32>,
 }
 
@@ -192,7 +195,14 @@ pub fn consumer_config(config: &Config, lane: &Lane, share: Share) -> consumer::
         lane.priority.as_str()
     );
     if let Some(cap) = share.max_concurrency {
-        wanted.max_ack_pending = i64::from(cap);
+        // Not the bulk lane's: its messages may wait in a Message Batch, which is no call,
+        // and a batch holds as many as the lane lets one instance have unacked.
+        if lane.priority.is_interactive() {
+            wanted.max_ack_pending = i64::from(cap);
+        }
+        wanted
+            .metadata
+            .insert(MAX_CONCURRENCY_METADATA.to_owned(), cap.to_string());
     }
     if let Some(tenant) = &lane.tenant {
         wanted
@@ -209,11 +219,11 @@ pub fn consumer_config(config: &Config, lane: &Lane, share: Share) -> consumer::
     wanted
 }
 
-/// The lane a consumer serves and its weight, read back from its name and metadata; `None`
-/// for a consumer that is not a lane.
-pub fn lane_of(info: &consumer::Info) -> Option<(Lane, u32)> {
+/// The lane a consumer serves and its key's share, read back from its name and metadata;
+/// `None` for a consumer that is not a lane.
+pub fn lane_of(info: &consumer::Info) -> Option<(Lane, Share)> {
     if info.name == GENERATOR_CONSUMER {
-        return Some((Lane::new(None, Priority::Interactive), 1));
+        return Some((Lane::new(None, Priority::Interactive), Share::default()));
     }
     if !info.name.starts_with(LANE_PREFIX) {
         return None;
@@ -225,9 +235,19 @@ pub fn lane_of(info: &consumer::Info) -> Option<(Lane, u32)> {
         .and_then(|weight| weight.parse().ok())
         .filter(|weight| *weight > 0)
         .unwrap_or(1);
+    let max_concurrency = metadata
+        .get(MAX_CONCURRENCY_METADATA)
+        .and_then(|cap| cap.parse().ok())
+        .filter(|cap| *cap > 0);
     let lane = Lane::new(metadata.get(TENANT_METADATA).map(String::as_str), priority);
     // A consumer whose name and metadata disagree was not made by `consumer_config`.
-    (lane.consumer_name() == info.name).then_some((lane, weight))
+    (lane.consumer_name() == info.name).then_some((
+        lane,
+        Share {
+            weight,
+            max_concurrency,
+        },
+    ))
 }
 
 /// Every lane the configuration's keys need, with their shares, besides the default lane:
@@ -277,19 +297,23 @@ mod tests {
     fn a_lane_consumer_reads_back_as_its_lane_and_weight() {
         let config = Config::default();
         let lane = Lane::new(Some("shopmax"), Priority::Bulk);
-        let wanted = consumer_config(
-            &config,
-            &lane,
-            Share {
-                weight: 3,
-                max_concurrency: Some(4),
-            },
-        );
+        let share = Share {
+            weight: 3,
+            max_concurrency: Some(4),
+        };
+        let wanted = consumer_config(&config, &lane, share);
         assert_eq!(
             wanted.filter_subject,
             "jobs.requested.*.73686f706d6178.bulk"
         );
-        assert_eq!(wanted.max_ack_pending, 4);
+        // A bulk lane's messages may wait in a batch: the cap is not its ack limit, only
+        // the interactive lane's.
+        assert_eq!(wanted.max_ack_pending, config.generator.max_ack_pending);
+        let interactive = Lane::new(Some("shopmax"), Priority::Interactive);
+        assert_eq!(
+            consumer_config(&config, &interactive, share).max_ack_pending,
+            4
+        );
         let info: consumer::Info = serde_json::from_value(serde_json::json!({
             "stream_name": "JOBS",
             "name": wanted.durable_name.clone().expect("durable"),
@@ -304,6 +328,6 @@ mod tests {
             "ts": "2026-12-06T00:00:00Z"
         }))
         .expect("a consumer info");
-        assert_eq!(lane_of(&info), Some((lane, 3)));
+        assert_eq!(lane_of(&info), Some((lane, share)));
     }
 }

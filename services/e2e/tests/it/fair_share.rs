@@ -1,6 +1,6 @@
 //! Fair share between tenants across two generator instances: one tenant's backlog does not
 //! hold up another's jobs, weights divide the calls, a key's `max_concurrency` holds across
-//! instances, and a tenant's interactive jobs go before its bulk ones.
+//! instances and both priorities, and a tenant's interactive jobs go before its bulk ones.
 
 use std::time::Duration;
 
@@ -274,8 +274,14 @@ async fn max_concurrency_holds_across_generator_instances() {
     )
     .await;
     let hook = receiver.url("/cb");
+    // The capped key's jobs at both priorities: two lanes, one cap.
     let capped = (0..JOBS)
-        .map(|n| CATALOGUE.job(n, &hook, "interactive"))
+        .flat_map(|n| {
+            [
+                CATALOGUE.job(n, &hook, "interactive"),
+                CATALOGUE.job(n, &hook, "bulk"),
+            ]
+        })
         .collect();
     let free = (0..JOBS)
         .map(|n| PORTAL.job(n, &hook, "interactive"))
@@ -290,11 +296,13 @@ async fn max_concurrency_holds_across_generator_instances() {
             .iter()
             .filter(|request| request.answered_at.is_some())
             .count();
-        (answered == 2 * JOBS).then_some(())
+        (answered == 3 * JOBS).then_some(())
     })
     .await;
     let prefix = |tenant: Tenant| format!("{PROMPT}{}-", tenant.name);
     assert_eq!(claude.most_at_once(&prefix(CATALOGUE)), CAP);
+    // Both of its lanes were called.
+    assert_eq!(CATALOGUE.calls(&claude, "bulk"), JOBS);
     // The cap is the key's: the other tenant used more of the sixteen slots.
     assert!(claude.most_at_once(&prefix(PORTAL)) > CAP);
 }

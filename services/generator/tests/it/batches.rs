@@ -35,11 +35,17 @@ fn bulk_ids(prefix: &str, count: usize) -> Vec<String> {
 
 /// Submits bulk product-description jobs as the gateway would, in parallel.
 async fn submit_bulk(harness: &Harness, jobs: &[String]) {
+    submit_bulk_of(harness, None, jobs).await;
+}
+
+/// Submits bulk jobs of `tenant` (an API key's name; `None` without keys).
+async fn submit_bulk_of(harness: &Harness, tenant: Option<&str>, jobs: &[String]) {
     futures::future::join_all(jobs.chunks(200).map(|chunk| async move {
         for job_id in chunk {
             let input = json!({"product_id": "P-1", "product_name": job_id, "specs": "3 blades"});
             let mut bulk = request(job_id, Kind::product_description(), input);
             bulk.priority = Priority::Bulk;
+            bulk.tenant = tenant.map(str::to_owned);
             harness.submit_request(&bulk).await;
         }
     }))
@@ -139,6 +145,34 @@ async fn a_job_waits_batched_in_a_recorded_batch_and_ends_naming_it() {
         Vec::<String>::new(),
         "the batch is finished with"
     );
+    generator.stop().await;
+}
+
+/// `max_concurrency` caps a key's calls, and a batch is not a call: the key's bulk jobs fill
+/// one batch however low its cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_cap_on_calls_does_not_cap_its_batches() {
+    const JOBS: usize = 40;
+    let keys = json!([{
+        "key": "key-of-the-catalogue-import",
+        "name": "catalogue",
+        "max_concurrency": 2,
+        "callback_allowlist": ["127.0.0.1"],
+    }]);
+    let harness = harness("1s", &[("gateway.api_keys", keys)]).await;
+    let jobs = bulk_ids("CAPPED", JOBS);
+    let (generator, _) = harness.run_generator();
+    submit_bulk_of(&harness, Some("catalogue"), &jobs).await;
+    wait_for_all(&harness, &jobs, "completed").await;
+    assert_each_in_one_batch(&harness, &jobs, &BTreeMap::new());
+    let largest = harness
+        .claude
+        .batches()
+        .iter()
+        .map(|batch| batch.custom_ids.len())
+        .max();
+    // With the cap as the lane's ack limit, a batch could hold two.
+    assert!(largest > Some(2), "the largest batch held {largest:?} jobs");
     generator.stop().await;
 }
 

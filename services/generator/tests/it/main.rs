@@ -1,4 +1,5 @@
 mod batches;
+mod caps;
 mod cost;
 mod harness;
 mod hostile;

@@ -233,7 +233,7 @@ pub struct ScopedApiKey {
     /// work (1 when left out; `jetcall::lanes`).
     pub weight: Option<std::num::NonZeroU32>,
     /// The most of the tenant's LLM calls in flight at once across every generator instance,
-    /// at each priority.
+    /// interactive and bulk together.
     pub max_concurrency: Option<std::num::NonZeroU32>,
 }
 
