@@ -16,6 +16,7 @@ use jetcall::Config;
 use jetcall::admin::Admin;
 use jetcall::connect::{ConnectError, start};
 use jetcall::consume::{Pull, consume};
+use jetcall::topology::Provisioner;
 
 pub use hosts::BREAKER_THRESHOLD;
 pub use worker::{Step, Worker};
@@ -52,7 +53,7 @@ pub async fn run(
         .ok_or(CallbackError::MissingSigningSecret)?;
     let senders = Arc::new(deliver::Senders::new(&config.callback, &config.gateway)?);
     let secrets_key = config.callback.secrets_key.clone();
-    let Some((client, topology)) = start(&config, "jetcall-callback", &shutdown).await? else {
+    let Some((client, topology)) = start(&config, Provisioner::Callback, &shutdown).await? else {
         return Ok(());
     };
     let consumer = topology.callback_consumer().await?;

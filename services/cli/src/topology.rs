@@ -87,7 +87,7 @@ pub fn context(client: async_nats::Client, config: &Config) -> jetstream::Contex
 
 /// Creates what is missing and updates what differs.
 pub async fn provision(client: async_nats::Client, config: &Config) -> Result<(), TopologyError> {
-    wanted::provision(client, config).await?;
+    wanted::provision(client, config, wanted::Provisioner::Operator).await?;
     Ok(())
 }
 

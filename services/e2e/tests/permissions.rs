@@ -89,10 +89,13 @@ async fn provision_as_admin(nats: &NatsServer, settings: &[(&str, Value)]) -> To
     let client = jetcall::connect::connect(&admin, "test-admin")
         .await
         .expect("connect as admin");
-    tokio::time::timeout(WAIT, jetcall::topology::provision(client, &admin))
-        .await
-        .expect("provisioning as admin timed out")
-        .unwrap_or_else(|err| panic!("provision as admin on {}: {err}", nats.url()))
+    tokio::time::timeout(
+        WAIT,
+        jetcall::topology::provision(client, &admin, jetcall::topology::Provisioner::Operator),
+    )
+    .await
+    .expect("provisioning as admin timed out")
+    .unwrap_or_else(|err| panic!("provision as admin on {}: {err}", nats.url()))
 }
 
 type Service = (

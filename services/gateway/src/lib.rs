@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use jetcall::Config;
 use jetcall::connect::{ConnectError, start};
+use jetcall::topology::Provisioner;
 
 pub use error::ApiError;
 
@@ -50,7 +51,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
-    let Some((client, topology)) = start(&config, "jetcall-gateway", &shutdown).await? else {
+    let Some((client, topology)) = start(&config, Provisioner::Gateway, &shutdown).await? else {
         return Ok(());
     };
     if config.gateway.api_keys.is_empty() {

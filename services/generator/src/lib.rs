@@ -25,6 +25,7 @@ use jetcall::admin::Admin;
 use jetcall::connect::{ConnectError, start};
 use jetcall::consume::consume;
 use jetcall::gate::Gate;
+use jetcall::topology::Provisioner;
 
 use limiter::{Limiter, Rates};
 
@@ -61,7 +62,7 @@ pub async fn run(
         ),
         _ => tracing::info!(provider = provider.name(), "LLM provider chosen"),
     }
-    let Some((client, topology)) = start(&config, "jetcall-generator", &shutdown).await? else {
+    let Some((client, topology)) = start(&config, Provisioner::Generator, &shutdown).await? else {
         return Ok(());
     };
     let consumer = topology.generator_consumer().await?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::topology::{Topology, attach, provision};
+use crate::topology::{Provisioner, Topology, attach, provision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -66,15 +66,15 @@ pub async fn connect(config: &Config, name: &str) -> Result<async_nats::Client, 
         })
 }
 
-/// Every service's start: connected to NATS as `name`, with the topology provisioned (or
+/// Every service's start: connected to NATS as `service`, with the topology provisioned (or
 /// found), retrying until NATS answers; `None` if `shutdown` came first.
 pub async fn start(
     config: &Config,
-    name: &str,
+    service: Provisioner,
     shutdown: &CancellationToken,
 ) -> Result<Option<(async_nats::Client, Topology)>, ConnectError> {
-    let client = connect(config, name).await?;
-    match provision_with_retry(&client, config, shutdown).await {
+    let client = connect(config, service.client_name()).await?;
+    match provision_with_retry(&client, config, service, shutdown).await {
         Ok(topology) => Ok(Some((client, topology))),
         Err(ConnectError::Cancelled) => Ok(None),
         Err(err) => Err(err),
@@ -86,12 +86,13 @@ pub async fn start(
 pub async fn provision_with_retry(
     client: &async_nats::Client,
     config: &Config,
+    by: Provisioner,
     shutdown: &CancellationToken,
 ) -> Result<Topology, ConnectError> {
     let mut wait = Duration::from_millis(250);
     loop {
         let found = if config.nats.provision {
-            provision(client.clone(), config).await
+            provision(client.clone(), config, by).await
         } else {
             attach(client.clone(), config).await
         };

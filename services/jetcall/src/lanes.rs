@@ -181,7 +181,21 @@ impl Lane {
 /// The lane consumer's configuration: the generator consumer's, narrowed to the lane, with
 /// the key's share.
 pub fn consumer_config(config: &Config, lane: &Lane, share: Share) -> consumer::pull::Config {
-    let mut wanted = crate::topology::generator_consumer_config(config);
+    consumer_config_on(
+        crate::topology::generator_consumer_config(config),
+        lane,
+        share,
+    )
+}
+
+/// The lane consumer's configuration on `base`, a `generator` consumer's: its ack settings,
+/// narrowed to the lane, with the key's share.
+pub fn consumer_config_on(
+    base: consumer::pull::Config,
+    lane: &Lane,
+    share: Share,
+) -> consumer::pull::Config {
+    let mut wanted = base;
     wanted.durable_name = Some(lane.consumer_name());
     wanted.description = Some(format!(
         "Tenant {} at {} priority, shared by every generator instance",

@@ -1,5 +1,11 @@
 //! Creates or updates the JetStream topology every service relies on. Idempotent and safe to
 //! run from many processes at once: each service runs it at start-up.
+//!
+//! Every service creates whatever is missing, from its own configuration, so any start order
+//! works. But an existing consumer is changed only by the service whose configuration owns
+//! it ([`Provisioner`]): services started with different configurations (a tuned
+//! `generator.max_ack_pending` on the generators' hosts only, a key's new weight on the
+//! gateways only) then do not undo each other's settings whichever starts last.
 
 use std::time::Duration;
 
@@ -23,6 +29,44 @@ pub struct TopologyError {
 
 fn failed(what: &'static str) -> impl FnOnce(String) -> TopologyError {
     move |message| TopologyError { what, message }
+}
+
+/// Which service provisions, and so which consumer settings its configuration decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provisioner {
+    /// The lanes: which exist, and each key's weight and `max_concurrency`.
+    Gateway,
+    /// The `generator` consumer, and every lane's `ack_wait` and `max_ack_pending` (a key's
+    /// cap aside): the generators are who pull them.
+    Generator,
+    /// The `callback` consumer.
+    Callback,
+    /// `jetcall topology` and test set-ups: everything, from one configuration.
+    Operator,
+}
+
+impl Provisioner {
+    /// The NATS client name a service connects as.
+    pub fn client_name(self) -> &'static str {
+        match self {
+            Provisioner::Gateway => "jetcall-gateway",
+            Provisioner::Generator => "jetcall-generator",
+            Provisioner::Callback => "jetcall-callback",
+            Provisioner::Operator => "jetcall",
+        }
+    }
+
+    fn owns_generator_consumer(self) -> bool {
+        matches!(self, Provisioner::Generator | Provisioner::Operator)
+    }
+
+    fn owns_callback_consumer(self) -> bool {
+        matches!(self, Provisioner::Callback | Provisioner::Operator)
+    }
+
+    fn owns_lanes(self) -> bool {
+        matches!(self, Provisioner::Gateway | Provisioner::Operator)
+    }
 }
 
 /// Handles on what `provision` created.
@@ -131,11 +175,12 @@ pub fn callback_consumer_config(config: &Config) -> consumer::pull::Config {
 }
 
 /// Creates the streams, the buckets, both consumers and the lanes of the configuration's
-/// keys (`jetcall::lanes`), or brings existing ones to this configuration. A lane of a key
-/// no longer configured is left as it is: jobs may still wait in it.
+/// keys (`jetcall::lanes`), and brings to this configuration what `by` owns of those that
+/// exist. A lane of a key no longer configured is left as it is: jobs may still wait in it.
 pub async fn provision(
     client: async_nats::Client,
     config: &Config,
+    by: Provisioner,
 ) -> Result<Topology, TopologyError> {
     let jetstream = jetstream::ContextBuilder::new()
         .timeout(config.nats.request_timeout)
@@ -162,21 +207,35 @@ pub async fn provision(
         .await
         .map_err(|err| failed("bucket `llm_limits`")(err.to_string()))?;
 
-    // `create_consumer` is create-or-update on the server, so a changed `ack_wait` or
-    // `max_ack_pending` in the configuration reaches an existing consumer.
-    stream
-        .create_consumer(generator_consumer_config(config))
-        .await
-        .map_err(|err| failed("consumer `generator`")(err.to_string()))?;
-    stream
-        .create_consumer(callback_consumer_config(config))
-        .await
-        .map_err(|err| failed("consumer `callback`")(err.to_string()))?;
+    let generator = put_consumer(
+        &stream,
+        generator_consumer_config(config),
+        by.owns_generator_consumer(),
+    )
+    .await
+    .map_err(failed("consumer `generator`"))?;
+    put_consumer(
+        &stream,
+        callback_consumer_config(config),
+        by.owns_callback_consumer(),
+    )
+    .await
+    .map_err(failed("consumer `callback`"))?;
+    // A lane's ack settings are the `generator` consumer's as it is, whoever set them.
+    let mut lane_base = generator_consumer_config(config);
+    lane_base.ack_wait = generator.ack_wait;
+    lane_base.max_ack_pending = generator.max_ack_pending;
     for (lane, share) in lanes::configured(config) {
-        stream
-            .create_consumer(lanes::consumer_config(config, &lane, share))
-            .await
-            .map_err(|err| failed("a lane consumer")(format!("{}: {err}", lane.consumer_name())))?;
+        put_consumer(
+            &stream,
+            lanes::consumer_config_on(lane_base.clone(), &lane, share),
+            by.owns_lanes(),
+        )
+        .await
+        .map_err(|err| failed("a lane consumer")(format!("{}: {err}", lane.consumer_name())))?;
+    }
+    if by.owns_generator_consumer() {
+        align_lane_acks(&stream, &lane_base).await?;
     }
 
     Ok(Topology {
@@ -186,6 +245,68 @@ pub async fn provision(
         status: StatusStore::new(kv),
         limits,
     })
+}
+
+/// Creates the consumer `wanted` names, or, when `owned`, brings an existing one to `wanted`
+/// (the server's create is create-or-update); an existing one not `owned` is left as it is.
+/// Returns the consumer's configuration as it then is.
+async fn put_consumer(
+    stream: &stream::Stream,
+    wanted: consumer::pull::Config,
+    owned: bool,
+) -> Result<consumer::Config, String> {
+    if owned {
+        let created = stream
+            .create_consumer(wanted)
+            .await
+            .map_err(|err| err.to_string())?;
+        return Ok(created.cached_info().config.clone());
+    }
+    let name = wanted.durable_name.clone().unwrap_or_default();
+    match stream.create_consumer_strict(wanted).await {
+        Ok(created) => Ok(created.cached_info().config.clone()),
+        Err(err) if err.kind() == consumer_exists() => stream
+            .consumer_info(&name)
+            .await
+            .map(|info| info.config)
+            .map_err(|err| err.to_string()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+fn consumer_exists() -> stream::ConsumerCreateStrictErrorKind {
+    stream::ConsumerCreateStrictErrorKind::AlreadyExists
+}
+
+/// Gives every lane on the stream, configured here or not, the ack settings of `base` (the
+/// `generator` consumer's), keeping what its key decides (`lanes::lane_of`).
+async fn align_lane_acks(
+    stream: &stream::Stream,
+    base: &consumer::pull::Config,
+) -> Result<(), TopologyError> {
+    use futures::StreamExt as _;
+    let mut listing = stream.consumers();
+    let mut misaligned = Vec::new();
+    while let Some(info) = listing.next().await {
+        let info = info.map_err(|err| failed("the lanes")(err.to_string()))?;
+        let Some((lane, share)) = lanes::lane_of(&info).filter(|(lane, _)| !lane.is_default())
+        else {
+            continue;
+        };
+        let wanted = lanes::consumer_config_on(base.clone(), &lane, share);
+        if info.config.ack_wait != wanted.ack_wait
+            || info.config.max_ack_pending != wanted.max_ack_pending
+        {
+            misaligned.push(wanted);
+        }
+    }
+    for wanted in misaligned {
+        stream
+            .create_consumer(wanted)
+            .await
+            .map_err(|err| failed("a lane consumer")(err.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Finds the stream, the buckets and both consumers as an operator created them, creating and

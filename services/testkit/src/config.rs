@@ -37,7 +37,7 @@ pub async fn provision(config: &Config) -> jetcall::topology::Topology {
         .connect(jetcall::connect::servers(&config.nats.url))
         .await
         .expect("connect to NATS");
-    jetcall::topology::provision(client, config)
+    jetcall::topology::provision(client, config, jetcall::topology::Provisioner::Operator)
         .await
         .expect("provision the topology")
 }

@@ -260,7 +260,9 @@ async fn setup(nats_server: &Path) -> anyhow::Result<Setup> {
     let stack = Stack::start(nats_server).await?;
     let config = testkit::config::config(stack.nats_url(), &[]);
     let client = async_nats::connect(stack.nats_url()).await?;
-    let topology = jetcall::topology::provision(client, &config).await?;
+    let topology =
+        jetcall::topology::provision(client, &config, jetcall::topology::Provisioner::Operator)
+            .await?;
     Ok(Setup {
         stack,
         topology,

@@ -188,9 +188,13 @@ async fn cluster_setup(nats_server: &Path) -> anyhow::Result<Setup> {
         "the cluster to elect its JetStream leader",
         Duration::from_secs(60),
         async || {
-            Ok(jetcall::topology::provision(client.clone(), &config)
-                .await
-                .ok())
+            Ok(jetcall::topology::provision(
+                client.clone(),
+                &config,
+                jetcall::topology::Provisioner::Operator,
+            )
+            .await
+            .ok())
         },
     )
     .await?;

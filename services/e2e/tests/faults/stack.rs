@@ -155,7 +155,12 @@ impl Stack {
             .expect("connect to NATS");
         let topology = tokio::time::timeout(
             READY,
-            jetcall::connect::provision_with_retry(&client, &config, &CancellationToken::new()),
+            jetcall::connect::provision_with_retry(
+                &client,
+                &config,
+                jetcall::topology::Provisioner::Operator,
+                &CancellationToken::new(),
+            ),
         )
         .await
         .expect("JetStream ready within 30 s")
