@@ -56,14 +56,10 @@ pub async fn measure(
     claude.set_batch_processing_time(run.processing);
     let arrivals = Arrivals::default();
     let hook = start_receiver(arrivals.clone()).await?;
-    // A batch gathers what its lane hands out unacked: room for a full batch.
+    // A batch gathers what its lane hands out unacked: room for a full batch. The generator's
+    // setting alone: the gateway and the callback, started with the default, leave it be.
     let lane_room = ("JETCALL_GENERATOR__MAX_ACK_PENDING", "20000".to_owned());
-    let (base, _) = start_gateway_with(
-        &mut setup.stack,
-        binaries.gateway,
-        std::slice::from_ref(&lane_room),
-    )
-    .await?;
+    let (base, _) = start_gateway_with(&mut setup.stack, binaries.gateway, &[]).await?;
     let generator_admin = free_addr(None)?;
     let generator_env = vec![
         ("JETCALL_CONFIG", "/dev/null".to_owned()),
@@ -76,16 +72,13 @@ pub async fn measure(
         ("JETCALL_GENERATOR__LISTEN", generator_admin.to_string()),
         ("JETCALL_GENERATOR__BATCH_MAX_WAIT", "2s".to_owned()),
         ("JETCALL_GENERATOR__BATCH_POLL_INTERVAL", "500ms".to_owned()),
-        lane_room.clone(),
+        lane_room,
     ];
     let generator_pid =
         setup
             .stack
             .spawn_service("generator", binaries.generator, &generator_env)?;
-    // Every service provisions the lanes at start, each with its own configuration: the
-    // callback too must give the bulk lane its room, or whichever starts last sets it.
-    let mut callback_env = super::callback::callback_env(&setup.secret);
-    callback_env.push(lane_room.clone());
+    let callback_env = super::callback::callback_env(&setup.secret);
     setup
         .stack
         .spawn_service("callback", binaries.callback, &callback_env)?;
