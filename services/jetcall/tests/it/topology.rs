@@ -106,12 +106,18 @@ async fn a_changed_setting_updates_the_existing_consumer() {
     let topology = provision(client, &config(&nats, "45s"), Provisioner::Generator)
         .await
         .expect("second");
-    let generator = topology
+    let generator = generator_consumer(&topology).await;
+    assert_eq!(generator.config.ack_wait, Duration::from_secs(45));
+}
+
+async fn generator_consumer(
+    topology: &jetcall::topology::Topology,
+) -> async_nats::jetstream::consumer::Info {
+    topology
         .stream
         .consumer_info(GENERATOR_CONSUMER)
         .await
-        .expect("generator");
-    assert_eq!(generator.config.ack_wait, Duration::from_secs(45));
+        .expect("generator")
 }
 
 /// A service's configuration with `generator` settings and API keys of its own.
@@ -181,11 +187,7 @@ async fn each_service_changes_only_what_its_configuration_owns() {
     let topology = provision(client.clone(), &callbacks, Provisioner::Callback)
         .await
         .expect("provision");
-    let generator = topology
-        .stream
-        .consumer_info(GENERATOR_CONSUMER)
-        .await
-        .expect("generator");
+    let generator = generator_consumer(&topology).await;
     assert_eq!(generator.config.ack_wait, Duration::from_secs(45));
     assert_eq!(generator.config.max_ack_pending, 20_000);
     // The gateway's key, on the generators' ack settings; the interactive lane's limit is
