@@ -11,7 +11,8 @@
 //! Lanes are found by listing the stream's consumers every `generator.lane_refresh`; the same
 //! listing gives each lane's waiting count for the metrics, and each key's `max_concurrency`
 //! for [`Caps`], which holds it across instances. A tenant with as many calls here as its
-//! cap is passed over until one ends, so its jobs do not sit in call slots waiting.
+//! cap is passed over until one ends, so its jobs do not sit in call slots waiting; its bulk
+//! lane still goes on when bulk jobs are gathered into Message Batches, which are not calls.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -117,6 +118,8 @@ pub struct Lanes {
     /// While the gate is closed: no lane is pulled, whatever a listing finds.
     paused: bool,
     caps: Caps,
+    /// Bulk jobs go into Message Batches: a bulk lane's messages take no place under a cap.
+    bulk_in_batches: bool,
     metrics: Metrics,
 }
 
@@ -137,6 +140,7 @@ impl Lanes {
         concurrency: usize,
         refresh: Duration,
         caps: Caps,
+        bulk_in_batches: bool,
         metrics: Metrics,
     ) -> Result<Self, ConsumeError> {
         let mut lanes = Self {
@@ -149,6 +153,7 @@ impl Lanes {
             arrived: Arc::new(Notify::new()),
             paused: false,
             caps,
+            bulk_in_batches,
             metrics,
         };
         lanes.refresh().await?;
@@ -252,8 +257,9 @@ impl Lanes {
             .lanes
             .iter()
             .filter(|(lane, pulling)| {
+                let calls = lane.priority.is_interactive() || !self.bulk_in_batches;
                 pulling.buffer.as_ref().is_some_and(|b| !b.is_empty())
-                    && !self.caps.full_here(lane.tenant.as_deref())
+                    && !(calls && self.caps.full_here(lane.tenant.as_deref()))
             })
             .map(|(lane, pulling)| (lane, pulling.weight))
             .collect();

@@ -150,6 +150,7 @@ pub async fn run(
         concurrency,
         worker.config.generator.lane_refresh,
         caps,
+        worker.batch_intake.get().is_some(),
         worker.metrics.clone(),
     )
     .await?;

@@ -35,21 +35,31 @@ fn bulk_ids(prefix: &str, count: usize) -> Vec<String> {
 
 /// Submits bulk product-description jobs as the gateway would, in parallel.
 async fn submit_bulk(harness: &Harness, jobs: &[String]) {
-    submit_bulk_of(harness, None, jobs).await;
+    submit_of(harness, None, Priority::Bulk, jobs).await;
 }
 
-/// Submits bulk jobs of `tenant` (an API key's name; `None` without keys).
-async fn submit_bulk_of(harness: &Harness, tenant: Option<&str>, jobs: &[String]) {
+/// Submits jobs of `tenant` (an API key's name; `None` without keys) at `priority`.
+async fn submit_of(harness: &Harness, tenant: Option<&str>, priority: Priority, jobs: &[String]) {
     futures::future::join_all(jobs.chunks(200).map(|chunk| async move {
         for job_id in chunk {
             let input = json!({"product_id": "P-1", "product_name": job_id, "specs": "3 blades"});
-            let mut bulk = request(job_id, Kind::product_description(), input);
-            bulk.priority = Priority::Bulk;
-            bulk.tenant = tenant.map(str::to_owned);
-            harness.submit_request(&bulk).await;
+            let mut job = request(job_id, Kind::product_description(), input);
+            job.priority = priority;
+            job.tenant = tenant.map(str::to_owned);
+            harness.submit_request(&job).await;
         }
     }))
     .await;
+}
+
+/// The catalogue's key, with `max_concurrency` calls at most.
+fn capped_key(max_concurrency: u32) -> Value {
+    json!([{
+        "key": "key-of-the-catalogue-import",
+        "name": "catalogue",
+        "max_concurrency": max_concurrency,
+        "callback_allowlist": ["127.0.0.1"],
+    }])
 }
 
 async fn wait_for_all(harness: &Harness, jobs: &[String], status: &str) {
@@ -153,16 +163,10 @@ async fn a_job_waits_batched_in_a_recorded_batch_and_ends_naming_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_cap_on_calls_does_not_cap_its_batches() {
     const JOBS: usize = 40;
-    let keys = json!([{
-        "key": "key-of-the-catalogue-import",
-        "name": "catalogue",
-        "max_concurrency": 2,
-        "callback_allowlist": ["127.0.0.1"],
-    }]);
-    let harness = harness("1s", &[("gateway.api_keys", keys)]).await;
+    let harness = harness("1s", &[("gateway.api_keys", capped_key(2))]).await;
     let jobs = bulk_ids("CAPPED", JOBS);
     let (generator, _) = harness.run_generator();
-    submit_bulk_of(&harness, Some("catalogue"), &jobs).await;
+    submit_of(&harness, Some("catalogue"), Priority::Bulk, &jobs).await;
     wait_for_all(&harness, &jobs, "completed").await;
     assert_each_in_one_batch(&harness, &jobs, &BTreeMap::new());
     let largest = harness
@@ -173,6 +177,55 @@ async fn a_keys_cap_on_calls_does_not_cap_its_batches() {
         .max();
     // With the cap as the lane's ack limit, a batch could hold two.
     assert!(largest > Some(2), "the largest batch held {largest:?} jobs");
+    generator.stop().await;
+}
+
+/// A key at its cap with an interactive call still has its bulk jobs gathered meanwhile: a
+/// batch is not a call, so it does not wait for the call to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_at_its_cap_still_has_its_bulk_jobs_gathered() {
+    const INTERACTIVE: usize = 2;
+    const CALL: Duration = Duration::from_secs(3);
+    let harness = harness("500ms", &[("gateway.api_keys", capped_key(1))]).await;
+    harness.claude.set_delay(CALL);
+    harness
+        .claude
+        .set_batch_processing_time(Duration::from_millis(100));
+    let interactive = bulk_ids("CALLED", INTERACTIVE);
+    let bulk = bulk_ids("GATHERED", 40);
+    let (generator, _) = harness.run_generator();
+    submit_of(
+        &harness,
+        Some("catalogue"),
+        Priority::Interactive,
+        &interactive,
+    )
+    .await;
+    wait_until("the first call", WAIT, || async {
+        (harness.claude.requests().len() == 1).then_some(())
+    })
+    .await;
+    submit_of(&harness, Some("catalogue"), Priority::Bulk, &bulk).await;
+    wait_until("the bulk jobs' batch", WAIT, || async {
+        (!harness.claude.batches().is_empty()).then_some(())
+    })
+    .await;
+    // Gathered for half a second, sealed: well within the first call's 3 s.
+    assert!(
+        harness
+            .claude
+            .requests()
+            .iter()
+            .all(|call| call.answered_at.is_none()),
+        "the batch waited for a call to end"
+    );
+    wait_for_all(&harness, &bulk, "completed").await;
+    wait_for_all(&harness, &interactive, "completed").await;
+    assert_eq!(
+        harness.claude.calls(),
+        INTERACTIVE,
+        "the bulk jobs were not called"
+    );
     generator.stop().await;
 }
 
