@@ -25,6 +25,8 @@ use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 use tokio::task::JoinHandle;
 
+use jetcall::store::put_at_revision;
+
 /// The first wait before looking at a full count again; it doubles up to [`LONGEST_LOOK`],
 /// within which another instance's release is seen.
 const FIRST_LOOK: Duration = Duration::from_millis(10);
@@ -205,31 +207,12 @@ impl Caps {
                 return Ok(None);
             };
             let value = serde_json::to_vec(&calls).map_err(|err| err.to_string())?;
-            let written = match revision {
-                None => self.0.kv.create(key, value.into()).await.map_err(|err| {
-                    (
-                        err.kind() == kv::CreateErrorKind::AlreadyExists,
-                        err.to_string(),
-                    )
-                }),
-                Some(revision) => {
-                    self.0
-                        .kv
-                        .update(key, value.into(), revision)
-                        .await
-                        .map_err(|err| {
-                            (
-                                err.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                                err.to_string(),
-                            )
-                        })
-                }
-            };
-            match written {
-                Ok(_) => return Ok(Some(answer)),
-                // Another instance wrote first: read its count and decide again.
-                Err((true, _)) => {}
-                Err((false, message)) => return Err(message),
+            // `None`: another instance wrote first; read its count and decide again.
+            if put_at_revision(&self.0.kv, key, value.into(), revision)
+                .await?
+                .is_some()
+            {
+                return Ok(Some(answer));
             }
         }
     }

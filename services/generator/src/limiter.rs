@@ -19,6 +19,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use jetcall::store::put_at_revision;
+
 use crate::provider::MAX_PROVIDER_WAIT;
 
 const MICROS_PER_MINUTE: f64 = 60_000_000.0;
@@ -247,37 +249,21 @@ impl Limiter {
             let (budget, revision) = *self.seen();
             let (answer, next) = change(budget);
             let value = serde_json::to_vec(&next).map_err(|e| self.error(e))?;
-            let written = if revision == 0 {
-                self.0
-                    .kv
-                    .create(&self.0.key, value.into())
-                    .await
-                    .map_err(|err| {
-                        (
-                            err.kind() == kv::CreateErrorKind::AlreadyExists,
-                            err.to_string(),
-                        )
-                    })
-            } else {
-                self.0
-                    .kv
-                    .update(&self.0.key, value.into(), revision)
-                    .await
-                    .map_err(|err| {
-                        (
-                            err.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                            err.to_string(),
-                        )
-                    })
-            };
+            let written = put_at_revision(
+                &self.0.kv,
+                &self.0.key,
+                value.into(),
+                (revision != 0).then_some(revision),
+            )
+            .await
+            .map_err(|message| self.error(message))?;
             match written {
-                Ok(new_revision) => {
+                Some(new_revision) => {
                     self.remember(next, new_revision);
                     return Ok(answer);
                 }
                 // Another instance wrote first: start again from its budget.
-                Err((true, _)) => self.refresh().await?,
-                Err((false, message)) => return Err(self.error(message)),
+                None => self.refresh().await?,
             }
         }
     }

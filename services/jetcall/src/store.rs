@@ -41,6 +41,29 @@ fn unavailable(err: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(err.to_string())
 }
 
+/// Writes `value` under `key` in any bucket if `revision` is still the key's (`None`: if the
+/// key has no value); `Ok(None)` when another writer got there first, the error's text when
+/// the bucket could not be written.
+pub async fn put_at_revision(
+    kv: &kv::Store,
+    key: &str,
+    value: Bytes,
+    revision: Option<u64>,
+) -> Result<Option<u64>, String> {
+    match revision {
+        None => match kv.create(key, value).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(err) => Err(err.to_string()),
+        },
+        Some(revision) => match kv.update(key, value, revision).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(err) => Err(err.to_string()),
+        },
+    }
+}
+
 /// What `create` found.
 #[derive(Debug)]
 pub enum Created {
@@ -320,18 +343,9 @@ impl StatusStore {
         revision: Option<u64>,
     ) -> Result<Option<u64>, StoreError> {
         let value: Bytes = serde_json::to_vec(doc).map_err(unavailable)?.into();
-        match revision {
-            None => match self.kv.create(key, value).await {
-                Ok(revision) => Ok(Some(revision)),
-                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-                Err(err) => Err(unavailable(err)),
-            },
-            Some(revision) => match self.kv.update(key, value, revision).await {
-                Ok(revision) => Ok(Some(revision)),
-                Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
-                Err(err) => Err(unavailable(err)),
-            },
-        }
+        put_at_revision(&self.kv, key, value, revision)
+            .await
+            .map_err(StoreError::Unavailable)
     }
 
     /// Removes `key` if `revision` is still its; false when another writer changed it.
