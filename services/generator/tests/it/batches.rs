@@ -150,11 +150,12 @@ async fn a_job_waits_batched_in_a_recorded_batch_and_ends_naming_it() {
     assert!(batch_id.starts_with("msgbatch_"), "{batch_id}");
     let done = harness.wait_for_status(&jobs[0], "completed").await;
     assert_eq!(done.batch.and_then(|batch| batch.id), Some(batch_id));
-    assert_eq!(
-        records.open().await.expect("the open batches"),
-        Vec::<String>::new(),
-        "the batch is finished with"
-    );
+    // The record is finished after the results it holds are recorded: just after this job.
+    wait_until("the batch to be finished with", WAIT, || async {
+        let open = records.open().await.expect("the open batches");
+        open.is_empty().then_some(())
+    })
+    .await;
     generator.stop().await;
 }
 
