@@ -72,6 +72,13 @@ pub enum Command {
     /// Cancel jobs not yet generated: a waiting job never reaches the model, a call in
     /// flight is abandoned, and each job's webhook says `job.cancelled`.
     Cancel(CancelArgs),
+    /// What the key's budget has left: each limited period's limit, what finished jobs cost
+    /// and unfinished ones reserve, and when it resets.
+    Budget {
+        /// Another tenant's budget (an operator's key only).
+        #[arg(long, value_name = "NAME")]
+        tenant: Option<String>,
+    },
     /// What jobs cost, by API key and kind: the `usage` and `cost` of every
     /// `jobs.completed.*` and charged `jobs.failed.*` event in the JOBS stream since a time
     /// (straight to NATS, with the services' configuration, like `topology`).

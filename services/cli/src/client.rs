@@ -181,6 +181,19 @@ impl Gateway {
         self.answer(request).await
     }
 
+    /// `GET /api/v1/budget`, of `tenant` when given.
+    pub async fn budget(&self, tenant: Option<&str>) -> Result<Answer, ClientError> {
+        let query: Vec<(&str, &str)> = tenant
+            .map(|tenant| ("tenant", tenant))
+            .into_iter()
+            .collect();
+        let request = self
+            .http
+            .get(self.url(&["api", "v1", "budget"]))
+            .query(&query);
+        self.answer(request).await
+    }
+
     /// `GET /api/v1/jobs?status=&kind=&limit=`, with only the filters given.
     pub async fn list(
         &self,

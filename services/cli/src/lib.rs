@@ -60,6 +60,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::List(ref args) => commands::list::run(&context()?, args).await,
         Command::Redeliver(ref args) => commands::redeliver::run(&context()?, args).await,
         Command::Cancel(ref args) => commands::cancel::run(&context()?, args).await,
+        Command::Budget { ref tenant } => {
+            commands::budget::run(&context()?, tenant.as_deref()).await
+        }
         Command::Cost { ref since } => {
             let since =
                 when::at(since, time::OffsetDateTime::now_utc()).map_err(CliError::Usage)?;

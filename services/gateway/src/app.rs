@@ -12,7 +12,7 @@ use crate::routes::{
     job_status, metrics, readyz, redeliver_job, redeliver_window, submit_batch, submit_job, whoami,
 };
 use crate::state::AppState;
-use crate::{console, events, listing, openapi, overview};
+use crate::{budget, console, events, listing, openapi, overview};
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
@@ -37,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{job_id}/redeliver", post(redeliver_job))
         .route("/api/v1/deliveries/redeliver", post(redeliver_window))
         .route("/api/v1/whoami", get(whoami))
+        .route("/api/v1/budget", get(budget::budget))
         .route("/api/v1/overview", get(overview::overview))
         .route_layer(from_fn_with_state(state.clone(), require_api_key))
         // Outermost, so a flood is turned away before any other work is done for it.

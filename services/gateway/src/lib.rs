@@ -5,6 +5,7 @@
 mod accept;
 mod app;
 mod batch;
+mod budget;
 mod cancel;
 mod console;
 mod error;

@@ -20,7 +20,7 @@ use crate::error::{ErrorBody, ErrorType};
 use jetcall::Config;
 
 use crate::state::AppState;
-use crate::{events, input_schema, listing, overview, routes};
+use crate::{budget, events, input_schema, listing, overview, routes};
 
 /// The name of the API-key security scheme, as `security(...)` names it.
 pub const BEARER: &str = "bearer";
@@ -44,6 +44,7 @@ pub const BEARER: &str = "bearer";
         routes::cancel_jobs,
         listing::list_jobs,
         events::job_events,
+        budget::budget,
         routes::redeliver_job,
         routes::redeliver_window,
         routes::whoami,

@@ -325,14 +325,41 @@ impl Budgets {
         }
     }
 
-    /// What `tenant` has spent and holds reserved in period `key`, in micro-dollars.
+    /// What `tenant` has spent and holds reserved in period `key`, in micro-dollars, read
+    /// from the counter's last value without adding to it: 0 before the period's first job.
     pub async fn total(
         &self,
         tenant: &str,
         period: Period,
         key: &str,
     ) -> Result<i128, BudgetError> {
-        self.add(&subject(tenant, period, key), 0, None).await
+        let subject = subject(tenant, period, key);
+        let failed = |message: String| BudgetError::Counter {
+            subject: subject.clone(),
+            message,
+        };
+        let stream = self
+            .jetstream
+            .get_stream_no_info(STREAM)
+            .await
+            .map_err(|err| failed(err.to_string()))?;
+        let message = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
+            Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(0);
+            }
+            Err(err) => return Err(failed(err.to_string())),
+        };
+        #[derive(Deserialize)]
+        struct Counter {
+            val: String,
+        }
+        let counter: Counter = serde_json::from_slice(&message.payload)
+            .map_err(|err| failed(format!("not a counter's value: {err}")))?;
+        counter
+            .val
+            .parse()
+            .map_err(|err| failed(format!("the total is not a number: {err}")))
     }
 
     /// Adds `delta` to the counter at `subject` and answers its new total.

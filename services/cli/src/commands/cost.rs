@@ -209,7 +209,7 @@ fn row(key: &str, kind: &str, totals: &Totals) -> Vec<String> {
 }
 
 /// Micro-dollars as dollars to the micro-dollar: `12.345678`.
-fn dollars(microdollars: u64) -> String {
+pub(super) fn dollars(microdollars: u64) -> String {
     format!(
         "{}.{:06}",
         microdollars / 1_000_000,

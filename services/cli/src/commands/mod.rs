@@ -1,5 +1,6 @@
 //! One module per subcommand. Each prints what it found and says how the process should exit.
 
+pub mod budget;
 pub mod cancel;
 pub mod cost;
 pub mod list;

@@ -294,3 +294,60 @@ async fn submit_gives_a_job_its_priority() {
     assert_eq!(refused.code, Some(2), "clap refuses it: {refused:?}");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_says_what_a_key_has_left() {
+    let stack = Stack::start(&[
+        ("generator.provider", json!("anthropic")),
+        ("anthropic.api_key", json!("not-a-real-key")),
+        ("anthropic.model", json!("priced-model")),
+        ("prices.priced-model", json!({"input": 3.0, "output": 15.0})),
+        (
+            "gateway.api_keys",
+            json!([
+                {
+                    "key": "shop-key", "name": "shop", "callback_allowlist": ["127.0.0.1"],
+                    "budget": {"per_day_usd": 5.0},
+                },
+                {"key": "other-key", "name": "other"},
+            ]),
+        ),
+    ])
+    .await;
+    let today = time::OffsetDateTime::now_utc();
+    let day = jetcall::budget::Period::Day.key(today);
+
+    let fresh = stack.run(&["--api-key", "shop-key", "budget"]).await;
+    assert_eq!(fresh.code, Some(0), "{fresh:?}");
+    let line = format!("shop day {day}: $0.000000 of $5.000000 used, $5.000000 left; resets ");
+    assert!(fresh.stdout.starts_with(&line), "{fresh:?}");
+
+    // A job waiting holds its reservation.
+    let run = submit_with(&stack, "BUDGET-1", &["--api-key", "shop-key"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let held = stack
+        .run(&["--api-key", "shop-key", "--json", "budget"])
+        .await
+        .json();
+    let used = held["periods"][0]["used"]["microdollars"]
+        .as_u64()
+        .expect("micro-dollars");
+    assert!(used > 0, "{held}");
+    assert_eq!(
+        held["periods"][0]["remaining"]["microdollars"],
+        json!(5_000_000 - used),
+        "{held}"
+    );
+
+    let other = stack.run(&["--api-key", "other-key", "budget"]).await;
+    assert_eq!(other.stdout.trim(), "other: no budget", "{other:?}");
+    let forbidden = stack
+        .run(&["--api-key", "other-key", "budget", "--tenant", "shop"])
+        .await;
+    assert_eq!(forbidden.code, Some(1), "{forbidden:?}");
+    assert!(
+        forbidden.stderr.starts_with("error: forbidden: "),
+        "{forbidden:?}"
+    );
+    stack.stop().await;
+}

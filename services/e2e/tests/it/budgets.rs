@@ -19,6 +19,9 @@ use crate::pipeline::Pipeline;
 const WAIT: Duration = Duration::from_secs(30);
 const KEY: &str = "key-of-the-shop";
 const TENANT: &str = "shop";
+/// Another tenant's key, without a budget.
+const OTHER_KEY: &str = "key-of-the-other-shop";
+const OPERATOR_KEY: &str = "key-of-the-operator";
 const MODEL: &str = "claude-test-model";
 /// Jobs whose estimates the day's budget holds, and then half of one more.
 const ROOM_FOR: u64 = 10;
@@ -52,7 +55,17 @@ async fn send(
     url: String,
     body: Option<&Value>,
 ) -> (StatusCode, Value, Option<String>) {
-    let mut request = http.request(method, url).bearer_auth(KEY);
+    send_as(KEY, http, method, url, body).await
+}
+
+async fn send_as(
+    key: &str,
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<&Value>,
+) -> (StatusCode, Value, Option<String>) {
+    let mut request = http.request(method, url).bearer_auth(key);
     if let Some(body) = body {
         request = request.json(body);
     }
@@ -68,6 +81,26 @@ async fn send(
         response.json().await.unwrap_or(Value::Null),
         retry_after,
     )
+}
+
+/// The day's period of `tenant`'s budget (the key's own without one) as `key` sees it at
+/// `GET /api/v1/budget`: the only period a day budget has.
+async fn budget_of(
+    http: &reqwest::Client,
+    key: &str,
+    gateway_url: &str,
+    tenant: Option<&str>,
+) -> Value {
+    let query = tenant
+        .map(|tenant| format!("?tenant={tenant}"))
+        .unwrap_or_default();
+    let url = format!("{gateway_url}/api/v1/budget{query}");
+    let (status, body, _) = send_as(key, http, reqwest::Method::GET, url, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tenant"], TENANT, "{body}");
+    let periods = body["periods"].as_array().expect("periods");
+    assert_eq!(periods.len(), 1, "{body}");
+    periods[0].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,10 +120,14 @@ async fn a_budget_holds_across_gateways_and_settles_to_what_jobs_cost() {
         (&format!("prices.{MODEL}"), price),
         (
             "gateway.api_keys",
-            json!([{
-                "key": KEY, "name": TENANT, "callback_allowlist": ["127.0.0.1"],
-                "budget": {"per_day_usd": limit as f64 / 1e6},
-            }]),
+            json!([
+                {
+                    "key": KEY, "name": TENANT, "callback_allowlist": ["127.0.0.1"],
+                    "budget": {"per_day_usd": limit as f64 / 1e6},
+                },
+                {"key": OTHER_KEY, "name": "other-shop"},
+                {"key": OPERATOR_KEY, "name": "ops", "role": "admin"},
+            ]),
         ),
     ])
     .await;
@@ -152,6 +189,53 @@ async fn a_budget_holds_across_gateways_and_settles_to_what_jobs_cost() {
         "{reserved} reserved past {limit}"
     );
     assert_eq!(reserved, i128::from(ROOM_FOR * estimate));
+    // The key sees the same at the API, from either gateway: reservations count as used.
+    let day = budget_of(&http, KEY, &gateways[1], None).await;
+    assert_eq!(day["period"], "day", "{day}");
+    assert_eq!(day["key"], json!(today), "{day}");
+    assert_eq!(day["limit"]["microdollars"], json!(limit), "{day}");
+    assert_eq!(day["used"]["microdollars"], json!(reserved), "{day}");
+    assert_eq!(
+        day["remaining"]["microdollars"],
+        json!(limit - ROOM_FOR * estimate),
+        "{day}"
+    );
+    let resets_at = Period::Day
+        .resets_at(now)
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("a time");
+    assert_eq!(day["resets_at"], json!(resets_at), "{day}");
+    // An operator may look at it; another tenant may not.
+    let seen_by_operator = budget_of(&http, OPERATOR_KEY, &gateways[0], Some(TENANT)).await;
+    assert_eq!(seen_by_operator, day);
+    let url = format!("{}/api/v1/budget?tenant={TENANT}", gateways[0]);
+    let (status, body, _) = send_as(OTHER_KEY, &http, reqwest::Method::GET, url, None).await;
+    assert_eq!(
+        (status, &body["type"]),
+        (StatusCode::FORBIDDEN, &json!("forbidden")),
+        "{body}"
+    );
+    let (status, body, _) = send_as(
+        OTHER_KEY,
+        &http,
+        reqwest::Method::GET,
+        format!("{}/api/v1/budget", gateways[0]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"tenant": "other-shop", "periods": []}),
+        "a key without a budget"
+    );
+    let url = format!("{}/api/v1/budget?tenant=nobody", gateways[0]);
+    let (status, body, _) = send_as(OPERATOR_KEY, &http, reqwest::Method::GET, url, None).await;
+    assert_eq!(
+        (status, &body["type"]),
+        (StatusCode::NOT_FOUND, &json!("not_found")),
+        "{body}"
+    );
     for (status, body, retry_after) in answers.iter().filter(|(s, ..)| *s != StatusCode::ACCEPTED) {
         assert_eq!(*status, StatusCode::PAYMENT_REQUIRED, "{body}");
         assert_eq!(body["type"], "budget_exceeded", "{body}");
@@ -229,6 +313,13 @@ async fn a_budget_holds_across_gateways_and_settles_to_what_jobs_cost() {
         "{cost} against an estimate of {estimate}"
     );
     assert_eq!(total().await.expect("the day's total"), i128::from(cost));
+    let day = budget_of(&http, KEY, &gateways[0], None).await;
+    assert_eq!(day["used"]["microdollars"], json!(cost), "{day}");
+    assert_eq!(
+        day["remaining"]["microdollars"],
+        json!(limit - cost),
+        "{day}"
+    );
 
     stop_second.cancel();
     second_gateway
