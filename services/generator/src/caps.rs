@@ -91,6 +91,11 @@ impl Caps {
         lock(&self.0.caps).get(tenant).copied()
     }
 
+    /// Whether `tenant`'s calls wait for a place under a cap.
+    pub fn capped(&self, tenant: &str) -> bool {
+        self.cap_of(tenant).is_some()
+    }
+
     /// Whether this instance alone already has as many of `tenant`'s calls as its cap.
     pub fn full_here(&self, tenant: Option<&str>) -> bool {
         let Some(tenant) = tenant else {
@@ -111,7 +116,7 @@ impl Caps {
     /// Waits until `tenant` has a call to spare across the fleet and takes it; `None` for a
     /// tenant without a cap. The hold is given back when the returned value is dropped.
     pub async fn acquire(&self, tenant: Option<&str>) -> Result<Option<Held>, CapsError> {
-        let Some(tenant) = tenant.filter(|tenant| self.cap_of(tenant).is_some()) else {
+        let Some(tenant) = tenant.filter(|tenant| self.capped(tenant)) else {
             return Ok(None);
         };
         let busy = Busy::new(self.clone(), tenant);

@@ -59,6 +59,12 @@ struct LaneLabels {
     priority: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    /// The API key's name.
+    tenant: String,
+}
+
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
@@ -70,6 +76,9 @@ struct Inner {
     jobs: Family<JobLabels, Counter>,
     paused: Gauge,
     waiting: Family<LaneLabels, Gauge>,
+    cap_waiting: Family<TenantLabels, Gauge>,
+    cap_held: Family<TenantLabels, Gauge>,
+    cap_wait_seconds: Family<TenantLabels, Histogram>,
     batches: Counter,
     batched_jobs: Counter,
     lag: ConsumerLag,
@@ -130,6 +139,27 @@ impl Metrics {
             "Requests waiting for a generator, by tenant and priority, as JetStream counts them (every instance reports the same), at the last listing of the lanes",
             waiting.clone(),
         );
+        let cap_waiting = Family::<TenantLabels, Gauge>::default();
+        registry.register(
+            "cap_waiting",
+            "Calls of this instance waiting for a place under their key's max_concurrency, by tenant",
+            cap_waiting.clone(),
+        );
+        let cap_held = Family::<TenantLabels, Gauge>::default();
+        registry.register(
+            "cap_held",
+            "Places under their key's max_concurrency this instance holds, by tenant",
+            cap_held.clone(),
+        );
+        let cap_wait_seconds = Family::<TenantLabels, Histogram>::new_with_constructor(
+            // 1 ms to about 65 s.
+            || Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+        );
+        registry.register(
+            "cap_wait_duration_seconds",
+            "How long a capped key's calls waited for a place under its max_concurrency, by tenant",
+            cap_wait_seconds.clone(),
+        );
         let batches = Counter::default();
         registry.register(
             "batches_created",
@@ -154,6 +184,9 @@ impl Metrics {
             jobs,
             paused,
             waiting,
+            cap_waiting,
+            cap_held,
+            cap_wait_seconds,
             batches,
             batched_jobs,
             lag,
@@ -244,6 +277,22 @@ impl Metrics {
             .set(i64::try_from(waiting).unwrap_or(i64::MAX));
     }
 
+    /// Counts a call of capped `tenant` waiting for a place until the guard is dropped.
+    pub fn cap_waiting(&self, tenant: &str) -> InFlight {
+        InFlight::enter(&self.0.cap_waiting.get_or_create(&tenant_labels(tenant)))
+    }
+
+    /// Records that a call of capped `tenant` got its place after `waited`, and counts the
+    /// place as held until the guard is dropped.
+    pub fn cap_taken(&self, tenant: &str, waited: Duration) -> InFlight {
+        let labels = tenant_labels(tenant);
+        self.0
+            .cap_wait_seconds
+            .get_or_create(&labels)
+            .observe(waited.as_secs_f64());
+        InFlight::enter(&self.0.cap_held.get_or_create(&labels))
+    }
+
     pub fn batch_created(&self, jobs: usize) {
         self.0.batches.inc();
         self.0.batched_jobs.inc_by(jobs as u64);
@@ -251,6 +300,12 @@ impl Metrics {
 
     pub fn set_paused(&self, paused: bool) {
         self.0.paused.set(i64::from(paused));
+    }
+}
+
+fn tenant_labels(tenant: &str) -> TenantLabels {
+    TenantLabels {
+        tenant: tenant.to_owned(),
     }
 }
 

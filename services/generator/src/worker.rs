@@ -514,17 +514,26 @@ impl Worker {
             return Err(not_sent());
         }
         // Before the rate limiter: a reservation there is spent by the clock while waiting.
+        let asked = Instant::now();
+        let waiting = tenant
+            .filter(|tenant| self.caps.capped(tenant))
+            .map(|tenant| self.metrics.cap_waiting(tenant));
         let held = tokio::select! {
             held = self.caps.acquire(tenant) => held,
             _ = stopping.cancelled() => return Err(not_sent()),
         };
-        let _held = held.map_err(|err| {
+        drop(waiting);
+        let held = held.map_err(|err| {
             LlmError::new(
                 Disposition::Retry { retry_after: None },
                 "concurrency_cap_unavailable",
                 err.to_string(),
             )
         })?;
+        let _holding = held
+            .as_ref()
+            .and(tenant)
+            .map(|tenant| self.metrics.cap_taken(tenant, asked.elapsed()));
         if let Some(limiter) = &self.limiter {
             let acquired = tokio::select! {
                 acquired = Box::pin(limiter.acquire(estimate)) => acquired,

@@ -305,6 +305,36 @@ async fn max_concurrency_holds_across_generator_instances() {
     assert_eq!(CATALOGUE.calls(&claude, "bulk"), JOBS);
     // The cap is the key's: the other tenant used more of the sixteen slots.
     assert!(claude.most_at_once(&prefix(PORTAL)) > CAP);
+    // The generators' metrics saw each capped call wait for its place, and give it back.
+    let cap_metric = |name: &str, tenant: Tenant| {
+        let name = format!("jetcall_generator_{name}");
+        let tenant = format!("tenant=\"{}\"", tenant.name);
+        let pipeline = &pipeline;
+        async move {
+            let mut total = None;
+            for url in pipeline.admin_urls("generator") {
+                let metrics = pipeline.metrics_at(&url).await;
+                if let Some(value) = testkit::metrics::sample(&metrics, &name, &[&tenant]) {
+                    total = Some(total.unwrap_or(0.0) + value);
+                }
+            }
+            total
+        }
+    };
+    wait_until("every place to be given back", WAIT, || async {
+        (cap_metric("cap_held", CATALOGUE).await == Some(0.0)).then_some(())
+    })
+    .await;
+    assert_eq!(cap_metric("cap_waiting", CATALOGUE).await, Some(0.0));
+    assert_eq!(
+        cap_metric("cap_wait_duration_seconds_count", CATALOGUE).await,
+        Some((2 * JOBS) as f64)
+    );
+    assert_eq!(
+        cap_metric("cap_held", PORTAL).await,
+        None,
+        "an uncapped key"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,10 +127,25 @@ impl Pipeline {
     }
 
     /// The text of the `service`'s `/metrics`.
+    /// The admin URLs of every `service` started, first started first.
+    pub fn admin_urls(&self, service: &str) -> Vec<String> {
+        self.admin_urls
+            .iter()
+            .filter(|(name, _)| *name == service)
+            .map(|(_, url)| url.clone())
+            .collect()
+    }
+
+    /// The metrics of the `service` started last.
     pub async fn metrics(&self, service: &str) -> String {
-        let url = format!("{}/metrics", self.admin_url(service));
-        let response = self.http.get(url).send().await.expect("GET /metrics");
-        assert_eq!(response.status(), StatusCode::OK, "{service} /metrics");
+        self.metrics_at(self.admin_url(service)).await
+    }
+
+    /// The metrics of the service whose admin URL is `admin_url`.
+    pub async fn metrics_at(&self, admin_url: &str) -> String {
+        let url = format!("{admin_url}/metrics");
+        let response = self.http.get(&url).send().await.expect("GET /metrics");
+        assert_eq!(response.status(), StatusCode::OK, "{url}");
         response.text().await.expect("the metrics text")
     }
 
