@@ -188,7 +188,7 @@ impl Caps {
     }
 
     /// Applies `change` to the count at `key` by compare-and-set, holds that ran out dropped
-    /// first; `None` from `change` writes nothing.
+    /// first; `None` from `change` writes nothing, unless a hold had to be shortened.
     async fn modify<T>(
         &self,
         key: &str,
@@ -207,17 +207,30 @@ impl Caps {
                 _ => Calls::default(),
             };
             let now = now_millis();
-            calls.held.retain(|_, until| *until > now);
-            let Some(answer) = change(&mut calls, now) else {
+            // No hold lasts longer than one hold from now: one written by a clock far ahead
+            // (or by hand) would otherwise block its tenant until someone removed it. It is
+            // written back shortened, so it runs out; a live holder renews it meanwhile, as
+            // long as the instances' clocks agree within two thirds of a hold.
+            let latest = now.saturating_add(millis(self.0.hold));
+            let mut shortened = false;
+            calls.held.retain(|_, until| {
+                if *until > latest {
+                    *until = latest;
+                    shortened = true;
+                }
+                *until > now
+            });
+            let answer = change(&mut calls, now);
+            if answer.is_none() && !shortened {
                 return Ok(None);
-            };
+            }
             let value = serde_json::to_vec(&calls).map_err(|err| err.to_string())?;
             // `None`: another instance wrote first; read its count and decide again.
             if put_at_revision(&self.0.kv, key, value.into(), revision)
                 .await?
                 .is_some()
             {
-                return Ok(Some(answer));
+                return Ok(answer);
             }
         }
     }

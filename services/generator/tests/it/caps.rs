@@ -98,3 +98,32 @@ async fn what_a_dead_instance_held_runs_out() {
         .expect("the count");
     assert!(second.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_far_in_the_future_lasts_one_hold_at_most() {
+    let harness = Harness::start(&[]).await;
+    // Written by a clock years ahead, or by hand: it must not block the tenant for years.
+    let left = serde_json::json!({"held": {"ahead-0": 32_503_680_000_000_i64}});
+    harness
+        .topology
+        .limits
+        .put(
+            format!("calls.{}", jetcall::lanes::tenant_token("shop")),
+            serde_json::to_vec(&left).expect("JSON").into(),
+        )
+        .await
+        .expect("written");
+    let hold = Duration::from_secs(2);
+    let alive = Caps::new(harness.topology.limits.clone(), "alive", hold);
+    alive.set(HashMap::from([("shop".to_owned(), 1)]));
+    let mut waiting = Box::pin(alive.acquire(Some("shop")));
+    assert!(
+        tokio::time::timeout(NOT_YET, &mut waiting).await.is_err(),
+        "a call while the hold lasts"
+    );
+    let held = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the hold shortened to one hold, then run out")
+        .expect("the count");
+    assert!(held.is_some());
+}
