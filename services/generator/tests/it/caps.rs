@@ -15,6 +15,21 @@ const WAIT: Duration = Duration::from_secs(10);
 const NOT_YET: Duration = Duration::from_millis(500);
 const HOLD: Duration = Duration::from_secs(30);
 
+/// Writes the shop's call count as `held` (hold id to Unix milliseconds), as something other
+/// than a live instance left it.
+async fn leave_holds(harness: &Harness, held: serde_json::Value) {
+    let left = serde_json::json!({ "held": held });
+    harness
+        .topology
+        .limits
+        .put(
+            format!("calls.{}", jetcall::lanes::tenant_token("shop")),
+            serde_json::to_vec(&left).expect("JSON").into(),
+        )
+        .await
+        .expect("written");
+}
+
 fn caps(harness: &Harness, instance: &str, cap: u32) -> Caps {
     let caps = Caps::new(harness.topology.limits.clone(), instance, HOLD);
     caps.set(HashMap::from([("shop".to_owned(), cap)]));
@@ -70,16 +85,11 @@ async fn what_a_dead_instance_held_runs_out() {
     // What a generator killed in the middle of two calls leaves: its holds, not renewed.
     let until = ((OffsetDateTime::now_utc() + Duration::from_secs(2)).unix_timestamp_nanos()
         / 1_000_000) as i64;
-    let left = serde_json::json!({"held": {"dead-0": until, "dead-1": until}});
-    harness
-        .topology
-        .limits
-        .put(
-            format!("calls.{}", jetcall::lanes::tenant_token("shop")),
-            serde_json::to_vec(&left).expect("JSON").into(),
-        )
-        .await
-        .expect("written");
+    leave_holds(
+        &harness,
+        serde_json::json!({"dead-0": until, "dead-1": until}),
+    )
+    .await;
     let alive = caps(&harness, "alive", 2);
     let mut waiting = Box::pin(alive.acquire(Some("shop")));
     assert!(
@@ -103,16 +113,11 @@ async fn what_a_dead_instance_held_runs_out() {
 async fn a_hold_far_in_the_future_lasts_one_hold_at_most() {
     let harness = Harness::start(&[]).await;
     // Written by a clock years ahead, or by hand: it must not block the tenant for years.
-    let left = serde_json::json!({"held": {"ahead-0": 32_503_680_000_000_i64}});
-    harness
-        .topology
-        .limits
-        .put(
-            format!("calls.{}", jetcall::lanes::tenant_token("shop")),
-            serde_json::to_vec(&left).expect("JSON").into(),
-        )
-        .await
-        .expect("written");
+    leave_holds(
+        &harness,
+        serde_json::json!({"ahead-0": 32_503_680_000_000_i64}),
+    )
+    .await;
     let hold = Duration::from_secs(2);
     let alive = Caps::new(harness.topology.limits.clone(), "alive", hold);
     alive.set(HashMap::from([("shop".to_owned(), 1)]));
