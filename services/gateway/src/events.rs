@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, State};
@@ -14,13 +15,18 @@ use futures::stream::{self, BoxStream, StreamExt};
 use jetcall::JobId;
 use jetcall::status::JobStatus;
 use jetcall::store::{JobChange, JobWatch};
+use jetcall::view::JobView;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::keys::{Caller, may_see};
+use crate::routes::job_view;
 use crate::shed::Permit;
 use crate::state::AppState;
 
 type Events = BoxStream<'static, Result<Event, Infallible>>;
+
+/// How often a stream whose job waits in a batch not created yet looks for the batch's id.
+const BATCH_LOOK: Duration = Duration::from_secs(1);
 
 /// A stream's places: among all streams, and among its API key's, when keys are configured.
 type StreamPermits = (Permit, Option<Permit>);
@@ -79,10 +85,12 @@ pub(crate) async fn job_events(
     if seen_current && doc.status.is_final() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
+    let view = job_view(&state, doc.clone()).await;
+    let awaiting_batch = awaits_batch_id(&doc, &view).then(|| (doc.clone(), revision));
     let current: Events = if seen_current {
         stream::empty().boxed()
     } else {
-        stream::iter([Ok(status_event(doc.clone(), revision))]).boxed()
+        stream::iter([Ok(status_event(&view, revision))]).boxed()
     };
     let events = if doc.status.is_final() {
         current
@@ -93,9 +101,14 @@ pub(crate) async fn job_events(
             .watch(job_id, revision)
             .await
             .map_err(|err| ApiError::NatsUnavailable(err.to_string()))?;
-        current
-            .chain(changes(job_id.clone(), watch, permit))
-            .boxed()
+        let following = Following {
+            watch: Some(watch),
+            job_id: job_id.clone(),
+            _permit: permit,
+            state: state.clone(),
+            awaiting_batch,
+        };
+        current.chain(changes(following)).boxed()
     };
     let events = events.take_until(state.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events)
@@ -124,40 +137,77 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         })
 }
 
-/// The job's changes after the revision already sent, until a final state or removal. The
-/// permit is held as long as the stream lives, so it counts against `max_event_streams`.
-fn changes(job_id: JobId, watch: JobWatch, permit: StreamPermits) -> Events {
-    stream::unfold(
-        // The watch, until the event that ends the stream has been sent.
-        (Some(watch), job_id, permit),
-        |(watch, job_id, permit)| async move {
-            let mut watch = watch?;
-            match watch.next().await? {
-                Ok(JobChange::Removed(revision)) => {
-                    let removed = Event::default()
-                        .event("removed")
-                        .id(revision.to_string())
-                        .data(format!("job {job_id} is no longer recorded"));
-                    Some((Ok(removed), (None, job_id, permit)))
-                }
-                Ok(JobChange::Written(doc, revision)) => {
-                    let next = (!doc.status.is_final()).then_some(watch);
-                    let event = status_event(*doc, revision);
-                    Some((Ok(event), (next, job_id, permit)))
-                }
-                Err(err) => {
-                    // The client reconnects with Last-Event-ID and resumes.
-                    tracing::warn!(%job_id, error = %err, "job event stream lost its watch");
-                    None
+/// An open stream's state between events. The permit is held as long as the stream lives,
+/// so it counts against `max_event_streams`.
+struct Following {
+    /// The watch, until the event that ends the stream has been sent.
+    watch: Option<JobWatch>,
+    job_id: JobId,
+    _permit: StreamPermits,
+    state: AppState,
+    /// The last document sent and its revision, while the job waits in a batch whose API id
+    /// is not known yet: the generator writes that id into the batch's record alone, so no
+    /// change of the job's own document would bring it.
+    awaiting_batch: Option<(JobStatus, u64)>,
+}
+
+/// The job's changes after the revision already sent, until a final state or removal, and the
+/// same state again with its `batch_id` once the job's batch is created.
+fn changes(following: Following) -> Events {
+    stream::unfold(following, |mut following| async move {
+        let mut watch = following.watch.take()?;
+        let change = loop {
+            let Some((doc, revision)) = following.awaiting_batch.take() else {
+                break watch.next().await?;
+            };
+            tokio::select! {
+                change = watch.next() => break change?,
+                () = tokio::time::sleep(BATCH_LOOK) => {
+                    let view = job_view(&following.state, doc.clone()).await;
+                    if view.batch_id.is_none() {
+                        following.awaiting_batch = Some((doc, revision));
+                        continue;
+                    }
+                    following.watch = Some(watch);
+                    return Some((Ok(status_event(&view, revision)), following));
                 }
             }
-        },
-    )
+        };
+        match change {
+            Ok(JobChange::Removed(revision)) => {
+                let removed = Event::default()
+                    .event("removed")
+                    .id(revision.to_string())
+                    .data(format!("job {} is no longer recorded", following.job_id));
+                Some((Ok(removed), following))
+            }
+            Ok(JobChange::Written(doc, revision)) => {
+                let view = job_view(&following.state, (*doc).clone()).await;
+                following.awaiting_batch =
+                    awaits_batch_id(&doc, &view).then(|| (*doc.clone(), revision));
+                if !doc.status.is_final() {
+                    following.watch = Some(watch);
+                }
+                Some((Ok(status_event(&view, revision)), following))
+            }
+            Err(err) => {
+                // The client reconnects with Last-Event-ID and resumes.
+                let job_id = &following.job_id;
+                tracing::warn!(%job_id, error = %err, "job event stream lost its watch");
+                None
+            }
+        }
+    })
     .boxed()
 }
 
-fn status_event(doc: JobStatus, revision: u64) -> Event {
-    let data = serde_json::to_string(&jetcall::view::JobView::from(doc)).unwrap_or_default();
+/// Whether `doc` waits in a batch that `view` could not name yet.
+fn awaits_batch_id(doc: &JobStatus, view: &JobView) -> bool {
+    view.batch_id.is_none() && crate::routes::waiting_batch(doc).is_some()
+}
+
+fn status_event(view: &JobView, revision: u64) -> Event {
+    let data = serde_json::to_string(view).unwrap_or_default();
     Event::default()
         .event("status")
         .id(revision.to_string())

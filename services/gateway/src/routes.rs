@@ -293,23 +293,27 @@ async fn status_of(
     caller: Option<&Caller>,
 ) -> Result<Json<JobView>, ApiError> {
     match state.topology.status.get(id).await {
-        Ok(Some((doc, _))) if may_see(caller, &doc) => {
-            let record = waiting_batch(&doc).map(str::to_owned);
-            let mut view = JobView::from(doc);
-            if let Some(record) = record {
-                view.batch_id = batch_id_of(state, &record).await;
-            }
-            Ok(Json(view))
-        }
+        Ok(Some((doc, _))) if may_see(caller, &doc) => Ok(Json(job_view(state, doc).await)),
         Ok(_) => Err(ApiError::NotFound(format!("no job with id `{id}`"))),
         Err(err) => Err(ApiError::NatsUnavailable(err.to_string())),
     }
 }
 
+/// The job's view, naming the Message Batch it waits in even before its own document does:
+/// as `GET /api/v1/jobs/{job_id}` and its events show it.
+pub(crate) async fn job_view(state: &AppState, doc: jetcall::status::JobStatus) -> JobView {
+    let record = waiting_batch(&doc).map(str::to_owned);
+    let mut view = JobView::from(doc);
+    if let Some(record) = record {
+        view.batch_id = batch_id_of(state, &record).await;
+    }
+    view
+}
+
 /// The batch record a `batched` job waits in, when its document does not name the API's
 /// batch id: the generator writes that id into the batch's record alone, not into each of
 /// its thousands of jobs, until their results come.
-fn waiting_batch(doc: &jetcall::status::JobStatus) -> Option<&str> {
+pub(crate) fn waiting_batch(doc: &jetcall::status::JobStatus) -> Option<&str> {
     let batch = doc.batch.as_ref()?;
     (doc.status == jetcall::status::Status::Batched && batch.id.is_none())
         .then_some(batch.record.as_str())

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use jetcall::JobId;
-use jetcall::status::Status;
+use jetcall::batches::{BatchRecord, BatchRecords, BatchState};
+use jetcall::status::{BatchRef, Status};
 use testkit::metrics::sample;
 
 use crate::harness::{Gateway, article_job};
@@ -152,6 +153,72 @@ async fn a_job_s_events_follow_its_status_until_it_is_delivered() {
     let mut missed = SseReader::new(missed);
     assert_eq!(missed.next_status().await.1["status"], "delivered");
     assert!(missed.next().await.is_none());
+    gateway.stop().await;
+}
+
+/// A bulk job waiting in a Message Batch: its `batched` event names the batch once the
+/// generator has created it, although only the batch's record, not the job's document, says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_job_s_events_name_its_batch_once_it_is_created() {
+    let gateway = Gateway::start(&[]).await;
+    let (status, _) = gateway.post(SUBMIT, &article_job("JOB-BATCHED")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // Gathered into a batch not yet created at the API, as the generator records it.
+    let now = OffsetDateTime::now_utc();
+    let id = JobId::parse("JOB-BATCHED").expect("job id");
+    let mut record = BatchRecord {
+        record: BatchRecord::new_id(),
+        state: BatchState::Creating,
+        jobs: vec![id.clone()],
+        batch_id: None,
+        recorded_at: now,
+        holder: "generator-1".into(),
+        until: now + Duration::from_secs(60),
+        next_poll_at: now,
+        polls: 0,
+    };
+    let records = BatchRecords::new(gateway.topology.status.clone());
+    let revision = records.create(&record).await.expect("the batch record");
+    gateway
+        .topology
+        .status
+        .update(&id, |doc| {
+            doc.batch = Some(BatchRef {
+                record: record.record.clone(),
+                id: None,
+            });
+            doc.advance(Status::Batched, OffsetDateTime::now_utc())
+        })
+        .await
+        .expect("status update");
+
+    let mut events = SseReader::new(open_events(&gateway, "JOB-BATCHED", None).await);
+    let (first_id, doc) = events.next_status().await;
+    assert_eq!(doc["status"], "batched", "{doc}");
+    assert!(doc.get("batch_id").is_none(), "not created yet: {doc}");
+
+    // Created: the record alone gets the API's id.
+    record.state = BatchState::Submitted;
+    record.batch_id = Some("msgbatch_01TEST".into());
+    records
+        .update(&record, revision)
+        .await
+        .expect("the record written")
+        .expect("at the revision read");
+    // Keep-alive comments would keep `next_status` waiting for ever: the whole wait is bounded.
+    let (id_again, doc) = tokio::time::timeout(Duration::from_secs(10), events.next_status())
+        .await
+        .expect("the batched state again, with its batch, within 10 s");
+    assert_eq!(doc["status"], "batched", "{doc}");
+    assert_eq!(doc["batch_id"], "msgbatch_01TEST", "{doc}");
+    assert_eq!(
+        id_again, first_id,
+        "the same state of the job, now with its batch"
+    );
+
+    // A stream opened now names it at once.
+    let mut late = SseReader::new(open_events(&gateway, "JOB-BATCHED", None).await);
+    assert_eq!(late.next_status().await.1["batch_id"], "msgbatch_01TEST");
     gateway.stop().await;
 }
 
