@@ -458,7 +458,7 @@ function forgetData() {
   $('#jobs-table tbody').replaceChildren();
   $('#destinations').replaceChildren();
   clearJobView();
-  for (const id of ['#replay-result', '#jobs-note', '#dead-letters-note', '#overview-note']) show($(id), false);
+  for (const id of ['#replay-result', '#jobs-note', '#budget', '#dead-letters-note', '#overview-note']) show($(id), false);
 }
 
 async function submitSignin(event) {
@@ -672,8 +672,13 @@ function jobsQuery() {
 }
 
 async function loadJobs(view) {
-  const data = await viewApi(`/api/v1/jobs?${jobsQuery()}`);
+  const [data, budget] = await Promise.all([
+    viewApi(`/api/v1/jobs?${jobsQuery()}`),
+    // Budgets belong to keys: an open gateway has none.
+    session?.keys_required ? viewApi('/api/v1/budget') : null,
+  ]);
   if (view !== ctx) return;
+  showBudget(budget);
   const jobs = data.jobs ?? [];
   const rows = jobs.map(jobRow);
   if (!rows.length) rows.push(el('tr', { class: 'empty' }, el('td', { colspan: 10 }, 'No jobs match these filters.')));
@@ -686,6 +691,23 @@ async function loadJobs(view) {
   const note = data.complete === false ? `Only the newest ${data.scanned} status changes were scanned: older jobs may be missing.` : '';
   setText('#jobs-note', note);
   show($('#jobs-note'), Boolean(note));
+}
+
+/** The key's budget above its jobs: what each limited period has used and has left. */
+function showBudget(budget) {
+  const periods = budget?.periods ?? [];
+  const parts = periods.map((p) => {
+    const name = p.period === 'day' ? 'Today' : 'This month';
+    return `${name}: ${dollars(p.used)} of ${dollars(p.limit)} used, ${dollars(p.remaining)} left (resets ${localTime(p.resets_at)})`;
+  });
+  setText('#budget', parts.length ? `Budget · ${parts.join(' · ')}` : '');
+  show($('#budget'), parts.length > 0);
+}
+
+/** `{microdollars}` as dollars, to the cent when that is exact. */
+function dollars(cost) {
+  const micro = cost?.microdollars ?? 0;
+  return `$${(micro / 1e6).toFixed(micro % 10000 === 0 ? 2 : 6)}`;
 }
 
 function jobRow(job) {

@@ -415,7 +415,10 @@ async fn a_tenants_key_shows_its_own_jobs_and_an_admin_key_all() {
     let pipeline = Pipeline::start(&[(
         "gateway.api_keys",
         json!([
-            {"key": KEY_A, "name": "tenant-a", "callback_allowlist": ["127.0.0.1"]},
+            {
+                "key": KEY_A, "name": "tenant-a", "callback_allowlist": ["127.0.0.1"],
+                "budget": {"per_day_usd": 20.0},
+            },
             {"key": KEY_B, "name": "tenant-b", "callback_allowlist": ["127.0.0.1"]},
             {"key": KEY_ADMIN, "name": "ops", "role": "admin"},
         ]),
@@ -468,6 +471,12 @@ async fn a_tenants_key_shows_its_own_jobs_and_an_admin_key_all() {
         )
         .await;
     browser.wait_for_hidden("#filter-tenant").await;
+    // Its budget above its jobs (the offline writer is unpriced, so nothing is used).
+    browser
+        .wait_for_text("#budget", |t| {
+            t.contains("Today: $0.00 of $20.00 used, $20.00 left")
+        })
+        .await;
     assert!(
         browser
             .find_all("#jobs-table tbody tr[data-job-id=\"JOB-B1\"]")
@@ -518,6 +527,8 @@ async fn a_tenants_key_shows_its_own_jobs_and_an_admin_key_all() {
             .await;
     }
     browser.wait_for("#filter-tenant").await;
+    // The operator's own key has no budget: none is shown, and A's is gone with A's key.
+    assert!(!browser.is_displayed("#budget").await);
 
     // The refusals this test caused on purpose are the only errors: the wrong key's (and the
     // first visit's, before any key) 401 and the 404 of B's job asked for with A's key.
