@@ -6,6 +6,10 @@
 //! stream's end as the pass began. A job counts once even if its event was published twice
 //! (a republish after a crash). What the stream no longer holds (`nats.max_age`) cannot be
 //! counted, and the report says so.
+//!
+//! A call that answered after its job was cancelled was paid for, but no event says so: the
+//! charge is written on the cancelled job's status document. So the `jobs.cancelled.*`
+//! events of the window are read too, and each of those jobs' documents looked up for one.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -17,10 +21,13 @@ use serde::Serialize;
 use serde_json::json;
 use time::OffsetDateTime;
 
+use jetcall::JobId;
 use jetcall::cost::{Cost, Currency, Usage};
 use jetcall::events::{JobFinished, Outcome};
 use jetcall::scan::Scan;
-use jetcall::subjects::{Event, STREAM};
+use jetcall::status::JobStatus;
+use jetcall::store::StatusStore;
+use jetcall::subjects::{Event, STATUS_BUCKET, STREAM};
 
 use crate::topology::{self, TopologyError};
 use crate::{CliError, output};
@@ -28,7 +35,7 @@ use crate::{CliError, output};
 /// What one API key's jobs of one kind used and cost.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Totals {
-    /// Jobs charged for: every completed one, and each failed one that was.
+    /// Jobs charged for: every completed one, and each failed or cancelled one that was.
     pub jobs: u64,
     pub usage: Usage,
     pub microdollars: u64,
@@ -60,6 +67,9 @@ impl Totals {
 struct Ledger {
     rows: BTreeMap<(String, String), Totals>,
     seen: HashSet<String>,
+    /// Cancelled jobs, by id, with their (key name, kind): each may have been charged for a
+    /// call that answered after the cancellation.
+    cancelled: BTreeMap<String, (String, String)>,
     unreadable: u64,
 }
 
@@ -69,6 +79,10 @@ impl Ledger {
             self.unreadable += 1;
             return;
         };
+        let key = (
+            event.tenant.unwrap_or_default(),
+            event.kind.as_str().to_owned(),
+        );
         let (usage, cost) = match event.outcome {
             Outcome::Completed { usage, cost, .. } => (usage, cost),
             Outcome::Failed {
@@ -76,20 +90,47 @@ impl Ledger {
                 cost,
                 ..
             } => (usage, cost),
-            // Their events carry no usage: what a call cut short by a cancellation was
-            // charged is on the job's document and in the generator's cost metric.
-            Outcome::Failed { usage: None, .. }
-            | Outcome::Cancelled { .. }
-            | Outcome::Expired { .. } => return,
+            // What a cancelled job's call was charged is on its document: looked up later.
+            Outcome::Cancelled { .. } => {
+                self.cancelled.insert(event.job_id.to_string(), key);
+                return;
+            }
+            Outcome::Failed { usage: None, .. } | Outcome::Expired { .. } => return,
         };
-        if !self.seen.insert(event.job_id.to_string()) {
-            return;
+        self.charge(event.job_id.as_str(), key, usage, cost);
+    }
+
+    /// Counts a job's charge, once whatever the number of events or looks that found it.
+    fn charge(&mut self, job_id: &str, key: (String, String), usage: Usage, cost: Option<Cost>) {
+        if self.seen.insert(job_id.to_owned()) {
+            self.rows.entry(key).or_default().add(usage, cost);
         }
-        let key = (
-            event.tenant.unwrap_or_default(),
-            event.kind.as_str().to_owned(),
-        );
-        self.rows.entry(key).or_default().add(usage, cost);
+    }
+
+    /// Adds what each cancelled job's document says its call was charged, if anything.
+    async fn charge_cancelled(&mut self, status: &StatusStore) -> Result<(), CliError> {
+        for (job_id, key) in std::mem::take(&mut self.cancelled) {
+            let Ok(id) = JobId::parse(&job_id) else {
+                continue;
+            };
+            let doc = status.get(&id).await.map_err(|err| TopologyError::Read {
+                what: "status document",
+                name: job_id.clone(),
+                message: err.to_string(),
+            })?;
+            if let Some((
+                JobStatus {
+                    usage: Some(usage),
+                    cost,
+                    ..
+                },
+                _,
+            )) = doc
+            {
+                self.charge(&job_id, key, usage, cost);
+            }
+        }
+        Ok(())
     }
 
     fn total(&self) -> Totals {
@@ -123,7 +164,7 @@ pub async fn run(
     let mut ledger = Ledger::default();
     // A pass per subject: an ordered consumer given both filters and a start time delivered
     // only the last message (async-nats 0.51, nats-server 2.15), which would undercount.
-    for event in [Event::Completed, Event::Failed] {
+    for event in [Event::Completed, Event::Failed, Event::Cancelled] {
         let mut scan = Scan::open(
             &stream,
             OrderedConfig {
@@ -136,6 +177,17 @@ pub async fn run(
         while let Some(scanned) = scan.next().await? {
             ledger.record(&scanned.message.payload);
         }
+    }
+    if !ledger.cancelled.is_empty() {
+        let bucket = js
+            .get_key_value(STATUS_BUCKET)
+            .await
+            .map_err(|err| TopologyError::Read {
+                what: "bucket",
+                name: STATUS_BUCKET.to_owned(),
+                message: err.to_string(),
+            })?;
+        ledger.charge_cancelled(&StatusStore::new(bucket)).await?;
     }
 
     let total = ledger.total();

@@ -19,6 +19,8 @@ struct Finished<'a> {
     tenant: Option<&'a str>,
     microdollars: Option<u64>,
     failed: bool,
+    /// A `jobs.cancelled` event (its charge, if any, is on the job's document).
+    cancelled: bool,
 }
 
 /// Publishes a job's finished event as the generator does; `copy` makes the `Nats-Msg-Id` of
@@ -36,7 +38,9 @@ async fn publish(topology: &Topology, job: Finished<'_>, copy: u32) {
         microdollars,
         currency: Currency::Usd,
     });
-    let outcome = if job.failed {
+    let outcome = if job.cancelled {
+        Outcome::Cancelled { error: None }
+    } else if job.failed {
         // Charged (answers that did not fit) when it has a cost; otherwise no answer came.
         Outcome::Failed {
             error: JobError {
@@ -91,7 +95,41 @@ fn completed<'a>(
         tenant,
         microdollars,
         failed: false,
+        cancelled: false,
     }
+}
+
+/// A job cancelled while its call ran, whose answer came after and was charged `microdollars`
+/// on its document (`None`: no answer came); its `jobs.cancelled` event published.
+async fn cancelled(topology: &Topology, job_id: &str, tenant: &str, microdollars: Option<u64>) {
+    testkit::jobs::requested_job(topology, job_id, CALLBACK)
+        .await
+        .expect("a job recorded");
+    if let Some(microdollars) = microdollars {
+        let id = JobId::parse(job_id).expect("an id");
+        topology
+            .status
+            .update(&id, |doc| {
+                doc.usage = Some(Usage {
+                    input_tokens: 50,
+                    output_tokens: 5,
+                    cache_creation_input_tokens: 0,
+                    cache_read_input_tokens: 0,
+                });
+                doc.cost = Some(Cost {
+                    microdollars,
+                    currency: Currency::Usd,
+                });
+                true
+            })
+            .await
+            .expect("the charge recorded");
+    }
+    let event = Finished {
+        cancelled: true,
+        ..completed(job_id, "product-description", Some(tenant), None)
+    };
+    publish(topology, event, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,6 +192,8 @@ async fn cost_sums_charged_jobs_once_each_by_key_and_kind_since_a_time() {
         ..completed("F-2", "return-analysis", Some("shop-b"), Some(300))
     };
     publish(&topology, charged, 0).await;
+    cancelled(&topology, "C-1", "shop-a", Some(400)).await;
+    cancelled(&topology, "C-2", "shop-a", None).await;
 
     let report = run(jetcall().args([
         "--json",
@@ -176,8 +216,11 @@ async fn cost_sums_charged_jobs_once_each_by_key_and_kind_since_a_time() {
             .unwrap_or_else(|| panic!("a row for {key:?} {kind}: {report}"))
     };
     let shop_a = row("shop-a", "product-description");
-    assert_eq!(shop_a["jobs"], 2, "A-2 once, OLD-1 before --since");
-    assert_eq!(shop_a["microdollars"], 3_500);
+    assert_eq!(
+        shop_a["jobs"], 3,
+        "A-2 once, C-1 charged after its cancellation, OLD-1 before --since, C-2 never charged"
+    );
+    assert_eq!(shop_a["microdollars"], 3_900);
     assert_eq!(shop_a["usage"]["cache_read_input_tokens"], 4_000);
     let shop_b = row("shop-b", "return-analysis");
     assert_eq!(
@@ -198,8 +241,8 @@ async fn cost_sums_charged_jobs_once_each_by_key_and_kind_since_a_time() {
         Some(3),
         "no row for F-1, which failed before any answer"
     );
-    assert_eq!(report["total"]["jobs"], 5);
-    assert_eq!(report["total"]["microdollars"], 4_500);
+    assert_eq!(report["total"]["jobs"], 6);
+    assert_eq!(report["total"]["microdollars"], 4_900);
     assert_eq!(report["currency"], "USD");
 
     let table = run(jetcall().args(["--config", &config_file, "cost", "--since", "1h"])).await;
@@ -210,8 +253,8 @@ async fn cost_sums_charged_jobs_once_each_by_key_and_kind_since_a_time() {
         .find(|line| line.starts_with("TOTAL"))
         .unwrap_or_else(|| panic!("a TOTAL line: {table:?}"));
     let cells: Vec<&str> = total_line.split_whitespace().collect();
-    assert_eq!(cells[1], "6", "OLD-1 is within the hour: {total_line}");
-    assert_eq!(cells.last(), Some(&"0.013500"), "{total_line}");
+    assert_eq!(cells[1], "7", "OLD-1 is within the hour: {total_line}");
+    assert_eq!(cells.last(), Some(&"0.013900"), "{total_line}");
     assert!(table.stderr.contains("1 job without a price"), "{table:?}");
 }
 
