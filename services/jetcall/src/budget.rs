@@ -334,10 +334,7 @@ impl Budgets {
         key: &str,
     ) -> Result<i128, BudgetError> {
         let subject = subject(tenant, period, key);
-        let failed = |message: String| BudgetError::Counter {
-            subject: subject.clone(),
-            message,
-        };
+        let failed = counter_failed(&subject);
         let stream = self
             .jetstream
             .get_stream_no_info(STREAM)
@@ -356,10 +353,7 @@ impl Budgets {
         }
         let counter: Counter = serde_json::from_slice(&message.payload)
             .map_err(|err| failed(format!("not a counter's value: {err}")))?;
-        counter
-            .val
-            .parse()
-            .map_err(|err| failed(format!("the total is not a number: {err}")))
+        parse_total(&counter.val).map_err(failed)
     }
 
     /// Adds `delta` to the counter at `subject` and answers its new total.
@@ -369,10 +363,7 @@ impl Budgets {
         delta: i128,
         msg_id: Option<&str>,
     ) -> Result<i128, BudgetError> {
-        let failed = |message: String| BudgetError::Counter {
-            subject: subject.to_owned(),
-            message,
-        };
+        let failed = counter_failed(subject);
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Incr", format!("{delta:+}").as_str());
         if let Some(msg_id) = msg_id {
@@ -385,12 +376,26 @@ impl Budgets {
             .map_err(|err| failed(err.to_string()))?
             .await
             .map_err(|err| failed(err.to_string()))?;
-        ack.value
+        let total = ack
+            .value
             .as_deref()
-            .ok_or_else(|| failed("the ack carries no total: is the stream a counter?".into()))?
-            .parse()
-            .map_err(|err| failed(format!("the total is not a number: {err}")))
+            .ok_or_else(|| failed("the ack carries no total: is the stream a counter?".into()))?;
+        parse_total(total).map_err(failed)
     }
+}
+
+/// The error of the counter at `subject`, from what went wrong.
+fn counter_failed(subject: &str) -> impl Fn(String) -> BudgetError + '_ {
+    move |message| BudgetError::Counter {
+        subject: subject.to_owned(),
+        message,
+    }
+}
+
+/// A counter's total as JetStream writes it, in an ack or a stored value: a decimal string.
+fn parse_total(text: &str) -> Result<i128, String> {
+    text.parse()
+        .map_err(|err| format!("the total is not a number: {err}"))
 }
 
 #[cfg(test)]
