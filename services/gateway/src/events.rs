@@ -19,7 +19,7 @@ use jetcall::view::JobView;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::keys::{Caller, may_see};
-use crate::routes::job_view;
+use crate::routes::{batch_id_of, job_view, waiting_batch};
 use crate::shed::Permit;
 use crate::state::AppState;
 
@@ -85,14 +85,14 @@ pub(crate) async fn job_events(
     if seen_current && doc.status.is_final() {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let view = job_view(&state, doc.clone()).await;
-    let awaiting_batch = awaits_batch_id(&doc, &view).then(|| (doc.clone(), revision));
+    let is_final = doc.status.is_final();
+    let (event, unnamed) = status_event(&state, doc, revision).await;
     let current: Events = if seen_current {
         stream::empty().boxed()
     } else {
-        stream::iter([Ok(status_event(&view, revision))]).boxed()
+        stream::iter([Ok(event)]).boxed()
     };
-    let events = if doc.status.is_final() {
+    let events = if is_final {
         current
     } else {
         let watch = state
@@ -106,7 +106,7 @@ pub(crate) async fn job_events(
             job_id: job_id.clone(),
             _permit: permit,
             state: state.clone(),
-            awaiting_batch,
+            unnamed,
         };
         current.chain(changes(following)).boxed()
     };
@@ -145,10 +145,17 @@ struct Following {
     job_id: JobId,
     _permit: StreamPermits,
     state: AppState,
-    /// The last document sent and its revision, while the job waits in a batch whose API id
-    /// is not known yet: the generator writes that id into the batch's record alone, so no
-    /// change of the job's own document would bring it.
-    awaiting_batch: Option<(JobStatus, u64)>,
+    /// The last state sent, while it could not name the batch the job waits in.
+    unnamed: Option<Unnamed>,
+}
+
+/// A `batched` state sent without its `batch_id`: the generator writes that id into the
+/// batch's record alone, so no change of the job's own document would bring it.
+struct Unnamed {
+    view: JobView,
+    /// The batch's record, looked at until it has the id.
+    record: String,
+    revision: u64,
 }
 
 /// The job's changes after the revision already sent, until a final state or removal, and the
@@ -157,19 +164,20 @@ fn changes(following: Following) -> Events {
     stream::unfold(following, |mut following| async move {
         let mut watch = following.watch.take()?;
         let change = loop {
-            let Some((doc, revision)) = following.awaiting_batch.take() else {
+            let Some(mut unnamed) = following.unnamed.take() else {
                 break watch.next().await?;
             };
             tokio::select! {
                 change = watch.next() => break change?,
                 () = tokio::time::sleep(BATCH_LOOK) => {
-                    let view = job_view(&following.state, doc.clone()).await;
-                    if view.batch_id.is_none() {
-                        following.awaiting_batch = Some((doc, revision));
+                    unnamed.view.batch_id = batch_id_of(&following.state, &unnamed.record).await;
+                    if unnamed.view.batch_id.is_none() {
+                        following.unnamed = Some(unnamed);
                         continue;
                     }
                     following.watch = Some(watch);
-                    return Some((Ok(status_event(&view, revision)), following));
+                    let event = event_of(&unnamed.view, unnamed.revision);
+                    return Some((Ok(event), following));
                 }
             }
         };
@@ -182,13 +190,12 @@ fn changes(following: Following) -> Events {
                 Some((Ok(removed), following))
             }
             Ok(JobChange::Written(doc, revision)) => {
-                let view = job_view(&following.state, (*doc).clone()).await;
-                following.awaiting_batch =
-                    awaits_batch_id(&doc, &view).then(|| (*doc.clone(), revision));
                 if !doc.status.is_final() {
                     following.watch = Some(watch);
                 }
-                Some((Ok(status_event(&view, revision)), following))
+                let (event, unnamed) = status_event(&following.state, *doc, revision).await;
+                following.unnamed = unnamed;
+                Some((Ok(event), following))
             }
             Err(err) => {
                 // The client reconnects with Last-Event-ID and resumes.
@@ -201,12 +208,23 @@ fn changes(following: Following) -> Events {
     .boxed()
 }
 
-/// Whether `doc` waits in a batch that `view` could not name yet.
-fn awaits_batch_id(doc: &JobStatus, view: &JobView) -> bool {
-    view.batch_id.is_none() && crate::routes::waiting_batch(doc).is_some()
+/// The event of `doc` at `revision`, as `GET /api/v1/jobs/{job_id}` would show it, and what
+/// to look at again when it could not name the batch the job waits in.
+async fn status_event(state: &AppState, doc: JobStatus, revision: u64) -> (Event, Option<Unnamed>) {
+    let record = waiting_batch(&doc).map(str::to_owned);
+    let view = job_view(state, doc).await;
+    let event = event_of(&view, revision);
+    let unnamed = record
+        .filter(|_| view.batch_id.is_none())
+        .map(|record| Unnamed {
+            view,
+            record,
+            revision,
+        });
+    (event, unnamed)
 }
 
-fn status_event(view: &JobView, revision: u64) -> Event {
+fn event_of(view: &JobView, revision: u64) -> Event {
     let data = serde_json::to_string(view).unwrap_or_default();
     Event::default()
         .event("status")

@@ -320,7 +320,7 @@ pub(crate) fn waiting_batch(doc: &jetcall::status::JobStatus) -> Option<&str> {
 }
 
 /// The API's id of the batch under `record`, once it is created.
-async fn batch_id_of(state: &AppState, record: &str) -> Option<String> {
+pub(crate) async fn batch_id_of(state: &AppState, record: &str) -> Option<String> {
     let records = jetcall::batches::BatchRecords::new(state.topology.status.clone());
     let (found, _) = records.get(record).await.ok()??;
     found.batch_id
